@@ -1,0 +1,301 @@
+"""Python API: `Compressor` and `Decompressor`, each holding one client's predictor state.
+
+    blob = Compressor(error_bound=1e-3, mode="rel").compress(tensors)   # one round
+    tensors = Decompressor().decompress(blob)
+
+A round either completes or leaves the state untouched: the new state replaces the old only
+after the whole round has been encoded (or decoded and verified).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+import numpy as np
+
+from . import __version__
+from .codec import CodecConfig, carries_state, decode_tensor, encode_tensor
+from .container import StreamReader, StreamWriter
+from .errors import CorruptStreamError, InputError, StateMismatchError
+from .floats import LOSSY_DTYPES
+from .metrics import measure, psnr
+from .predict.magnitude import DEFAULT_BETA
+from .predict.sign import DEFAULT_TAU
+from .state import PredictorState, TensorState, load_state, save_state
+from .tensorio import FORMATS, dtype_name, numpy_dtype
+
+
+class GradzipWarning(UserWarning):
+    """Something changed that gradzip handled, but the user should know (e.g. a reshaped tensor)."""
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    method: str
+    predictor: str
+    coder: str
+    eb: float  # absolute bound used (0 for lossless)
+    original_bytes: int
+    compressed_bytes: int
+    escaped: int
+    ideal_code_bits: float
+    max_abs_error: float | None = None  # known on the compressor side only
+    sum_squared_error: float | None = None
+    value_range: float | None = None
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass
+class RoundReport:
+    round: int
+    tensors: list[TensorReport] = field(default_factory=list)
+    header: dict = field(default_factory=dict)
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(t.original_bytes for t in self.tensors)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return self.stream_bytes or sum(t.compressed_bytes for t in self.tensors)
+
+    stream_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.compressed_bytes if self.compressed_bytes else math.inf
+
+    @property
+    def elements(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.compressed_bytes / self.elements if self.elements else 0.0
+
+    @property
+    def max_abs_error(self) -> float:
+        errors = [t.max_abs_error for t in self.tensors if t.max_abs_error is not None]
+        return max(errors, default=0.0)
+
+    @property
+    def psnr(self) -> float:
+        """20 log10(range / RMSE) over the lossy-eligible float tensors of the round."""
+        floats = [t for t in self.tensors if t.sum_squared_error is not None]
+        count = sum(t.elements for t in floats)
+        if not count:
+            return math.inf
+        mse = sum(t.sum_squared_error for t in floats) / count
+        value_range = max(t.value_range for t in floats)
+        return psnr(value_range, mse)
+
+
+def _check_names(tensors: dict) -> None:
+    for name, array in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise InputError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
+        dtype_name(array)
+
+
+class Compressor:
+    """Compresses one client's rounds in order, carrying the predictor state between them."""
+
+    def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
+                 tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
+                 state: PredictorState | None = None):
+        self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
+                                  magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction)
+        self.state = state if state is not None else PredictorState()
+        self.last_report: RoundReport | None = None
+
+    def compress(self, tensors: dict[str, np.ndarray], *, source_format: str = "safetensors",
+                 metadata: dict[str, str] | None = None) -> bytes:
+        """Compress one round; returns the .grz stream and advances the state."""
+        out = io.BytesIO()
+        self.compress_to(tensors, out, source_format=source_format, metadata=metadata)
+        return out.getvalue()
+
+    def compress_to(self, tensors: dict[str, np.ndarray], out: BinaryIO, *, source_format: str = "safetensors",
+                    metadata: dict[str, str] | None = None,
+                    on_tensor: Callable[[str], None] | None = None) -> RoundReport:
+        """Stream one round to `out`, one tensor at a time; the state advances only at the end."""
+        _check_names(tensors)
+        if source_format not in FORMATS:
+            raise InputError(f"unknown source format {source_format!r}")
+        before = self.state
+        header = {"round": before.round, "state_digest": before.digest(), "codec": self.config.to_dict(),
+                  "source_format": source_format, "metadata": dict(metadata or {}),
+                  "tensor_count": len(tensors), "created_by": f"gradzip {__version__}"}
+        writer = StreamWriter(_CountingWriter(out))
+        writer.header(header)
+        report = RoundReport(before.round, header=header)
+        new_tensors = dict(before.tensors)
+        for name, array in tensors.items():
+            previous = before.tensors.get(name)
+            _warn_if_reset(name, previous, array, self.config)
+            encoded = encode_tensor(name, array, self.config, previous)
+            writer.record(encoded.record, encoded.payload)
+            if encoded.state is not None:
+                new_tensors[name] = encoded.state
+            report.tensors.append(_report(encoded, array))
+            if on_tensor:
+                on_tensor(name)
+        after = PredictorState(before.round + 1, new_tensors)
+        writer.end({"tensors": len(tensors), "state_digest": after.digest()})
+        report.stream_bytes = writer._out.count
+        self.state = after
+        self.last_report = report
+        return report
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        save_state(self.state, path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        self.state = load_state(path)
+
+
+def _warn_if_reset(name, previous: TensorState | None, array, config) -> None:
+    if previous is None:
+        return
+    dtype = dtype_name(array)
+    if previous.shape != tuple(array.shape) or previous.dtype != dtype:
+        if carries_state(dtype, tuple(array.shape), config):
+            warnings.warn(f"tensor {name!r} changed from {previous.dtype}{list(previous.shape)} to "
+                          f"{dtype}{list(array.shape)}: its prediction restarts", GradzipWarning, stacklevel=3)
+
+
+def _report(encoded, original) -> TensorReport:
+    record = encoded.record
+    params = record["params"]
+    figures = measure(original, encoded.recon, record["dtype"], params.get("eb", 0.0))
+    float_tensor = record["dtype"] in LOSSY_DTYPES
+    return TensorReport(
+        name=record["name"], shape=tuple(record["shape"]), dtype=record["dtype"], method=record["method"],
+        predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),
+        original_bytes=original.nbytes, compressed_bytes=len(encoded.payload), escaped=params.get("escaped", 0),
+        ideal_code_bits=encoded.ideal_code_bits, max_abs_error=figures.max_abs_error if float_tensor else None,
+        sum_squared_error=figures.sum_squared_error if float_tensor else None,
+        value_range=figures.value_range if float_tensor else None)
+
+
+class _CountingWriter:
+    def __init__(self, out: BinaryIO):
+        self._out = out
+        self.count = 0
+
+    def write(self, data: bytes) -> None:
+        self._out.write(data)
+        self.count += len(data)
+
+
+@dataclass
+class DecodedRound:
+    tensors: dict[str, np.ndarray]
+    header: dict
+    report: RoundReport
+
+
+class Decompressor:
+    """Decompresses one client's rounds in order; its state must match the compressor's."""
+
+    def __init__(self, state: PredictorState | None = None):
+        self.state = state if state is not None else PredictorState()
+
+    def decompress(self, blob: bytes) -> dict[str, np.ndarray]:
+        return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors
+
+    def decompress_from(self, source: BinaryIO, available: int | None = None, *, advance: bool = True) -> DecodedRound:
+        """Decode one stream; with advance=False the state is only read (e.g. for `stats`)."""
+        reader = StreamReader(source, available)
+        header = reader.header()
+        try:
+            config = CodecConfig.from_dict(header["codec"])
+            stream_round, stream_digest = header["round"], header["state_digest"]
+            source_format = header["source_format"]
+        except KeyError as exc:
+            raise CorruptStreamError(f"header lacks {exc}") from None
+        check_state(self.state, stream_round, stream_digest)
+        tensors: dict[str, np.ndarray] = {}
+        new_tensors = dict(self.state.tensors)
+        report = RoundReport(stream_round, header=header)
+        for record, payload in reader.records():
+            name = record.get("name")
+            if name in tensors:
+                raise CorruptStreamError(f"tensor {name!r} appears twice")
+            array, state = decode_tensor(record, payload, config, self.state.tensors.get(name))
+            tensors[name] = array
+            if state is not None:
+                new_tensors[name] = state
+            report.tensors.append(_record_report(record, len(payload)))
+        reader.expect_end_of_input()
+        after = PredictorState(self.state.round + 1, new_tensors)
+        trailer = reader.trailer
+        if trailer.get("tensors") != len(tensors) or header.get("tensor_count") != len(tensors):
+            raise CorruptStreamError("tensor count does not match the header")
+        if trailer.get("state_digest") != after.digest():
+            raise CorruptStreamError("state after decoding differs from the compressor's (digest mismatch)")
+        if source_format not in FORMATS:
+            raise CorruptStreamError(f"unknown source format {source_format!r}")
+        if advance:
+            self.state = after
+        return DecodedRound(tensors, header, report)
+
+    def save_state(self, path: str | os.PathLike) -> None:
+        save_state(self.state, path)
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        self.state = load_state(path)
+
+
+def check_state(state: PredictorState, stream_round, stream_digest) -> None:
+    """Refuse a state other than the one the stream was encoded against, saying which is which."""
+    if stream_round == state.round and stream_digest == state.digest():
+        return
+    found = f"state is at round {state.round} (digest {state.digest()})"
+    expected = f"stream was encoded against round {stream_round} (digest {stream_digest})"
+    if isinstance(stream_round, int) and stream_round > state.round:
+        hint = "decompress the earlier rounds first"
+    elif isinstance(stream_round, int) and stream_round < state.round:
+        hint = "this round was already decompressed with this state, or the state is newer"
+    else:
+        hint = "the state belongs to another client or run"
+    raise StateMismatchError(f"{expected}, but the {found}: {hint}")
+
+
+def _record_report(record: dict, payload_bytes: int) -> TensorReport:
+    """Sizes and settings of one tensor as its record states them."""
+    try:
+        params = record["params"]
+        dtype = record["dtype"]
+        shape = tuple(record["shape"])
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        return TensorReport(
+            name=record["name"], shape=shape, dtype=dtype, method=record["method"],
+            predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),
+            original_bytes=n * numpy_dtype(dtype).itemsize, compressed_bytes=payload_bytes,
+            escaped=params.get("escaped", 0), ideal_code_bits=0.0)
+    except (KeyError, TypeError, ValueError, AttributeError, InputError):
+        raise CorruptStreamError(f"tensor {record.get('name', '?')!r}: malformed record") from None
+
+
+def describe_stream(source: BinaryIO, available: int | None = None) -> RoundReport:
+    """Per-tensor sizes of a stream, read from its records without decoding (no state needed)."""
+    reader = StreamReader(source, available)
+    header = reader.header()
+    report = RoundReport(header.get("round", -1), header=header)
+    for record, payload in reader.records():
+        report.tensors.append(_record_report(record, len(payload)))
+    reader.expect_end_of_input()
+    return report

@@ -1,0 +1,382 @@
+"""The `gradzip` command: click parses, rich renders (on stderr), the library does the work."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+STDIO = "-"
+
+
+class CliError(click.ClickException):
+    """One clear line on stderr and exit code 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"gradzip: error: {self.message}", err=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn gradzip's own errors, OS errors and Ctrl-C into one line and a non-zero exit."""
+    from .errors import GradzipError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except GradzipError as exc:
+            raise CliError(str(exc)) from None
+        except MemoryError:
+            raise CliError("out of memory") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise CliError(f"{where}{exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            click.echo("gradzip: interrupted; the state and earlier outputs are unchanged", err=True)
+            sys.exit(130)
+        finally:
+            for warning in caught:
+                click.echo(f"gradzip: warning: {warning.message}", err=True)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not enabled)
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and console.is_terminal
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gradzip")
+def main() -> None:
+    """Error-bounded lossy compression of per-round gradient dumps (safetensors, npy, npz)."""
+
+
+def _read_input(path: str) -> bytes:
+    if path == STDIO:
+        return sys.stdin.buffer.read()
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"{path}: is a directory")
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except PermissionError:
+        raise CliError(f"{path}: permission denied") from None
+
+
+def _output_paths(inputs: tuple[str, ...], output: str | None, name_for) -> list[str]:
+    """Where each input's result goes: -o file or '-', -o directory for several inputs, or beside it."""
+    if STDIO in inputs and len(inputs) > 1:
+        raise CliError("'-' (stdin) can only be the single input")
+    if len(inputs) == 1:
+        if output is not None:
+            return [output]
+        return [STDIO if inputs[0] == STDIO else name_for(inputs[0])]
+    if output is None:
+        return [name_for(path) for path in inputs]
+    if output == STDIO:
+        raise CliError("-o - (stdout) takes a single input")
+    directory = Path(output)
+    if directory.exists() and not directory.is_dir():
+        raise CliError(f"{output}: with several inputs, -o must be a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    return [str(directory / Path(name_for(path)).name) for path in inputs]
+
+
+def _check_outputs(inputs, outputs, force: bool) -> None:
+    resolved_inputs = {Path(p).resolve() for p in inputs if p != STDIO}
+    seen = set()
+    for path in outputs:
+        if path == STDIO:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in resolved_inputs:
+            raise CliError(f"{path}: refusing to overwrite an input")
+        if resolved in seen:
+            raise CliError(f"{path}: two inputs would write the same output")
+        seen.add(resolved)
+        if Path(path).is_dir():
+            raise CliError(f"{path}: is a directory")
+        if Path(path).exists() and not force:
+            raise CliError(f"{path}: already exists (use --force to overwrite)")
+
+
+def _write_output(path: str, data: bytes) -> None:
+    from .state import atomic_write
+
+    if path == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        atomic_write(Path(path), data)
+
+
+def _check_stdout(outputs) -> None:
+    if STDIO in outputs and sys.stdout.isatty():
+        raise CliError("refusing to write binary data to a terminal; use -o FILE or a pipe")
+
+
+state_option = click.option("-s", "--state", "state_path", required=True, type=click.Path(dir_okay=False),
+                            help="Predictor state sidecar (created if missing, updated after each round).")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@state_option
+@click.option("-e", "--error-bound", type=float, default=1e-3, show_default=True, help="Error bound (absolute, or a fraction of each tensor's value range).")
+@click.option("-m", "--mode", type=click.Choice(["rel", "abs"]), default="rel", show_default=True, help="Error-bound mode.")
+@click.option("-o", "--output", help="Output file ('-' for stdout), or a directory for several inputs.")
+@click.option("--beta", type=float, default=None, help="EMA weight of the newest round (default 0.3).")
+@click.option("--tau", type=float, default=None, help="Kernel sign-consistency threshold (default 0.75).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
+@click.option("--json", "json_path", help="Also write the per-file summary as JSON to this file ('-' for stdout).")
+def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, quiet, json_path):
+    """Compress one client's rounds, in order, to .grz streams."""
+    with user_errors():
+        from .api import Compressor
+        from .predict.magnitude import DEFAULT_BETA
+        from .predict.sign import DEFAULT_TAU
+        from .state import load_state, locked, save_state
+        from .tensorio import read_tensors
+
+        outputs = _output_paths(inputs, output, lambda p: p + ".grz")
+        _check_outputs(inputs, outputs, force)
+        _check_stdout(outputs)
+        _check_json_target(json_path, outputs)
+        rows = []
+        with locked(state_path):
+            compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
+                                    tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path))
+            with _progress(_show_progress(quiet)) as progress:
+                files = progress.add_task("files", total=len(inputs))
+                for path, out_path in zip(inputs, outputs):
+                    label = "stdin" if path == STDIO else path
+                    tensors, fmt, metadata = read_tensors(_read_input(path), label)
+                    task = progress.add_task(Path(label).name, total=len(tensors))
+                    buffer = io.BytesIO()
+                    report = compressor.compress_to(tensors, buffer, source_format=fmt, metadata=metadata,
+                                                    on_tensor=lambda _name: progress.advance(task))
+                    progress.remove_task(task)
+                    _write_output(out_path, buffer.getvalue())  # output first: a crash now leaves the old state
+                    save_state(compressor.state, state_path)
+                    rows.append((label, out_path, report))
+                    progress.advance(files)
+        if not quiet:
+            _print_round_table("compressed", rows)
+        _emit_json(json_path, [_round_json(label, out, report) for label, out, report in rows])
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@state_option
+@click.option("-o", "--output", help="Output file ('-' for stdout), or a directory for several inputs.")
+@click.option("--format", "out_format", type=click.Choice(["safetensors", "npy", "npz"]), help="Output format (default: the input's original format).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
+def decompress(inputs, state_path, output, out_format, force, quiet):
+    """Decompress .grz streams, in round order, back to tensor files."""
+    with user_errors():
+        from .api import Decompressor
+        from .state import load_state, locked, save_state
+        from .tensorio import write_tensors
+
+        outputs = _output_paths(inputs, output, lambda p: _decompressed_name(p, out_format))
+        _check_outputs(inputs, outputs, force)
+        _check_stdout(outputs)
+        rows = []
+        with locked(state_path):
+            decompressor = Decompressor(load_state(state_path))
+            with _progress(_show_progress(quiet)) as progress:
+                files = progress.add_task("files", total=len(inputs))
+                for path, out_path in zip(inputs, outputs):
+                    label = "stdin" if path == STDIO else path
+                    data = _read_input(path)
+                    decoded = _decode_labelled(decompressor, data, label)
+                    fmt = out_format or decoded.header["source_format"]
+                    _write_output(out_path, write_tensors(decoded.tensors, fmt, decoded.header.get("metadata")))
+                    save_state(decompressor.state, state_path)
+                    rows.append((label, out_path, decoded.report))
+                    progress.advance(files)
+        if not quiet:
+            _print_round_table("decompressed", rows, show_errors=False)
+
+
+def _decode_labelled(decompressor, data: bytes, label: str, advance: bool = True):
+    from .errors import GradzipError
+
+    try:
+        return decompressor.decompress_from(io.BytesIO(data), available=len(data), advance=advance)
+    except GradzipError as exc:
+        raise type(exc)(f"{label}: {exc}") from None
+
+
+def _decompressed_name(path: str, out_format: str | None) -> str:
+    base = path[: -len(".grz")] if path.endswith(".grz") else path + ".out"
+    if out_format:
+        stem, ext = os.path.splitext(base)
+        base = (stem if ext in (".safetensors", ".npy", ".npz") else base) + "." + out_format
+    return base
+
+
+@main.command()
+@click.argument("stream", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--original", type=click.Path(exists=True, dir_okay=False), help="The original tensor file, to report errors.")
+@click.option("-s", "--state", "state_path", type=click.Path(dir_okay=False), help="State to decode against (read only; needed with --original after the first round).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def stats(stream, original, state_path, as_json):
+    """Per-tensor sizes of a .grz stream, and its errors against the original."""
+    with user_errors():
+        from .api import Decompressor, describe_stream
+        from .metrics import measure
+        from .state import PredictorState, load_state
+        from .tensorio import read_tensors
+
+        data = _read_input(stream)
+        label = "stdin" if stream == STDIO else stream
+        figures = {}
+        if original:
+            tensors, _, _ = read_tensors(_read_input(original), original)
+            state = load_state(state_path, create=False) if state_path else PredictorState()
+            decoded = _decode_labelled(Decompressor(state), data, label, advance=False)
+            report = decoded.report
+            if list(tensors) != list(decoded.tensors):
+                raise CliError(f"{original}: its tensors do not match the stream's")
+            for t in report.tensors:
+                figures[t.name] = measure(tensors[t.name], decoded.tensors[t.name], t.dtype, t.eb)
+        else:
+            try:
+                report = describe_stream(io.BytesIO(data), len(data))
+            except Exception as exc:
+                from .errors import GradzipError
+                if isinstance(exc, GradzipError):
+                    raise type(exc)(f"{label}: {exc}") from None
+                raise
+        rows = [_tensor_json(t, figures.get(t.name)) for t in report.tensors]
+        total = _totals_json(report, figures)
+        if as_json:
+            click.echo(json.dumps({"stream": label, "round": report.round, "tensors": rows, "total": total}, indent=2))
+        else:
+            _print_stats_table(label, report, rows, total, bool(figures))
+
+
+def _tensor_json(t, fig) -> dict:
+    row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method, "predictor": t.predictor,
+           "coder": t.coder, "eb": t.eb, "original_bytes": t.original_bytes, "compressed_bytes": t.compressed_bytes,
+           "bits_per_value": 8 * t.compressed_bytes / t.elements if t.elements else 0.0,
+           "ratio": t.original_bytes / t.compressed_bytes if t.compressed_bytes else None, "escaped": t.escaped}
+    if fig is not None:
+        row.update(max_abs_error=fig.max_abs_error, psnr=_finite_or_none(fig.psnr), nrmse=fig.nrmse, within_bound=fig.within_bound)
+    return row
+
+
+def _totals_json(report, figures) -> dict:
+    total = {"original_bytes": report.original_bytes, "compressed_bytes": report.compressed_bytes,
+             "ratio": report.ratio, "bits_per_value": report.bits_per_value}
+    if figures:
+        sse = sum(f.sum_squared_error for f in figures.values())
+        count = sum(f.count for f in figures.values())
+        value_range = max((f.value_range for f in figures.values()), default=0.0)
+        from .metrics import psnr
+        total.update(max_abs_error=max(f.max_abs_error for f in figures.values()),
+                     psnr=_finite_or_none(psnr(value_range, sse / count if count else 0.0)),
+                     nrmse=(math.sqrt(sse / count) / value_range) if count and value_range else 0.0,
+                     within_bound=all(f.within_bound for f in figures.values()))
+    return total
+
+
+def _finite_or_none(value: float):
+    return value if math.isfinite(value) else None
+
+
+def _fmt_psnr(value) -> str:
+    return "exact" if value is None or value == math.inf else f"{value:.1f} dB"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_round_table(verb: str, rows, show_errors: bool = True) -> None:
+    table = Table(title=f"gradzip: {verb} {len(rows)} file(s)", title_justify="left")
+    for column in ("file", "round", "original", "compressed", "ratio", "bits/value"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    if show_errors:
+        table.add_column("max abs error", justify="right")
+        table.add_column("PSNR", justify="right")
+    for label, _out, report in rows:
+        cells = [Path(label).name, str(report.round), _fmt_bytes(report.original_bytes), _fmt_bytes(report.compressed_bytes),
+                 f"{report.ratio:.2f}x", f"{report.bits_per_value:.2f}"]
+        if show_errors:
+            cells += [f"{report.max_abs_error:.3g}", _fmt_psnr(report.psnr)]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def _print_stats_table(label, report, rows, total, with_errors: bool) -> None:
+    table = Table(title=f"{label}: round {report.round}", title_justify="left")
+    columns = ["tensor", "shape", "dtype", "method", "eb", "bits/value", "ratio"]
+    if with_errors:
+        columns += ["max abs error", "PSNR", "NRMSE", "within bound"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("tensor", "method", "dtype") else "right")
+    for row in rows:
+        method = row["method"] if row["method"] == "lossless" else f"{row['predictor']}+{row['coder']}"
+        cells = [row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], method,
+                 f"{row['eb']:.3g}" if row["eb"] else "exact", f"{row['bits_per_value']:.2f}",
+                 f"{row['ratio']:.2f}x" if row["ratio"] else "-"]
+        if with_errors:
+            cells += [f"{row['max_abs_error']:.3g}", _fmt_psnr(row["psnr"]), f"{row['nrmse']:.2e}", "yes" if row["within_bound"] else "[red]NO[/]"]
+        table.add_row(*cells)
+    totals = ["total", "", "", "", "", f"{total['bits_per_value']:.2f}", f"{total['ratio']:.2f}x"]
+    if with_errors:
+        totals += [f"{total['max_abs_error']:.3g}", _fmt_psnr(total["psnr"]), f"{total['nrmse']:.2e}",
+                   "yes" if total["within_bound"] else "[red]NO[/]"]
+    table.add_row(*totals, style="bold")
+    console.print(table)
+
+
+def _round_json(label, out_path, report) -> dict:
+    return {"input": label, "output": out_path, "round": report.round, "original_bytes": report.original_bytes,
+            "compressed_bytes": report.compressed_bytes, "ratio": report.ratio, "bits_per_value": report.bits_per_value,
+            "max_abs_error": report.max_abs_error, "psnr": _finite_or_none(report.psnr),
+            "tensors": [_tensor_json(t, None) for t in report.tensors]}
+
+
+def _check_json_target(json_path, outputs) -> None:
+    if json_path == STDIO and STDIO in outputs:
+        raise CliError("--json - and -o - would both write to stdout")
+
+
+def _emit_json(json_path, payload) -> None:
+    if json_path is None:
+        return
+    text = json.dumps(payload, indent=2)
+    if json_path == STDIO:
+        click.echo(text)
+    else:
+        Path(json_path).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Per-tensor codec: routes each tensor, composes predictor, quantizer, entropy coder and
+lossless backend, and keeps whichever candidate encoding is smallest.
+
+Routing: non-float tensors and tensors of at most `min_lossy_elements` elements are stored
+losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
+magnitude-and-sign prediction, and state-derived coding contexts (each with the coders that fit)
+and keeps the smallest, so prediction never makes a tensor worse. Such tensors carry predictor
+state, which is advanced from the reconstruction only, identically in encoder and decoder.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import lossless
+from .entropy import huffman, rans
+from .errors import CorruptStreamError, InputError
+from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
+from .predict.context import N_MAGNITUDE_BUCKETS, magnitude_contexts, orient_by_sign
+from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
+from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
+from .quantize import RADIUS, dequantize, quantize
+from .state import TensorState
+from .tensorio import as_bfloat16, dtype_name, numpy_dtype
+
+# Tensors this small gain nothing from lossy coding (side information would dominate).
+MIN_LOSSY_ELEMENTS = 1024
+# A decoder refuses records claiming more elements per payload byte than this (no bombs);
+# the encoder pads the rare payload that would be denser (huge constant tensors).
+MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 16
+# Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
+_ESCAPE_SHARE_FOR_LOSSLESS = 0.25
+_NO_PREDICTION = np.empty(0, np.float64)
+_MAX_HUFFMAN_BYTES_PER_CODE = 5  # codes are at most 32 bits plus table: a looser cap is a bomb
+MODES = ("abs", "rel")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Every setting that affects decoding; stored in each stream header as plain data."""
+
+    error_bound: float = 1e-3
+    mode: str = "rel"
+    beta: float = DEFAULT_BETA
+    tau: float = DEFAULT_TAU
+    magnitude_prediction: bool = True
+    sign_prediction: bool = True
+    min_lossy_elements: int = MIN_LOSSY_ELEMENTS
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"error-bound mode must be 'abs' or 'rel', not {self.mode!r}")
+        eb = self.error_bound
+        if not isinstance(eb, (int, float)) or not math.isfinite(eb) or eb < 0:
+            raise InputError(f"error bound must be a finite number >= 0, not {eb!r}")
+        if self.mode == "rel" and eb >= 1:
+            raise InputError(f"a relative error bound must be below 1, not {eb!r}")
+        if not 0 < self.beta <= 1:
+            raise InputError(f"beta must be in (0, 1], not {self.beta!r}")
+        if not 0.5 < self.tau <= 1:
+            raise InputError(f"tau must be in (0.5, 1], not {self.tau!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CodecConfig":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise CorruptStreamError("codec settings in the header are malformed")
+        try:
+            return cls(**data)
+        except InputError as exc:
+            raise CorruptStreamError(f"codec settings in the header are invalid ({exc})") from None
+
+
+def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
+    """The per-tensor absolute bound: eb itself, or eb times the finite value range (rel)."""
+    if config.mode == "abs":
+        return float(config.error_bound)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0
+    hi, lo = float(finite.max()), float(finite.min())
+    # rel*hi - rel*lo cannot overflow where hi - lo can (values near the float max).
+    return config.error_bound * hi - config.error_bound * lo
+
+
+def carries_state(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
+    return dtype in LOSSY_DTYPES and _element_count(shape) > config.min_lossy_elements
+
+
+def _element_count(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+
+
+def _has_history(previous: TensorState | None, shape, dtype) -> bool:
+    return previous is not None and previous.shape == tuple(shape) and previous.dtype == dtype and previous.rounds > 0
+
+
+def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.ndarray, config: CodecConfig) -> TensorState:
+    """A new TensorState after this round's reconstruction (recon: flat float32/float64)."""
+    if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
+        previous = None
+    state = TensorState.fresh(shape, dtype) if previous is None else TensorState(previous.shape, dtype, previous.rounds, previous.ema.copy(), previous.sign.copy())
+    update_ema(state.ema, recon, config.beta, state.rounds == 0)
+    signs_of(recon, state.sign)
+    state.rounds += 1
+    return state
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclass
+class Encoded:
+    record: dict
+    payload: bytes
+    recon: np.ndarray  # what the decoder will return, in the tensor's dtype and shape
+    state: TensorState | None  # the tensor's state after this round (None if it carries none)
+    ideal_code_bits: float  # ideal length of the codes under the coder's model (0 if not coded)
+
+
+@dataclass
+class _Quantized:
+    codes: np.ndarray  # int32
+    recon: np.ndarray  # widened reconstruction, exactly as the decoder rebuilds it
+    escaped: np.ndarray  # bool
+    n_escaped: int
+
+
+def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None) -> Encoded:
+    """Encode one tensor of one round against its previous state."""
+    dtype = dtype_name(array)
+    shape = tuple(int(s) for s in array.shape)
+    if not carries_state(dtype, shape, config):
+        return _lossless(name, array, dtype, shape)
+    values = widen(array, dtype)
+    eb = absolute_bound(values, config)
+    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous)
+    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config)
+    return encoded
+
+
+def _lossless(name, array, dtype, shape) -> Encoded:
+    raw = _little_endian_bytes(array, dtype)
+    sections = [("data", lossless.compress(raw))]
+    return _encoded(name, dtype, shape, "lossless", {}, sections, array, 0.0)
+
+
+def _little_endian_bytes(array, dtype) -> bytes:
+    if dtype in LOSSY_DTYPES:
+        return original_bits(array, dtype).tobytes()
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bits) -> Encoded:
+    n = _element_count(shape)
+    payload = b"".join(data for _, data in sections)
+    shortfall = n // MAX_ELEMENTS_PER_PAYLOAD_BYTE + 1 - len(payload)
+    if shortfall > 0:
+        sections = sections + [("padding", bytes(shortfall))]
+        payload += bytes(shortfall)
+    recon = np.ascontiguousarray(recon).reshape(shape)
+    record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
+              "sections": [[section, len(data)] for section, data in sections],
+              "recon_crc32": _recon_crc(recon, dtype)}
+    return Encoded(record, payload, recon, None, ideal_code_bits)
+
+
+def _recon_crc(recon: np.ndarray, dtype: str) -> int:
+    return zlib.crc32(_little_endian_bytes(recon, dtype)) & 0xFFFFFFFF
+
+
+def _quantize(values, dtype, eb, prediction) -> _Quantized:
+    n = values.size
+    codes = np.empty(n, np.int32)
+    recon = np.empty(n, compute_dtype(dtype))
+    escaped = np.empty(n, np.bool_)
+    n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
+    if dtype in ("F16", "BF16"):
+        # The bound must hold after the cast back, so check again in the narrow dtype.
+        recon = widen(narrow(recon, dtype), dtype).copy()
+        over = (np.abs(values.astype(np.float64) - recon.astype(np.float64)) > eb) & ~escaped
+        if over.any():
+            escaped |= over
+            codes[over] = 0
+            recon[over] = values[over]
+            n_escaped += int(over.sum())
+    return _Quantized(codes, recon, escaped, n_escaped)
+
+
+def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous) -> Encoded:
+    if not (eb > 0 and math.isfinite(eb)):
+        return _lossless(name, array, dtype, shape)
+    plain = _quantize(values, dtype, eb, _NO_PREDICTION)
+    if plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
+        return _lossless(name, array, dtype, shape)  # bound below the data's resolution
+
+    def build(predictor, quantized, coder, side_params, side_sections, codes_to_code, contexts, n_contexts):
+        codes_section, coder_params, bits = _code(codes_to_code, coder, contexts, n_contexts)
+        params = {"eb": eb, "predictor": predictor, **coder_params, **side_params, "escaped": quantized.n_escaped}
+        sections = [("codes", codes_section), *side_sections, *_escape_sections(array, dtype, quantized)]
+        return _encoded(name, dtype, shape, "quantized", params, sections, narrow(quantized.recon, dtype), bits)
+
+    options = [build("none", plain, coder, {}, [], plain.codes, None, 1) for coder in ("huffman", "rans")]
+    if _has_history(previous, shape, dtype) and (config.magnitude_prediction or config.sign_prediction):
+        mean, std = magnitude_stats(values)
+        side = {"mean": mean, "std": std}
+        predicted = np.empty(values.size, np.float64)
+        predict_magnitude(previous.ema, mean, std, predicted)
+        if config.magnitude_prediction and config.sign_prediction:
+            shift = _sign_prediction(values, shape, config.tau, previous.sign)
+            if shift is not None:
+                signs, shift_params, shift_sections = shift
+                shifted = _quantize(values, dtype, eb, predicted * signs)
+                options += [build("ema", shifted, coder, {**side, **shift_params}, shift_sections, shifted.codes, None, 1)
+                            for coder in ("huffman", "rans")]
+        contexts, n_contexts, oriented = _coding_contexts(plain.codes, predicted, eb, previous.sign, config)
+        context_params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
+        options.append(build("context", plain, "rans", context_params, [], oriented, contexts, n_contexts))
+    return min(options, key=lambda option: len(option.payload))
+
+
+def _sign_prediction(values, shape, tau, previous_sign):
+    """Predicted sign per element, its parameters and bitmap section, or None if none is predicted."""
+    size = kernel_size(shape)
+    n_kernels = values.size // size if size else 0
+    predictable = np.zeros(n_kernels, np.bool_)
+    kernel_sign = np.zeros(n_kernels, np.bool_)
+    if size:
+        kernel_consistency(values, size, tau, predictable, kernel_sign)
+    oscillation = choose_oscillation(values, previous_sign, tau)
+    if oscillation == OSCILLATION_NONE and not predictable.any():
+        return None
+    signs = np.empty(values.size, np.int8)
+    predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, signs)
+    sections = []
+    if size:
+        bitmap = np.packbits(predictable).tobytes() + np.packbits(kernel_sign[predictable]).tobytes()
+        sections.append(("kernel_bitmap", lossless.compress(bitmap)))
+    params = {"oscillation": int(oscillation), "kernel_size": size, "kernel_bitmap_bytes": len(bitmap) if size else 0}
+    return signs, params, sections
+
+
+def _coding_contexts(codes, predicted, eb, previous_sign, config):
+    contexts = np.zeros(codes.size, np.uint8)
+    n_contexts = 1
+    if config.magnitude_prediction:
+        magnitude_contexts(predicted, eb, contexts)
+        n_contexts = N_MAGNITUDE_BUCKETS
+    oriented = codes.copy()
+    if config.sign_prediction:
+        orient_by_sign(oriented, previous_sign)
+    return contexts, n_contexts, oriented
+
+
+def _code(codes, coder, contexts, n_contexts):
+    """Entropy-code the quantization codes: (section bytes, params, ideal bits under the model)."""
+    if coder == "huffman":
+        raw = huffman.encode(codes + RADIUS)
+        return lossless.compress(raw), {"coder": "huffman", "huffman_bytes": len(raw)}, 0.0
+    if contexts is None:
+        contexts = np.zeros(codes.size, np.uint8)
+    return rans.encode(codes, contexts, n_contexts), {"coder": "rans"}, rans.ideal_bits(codes, contexts, n_contexts)
+
+
+def _escape_sections(array, dtype, quantized: _Quantized) -> list:
+    if not quantized.n_escaped:
+        return []
+    index = np.flatnonzero(quantized.escaped)
+    gaps = np.diff(index, prepend=0).astype("<u8")  # small, zstd-friendly
+    exact = original_bits(array, dtype)[index]
+    return [("escape_index", lossless.compress(gaps.tobytes())), ("escape_value", lossless.compress(exact.tobytes()))]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: TensorState | None):
+    """Rebuild one tensor: (array, state after this round or None). Raises CorruptStreamError."""
+    name = record.get("name", "?")
+    try:
+        array, state = _decode(record, payload, config, previous)
+    except CorruptStreamError as exc:
+        raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
+        raise CorruptStreamError(f"tensor {name!r}: malformed record ({type(exc).__name__}: {exc})") from None
+    if _recon_crc(array, record["dtype"]) != record["recon_crc32"]:
+        raise CorruptStreamError(f"tensor {name!r}: reconstruction checksum mismatch (encoder and decoder disagree)")
+    return array, state
+
+
+def _decode(record, payload, config, previous):
+    dtype = record["dtype"]
+    if not isinstance(record["name"], str) or not isinstance(dtype, str):
+        raise CorruptStreamError("bad name or dtype")
+    np_dtype = numpy_dtype(dtype)
+    shape = tuple(record["shape"])
+    if not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise CorruptStreamError("bad shape")
+    n = _element_count(shape)
+    if n > (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE:
+        raise CorruptStreamError(f"shape {list(shape)} is too large for a {len(payload)}-byte payload")
+    sections = _split_sections(record["sections"], payload)
+    params = record["params"]
+    method = record["method"]
+    stateful = carries_state(dtype, shape, config)
+    if method == "lossless":
+        raw = lossless.decompress(sections["data"], n * np_dtype.itemsize)
+        le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
+        array = np.frombuffer(raw, le).astype(np_dtype, copy=True).reshape(shape)
+    elif method == "quantized" and stateful:
+        array = _decode_quantized(params, sections, dtype, shape, n, config, previous)
+    else:
+        raise CorruptStreamError(f"unknown method {method!r}")
+    state = advance_state(previous, shape, dtype, widen(array, dtype), config) if stateful else None
+    return array, state
+
+
+def _split_sections(declared, payload) -> dict[str, bytes]:
+    sections = {}
+    offset = 0
+    for section, length in declared:
+        if not isinstance(section, str) or not isinstance(length, int) or length < 0 or section in sections:
+            raise CorruptStreamError("bad section table")
+        sections[section] = payload[offset : offset + length]
+        offset += length
+    if offset != len(payload):
+        raise CorruptStreamError("section lengths do not add up to the payload")
+    return sections
+
+
+def _decode_quantized(params, sections, dtype, shape, n, config, previous):
+    eb = float(params["eb"])
+    if not (eb > 0 and math.isfinite(eb)):
+        raise CorruptStreamError("bad error bound")
+    predictor = params["predictor"]
+    prediction = _NO_PREDICTION
+    contexts, n_contexts, orient = None, 1, False
+    if predictor in ("ema", "context"):
+        if not _has_history(previous, shape, dtype):
+            raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
+        predicted = np.empty(n, np.float64)
+        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), predicted)
+        if predictor == "ema":
+            prediction = predicted * _decoded_signs(params, sections, shape, previous.sign)
+        else:
+            contexts = np.zeros(n, np.uint8)
+            if params["magnitude_contexts"]:
+                magnitude_contexts(predicted, eb, contexts)
+                n_contexts = N_MAGNITUDE_BUCKETS
+            orient = bool(params["sign_oriented"])
+    elif predictor != "none":
+        raise CorruptStreamError(f"unknown predictor {predictor!r}")
+
+    codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts)
+    if orient:
+        orient_by_sign(codes, previous.sign)
+    recon = np.empty(n, compute_dtype(dtype))
+    dequantize(codes, prediction, eb, recon)
+    n_escaped = params["escaped"]
+    if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
+        raise CorruptStreamError("bad escape count")
+    if n_escaped:
+        index = np.cumsum(np.frombuffer(lossless.decompress(sections["escape_index"], 8 * n_escaped), "<u8"), dtype=np.uint64)
+        if index[-1] >= n or (n_escaped > 1 and not np.all(index[1:] > index[:-1])):
+            raise CorruptStreamError("escape positions out of order or out of range")
+        bits_dtype = numpy_dtype(dtype) if dtype not in ("BF16",) else np.dtype(np.uint16)
+        exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * bits_dtype.itemsize), bits_dtype.newbyteorder("<"))
+        exact = as_bfloat16(exact) if dtype == "BF16" else exact
+        recon[index.astype(np.int64)] = widen(exact, dtype)
+    return narrow(recon, dtype).reshape(shape)
+
+
+def _decoded_signs(params, sections, shape, previous_sign):
+    size = kernel_size(shape)
+    if params["kernel_size"] != size:
+        raise CorruptStreamError("kernel size does not match the shape")
+    n_kernels = previous_sign.size // size if size else 0
+    predictable = np.zeros(n_kernels, np.bool_)
+    kernel_sign = np.zeros(n_kernels, np.bool_)
+    if size:
+        head = (n_kernels + 7) // 8
+        declared = params["kernel_bitmap_bytes"]
+        if not isinstance(declared, int) or not head <= declared <= 2 * head:
+            raise CorruptStreamError("bad kernel bitmap size")
+        bitmap = np.frombuffer(lossless.decompress(sections["kernel_bitmap"], declared), np.uint8)
+        predictable = np.unpackbits(bitmap[:head], count=n_kernels).astype(np.bool_)
+        n_signed = int(predictable.sum())
+        if bitmap.size != head + (n_signed + 7) // 8:
+            raise CorruptStreamError("kernel bitmap has the wrong size")
+        kernel_sign[predictable] = np.unpackbits(bitmap[head:], count=n_signed).astype(np.bool_)
+    oscillation = params["oscillation"]
+    if oscillation not in (0, 1, 2):
+        raise CorruptStreamError("bad oscillation mode")
+    signs = np.empty(previous_sign.size, np.int8)
+    predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, signs)
+    return signs
+
+
+def _decode_codes(params, section, n, contexts, n_contexts):
+    coder = params["coder"]
+    if coder == "huffman":
+        if contexts is not None:
+            raise CorruptStreamError("huffman codes cannot carry contexts")
+        declared = params["huffman_bytes"]
+        if not isinstance(declared, int) or not 0 <= declared <= _MAX_HUFFMAN_BYTES_PER_CODE * n + (1 << 20):
+            raise CorruptStreamError("bad huffman section size")
+        raw = lossless.decompress(section, declared)
+        return huffman.decode(raw, n) - np.int32(RADIUS)
+    if coder == "rans":
+        return rans.decode(section, contexts if contexts is not None else np.zeros(n, np.uint8), n_contexts)
+    raise CorruptStreamError(f"unknown coder {coder!r}")

@@ -1,0 +1,117 @@
+"""The .grz container: a sequential stream of checksummed frames (see docs/format.md).
+
+    stream  := MAGIC u16:version frame(header) { frame(record) payload u32:crc32(payload) }* frame(end)
+    frame   := u32:length JSON u32:crc32(JSON)
+
+Every length is checked against hard limits before it is trusted, and payloads are read in
+chunks, so a damaged length fails at end of input instead of allocating what it claims.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import BinaryIO, Iterator
+
+from .errors import CorruptStreamError
+
+MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
+FORMAT_VERSION = 1
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # a JSON frame; real ones are a few hundred bytes
+MAX_PAYLOAD_BYTES = 1 << 40
+_READ_CHUNK = 1 << 24
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+class StreamWriter:
+    def __init__(self, out: BinaryIO):
+        self._out = out
+
+    def _frame(self, obj: dict) -> None:
+        data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        self._out.write(struct.pack("<I", len(data)) + data + struct.pack("<I", _crc(data)))
+
+    def header(self, header: dict) -> None:
+        self._out.write(MAGIC + struct.pack("<H", FORMAT_VERSION))
+        self._frame({"kind": "header", **header})
+
+    def record(self, record: dict, payload: bytes) -> None:
+        self._frame({"kind": "tensor", **record, "payload_bytes": len(payload)})
+        self._out.write(payload + struct.pack("<I", _crc(payload)))
+
+    def end(self, trailer: dict) -> None:
+        self._frame({"kind": "end", **trailer})
+
+
+class StreamReader:
+    """Reads a .grz stream front to back; every problem raises CorruptStreamError."""
+
+    def __init__(self, source: BinaryIO, available: int | None = None):
+        self._in = source
+        self._available = available  # bytes left, when known (guards against huge claims)
+
+    def _read(self, n: int, what: str) -> bytes:
+        if self._available is not None:
+            if n > self._available:
+                raise CorruptStreamError(f"truncated stream: {what} needs {n} bytes, {self._available} left")
+            self._available -= n
+        chunks = []
+        remaining = n
+        while remaining:
+            chunk = self._in.read(min(remaining, _READ_CHUNK))
+            if not chunk:
+                raise CorruptStreamError(f"truncated stream while reading {what}")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _frame(self, expected_kind: tuple[str, ...]) -> dict:
+        (length,) = struct.unpack("<I", self._read(4, "frame length"))
+        if length > MAX_FRAME_BYTES:
+            raise CorruptStreamError(f"frame length {length} exceeds the limit")
+        data = self._read(length, "frame")
+        (crc,) = struct.unpack("<I", self._read(4, "frame checksum"))
+        if _crc(data) != crc:
+            raise CorruptStreamError("frame checksum mismatch")
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptStreamError("frame is not valid JSON") from None
+        if not isinstance(obj, dict) or obj.get("kind") not in expected_kind:
+            raise CorruptStreamError(f"expected a {' or '.join(expected_kind)} frame")
+        return obj
+
+    def header(self) -> dict:
+        try:
+            magic = self._read(len(MAGIC), "magic")
+        except CorruptStreamError:
+            magic = b""
+        if magic != MAGIC:
+            raise CorruptStreamError("not a gradzip stream (bad magic number)")
+        (version,) = struct.unpack("<H", self._read(2, "format version"))
+        if version != FORMAT_VERSION:
+            raise CorruptStreamError(f"format version {version} is not supported (this gradzip reads {FORMAT_VERSION})")
+        return self._frame(("header",))
+
+    def records(self) -> Iterator[tuple[dict, bytes]]:
+        """Yield (record, payload) per tensor; the end frame is left in self.trailer."""
+        while True:
+            frame = self._frame(("tensor", "end"))
+            if frame["kind"] == "end":
+                self.trailer = frame
+                return
+            size = frame.get("payload_bytes")
+            if not isinstance(size, int) or not 0 <= size <= MAX_PAYLOAD_BYTES:
+                raise CorruptStreamError("bad payload length")
+            payload = self._read(size, f"payload of {frame.get('name', '?')!r}")
+            (crc,) = struct.unpack("<I", self._read(4, "payload checksum"))
+            if _crc(payload) != crc:
+                raise CorruptStreamError(f"payload checksum mismatch in tensor {frame.get('name', '?')!r}")
+            yield frame, payload
+
+    def expect_end_of_input(self) -> None:
+        if self._in.read(1):
+            raise CorruptStreamError("unexpected bytes after the end of the stream")

@@ -1,0 +1,56 @@
+"""Float dtypes the lossy path handles, and exact conversion to and from the values it computes on.
+
+F16 and BF16 are widened to float32 (exact) for quantization and narrowed back with
+round-to-nearest-even; the bound is then checked again in the narrow dtype.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .tensorio import as_bfloat16
+
+LOSSY_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def compute_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.float64) if dtype == "F64" else np.dtype(np.float32)
+
+
+def widen(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Flat native-endian float32/float64 values of a lossy-dtype tensor (exact)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if dtype == "BF16":
+        return (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return flat.astype(compute_dtype(dtype), copy=False)
+
+
+def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast computed values back to the tensor's dtype (flat), rounding to nearest even."""
+    if dtype == "BF16":
+        return as_bfloat16(_float32_to_bfloat16_bits(np.ascontiguousarray(values, dtype=np.float32)))
+    if dtype == "F16":
+        return values.astype(np.float16)
+    return values
+
+
+def original_bits(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The tensor's flat values in its own dtype, little-endian, for exact storage."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if dtype == "BF16":
+        return flat.view(np.uint16).astype("<u2", copy=False)
+    return flat.astype(flat.dtype.newbyteorder("<"), copy=False)
+
+
+@numba.njit(cache=True)
+def _float32_to_bfloat16_bits(values):
+    out = np.empty(values.size, np.uint16)
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        b = bits[i]
+        if (b & 0x7F800000) == 0x7F800000 and (b & 0x007FFFFF) != 0:
+            out[i] = np.uint16((b >> 16) | 0x0040)  # keep NaN a quiet NaN
+        else:
+            rounding = np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))
+            out[i] = np.uint16((b + rounding) >> 16)
+    return out

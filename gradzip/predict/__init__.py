@@ -1,0 +1,1 @@
+"""Cross-round predictors: EMA magnitude, sign (kernel consistency, oscillation), coding contexts."""

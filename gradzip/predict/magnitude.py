@@ -1,0 +1,59 @@
+"""Magnitude predictor: a per-element EMA of normalized reconstructed magnitudes.
+
+After each round, z = (|x'| - mean|x'|) / std|x'| and M <- (1 - beta) M + beta z (M = z on a
+tensor's first round, so the average is not dragged towards zero). The next round predicts
+|M * std_t + mean_t|, where mean_t and std_t are that round's magnitude statistics, sent as
+side information. Non-finite elements are left out of the statistics and count as z = 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+# EMA weight of the newest round; chosen on sample_data (see docs/design.md).
+DEFAULT_BETA = 0.3
+
+
+@numba.njit(cache=True)
+def magnitude_stats(values):
+    """Mean and standard deviation of |x| over the finite elements (0, 0 if none)."""
+    total = 0.0
+    count = 0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        if math.isfinite(v):
+            total += abs(v)
+            count += 1
+    if count == 0:
+        return 0.0, 0.0
+    mean = total / count
+    spread = 0.0
+    for i in range(values.size):
+        v = np.float64(values[i])
+        if math.isfinite(v):
+            d = abs(v) - mean
+            spread += d * d
+    return mean, math.sqrt(spread / count)
+
+
+@numba.njit(cache=True)
+def update_ema(ema, recon, beta, first_round):
+    """Fold this round's normalized reconstructed magnitudes into ema (float32, in place)."""
+    mean, std = magnitude_stats(recon)
+    inv_std = 1.0 / std if std > 0.0 else 0.0
+    for i in range(recon.size):
+        v = np.float64(recon[i])
+        z = (abs(v) - mean) * inv_std if math.isfinite(v) else 0.0
+        if first_round:
+            ema[i] = np.float32(z)
+        else:
+            ema[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
+
+
+@numba.njit(cache=True)
+def predict_magnitude(ema, mean, std, out):
+    """Predicted magnitudes |M * std + mean| into out (float64)."""
+    for i in range(ema.size):
+        out[i] = abs(np.float64(ema[i]) * std + mean)

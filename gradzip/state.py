@@ -1,0 +1,160 @@
+"""Predictor state: what the encoder and decoder carry from one round to the next.
+
+Per tensor: its shape and dtype, how many rounds it has been seen, the EMA of normalized
+magnitudes (float32) and the sign of the last reconstruction (int8). The state is updated only
+from reconstructed values, so compressor and decompressor hold byte-identical states.
+
+File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
+keys), the arrays back to back, then a 16-byte BLAKE2b digest of everything before it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GradzipError, InputError
+
+STATE_MAGIC = b"GRZSTATE"
+STATE_VERSION = 1
+_DIGEST_SIZE = 16
+
+
+@dataclass
+class TensorState:
+    shape: tuple[int, ...]
+    dtype: str
+    rounds: int
+    ema: np.ndarray  # float32, flat
+    sign: np.ndarray  # int8, flat
+
+    @classmethod
+    def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
+        n = int(np.prod(shape, dtype=np.int64))
+        return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32), np.zeros(n, np.int8))
+
+
+@dataclass
+class PredictorState:
+    round: int = 0  # rounds completed
+    tensors: dict[str, TensorState] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        entries = []
+        blobs = []
+        offset = 0
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            for array in (t.ema, t.sign):
+                blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            nbytes = t.ema.size * 5
+            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds, "offset": offset, "elements": int(t.ema.size)})
+            offset += nbytes
+        header = json.dumps({"round": self.round, "tensors": entries}, sort_keys=True, separators=(",", ":")).encode()
+        body = STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header + b"".join(blobs)
+        return body + hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest()
+
+    def digest(self) -> str:
+        """Short hex digest naming this exact state (stored in streams to catch mismatches)."""
+        return self.to_bytes()[-_DIGEST_SIZE:].hex()[:16]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "state") -> "PredictorState":
+        fixed = len(STATE_MAGIC) + 12
+        if len(data) < fixed + _DIGEST_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
+            raise GradzipError(f"{source}: not a gradzip state file")
+        body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+        if hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest() != digest:
+            raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
+        version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
+        if version != STATE_VERSION:
+            raise GradzipError(f"{source}: state format version {version} is not supported (expected {STATE_VERSION})")
+        if header_len > len(body) - fixed:
+            raise GradzipError(f"{source}: state header exceeds the file")
+        try:
+            header = json.loads(body[fixed : fixed + header_len])
+            arrays = memoryview(body)[fixed + header_len :]
+            state = cls(round=int(header["round"]))
+            for entry in header["tensors"]:
+                n, offset = int(entry["elements"]), int(entry["offset"])
+                if n < 0 or offset < 0 or offset + 5 * n > len(arrays):
+                    raise ValueError("array outside the file")
+                ema = np.frombuffer(arrays[offset : offset + 4 * n], "<f4").astype(np.float32)
+                sign = np.frombuffer(arrays[offset + 4 * n : offset + 5 * n], np.int8).copy()
+                shape = tuple(int(s) for s in entry["shape"])
+                if int(np.prod(shape, dtype=np.int64)) != n:
+                    raise ValueError("shape does not match the array size")
+                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema, sign)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GradzipError(f"{source}: state file is malformed ({exc})") from None
+        return state
+
+
+def load_state(path: str | os.PathLike, create: bool = True) -> PredictorState:
+    """Read a state file; a missing file is a fresh state when create is True."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a state file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if create:
+            return PredictorState()
+        raise InputError(f"{path}: state file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read state ({exc.strerror})") from None
+    return PredictorState.from_bytes(data, str(path))
+
+
+def save_state(state: PredictorState, path: str | os.PathLike) -> None:
+    """Write the state atomically: a temporary file beside it, fsync, then rename."""
+    atomic_write(Path(path), state.to_bytes())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data so that readers see either the old or the new file, never a mix."""
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, wait: bool = False):
+    """Hold an exclusive lock on `<state>.lock` so two processes never advance one state."""
+    lock_path = Path(str(path) + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InputError(f"{lock_path}: cannot create lock file ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise GradzipError(f"{path}: state is in use by another gradzip process") from None
+        yield
+    finally:
+        os.close(fd)

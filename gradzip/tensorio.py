@@ -1,0 +1,187 @@
+"""Reading and writing tensor files: safetensors, .npy and .npz.
+
+safetensors is parsed here rather than through `safetensors.numpy`, because numpy has no
+bfloat16: BF16 tensors are kept as their raw 16-bit patterns in a uint16 array whose dtype
+carries the marker below, so they survive a round trip bit for bit.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+
+import numpy as np
+
+from .errors import InputError
+
+BFLOAT16 = np.dtype(np.uint16, metadata={"gradzip_dtype": "BF16"})
+
+# safetensors dtype name <-> numpy dtype (BF16 handled separately).
+_SAFETENSORS_TO_NUMPY = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NUMPY_TO_SAFETENSORS = {dt.str: name for name, dt in _SAFETENSORS_TO_NUMPY.items()}
+_NUMPY_TO_SAFETENSORS["|b1"] = "BOOL"
+_NUMPY_TO_SAFETENSORS["|i1"] = "I8"
+_NUMPY_TO_SAFETENSORS["|u1"] = "U8"
+
+FORMATS = ("safetensors", "npy", "npz")
+NPY_TENSOR_NAME = "array"  # the single tensor of an .npy file
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def is_bfloat16(array: np.ndarray) -> bool:
+    meta = array.dtype.metadata
+    return bool(meta) and meta.get("gradzip_dtype") == "BF16"
+
+
+def as_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """Mark a uint16 array of raw bfloat16 bit patterns as bfloat16."""
+    return np.ascontiguousarray(bits, dtype=np.uint16).view(BFLOAT16)
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """The safetensors name of an array's dtype ('F32', 'BF16', ...)."""
+    if is_bfloat16(array):
+        return "BF16"
+    name = _NUMPY_TO_SAFETENSORS.get(array.dtype.newbyteorder("<").str)
+    if name is None:
+        raise InputError(f"unsupported dtype {array.dtype}")
+    return name
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "BF16":
+        return BFLOAT16
+    try:
+        return _SAFETENSORS_TO_NUMPY[name]
+    except KeyError:
+        raise InputError(f"unsupported dtype {name!r}") from None
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Guess a tensor file's format from its first bytes."""
+    if data[:6] == b"\x93NUMPY":
+        return "npy"
+    if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
+        return "npz"
+    if len(data) >= 9 and data[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
+def read_tensors(data: bytes, source: str = "input") -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
+    """Parse a tensor file's bytes. Returns (tensors in file order, format, safetensors metadata)."""
+    fmt = sniff_format(data)
+    try:
+        if fmt == "safetensors":
+            tensors, metadata = _read_safetensors(data)
+            return tensors, fmt, metadata
+        if fmt == "npy":
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+            return {NPY_TENSOR_NAME: _checked_array(array, NPY_TENSOR_NAME)}, fmt, {}
+        if fmt == "npz":
+            return _read_npz(data), fmt, {}
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    except (ValueError, OSError, zipfile.BadZipFile, KeyError, EOFError, struct.error, UnicodeDecodeError) as exc:
+        raise InputError(f"{source}: not a valid {fmt} file ({exc})") from None
+    raise InputError(f"{source}: not a safetensors, .npy or .npz file")
+
+
+def _checked_array(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype.hasobject or array.dtype.fields is not None:
+        raise InputError(f"tensor {name!r} has unsupported dtype {array.dtype}")
+    dtype_name(array)
+    return np.ascontiguousarray(array)
+
+
+def _read_npz(data: bytes) -> dict[str, np.ndarray]:
+    tensors = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        for name in archive.files:
+            tensors[name] = _checked_array(archive[name], name)
+    return tensors
+
+
+def _read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if len(data) < 8:
+        raise InputError("truncated safetensors header")
+    (header_len,) = struct.unpack_from("<Q", data, 0)
+    if header_len > min(MAX_SAFETENSORS_HEADER, len(data) - 8):
+        raise InputError("safetensors header length exceeds the file")
+    header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_reject_duplicate_keys)
+    if not isinstance(header, dict):
+        raise InputError("safetensors header is not a JSON object")
+    body = memoryview(data)[8 + header_len :]
+    metadata = header.pop("__metadata__", None) or {}
+    # safetensors orders the byte buffer, not the header; keep the header's order of names.
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = numpy_dtype(info["dtype"])
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"malformed safetensors entry for {name!r}") from None
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+            raise InputError(f"safetensors entry {name!r} does not match the file's size")
+        array = np.frombuffer(body[begin:end], dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
+        array = array.reshape(shape).copy()
+        if info["dtype"] == "BF16":
+            array = as_bfloat16(array)
+        tensors[name] = array
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _reject_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InputError(f"duplicate tensor name {key!r}")
+        seen[key] = value
+    return seen
+
+
+def write_tensors(tensors: dict[str, np.ndarray], fmt: str, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors in the given format, keeping their order."""
+    if fmt == "safetensors":
+        return _write_safetensors(tensors, metadata or {})
+    buffer = io.BytesIO()
+    if fmt == "npy":
+        if len(tensors) != 1:
+            raise InputError(f"--format npy holds exactly one tensor, this stream has {len(tensors)}")
+        (array,) = tensors.values()
+        np.save(buffer, _plain(array), allow_pickle=False)
+    elif fmt == "npz":
+        np.savez(buffer, **{name: _plain(array) for name, array in tensors.items()})
+    else:
+        raise InputError(f"unknown output format {fmt!r}")
+    return buffer.getvalue()
+
+
+def _plain(array: np.ndarray) -> np.ndarray:
+    if is_bfloat16(array):
+        raise InputError("bfloat16 tensors can only be written as safetensors (numpy has no bfloat16)")
+    return array
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    blobs = []
+    for name, array in tensors.items():
+        raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtype_name(array), "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs)
