@@ -1,7 +1,10 @@
 """The .grz container: a sequential stream of checksummed frames (see docs/format.md).
 
     stream  := MAGIC u16:version frame(header) { frame(record) payload u32:crc32(payload) }* frame(end)
-    frame   := u32:length JSON u32:crc32(JSON)
+    frame   := u32:length zstd(JSON, FRAME_DICTIONARY) u32:crc32(compressed JSON)
+
+Frames are JSON for readability, compressed with a fixed raw-content zstd dictionary of the
+keys and values they repeat, so a tensor record costs tens of bytes rather than hundreds.
 
 Every length is checked against hard limits before it is trusted, and payloads are read in
 chunks, so a damaged length fails at end of input instead of allocating what it claims.
@@ -13,11 +16,33 @@ import struct
 import zlib
 from typing import BinaryIO, Iterator
 
+import zstandard
+
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
 FORMAT_VERSION = 1
-MAX_FRAME_BYTES = 16 * 1024 * 1024  # a JSON frame; real ones are a few hundred bytes
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
+# Part of the format: changing a byte of it needs a new FORMAT_VERSION.
+FRAME_DICTIONARY = (
+    b'{"kind":"header","round":0,"state_digest":"","input_digest":"","codec":{"error_bound":0.001,'
+    b'"mode":"rel","beta":0.3,"tau":0.75,"magnitude_prediction":true,"sign_prediction":true,'
+    b'"min_lossy_elements":1024},"source_format":"safetensors","metadata":{},"tensor_count":1,'
+    b'"created_by":"gradzip 0.1.0"}{"kind":"end","tensors":1,"state_digest":""}'
+    b'{"kind":"tensor","name":"weight","dtype":"F32","shape":[1],"method":"lossless","params":{},'
+    b'"sections":[["data",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'{"kind":"tensor","name":"conv.weight","dtype":"F32","shape":[1,1,3,3],"method":"quantized",'
+    b'"params":{"eb":0.001,"predictor":"none","coder":"rans","escaped":0},"sections":[["codes",1]],'
+    b'"recon_crc32":1,"payload_bytes":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
+    b'"magnitude_contexts":true,"sign_oriented":true,"escaped":0},"sections":[["codes",1]],'
+    b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"oscillation":0,'
+    b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
+    b'["escape_index",1],["escape_value",1],["padding",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'"dtype":"BF16","dtype":"F16","dtype":"F64","dtype":"I64","npz","npy",".bias",".weight"'
+)
+_FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+_FRAME_LEVEL = 9
+_FRAME_DECOMPRESSOR = zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
 MAX_PAYLOAD_BYTES = 1 << 40
 _READ_CHUNK = 1 << 24
 
@@ -29,9 +54,11 @@ def _crc(data: bytes) -> int:
 class StreamWriter:
     def __init__(self, out: BinaryIO):
         self._out = out
+        self._zstd = zstandard.ZstdCompressor(level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=True,
+                                              write_checksum=False, write_dict_id=False)
 
     def _frame(self, obj: dict) -> None:
-        data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        data = self._zstd.compress(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
         self._out.write(struct.pack("<I", len(data)) + data + struct.pack("<I", _crc(data)))
 
     def header(self, header: dict) -> None:
@@ -52,6 +79,7 @@ class StreamReader:
     def __init__(self, source: BinaryIO, available: int | None = None):
         self._in = source
         self._available = available  # bytes left, when known (guards against huge claims)
+        self.bytes_read = 0
 
     def _read(self, n: int, what: str) -> bytes:
         if self._available is not None:
@@ -66,6 +94,7 @@ class StreamReader:
                 raise CorruptStreamError(f"truncated stream while reading {what}")
             chunks.append(chunk)
             remaining -= len(chunk)
+        self.bytes_read += n
         return b"".join(chunks)
 
     def _frame(self, expected_kind: tuple[str, ...]) -> dict:
@@ -77,7 +106,9 @@ class StreamReader:
         if _crc(data) != crc:
             raise CorruptStreamError("frame checksum mismatch")
         try:
-            obj = json.loads(data)
+            obj = json.loads(_FRAME_DECOMPRESSOR.decompress(data, max_output_size=MAX_FRAME_BYTES))
+        except zstandard.ZstdError:
+            raise CorruptStreamError("frame is not a valid zstd frame") from None
         except (ValueError, UnicodeDecodeError):
             raise CorruptStreamError("frame is not valid JSON") from None
         if not isinstance(obj, dict) or obj.get("kind") not in expected_kind:

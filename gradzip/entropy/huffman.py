@@ -36,18 +36,24 @@ DEFLATE), so the lengths alone define them. For two or more distinct symbols
 the lengths must form a complete prefix code (Kraft sum exactly 1); the
 decoder rejects anything else, so every bit pattern decodes to a symbol.
 
-Code lengths are limited to ``MAX_CODE_LENGTH`` = 24 bits. That keeps a code
-plus the encoder's leftover bits within one 64-bit accumulator, and caps the
-alphabet at 2**24 distinct symbols. Lengths come from Moffat and Katajainen's
-in-place Huffman algorithm; when the optimal tree is deeper than the limit,
-the smallest frequencies are raised to the lowest floor that makes it fit and
-the tree is rebuilt (the approach Brotli uses). That is always correct and,
-because it only touches the rarest symbols, costs a negligible fraction of a
-bit per symbol.
+Code lengths are limited to ``MAX_CODE_LENGTH`` = 24 bits. Longer codes
+would only serve symbols rarer than 2**-24, where they save next to nothing;
+with 24 the encoder's 64-bit accumulator always has room for a code next to
+its < 32 pending bits, the decoder's >= 57 buffered bits always hold the next
+code, and the alphabet is capped at 2**24 distinct symbols. Lengths come from
+Moffat and Katajainen's in-place Huffman algorithm; when the optimal tree is
+deeper than the limit, frequencies below a floor are raised to it and the
+tree rebuilt, with the lowest floor that fits (Brotli's approach, plus a
+bisection). That is always correct and, because it only touches the rarest
+symbols, costs a negligible fraction of a bit per symbol.
 
 The decoder looks up the next ``PRIMARY_TABLE_BITS`` bits in a table that
-yields the symbol and length of every code that short; longer codes fall back
-to a canonical search over lengths.
+yields the symbol and length of every code that short; for a longer code the
+entry gives the shortest length with that prefix, and a canonical search over
+lengths continues from there. The decoder checks every field against the
+data before allocating anything sized by it; the only allocation it cannot
+bound by the data is the output itself (``count`` values), which is why the
+caller supplies ``count`` and the stream must agree with it.
 """
 
 import operator
@@ -61,7 +67,7 @@ FORMAT_VERSION = 1
 MAX_CODE_LENGTH = 24
 MAX_SYMBOL = 2**31 - 1  # decoded symbols are int32
 MAX_DISTINCT = 2**MAX_CODE_LENGTH  # a complete code with lengths <= 24 has at most this many leaves
-PRIMARY_TABLE_BITS = 11  # 2 KiB of lengths + 8 KiB of symbols: stays in L1
+PRIMARY_TABLE_BITS = 12  # 4 KiB of lengths + 16 KiB of symbols: stays in L1
 DENSE_SPAN_LIMIT = 2**21  # count with a flat array when max - min is below this (or below n)
 _MAX_VARINT_BYTES = 9  # 63 bits: every decoded value fits in int64
 
@@ -88,8 +94,9 @@ def _value_range(values):
 @numba.njit(cache=True)
 def _count_dense(values, offset, span):
     counts = np.zeros(span, np.int64)
+    unsigned_offset = np.uint64(offset)
     for i in range(values.size):
-        counts[np.int64(values[i]) - offset] += 1
+        counts[np.uint64(values[i]) - unsigned_offset] += 1  # unsigned: no negative-index fixup
     return counts
 
 
@@ -325,8 +332,9 @@ def _pack_codes(values, offset, code_of, length_of, out, pos):
     """
     acc = np.uint64(0)
     pending = 0
+    unsigned_offset = np.uint64(offset)
     for i in range(values.size):
-        index = np.int64(values[i]) - offset
+        index = np.uint64(values[i]) - unsigned_offset  # unsigned: no negative-index fixup
         length = np.int64(length_of[index])
         acc = (acc << np.uint64(length)) | np.uint64(code_of[index])
         pending += length
@@ -402,9 +410,11 @@ def _check_complete_code(lengths):
 
 @numba.njit(cache=True)
 def _build_decode_tables(symbols, lengths, primary_bits):
-    """Primary table for codes of <= primary_bits bits, plus canonical-order data for longer ones.
+    """Primary table indexed by the next primary_bits bits, plus canonical-order data for longer codes.
 
-    A primary entry with length 0 marks a prefix of a longer code.
+    An entry holds the symbol and length of the code those bits start with
+    or, if that code is longer than primary_bits, the length of the shortest
+    code with that prefix (so the search for it starts there).
     """
     count_of_length, first_code = _first_codes(lengths)
     first_index = np.zeros(MAX_CODE_LENGTH + 1, np.int64)  # where each length starts in canonical order
@@ -426,12 +436,17 @@ def _build_decode_tables(symbols, lengths, primary_bits):
             for entry in range(start, start + (np.int64(1) << spread)):
                 primary_symbol[entry] = symbols[i]
                 primary_length[entry] = length
+    for length in range(primary_bits + 1, MAX_CODE_LENGTH + 1):  # by increasing length: first hit is shortest
+        for code in range(first_code[length], first_code[length] + count_of_length[length]):
+            prefix = code >> (length - primary_bits)
+            if primary_length[prefix] == 0:
+                primary_length[prefix] = length
     return primary_symbol, primary_length, canonical_symbols, first_code, first_index, count_of_length
 
 
 @numba.njit(cache=True)
-def _decode_long_code(bitbuf, primary_bits, longest, canonical_symbols, first_code, first_index, count_of_length):
-    for length in range(primary_bits + 1, longest + 1):
+def _decode_long_code(bitbuf, shortest, longest, canonical_symbols, first_code, first_index, count_of_length):
+    for length in range(shortest, longest + 1):
         offset = np.int64(bitbuf >> np.uint64(64 - length)) - first_code[length]
         if 0 <= offset < count_of_length[length]:
             return canonical_symbols[first_index[length] + offset], length
@@ -450,9 +465,10 @@ def _load_be64(buf, pos):
 def _decode_codes(buf, start, end, out, primary_bits, longest, tables):
     """Decode out.size symbols from buf[start:end]; return the number of bits consumed.
 
-    Bits are kept left-aligned in a 64-bit buffer, refilled byte by byte to
-    at least 57 bits. Reading past ``end`` supplies zero bits instead, so a
-    truncated stream shows up as consuming more bits than it has.
+    Bits are kept left-aligned in a 64-bit buffer, refilled to at least 57
+    bits whenever fewer than MAX_CODE_LENGTH remain. Reading past ``end``
+    supplies zero bits instead, so a truncated stream shows up as consuming
+    more bits than it has.
     """
     primary_symbol, primary_length, canonical_symbols, first_code, first_index, count_of_length = tables
     primary_shift = np.uint64(64 - primary_bits)
@@ -474,13 +490,13 @@ def _decode_codes(buf, start, end, out, primary_bits, longest, tables):
                         bitbuf |= np.uint64(buf[pos]) << np.uint64(56 - available)
                     pos += 1
                     available += 8
-        top = np.int64(bitbuf >> primary_shift)
+        top = bitbuf >> primary_shift  # unsigned index: numba skips its negative-index fixup
         length = np.int64(primary_length[top])
-        if length != 0:
+        if length <= primary_bits:
             out[i] = primary_symbol[top]
         else:
             out[i], length = _decode_long_code(
-                bitbuf, primary_bits, longest, canonical_symbols, first_code, first_index, count_of_length
+                bitbuf, length, longest, canonical_symbols, first_code, first_index, count_of_length
             )
         bitbuf <<= np.uint64(length)
         available -= length
