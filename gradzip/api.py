@@ -8,7 +8,9 @@ after the whole round has been encoded (or decoded and verified).
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import warnings
@@ -100,6 +102,15 @@ class RoundReport:
         return psnr(value_range, mse)
 
 
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """Digest of a round's names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, array in tensors.items():
+        h.update(json.dumps([name, dtype_name(array), list(array.shape)]).encode())
+        h.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data if array.size else b"")
+    return h.hexdigest()
+
+
 def _check_names(tensors: dict) -> None:
     for name, array in tensors.items():
         if not isinstance(name, str) or not name:
@@ -114,7 +125,8 @@ class Compressor:
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
-                 state: PredictorState | None = None):
+                 state: PredictorState | None = None, allow_repeat: bool = False):
+        self.allow_repeat = allow_repeat
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
                                   magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction)
         self.state = state if state is not None else PredictorState()
@@ -135,7 +147,13 @@ class Compressor:
         if source_format not in FORMATS:
             raise InputError(f"unknown source format {source_format!r}")
         before = self.state
-        header = {"round": before.round, "state_digest": before.digest(), "codec": self.config.to_dict(),
+        input_digest = tensors_digest(tensors)
+        if input_digest == before.last_input_digest and not self.allow_repeat:
+            raise InputError(f"this input is identical to round {before.round - 1}, which this state already holds: "
+                             "a round compressed twice would desynchronize the receiver (allow_repeat / --allow-repeat "
+                             "if it really is a new round)")
+        header = {"round": before.round, "state_digest": before.digest(), "input_digest": input_digest,
+                  "codec": self.config.to_dict(),
                   "source_format": source_format, "metadata": dict(metadata or {}),
                   "tensor_count": len(tensors), "created_by": f"gradzip {__version__}"}
         writer = StreamWriter(_CountingWriter(out))
@@ -152,7 +170,7 @@ class Compressor:
             report.tensors.append(_report(encoded, array))
             if on_tensor:
                 on_tensor(name)
-        after = PredictorState(before.round + 1, new_tensors)
+        after = PredictorState(before.round + 1, new_tensors, input_digest)
         writer.end({"tensors": len(tensors), "state_digest": after.digest()})
         report.stream_bytes = writer._out.count
         self.state = after
@@ -224,6 +242,7 @@ class Decompressor:
             config = CodecConfig.from_dict(header["codec"])
             stream_round, stream_digest = header["round"], header["state_digest"]
             source_format = header["source_format"]
+            input_digest = str(header["input_digest"])
         except KeyError as exc:
             raise CorruptStreamError(f"header lacks {exc}") from None
         check_state(self.state, stream_round, stream_digest)
@@ -232,6 +251,8 @@ class Decompressor:
         report = RoundReport(stream_round, header=header)
         for record, payload in reader.records():
             name = record.get("name")
+            if not isinstance(name, str):
+                raise CorruptStreamError("tensor record without a name")
             if name in tensors:
                 raise CorruptStreamError(f"tensor {name!r} appears twice")
             array, state = decode_tensor(record, payload, config, self.state.tensors.get(name))
@@ -240,7 +261,8 @@ class Decompressor:
                 new_tensors[name] = state
             report.tensors.append(_record_report(record, len(payload)))
         reader.expect_end_of_input()
-        after = PredictorState(self.state.round + 1, new_tensors)
+        after = PredictorState(self.state.round + 1, new_tensors, input_digest)
+        report.stream_bytes = reader.bytes_read
         trailer = reader.trailer
         if trailer.get("tensors") != len(tensors) or header.get("tensor_count") != len(tensors):
             raise CorruptStreamError("tensor count does not match the header")
@@ -298,4 +320,5 @@ def describe_stream(source: BinaryIO, available: int | None = None) -> RoundRepo
     for record, payload in reader.records():
         report.tensors.append(_record_report(record, len(payload)))
     reader.expect_end_of_input()
+    report.stream_bytes = reader.bytes_read
     return report

@@ -185,7 +185,8 @@ def _quantize(values, dtype, eb, prediction) -> _Quantized:
     if dtype in ("F16", "BF16"):
         # The bound must hold after the cast back, so check again in the narrow dtype.
         recon = widen(narrow(recon, dtype), dtype).copy()
-        over = (np.abs(values.astype(np.float64) - recon.astype(np.float64)) > eb) & ~escaped
+        with np.errstate(over="ignore", invalid="ignore"):
+            over = ~(np.abs(values.astype(np.float64) - recon.astype(np.float64)) <= eb) & ~escaped
         if over.any():
             escaped |= over
             codes[over] = 0
@@ -208,8 +209,9 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _encoded(name, dtype, shape, "quantized", params, sections, narrow(quantized.recon, dtype), bits)
 
     options = [build("none", plain, coder, {}, [], plain.codes, None, 1) for coder in ("huffman", "rans")]
-    if _has_history(previous, shape, dtype) and (config.magnitude_prediction or config.sign_prediction):
-        mean, std = magnitude_stats(values)
+    mean, std = magnitude_stats(values) if _has_history(previous, shape, dtype) else (math.nan, math.nan)
+    # Statistics overflow only for values near the float max; such tensors go without prediction.
+    if math.isfinite(mean) and math.isfinite(std) and (config.magnitude_prediction or config.sign_prediction):
         side = {"mean": mean, "std": std}
         predicted = np.empty(values.size, np.float64)
         predict_magnitude(previous.ema, mean, std, predicted)

@@ -43,6 +43,8 @@ def update_ema(ema, recon, beta, first_round):
     """Fold this round's normalized reconstructed magnitudes into ema (float32, in place)."""
     mean, std = magnitude_stats(recon)
     inv_std = 1.0 / std if std > 0.0 else 0.0
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        mean, inv_std = 0.0, 0.0  # overflowed statistics (values near the float max): z = 0
     for i in range(recon.size):
         v = np.float64(recon[i])
         z = (abs(v) - mean) * inv_std if math.isfinite(v) else 0.0
