@@ -1,8 +1,8 @@
 """Linear quantization of prediction residuals with a guaranteed pointwise bound.
 
 q = round((x - p) / (2 eb)), x' = p + 2 eb q. An element is *escaped* (stored exactly) when
-|q| would reach RADIUS, when x or the residual is not finite, or when x', after the cast back
-to the tensor's dtype, is further than eb from x. Encoder and decoder both reconstruct with
+|q| would reach RADIUS, when x or the residual is not finite, when x is -0.0 (so signed zeros
+survive), or when x', after the cast back to the tensor's dtype, is further than eb from x. Encoder and decoder both reconstruct with
 `_reconstruct`, so they agree bit for bit (no fastmath anywhere here).
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ def quantize(values, prediction, eb, codes, recon, escaped):
         x = np.float64(values[i])
         p = _prediction_at(prediction, i)
         scaled = (x - p) / two_eb
-        if math.isfinite(scaled) and abs(scaled) < RADIUS - 1:
+        negative_zero = x == 0.0 and math.copysign(1.0, x) < 0.0
+        if math.isfinite(scaled) and abs(scaled) < RADIUS - 1 and not negative_zero:
             q = math.floor(scaled + 0.5)
             r = recon.dtype.type(_reconstruct(p, two_eb, q))
             if abs(x - np.float64(r)) <= eb:

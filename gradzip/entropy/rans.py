@@ -1,50 +1,55 @@
-"""Context-conditional static rANS coder for signed integer codes.
+"""Context-conditional static (two-pass) rANS coder for signed integer codes.
 
-Each code q is split into a *token* (modelled per context) and raw *extra bits*:
+Tokens.  Each code q is split into a *token*, modelled per context, and raw *extra bits*:
 
     token 0             q == 0
     token 2*c - 1       q > 0 with magnitude class c
     token 2*c           q < 0 with magnitude class c
 
-Magnitude classes: |q| in 1..15 is its own class (c = |q|, no extra bits).  A larger |q|
-with e = floor(log2 |q|) (4..23) gets class c = 16 + 2*(e - 4) + h, where h is the bit just
-below the leading one; the remaining e - 1 low bits are written raw.  Keeping h in the token
-halves each raw bucket, which recovers most of what raw bits lose on a decaying (Laplacian)
-tail.  This gives 56 classes and N_TOKENS = 111 tokens; |q| < 2**24.  The sign lives in the
-token, so a caller that orients q by a predicted sign gets that sign modelled per context.
+|q| in 1..15 is its own class (c = |q|, no extra bits).  A larger |q| with
+e = floor(log2 |q|) (4..23) gets class c = 16 + 2*(e - 4) + h, where h is the bit just below
+the leading one; the e - 1 bits below h are written raw.  Keeping h in the token halves each
+raw bucket, which recovers most of what raw bits lose on a decaying (Laplacian) tail.  That
+makes 56 classes and N_TOKENS = 111 tokens for |q| < 2**24.  The sign is part of the token,
+so when the caller orients q by a predicted sign, that sign is modelled per context.
 
-Probability model: per context, the empirical token counts normalized to PROB_TOTAL = 2**15
-(integer-only greedy rounding, so encoder and decoder build identical tables anywhere).
-The coder: rANS, 64-bit state in [2**31, 2**63), 32-bit renormalization, four interleaved
-states (element i uses state i % 4; fewer than 4 elements still flush all four).
+Model.  Per context with N elements, the empirical token counts are normalized to a total
+of 2**p with p = min(15, bit_length(N) + 2): full precision for big contexts, and small
+decode tables (cheap to build) for small ones.  Normalization is integer-only (round, then
+move the rounding error one unit at a time to where it costs the fewest bits), so encoder
+and decoder derive identical tables on any machine.
 
-Byte layout of one stream (all multi-byte words little-endian uint32):
+Coder.  rANS with a 64-bit state in [2**31, 2**63) (a signed int64 never overflows) and
+32-bit renormalization, so each symbol moves at most one word.  Streams of 4096 or more
+elements interleave 4 states (element i uses state i % 4) so the CPU overlaps their
+dependency chains; shorter ones use 1 state to save the 24 bytes of extra final states.
 
-    varint   n_bit_words        LEB128, number of words in the bit section
-    bit section                 n_bit_words words; bits packed LSB-first
-        for each context that occurs in `contexts`, in increasing context order:
-            7 bits   span       tokens 0..span-1 may occur (1..111)
-            7 bits   implied    token whose weight is not sent (< span)
-            4 bits   k          Exp-Golomb order of the weights below
-            for t in 0..span-1, t != implied:
-                     weight[t]  Exp-Golomb-k (u zero bits, a one bit, u + k low bits)
-            weight[implied] = W - sum(others), must be >= 1
-          W = min(N, PROB_TOTAL) with N = the number of elements in that context (the
-          decoder knows N from `contexts`).  If N > PROB_TOTAL the weights are the normalized
-          frequencies themselves; otherwise they are the raw counts, which are cheaper for
-          small contexts, and both sides normalize them the same way.
-        then the extra bits of every element in element order (token order: none for
-        tokens below 31, i.e. |q| < 16)
-        zero padding to a whole word
-    rANS section                the remaining bytes, a multiple of 4:
-        the words the encoder emitted while renormalizing (it runs from the last element
-        to the first), then the four final states, each as (low word, high word), state 0
-        first.  The decoder reads this section backwards from the end.
+Byte layout of one stream (words are little-endian uint32, bits are packed LSB-first):
 
-An empty input (n == 0) encodes to b"".  The decoder checks every index, the table sums,
-the state range, that every state ends at its initial value 2**31, that both sections are
-consumed exactly and that the padding bits are zero; any mismatch raises
-CorruptStreamError.  Contexts are not stored: the decoder is given the same array.
+    varint n_bit_words          LEB128: length of the bit section in words
+    bit section (n_bit_words words)
+        one table per context that occurs in `contexts`, in increasing context order:
+            7 bits   span       only tokens 0 .. span-1 can occur (1..111)
+            7 bits   implied    the token whose weight is not sent (< span)
+            4 bits   k          Exp-Golomb order of the weights
+            for t in 0 .. span-1 except implied:
+                     weight[t]  Exp-Golomb-k: v = weight + 2**k as u zero bits, a one
+                                bit, then the u + k bits of v below its leading one
+            weight[implied] = W - sum(the others), must be >= 1
+          where W = min(N, 2**15).  A context with N > 2**15 sends its normalized
+          frequencies (sum 2**15 = its total); a smaller one sends its raw counts (fewer
+          bits) and both sides normalize them.  N comes from `contexts`: it is not stored.
+        the extra bits, in element order: the e - 1 low bits of each |q| >= 16
+        zero bits up to the end of the last word
+    rANS section (the rest, a multiple of 4 bytes)
+        the words the encoder emitted while renormalizing (it walks the elements from
+        last to first), then each final state as (low word, high word), state 0 first.
+        The decoder reads it backwards from the end.
+
+An empty array encodes to b"".  The decoder never indexes outside its arrays and checks that
+the tables are consistent, that every state starts in range and ends at its initial value
+2**31, and that both sections are consumed exactly with zero padding; any mismatch raises
+CorruptStreamError.  Kernels never use fastmath: encoder and decoder must agree bit-exactly.
 """
 
 import numpy as np
@@ -58,10 +63,10 @@ from ..errors import CorruptStreamError
 
 DIRECT_LIMIT = 16  # magnitudes below this are tokens of their own
 MAX_MAGNITUDE = (1 << 24) - 1
+MAX_EXTRA_BITS = 22
 N_CLASSES = DIRECT_LIMIT + 2 * (23 - 4 + 1)  # zero, 1..15, two halves of octaves 4..23
 N_TOKENS = 2 * N_CLASSES - 1  # 111: zero plus a signed token per nonzero class
-TOKEN_FIELD_BITS = 7  # enough for span and implied (<= 111)
-K_FIELD_BITS = 4
+TOKEN_SHIFT = 7  # per-context token rows are padded to 128: index (context << 7) | token
 
 
 def _token_tables():
@@ -82,26 +87,28 @@ def _token_tables():
 
 TOKEN_BASE, TOKEN_EXTRA_BITS, TOKEN_NEGATIVE = _token_tables()
 
-# ---- rANS parameters -----------------------------------------------------------------
+# ---- model and rANS parameters -------------------------------------------------------
 
-PROB_BITS = 15
+PROB_BITS = 15  # largest per-context total is 2**15
 PROB_TOTAL = 1 << PROB_BITS
-MAX_WEIGHT_BITS = PROB_BITS + 1  # weights are <= PROB_TOTAL: at most this many bits
-RANS_LOW = 1 << 31  # state lives in [RANS_LOW, 2**63): fits a signed int64
-RENORM_SHIFT = 63 - PROB_BITS  # encoder flushes when x >> RENORM_SHIFT >= freq
-LANES = 4
+MAX_WEIGHT_BITS = PROB_BITS + 1  # a sent weight is <= 2**15
+TOKEN_FIELD_BITS = 7  # span and implied are <= 111
+K_FIELD_BITS = 4
+RANS_LOW = 1 << 31  # the state lives in [RANS_LOW, 2**63)
 WORD_MASK = 0xFFFFFFFF
+MAX_LANES = 4
+FEW_ELEMENTS = 4096  # below this, one rANS state
+
 
 # ---- status codes returned by kernels ------------------------------------------------
 
 OK = 0
-ERR_CONTEXT_RANGE = 1
-ERR_MAGNITUDE_RANGE = 2
-ERR_BITS_EXHAUSTED = 3
-ERR_TABLE = 4
-ERR_RANS_EXHAUSTED = 5
-ERR_RANS_STATE = 6
-ERR_TRAILING = 7
+ERR_MAGNITUDE_RANGE = 1
+ERR_BITS_EXHAUSTED = 2
+ERR_TABLE = 3
+ERR_RANS_EXHAUSTED = 4
+ERR_RANS_STATE = 5
+ERR_TRAILING = 6
 _MESSAGES = {
     ERR_BITS_EXHAUSTED: "bit section truncated",
     ERR_TABLE: "invalid frequency table",
@@ -112,6 +119,11 @@ _MESSAGES = {
 
 
 # ---- small helpers -------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _lane_count(n):
+    return 1 if n < FEW_ELEMENTS else MAX_LANES
 
 
 @intrinsic
@@ -126,23 +138,18 @@ def _count_leading_zeros(typingctx, value):
     return types.int64(types.int64), codegen
 
 
+# The bit helpers below serve the (per-context) table code; inline="always" spares each
+# call numba's refcounting of the words array.
+
+
 @njit(cache=True, inline="always")
 def _bit_length(value):
     return 64 - _count_leading_zeros(np.int64(value))
 
 
 @njit(cache=True, inline="always")
-def _magnitude_class(magnitude):
-    if magnitude < DIRECT_LIMIT:
-        return magnitude
-    octave = _bit_length(magnitude) - 1
-    half = (magnitude >> (octave - 1)) & 1
-    return DIRECT_LIMIT + 2 * (octave - 4) + half
-
-
-@njit(cache=True, inline="always")
 def _put_bits(words, pos, acc, n_acc, value, n_bits):
-    """Append n_bits (<= 31) of value LSB-first; full words go to words[pos]."""
+    """Append n_bits (<= 31) of value; full words go to words[pos]."""
     acc |= value << n_acc
     n_acc += n_bits
     if n_acc >= 32:
@@ -154,10 +161,10 @@ def _put_bits(words, pos, acc, n_acc, value, n_bits):
 
 
 @njit(cache=True, inline="always")
-def _get_bits(words, pos, acc, n_acc, n_bits):
-    """Read n_bits (<= 31); returns (value, pos, acc, n_acc, ok). Never reads past words."""
+def _get_bits(words, n_words, pos, acc, n_acc, n_bits):
+    """Read n_bits (<= 31); returns (value, pos, acc, n_acc, ok). Reads only words[:n_words]."""
     if n_acc < n_bits:
-        if pos < words.size:
+        if pos < n_words:
             acc |= np.int64(words[pos]) << n_acc
             pos += 1
             n_acc += 32
@@ -167,7 +174,7 @@ def _get_bits(words, pos, acc, n_acc, n_bits):
     return value, pos, acc >> n_bits, n_acc - n_bits, True
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _put_exp_golomb(words, pos, acc, n_acc, value, k):
     shifted = value + (np.int64(1) << k)
     n_low = _bit_length(shifted) - 1  # bits below the leading one
@@ -177,73 +184,131 @@ def _put_exp_golomb(words, pos, acc, n_acc, value, k):
 
 
 @njit(cache=True)
-def _get_exp_golomb(words, pos, acc, n_acc, k):
+def _get_exp_golomb(words, n_words, pos, acc, n_acc, k):
     """Returns (value, pos, acc, n_acc, status)."""
     unary = 0
     while True:
         if unary + k > MAX_WEIGHT_BITS:  # no valid weight is this long; keeps reads < 32 bits
             return 0, pos, acc, n_acc, ERR_TABLE
-        bit, pos, acc, n_acc, ok = _get_bits(words, pos, acc, n_acc, 1)
+        bit, pos, acc, n_acc, ok = _get_bits(words, n_words, pos, acc, n_acc, 1)
         if not ok:
             return 0, pos, acc, n_acc, ERR_BITS_EXHAUSTED
         if bit:
             break
         unary += 1
-    low, pos, acc, n_acc, ok = _get_bits(words, pos, acc, n_acc, unary + k)
+    low, pos, acc, n_acc, ok = _get_bits(words, n_words, pos, acc, n_acc, unary + k)
     value = (np.int64(1) << (unary + k)) + low - (np.int64(1) << k)
     return value, pos, acc, n_acc, OK if ok else ERR_BITS_EXHAUSTED
 
 
-# ---- model: counts and normalized frequencies ----------------------------------------
+@njit(cache=True, inline="always")
+def _exp_golomb_cost(value, k):
+    return 2 * (_bit_length(value + (np.int64(1) << k)) - 1) - k + 1
+
+
+# ---- tokens and extra bits -----------------------------------------------------------
+# The per-element loops avoid data-dependent branches (zero-bit reads and writes are
+# no-ops): on fine-bound data whether an element is small or has extra bits is random.
 
 
 @njit(cache=True)
-def _tokenize(codes, contexts, n_contexts, tokens, histogram):
-    """tokens[i] = token of codes[i]; histogram[context, token] += 1. Returns a status."""
-    bad_magnitude = False
-    bad_context = False
+def _magnitude_class(magnitude):
+    octave = _bit_length(magnitude | DIRECT_LIMIT) - 1  # >= 4 keeps the shift valid
+    half = (magnitude >> (octave - 1)) & 1
+    large = DIRECT_LIMIT + 2 * (octave - 4) + half
+    return magnitude if magnitude < DIRECT_LIMIT else large
+
+
+@njit(cache=True)
+def _tokenize(codes, contexts, tokens, histogram):
+    """tokens[i] = token of codes[i]; histogram[context << TOKEN_SHIFT | token] += 1.
+    Contexts must index histogram rows (the caller checks). Returns a status."""
+    magnitude_bits = 0  # OR of all magnitudes: > MAX_MAGNITUDE iff one of them is
     for i in range(codes.size):
         q = np.int64(codes[i])
-        context = np.int64(contexts[i])
         magnitude = -q if q < 0 else q
-        bad_magnitude |= magnitude > MAX_MAGNITUDE
-        bad_context |= context >= n_contexts
-        if bad_magnitude or bad_context:
-            break
-        cls = _magnitude_class(magnitude)
+        magnitude_bits |= magnitude
+        cls = _magnitude_class(min(magnitude, MAX_MAGNITUDE))  # clamped: indexes stay valid
         token = 2 * cls - (magnitude != 0) + (q < 0)
         tokens[i] = token
-        histogram[context, token] += 1
-    if bad_context:
-        return ERR_CONTEXT_RANGE
-    if bad_magnitude:
-        return ERR_MAGNITUDE_RANGE
-    return OK
+        histogram[(np.int64(contexts[i]) << TOKEN_SHIFT) | token] += 1
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
 
 
 @njit(cache=True)
-def _normalize(weights, total, freqs):
-    """Scale weights (sum = total >= 1) to freqs summing to PROB_TOTAL, every nonzero
-    weight keeping freq >= 1. Integer-only so both sides agree bit-exactly; the rounding
-    error is then moved greedily where it costs the fewest bits (d bits ~ w / f)."""
+def _write_extra_bits(codes, tokens, words, pos, acc, n_acc):
+    """Append every element's extra bits; words needs a spare slot past the last full one."""
+    for i in range(codes.size):
+        n_bits = TOKEN_EXTRA_BITS[tokens[i]]
+        q = np.int64(codes[i])
+        magnitude = -q if q < 0 else q
+        acc |= (magnitude & ((np.int64(1) << n_bits) - 1)) << n_acc
+        n_acc += n_bits
+        words[pos] = acc & WORD_MASK  # rewritten until the word is full
+        full = n_acc >> 5
+        pos += full
+        acc >>= full << 5
+        n_acc &= 31
+    return pos, acc, n_acc
+
+
+@njit(cache=True)
+def _detokenize(tokens, words, n_words, pos, acc, n_acc, codes):
+    """codes[i] from tokens[i] and the extra bits. words[n_words] must exist (a zero pad).
+    Returns (pos, acc, n_acc, status)."""
+    for i in range(tokens.size):
+        token = tokens[i]
+        n_bits = TOKEN_EXTRA_BITS[token]
+        refill = n_acc < n_bits
+        word = np.int64(words[min(pos, n_words)])  # clamped; pos > n_words is reported below
+        acc |= (word << n_acc) if refill else 0
+        n_acc += 32 if refill else 0
+        pos += refill
+        magnitude = TOKEN_BASE[token] + (acc & ((np.int64(1) << n_bits) - 1))
+        acc >>= n_bits
+        n_acc -= n_bits
+        codes[i] = -magnitude if TOKEN_NEGATIVE[token] else magnitude
+    return pos, acc, n_acc, ERR_BITS_EXHAUSTED if pos > n_words else OK
+
+
+# ---- model: normalized frequencies ---------------------------------------------------
+
+
+@njit(cache=True)
+def _context_prob_bits(count):
+    """log2 of the frequency total for a context with count elements."""
+    return min(PROB_BITS, _bit_length(count) + 2)
+
+
+@njit(cache=True)
+def _normalize(weights, total, prob_bits, freqs):
+    """Scale weights (sum = total, 1 <= total <= 2**prob_bits) to freqs summing to
+    2**prob_bits, every nonzero weight keeping freq >= 1.  Integer-only: identical on every
+    machine.  A unit of freq moved to or from token t changes the code length by about
+    w_t / f_t bits, so the rounding error goes greedily where that is cheapest."""
+    target = np.int64(1) << prob_bits
+    present = np.empty(N_TOKENS, np.int64)
+    n_present = 0
     assigned = 0
     for t in range(N_TOKENS):
         freqs[t] = 0
         if weights[t] > 0:
-            freqs[t] = max(1, (weights[t] * PROB_TOTAL + total // 2) // total)
+            freqs[t] = max(1, (weights[t] * target + total // 2) // total)
             assigned += freqs[t]
-    while assigned < PROB_TOTAL:  # give a unit to the token gaining most: max w/(f + 1/2)
-        best = -1
-        for t in range(N_TOKENS):
-            if weights[t] > 0 and (
-                best < 0 or weights[t] * (2 * freqs[best] + 1) > weights[best] * (2 * freqs[t] + 1)
-            ):
+            present[n_present] = t
+            n_present += 1
+    while assigned < target:  # add to the token with the largest w / (f + 1/2)
+        best = present[0]
+        for j in range(1, n_present):
+            t = present[j]
+            if weights[t] * (2 * freqs[best] + 1) > weights[best] * (2 * freqs[t] + 1):
                 best = t
         freqs[best] += 1
         assigned += 1
-    while assigned > PROB_TOTAL:  # take a unit from the token losing least: min w/(f - 1/2)
+    while assigned > target:  # take from the token with the smallest w / (f - 1/2), f > 1
         best = -1
-        for t in range(N_TOKENS):
+        for j in range(n_present):
+            t = present[j]
             if freqs[t] > 1 and (
                 best < 0 or weights[t] * (2 * freqs[best] - 1) < weights[best] * (2 * freqs[t] - 1)
             ):
@@ -264,15 +329,10 @@ def _cumulative(freqs, starts):
 
 
 @njit(cache=True)
-def _exp_golomb_cost(value, k):
-    return 2 * (_bit_length(value + (np.int64(1) << k)) - 1) - k + 1
-
-
-@njit(cache=True)
 def _write_table(words, pos, acc, n_acc, weights):
-    """Write one context's weights (see module docstring)."""
+    """Write one context's weights (layout in the module docstring)."""
     span = 0
-    implied = 0
+    implied = 0  # the largest weight: the one that is most expensive to send
     for t in range(N_TOKENS):
         if weights[t] > 0:
             span = t + 1
@@ -296,12 +356,12 @@ def _write_table(words, pos, acc, n_acc, weights):
 
 
 @njit(cache=True)
-def _read_table(words, pos, acc, n_acc, total, weights):
-    """Inverse of _write_table for a context whose weights sum to total. Returns
-    (pos, acc, n_acc, status)."""
-    span, pos, acc, n_acc, ok1 = _get_bits(words, pos, acc, n_acc, TOKEN_FIELD_BITS)
-    implied, pos, acc, n_acc, ok2 = _get_bits(words, pos, acc, n_acc, TOKEN_FIELD_BITS)
-    k, pos, acc, n_acc, ok3 = _get_bits(words, pos, acc, n_acc, K_FIELD_BITS)
+def _read_table(words, n_words, pos, acc, n_acc, total, weights):
+    """Inverse of _write_table for a context whose weights sum to total.
+    Returns (pos, acc, n_acc, status)."""
+    span, pos, acc, n_acc, ok1 = _get_bits(words, n_words, pos, acc, n_acc, TOKEN_FIELD_BITS)
+    implied, pos, acc, n_acc, ok2 = _get_bits(words, n_words, pos, acc, n_acc, TOKEN_FIELD_BITS)
+    k, pos, acc, n_acc, ok3 = _get_bits(words, n_words, pos, acc, n_acc, K_FIELD_BITS)
     if not (ok1 and ok2 and ok3):
         return pos, acc, n_acc, ERR_BITS_EXHAUSTED
     if span < 1 or span > N_TOKENS or implied >= span:
@@ -311,10 +371,10 @@ def _read_table(words, pos, acc, n_acc, total, weights):
     for t in range(span):
         if t == implied:
             continue
-        weight, pos, acc, n_acc, status = _get_exp_golomb(words, pos, acc, n_acc, k)
+        weight, pos, acc, n_acc, status = _get_exp_golomb(words, n_words, pos, acc, n_acc, k)
         if status != OK:
             return pos, acc, n_acc, status
-        if weight >= remaining:  # the implied token must keep weight >= 1
+        if weight >= remaining:  # the implied token must keep a weight >= 1
             return pos, acc, n_acc, ERR_TABLE
         weights[t] = weight
         remaining -= weight
@@ -322,140 +382,102 @@ def _read_table(words, pos, acc, n_acc, total, weights):
     return pos, acc, n_acc, OK
 
 
-# ---- extra bits ----------------------------------------------------------------------
+@njit(cache=True)
+def _build_model(histogram):
+    """Per-context prob_bits, freqs and starts (rows of 2**TOKEN_SHIFT) from token counts."""
+    n_contexts = histogram.shape[0]
+    prob_bits = np.zeros(n_contexts, np.int64)
+    freqs = np.zeros_like(histogram)
+    starts = np.zeros_like(histogram)
+    for c in range(n_contexts):
+        count = histogram[c].sum()
+        if count > 0:
+            prob_bits[c] = _context_prob_bits(count)
+            _normalize(histogram[c], count, prob_bits[c], freqs[c])
+            _cumulative(freqs[c], starts[c])
+    return prob_bits, freqs, starts
 
 
 @njit(cache=True)
-def _write_extra_bits(codes, tokens, words, pos, acc, n_acc):
-    for i in range(codes.size):
-        n_bits = TOKEN_EXTRA_BITS[tokens[i]]
-        if n_bits:
-            q = np.int64(codes[i])
-            magnitude = -q if q < 0 else q
-            low = magnitude & ((np.int64(1) << n_bits) - 1)
-            pos, acc, n_acc = _put_bits(words, pos, acc, n_acc, low, n_bits)
+def _write_tables(histogram, freqs, words, pos, acc, n_acc):
+    for c in range(histogram.shape[0]):
+        count = histogram[c].sum()
+        if count > 0:
+            sent = freqs[c] if count > PROB_TOTAL else histogram[c]
+            pos, acc, n_acc = _write_table(words, pos, acc, n_acc, sent)
     return pos, acc, n_acc
 
 
-@njit(cache=True)
-def _detokenize(tokens, words, pos, acc, n_acc, codes):
-    """codes[i] from tokens[i] and the extra bits. Returns (pos, acc, n_acc, status)."""
-    for i in range(tokens.size):
-        token = tokens[i]
-        magnitude = TOKEN_BASE[token]
-        n_bits = TOKEN_EXTRA_BITS[token]
-        if n_bits:
-            low, pos, acc, n_acc, ok = _get_bits(words, pos, acc, n_acc, n_bits)
-            if not ok:
-                return pos, acc, n_acc, ERR_BITS_EXHAUSTED
-            magnitude += low
-        codes[i] = -magnitude if TOKEN_NEGATIVE[token] else magnitude
-    return pos, acc, n_acc, OK
-
-
 # ---- rANS core -----------------------------------------------------------------------
-
-
-@njit(cache=True, inline="always")
-def _rans_put(x, freq, start, words, pos):
-    """Encode one symbol into state x, first pushing 32 bits out if x would overflow."""
-    if (x >> RENORM_SHIFT) >= freq:
-        words[pos] = x & WORD_MASK
-        pos += 1
-        x >>= 32
-    return ((x // freq) << PROB_BITS) + (x % freq) + start, pos
+# The hot loops keep the states in a small array indexed by i % lanes (independent chains
+# that the CPU overlaps) and do every array access in the loop body: helpers that take
+# arrays get refcount calls around each use.  Renormalization is branch-free.
 
 
 @njit(cache=True)
-def _rans_encode(tokens, contexts, freqs, starts):
-    """Encode tokens backwards with LANES interleaved states; returns the emitted words
-    followed by the final states."""
+def _rans_encode(tokens, contexts, prob_bits, freqs, starts, lanes):
+    """Encode tokens backwards; freqs/starts are flat, indexed (context << TOKEN_SHIFT) |
+    token.  Returns the emitted words followed by the final states."""
     n = tokens.size
-    words = np.empty(n + 2 * LANES, np.uint32)  # at most one word per symbol
+    words = np.empty(n + 2 * lanes + 1, np.uint32)  # <= one word per symbol, one spare
+    states = np.full(lanes, RANS_LOW, np.int64)
     pos = 0
-    x0 = x1 = x2 = x3 = np.int64(RANS_LOW)
-    full = n - n % LANES
-    for i in range(n - 1, full - 1, -1):  # the ragged tail (lanes 0..2) comes last
-        c, t = contexts[i], tokens[i]
-        lane = i % LANES
-        if lane == 0:
-            x0, pos = _rans_put(x0, freqs[c, t], starts[c, t], words, pos)
-        elif lane == 1:
-            x1, pos = _rans_put(x1, freqs[c, t], starts[c, t], words, pos)
-        else:
-            x2, pos = _rans_put(x2, freqs[c, t], starts[c, t], words, pos)
-    for i in range(full - LANES, -1, -LANES):
-        c, t = contexts[i + 3], tokens[i + 3]
-        x3, pos = _rans_put(x3, freqs[c, t], starts[c, t], words, pos)
-        c, t = contexts[i + 2], tokens[i + 2]
-        x2, pos = _rans_put(x2, freqs[c, t], starts[c, t], words, pos)
-        c, t = contexts[i + 1], tokens[i + 1]
-        x1, pos = _rans_put(x1, freqs[c, t], starts[c, t], words, pos)
-        c, t = contexts[i], tokens[i]
-        x0, pos = _rans_put(x0, freqs[c, t], starts[c, t], words, pos)
-    for x in (x0, x1, x2, x3):
-        words[pos] = x & WORD_MASK
-        words[pos + 1] = x >> 32
+    for i in range(n - 1, -1, -1):
+        lane = i & (lanes - 1)
+        x = states[lane]
+        context = np.int64(contexts[i])
+        bits = prob_bits[context]
+        k = (context << TOKEN_SHIFT) | np.int64(tokens[i])
+        freq = freqs[k]
+        # push 32 bits out first if the result would reach 2**63
+        flush = (x >> (63 - bits)) >= freq
+        words[pos] = x & WORD_MASK  # kept only if flush
+        pos += flush
+        x = x >> 32 if flush else x
+        quotient = np.int64(np.uint64(x) // np.uint64(freq))  # unsigned: no floor fix-up
+        states[lane] = (quotient << bits) + (x - quotient * freq) + starts[k]
+    for lane in range(lanes):
+        words[pos] = states[lane] & WORD_MASK
+        words[pos + 1] = states[lane] >> 32
         pos += 2
     return words[:pos]
 
 
-@njit(cache=True, inline="always")
-def _rans_get(x, row, slot_tokens, freqs, starts, words, pos):
-    """Decode one symbol from x, then refill from words[pos - 1] if x fell below RANS_LOW.
-    Returns (token, x, pos); pos < 0 flags a read past the start (the index is clamped)."""
-    slot = x & (PROB_TOTAL - 1)
-    token = slot_tokens[row, slot]
-    x = freqs[row, token] * (x >> PROB_BITS) + slot - starts[row, token]
-    if x < RANS_LOW:
-        pos -= 1
-        x = (x << 32) | np.int64(words[max(pos, 0)])
-    return token, x, pos
-
-
 @njit(cache=True)
-def _read_state(words, pos):
-    """The state stored as (low, high) at words[pos - 2 : pos]; -1 if out of range."""
-    high = np.int64(words[pos - 1])
-    if high >> 31:
-        return -1
-    x = (high << 32) | np.int64(words[pos - 2])
-    return x if x >= RANS_LOW else -1
-
-
-@njit(cache=True)
-def _rans_decode(words, contexts, dense_context, slot_tokens, freqs, starts, tokens):
-    """Inverse of _rans_encode; fills tokens. Returns a status."""
-    n = tokens.size
+def _rans_decode(words, contexts, prob_bits, slot_base, slot_tokens, freqs, starts, lanes, tokens):
+    """Inverse of _rans_encode: fills tokens, returns a status.  Context c's slot table is
+    slot_tokens[slot_base[c] : slot_base[c] + 2**prob_bits[c]]."""
     pos = words.size
-    if pos < 2 * LANES:
+    if pos < 2 * lanes:
         return ERR_RANS_EXHAUSTED
-    x3 = _read_state(words, pos)
-    x2 = _read_state(words, pos - 2)
-    x1 = _read_state(words, pos - 4)
-    x0 = _read_state(words, pos - 6)
-    if min(min(x0, x1), min(x2, x3)) < 0:
-        return ERR_RANS_STATE
-    pos -= 2 * LANES
-    full = n - n % LANES
-    for i in range(0, full, LANES):
-        tokens[i], x0, pos = _rans_get(x0, dense_context[contexts[i]], slot_tokens, freqs, starts, words, pos)
-        tokens[i + 1], x1, pos = _rans_get(x1, dense_context[contexts[i + 1]], slot_tokens, freqs, starts, words, pos)
-        tokens[i + 2], x2, pos = _rans_get(x2, dense_context[contexts[i + 2]], slot_tokens, freqs, starts, words, pos)
-        tokens[i + 3], x3, pos = _rans_get(x3, dense_context[contexts[i + 3]], slot_tokens, freqs, starts, words, pos)
-    for i in range(full, n):
-        row = dense_context[contexts[i]]
-        lane = i % LANES
-        if lane == 0:
-            tokens[i], x0, pos = _rans_get(x0, row, slot_tokens, freqs, starts, words, pos)
-        elif lane == 1:
-            tokens[i], x1, pos = _rans_get(x1, row, slot_tokens, freqs, starts, words, pos)
-        else:
-            tokens[i], x2, pos = _rans_get(x2, row, slot_tokens, freqs, starts, words, pos)
+    states = np.empty(lanes, np.int64)
+    for lane in range(lanes - 1, -1, -1):
+        high, low = np.int64(words[pos - 1]), np.int64(words[pos - 2])
+        pos -= 2
+        states[lane] = (high << 32) | low
+        if high >> 31 or states[lane] < RANS_LOW:
+            return ERR_RANS_STATE
+    # decoding maps a state in [RANS_LOW, 2**63) to another whatever the data; only pos
+    # can go wrong, and it is checked after the loop
+    for i in range(tokens.size):
+        lane = i & (lanes - 1)
+        x = states[lane]
+        context = np.int64(contexts[i])
+        bits = prob_bits[context]
+        slot = x & ((np.int64(1) << bits) - 1)
+        token = np.int64(slot_tokens[slot_base[context] + slot])
+        k = (context << TOKEN_SHIFT) | token
+        x = freqs[k] * (x >> bits) + slot - starts[k]
+        refill = x < RANS_LOW
+        pos -= refill
+        word = np.int64(words[max(pos, 0)])  # clamped; pos < 0 is reported below
+        states[lane] = (x << 32) | word if refill else x
+        tokens[i] = token
     if pos < 0:
         return ERR_RANS_EXHAUSTED
-    if x0 != RANS_LOW or x1 != RANS_LOW or x2 != RANS_LOW or x3 != RANS_LOW:
-        return ERR_RANS_STATE
+    for lane in range(lanes):
+        if states[lane] != RANS_LOW:
+            return ERR_RANS_STATE
     if pos != 0:
         return ERR_TRAILING
     return OK
@@ -465,92 +487,89 @@ def _rans_decode(words, contexts, dense_context, slot_tokens, freqs, starts, tok
 
 
 @njit(cache=True)
+def _count_tokens(codes, contexts, n_contexts):
+    """(status, tokens, histogram[n_contexts, 2**TOKEN_SHIFT])."""
+    tokens = np.empty(codes.size, np.uint8)
+    histogram = np.zeros((n_contexts, 1 << TOKEN_SHIFT), np.int64)
+    status = _tokenize(codes, contexts, tokens, histogram.reshape(-1))
+    return status, tokens, histogram
+
+
+@njit(cache=True)
 def _encode_kernel(codes, contexts, n_contexts):
     """Returns (status, bit_words, rans_words)."""
-    n = codes.size
-    tokens = np.empty(n, np.uint8)
-    histogram = np.zeros((n_contexts, N_TOKENS), np.int64)
-    status = _tokenize(codes, contexts, n_contexts, tokens, histogram)
+    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
     if status != OK:
         return status, np.empty(0, np.uint32), np.empty(0, np.uint32)
+    prob_bits, freqs, starts = _build_model(histogram)
 
-    freqs = np.zeros((n_contexts, N_TOKENS), np.int64)
-    starts = np.zeros((n_contexts, N_TOKENS), np.int64)
-    max_table_bits = n_contexts * (3 * TOKEN_FIELD_BITS + N_TOKENS * 2 * (PROB_BITS + 2))
-    bit_words = np.empty((max_table_bits + 22 * n) // 32 + 2, np.uint32)
-    pos, acc, n_acc = 0, np.int64(0), 0
-    for c in range(n_contexts):
-        count = histogram[c].sum()
-        if count == 0:
-            continue
-        _normalize(histogram[c], count, freqs[c])
-        _cumulative(freqs[c], starts[c])
-        sent = freqs[c] if count > PROB_TOTAL else histogram[c]
-        pos, acc, n_acc = _write_table(bit_words, pos, acc, n_acc, sent)
+    max_table_bits = n_contexts * (2 * TOKEN_FIELD_BITS + K_FIELD_BITS + N_TOKENS * (2 * MAX_WEIGHT_BITS + 1))
+    bit_words = np.empty((max_table_bits + MAX_EXTRA_BITS * codes.size) // 32 + 2, np.uint32)
+    pos, acc, n_acc = _write_tables(histogram, freqs, bit_words, 0, np.int64(0), 0)
     pos, acc, n_acc = _write_extra_bits(codes, tokens, bit_words, pos, acc, n_acc)
     if n_acc > 0:
         bit_words[pos] = acc
         pos += 1
-    return OK, bit_words[:pos], _rans_encode(tokens, contexts, freqs, starts)
+
+    lanes = _lane_count(codes.size)
+    rans_words = _rans_encode(tokens, contexts, prob_bits, freqs.reshape(-1), starts.reshape(-1), lanes)
+    return OK, bit_words[:pos], rans_words
 
 
 @njit(cache=True)
-def _count_contexts(contexts, n_contexts):
-    """Elements per context, or an empty array if a context is out of range."""
+def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
+    """Fills codes; returns a status.  bit_words[n_bit_words] is a zero pad word."""
     counts = np.zeros(n_contexts, np.int64)
     for i in range(contexts.size):
-        c = contexts[i]
-        if c >= n_contexts:
-            return np.empty(0, np.int64)
-        counts[c] += 1
-    return counts
+        counts[contexts[i]] += 1
 
-
-@njit(cache=True)
-def _decode_kernel(bit_words, rans_words, contexts, counts, codes):
-    """Fills codes; returns a status."""
-    n_used = 0
-    dense_context = np.zeros(counts.size, np.int64)
-    for c in range(counts.size):
+    prob_bits = np.zeros(n_contexts, np.int64)
+    slot_base = np.zeros(n_contexts, np.int64)
+    n_slots = 0
+    for c in range(n_contexts):
         if counts[c] > 0:
-            dense_context[c] = n_used
-            n_used += 1
-    freqs = np.zeros((n_used, N_TOKENS), np.int64)
-    starts = np.zeros((n_used, N_TOKENS), np.int64)
-    slot_tokens = np.empty((n_used, PROB_TOTAL), np.uint8)
+            prob_bits[c] = _context_prob_bits(counts[c])
+            slot_base[c] = n_slots
+            n_slots += 1 << prob_bits[c]
+
+    freqs = np.zeros((n_contexts, 1 << TOKEN_SHIFT), np.int64)
+    starts = np.zeros((n_contexts, 1 << TOKEN_SHIFT), np.int64)
+    slot_tokens = np.empty(n_slots, np.uint8)
     weights = np.zeros(N_TOKENS, np.int64)
     pos, acc, n_acc = 0, np.int64(0), 0
-    for c in range(counts.size):
+    for c in range(n_contexts):
         if counts[c] == 0:
             continue
-        row = dense_context[c]
         total = min(counts[c], PROB_TOTAL)
-        pos, acc, n_acc, status = _read_table(bit_words, pos, acc, n_acc, total, weights)
+        pos, acc, n_acc, status = _read_table(bit_words, n_bit_words, pos, acc, n_acc, total, weights)
         if status != OK:
             return status
-        _normalize(weights, total, freqs[row])
-        _cumulative(freqs[row], starts[row])
-        for t in range(N_TOKENS):  # sums to PROB_TOTAL by construction of _normalize
-            slot_tokens[row, starts[row, t] : starts[row, t] + freqs[row, t]] = t
+        _normalize(weights, total, prob_bits[c], freqs[c])
+        _cumulative(freqs[c], starts[c])
+        for t in range(N_TOKENS):  # freqs sum to 2**prob_bits: every slot gets a token
+            first = slot_base[c] + starts[c, t]
+            slot_tokens[first : first + freqs[c, t]] = t
 
     tokens = np.empty(codes.size, np.uint8)
-    status = _rans_decode(rans_words, contexts, dense_context, slot_tokens, freqs, starts, tokens)
+    lanes = _lane_count(codes.size)
+    flat_freqs, flat_starts = freqs.reshape(-1), starts.reshape(-1)
+    status = _rans_decode(
+        rans_words, contexts, prob_bits, slot_base, slot_tokens, flat_freqs, flat_starts, lanes, tokens
+    )
     if status != OK:
         return status
-    pos, acc, n_acc, status = _detokenize(tokens, bit_words, pos, acc, n_acc, codes)
+    pos, acc, n_acc, status = _detokenize(tokens, bit_words, n_bit_words, pos, acc, n_acc, codes)
     if status != OK:
         return status
-    if pos != bit_words.size or acc != 0:
+    if pos != n_bit_words or acc != 0:
         return ERR_TRAILING
     return OK
 
 
 @njit(cache=True)
 def _ideal_bits_kernel(codes, contexts, n_contexts):
-    n = codes.size
-    tokens = np.empty(n, np.uint8)
-    histogram = np.zeros((n_contexts, N_TOKENS), np.int64)
-    status = _tokenize(codes, contexts, n_contexts, tokens, histogram)
+    """(status, bits): per-context empirical token entropy plus the raw extra bits."""
+    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
     bits = 0.0
     for c in range(n_contexts):
         count = histogram[c].sum()
@@ -561,18 +580,36 @@ def _ideal_bits_kernel(codes, contexts, n_contexts):
     return status, bits
 
 
+@njit(cache=True)
+def _table_bits_kernel(codes, contexts, n_contexts):
+    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    prob_bits, freqs, starts = _build_model(histogram)
+    scratch = np.empty(n_contexts * N_TOKENS * (2 * MAX_WEIGHT_BITS + 1) // 32 + 8, np.uint32)
+    pos, acc, n_acc = _write_tables(histogram, freqs, scratch, 0, np.int64(0), 0)
+    return status, 32 * pos + n_acc
+
+
 # ---- public API ----------------------------------------------------------------------
 
 
-def _check_inputs(contexts, n_contexts, n_codes=None):
+def _for_kernels(array):
+    """Contiguous and writable: read-only arrays would compile (and cache) another
+    specialization of every kernel."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
+def _check_contexts(contexts, n_contexts, n_codes=None):
     if not 1 <= n_contexts <= 256:
         raise ValueError(f"n_contexts must be in 1..256, got {n_contexts}")
-    contexts = np.asarray(contexts)
+    contexts = _for_kernels(contexts)
     if contexts.ndim != 1 or contexts.dtype != np.uint8:
         raise ValueError("contexts must be a 1-D uint8 array")
     if n_codes is not None and contexts.size != n_codes:
         raise ValueError(f"{n_codes} codes but {contexts.size} contexts")
-    return np.ascontiguousarray(contexts)
+    if contexts.size and n_contexts < 256 and contexts.max() >= n_contexts:
+        raise ValueError(f"a context is >= n_contexts = {n_contexts}")
+    return contexts
 
 
 def _check_codes(codes):
@@ -583,14 +620,14 @@ def _check_codes(codes):
         if codes.size and (codes.min() < -MAX_MAGNITUDE or codes.max() > MAX_MAGNITUDE):
             raise ValueError(f"codes must satisfy |q| <= {MAX_MAGNITUDE}")
         codes = codes.astype(np.int32)
-    return np.ascontiguousarray(codes)
+    return _for_kernels(codes)
 
 
-def _raise_input_status(status):
-    if status == ERR_CONTEXT_RANGE:
-        raise ValueError("a context is >= n_contexts")
+def _check_status(status):
     if status == ERR_MAGNITUDE_RANGE:
         raise ValueError(f"codes must satisfy |q| <= {MAX_MAGNITUDE}")
+    if status != OK:
+        raise CorruptStreamError(_MESSAGES[status])
 
 
 def _varint(value: int) -> bytes:
@@ -605,7 +642,7 @@ def _varint(value: int) -> bytes:
 def _read_varint(data: np.ndarray) -> tuple[int, int]:
     """(value, bytes used) of the LEB128 varint at the start of data."""
     value = 0
-    for i in range(min(data.size, 5)):  # a word count below 2**35 is plenty
+    for i in range(min(data.size, 5)):  # 5 bytes hold any word count we can produce
         value |= int(data[i] & 0x7F) << (7 * i)
         if not data[i] & 0x80:
             if i > 0 and data[i] == 0:
@@ -615,40 +652,42 @@ def _read_varint(data: np.ndarray) -> tuple[int, int]:
 
 
 def encode(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> bytes:
-    """Encode 1-D signed codes (|q| < 2**24), each modelled under its uint8 context."""
+    """Encode 1-D signed codes (|q| < 2**24), each modelled under its uint8 context
+    (< n_contexts <= 256).  The decoder needs the same contexts."""
     codes = _check_codes(codes)
-    contexts = _check_inputs(contexts, n_contexts, codes.size)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
     if codes.size == 0:
         return b""
     status, bit_words, rans_words = _encode_kernel(codes, contexts, n_contexts)
-    _raise_input_status(status)
-    return b"".join(
-        (_varint(bit_words.size), bit_words.astype("<u4").tobytes(), rans_words.astype("<u4").tobytes())
-    )
+    _check_status(status)
+    header = _varint(bit_words.size)
+    rans_start = len(header) + 4 * bit_words.size
+    out = np.empty(rans_start + 4 * rans_words.size, np.uint8)
+    out[: len(header)] = np.frombuffer(header, np.uint8)
+    out[len(header) : rans_start] = bit_words.astype("<u4", copy=False).view(np.uint8)
+    out[rans_start:] = rans_words.astype("<u4", copy=False).view(np.uint8)
+    return out.tobytes()
 
 
 def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int) -> np.ndarray:
-    """Inverse of encode given the same contexts; raises CorruptStreamError on bad data."""
-    contexts = _check_inputs(contexts, n_contexts)
+    """Inverse of encode given the same contexts and n_contexts: an int32 array with one
+    code per context.  Raises CorruptStreamError if data is damaged or does not match."""
+    contexts = _check_contexts(contexts, n_contexts)
     raw = np.frombuffer(data, dtype=np.uint8)
     codes = np.empty(contexts.size, np.int32)
     if contexts.size == 0:
         if raw.size:
             raise CorruptStreamError("data for an empty array")
         return codes
-    counts = _count_contexts(contexts, n_contexts)
-    if counts.size == 0:
-        raise ValueError("a context is >= n_contexts")
     n_bit_words, offset = _read_varint(raw)
     rans_start = offset + 4 * n_bit_words
     if rans_start > raw.size or (raw.size - rans_start) % 4:
         raise CorruptStreamError("section lengths do not match the data size")
-    # copies: aligned, native-endian, writable arrays for the kernels
-    bit_words = raw[offset:rans_start].view("<u4").astype(np.uint32)
+    # copies: aligned native-endian arrays for the kernels, the bit section with a zero pad
+    bit_words = np.zeros(n_bit_words + 1, np.uint32)
+    bit_words[:n_bit_words] = raw[offset:rans_start].view("<u4")
     rans_words = raw[rans_start:].view("<u4").astype(np.uint32)
-    status = _decode_kernel(bit_words, rans_words, contexts, counts, codes)
-    if status != OK:
-        raise CorruptStreamError(_MESSAGES[status])
+    _check_status(_decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes))
     return codes
 
 
@@ -656,7 +695,18 @@ def ideal_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> floa
     """Ideal code length in bits of codes under this coder's model (per-context empirical
     token distributions plus raw extra bits), excluding the frequency tables."""
     codes = _check_codes(codes)
-    contexts = _check_inputs(contexts, n_contexts, codes.size)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
     status, bits = _ideal_bits_kernel(codes, contexts, n_contexts)
-    _raise_input_status(status)
+    _check_status(status)
     return float(bits)
+
+
+def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
+    """Bits the frequency tables take in encode's output.  The rest of a stream is the
+    payload that ideal_bits estimates plus overhead: a <= 5-byte header, padding, and the
+    final rANS states (8 bytes each; 4 states from 4096 elements on, else 1)."""
+    codes = _check_codes(codes)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    status, bits = _table_bits_kernel(codes, contexts, n_contexts)
+    _check_status(status)
+    return int(bits)

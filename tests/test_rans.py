@@ -1,0 +1,297 @@
+"""Tests for the context-conditional rANS coder (gradzip.entropy.rans)."""
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradzip.entropy import rans
+from gradzip.errors import CorruptStreamError
+
+MAX_Q = rans.MAX_MAGNITUDE
+# beyond the tables: a <= 5-byte header, < 4 bytes of padding, <= 4 final states of 8 bytes
+STREAM_OVERHEAD_BITS = 8 * (5 + 4 + 32)
+
+
+def round_trip(codes, contexts, n_contexts):
+    codes = np.asarray(codes, np.int32)
+    contexts = np.asarray(contexts, np.uint8)
+    data = rans.encode(codes, contexts, n_contexts)
+    assert isinstance(data, bytes)
+    decoded = rans.decode(data, contexts, n_contexts)
+    assert decoded.dtype == np.int32
+    np.testing.assert_array_equal(decoded, codes)
+    return data
+
+
+def laplace_codes(rng, scale, n):
+    return np.round(rng.laplace(0.0, scale, n)).astype(np.int32)
+
+
+def decode_or_corrupt(data, contexts, n_contexts):
+    """Decoding damaged data must raise CorruptStreamError or return a well-formed array."""
+    try:
+        decoded = rans.decode(data, contexts, n_contexts)
+    except CorruptStreamError:
+        return None
+    assert decoded.dtype == np.int32 and decoded.shape == contexts.shape
+    return decoded
+
+
+# ---- edge cases ----------------------------------------------------------------------
+
+
+def test_empty():
+    codes, contexts = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    assert round_trip(codes, contexts, 1) == b""
+    assert rans.ideal_bits(codes, contexts, 1) == 0.0
+    with pytest.raises(CorruptStreamError):
+        rans.decode(b"\x00", contexts, 1)
+
+
+@pytest.mark.parametrize("value", [0, 1, -1, 15, -16, 17, 1000, -(2**16), MAX_Q, -MAX_Q])
+def test_single_element(value):
+    round_trip([value], [0], 1)
+
+
+@pytest.mark.parametrize("value, extra_bits", [(0, 0), (3, 0), (-7, 0), (40000, 14)])
+def test_single_distinct_code(value, extra_bits):
+    n = 50_000
+    data = round_trip(np.full(n, value), np.zeros(n), 1)
+    # a token holding all the probability costs nothing: only raw extra bits remain
+    assert len(data) < 64 + n * extra_bits // 8
+
+
+def test_all_zeros_many_contexts():
+    rng = np.random.default_rng(0)
+    contexts = rng.integers(0, 200, 100_000).astype(np.uint8)
+    round_trip(np.zeros(100_000), contexts, 200)
+    assert rans.ideal_bits(np.zeros(100_000, np.int32), contexts, 200) == 0.0
+
+
+def test_one_context_of_256():
+    rng = np.random.default_rng(1)
+    round_trip(laplace_codes(rng, 5.0, 20_000), np.full(20_000, 255), 256)
+
+
+def test_extreme_magnitudes():
+    rng = np.random.default_rng(2)
+    codes = rng.integers(-MAX_Q, MAX_Q + 1, 30_000)
+    codes[::7] = MAX_Q
+    codes[1::7] = -MAX_Q
+    codes[2::7] = 2**23
+    round_trip(codes, rng.integers(0, 3, codes.size), 3)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 4095, 4096, 4097, 4099])
+def test_lengths_around_lane_boundaries(n):
+    rng = np.random.default_rng(n)
+    round_trip(laplace_codes(rng, 3.0, n), rng.integers(0, 2, n), 2)
+
+
+def test_skewed_distribution():
+    rng = np.random.default_rng(3)
+    codes = np.zeros(300_000, np.int32)
+    hit = rng.random(codes.size) < 0.002
+    codes[hit] = laplace_codes(rng, 200.0, int(hit.sum()))
+    round_trip(codes, (rng.random(codes.size) < 0.5).astype(np.uint8), 2)
+
+
+def test_deterministic_and_accepts_other_int_dtypes():
+    rng = np.random.default_rng(4)
+    codes = laplace_codes(rng, 20.0, 10_000)
+    contexts = rng.integers(0, 5, codes.size).astype(np.uint8)
+    data = rans.encode(codes, contexts, 5)
+    assert rans.encode(codes.copy(), contexts.copy(), 5) == data
+    assert rans.encode(codes.astype(np.int64), contexts, 5) == data
+    assert rans.encode(codes[::-1].copy()[::-1], contexts, 5) == data
+    np.testing.assert_array_equal(rans.decode(memoryview(data), contexts, 5), codes)
+    np.testing.assert_array_equal(rans.decode(bytearray(data), contexts, 5), codes)
+    read_only = np.frombuffer(contexts.tobytes(), np.uint8)
+    np.testing.assert_array_equal(rans.decode(data, read_only, 5), codes)
+
+
+def test_invalid_inputs():
+    codes, contexts = np.zeros(4, np.int32), np.zeros(4, np.uint8)
+    with pytest.raises(ValueError):
+        rans.encode(np.array([MAX_Q + 1], np.int32), contexts[:1], 1)
+    with pytest.raises(ValueError):
+        rans.encode(np.array([-(2**31)], np.int32), contexts[:1], 1)
+    with pytest.raises(ValueError):
+        rans.encode(np.array([2**40]), contexts[:1], 1)
+    with pytest.raises(ValueError):
+        rans.encode(codes, np.array([0, 1, 2, 3], np.uint8), 3)
+    with pytest.raises(ValueError):
+        rans.encode(codes, contexts[:3], 1)
+    with pytest.raises(ValueError):
+        rans.encode(codes, contexts.astype(np.int32), 1)
+    with pytest.raises(ValueError):
+        rans.encode(codes.astype(np.float32), contexts, 1)
+    for n_contexts in (0, 257):
+        with pytest.raises(ValueError):
+            rans.encode(codes, contexts, n_contexts)
+    with pytest.raises(ValueError):
+        rans.decode(rans.encode(codes, contexts, 1), contexts + 1, 1)
+
+
+# ---- random round trips --------------------------------------------------------------
+
+
+def code_arrays():
+    small = st.integers(-20, 20)
+    wide = st.integers(-MAX_Q, MAX_Q)
+    element = st.one_of(small, small, st.integers(-3000, 3000), wide)
+    return hnp.arrays(np.int32, st.integers(0, 600), elements=element)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(codes=code_arrays(), n_contexts=st.integers(1, 256), data=st.data())
+def test_round_trip_random(codes, n_contexts, data):
+    contexts = data.draw(hnp.arrays(np.uint8, codes.size, elements=st.integers(0, n_contexts - 1)))
+    round_trip(codes, contexts, n_contexts)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20_000), scale=st.floats(0.01, 5000.0))
+def test_round_trip_laplace(seed, n, scale):
+    rng = np.random.default_rng(seed)
+    n_contexts = int(rng.integers(1, 17))
+    contexts = rng.integers(0, n_contexts, n).astype(np.uint8)
+    codes = np.clip(laplace_codes(rng, scale, n) * (1 + contexts), -MAX_Q, MAX_Q)
+    round_trip(codes, contexts, n_contexts)
+
+
+# ---- efficiency ----------------------------------------------------------------------
+
+
+@functools.cache
+def realistic_cases():
+    rng = np.random.default_rng(5)
+    n = 200_000
+    cases = {}
+    for scale in (0.3, 3.0, 30.0, 300.0):
+        cases[f"laplace {scale}"] = (laplace_codes(rng, scale, n), np.zeros(n, np.uint8), 1)
+    contexts = rng.integers(0, 8, n).astype(np.uint8)
+    scales = np.array([0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0])
+    mixture = np.round(rng.laplace(0.0, 1.0, n) * scales[contexts]).astype(np.int32)
+    cases["mixture of 8"] = (mixture, contexts, 8)
+    oriented = np.abs(laplace_codes(rng, 4.0, n))
+    oriented[rng.random(n) < 0.25] *= -1
+    cases["sign-skewed"] = (oriented, np.zeros(n, np.uint8), 1)
+    sparse = np.zeros(n, np.int32)
+    hit = rng.random(n) < 0.03
+    sparse[hit] = laplace_codes(rng, 2.0, int(hit.sum()))
+    cases["97% zeros"] = (sparse, np.zeros(n, np.uint8), 1)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(realistic_cases()))
+def test_payload_close_to_ideal(name):
+    codes, contexts, n_contexts = realistic_cases()[name]
+    data = round_trip(codes, contexts, n_contexts)
+    ideal = rans.ideal_bits(codes, contexts, n_contexts)
+    tables = rans.table_bits(codes, contexts, n_contexts)
+    actual = 8 * len(data)
+    assert actual - tables >= 0.999 * ideal  # no model beats its own entropy
+    assert actual <= 1.02 * ideal + tables + STREAM_OVERHEAD_BITS
+    assert tables < 0.01 * actual
+
+
+def test_contexts_pay_off():
+    rng = np.random.default_rng(6)
+    contexts = rng.integers(0, 4, 100_000).astype(np.uint8)
+    codes = laplace_codes(rng, 1.0, contexts.size) * (1 + 10 * contexts)
+    with_contexts = len(round_trip(codes, contexts, 4))
+    without = len(round_trip(codes, np.zeros_like(contexts), 1))
+    assert with_contexts < 0.9 * without
+
+
+def test_sign_is_modelled():
+    rng = np.random.default_rng(7)
+    symmetric = laplace_codes(rng, 3.0, 100_000)
+    oriented = np.abs(symmetric)
+    contexts = np.zeros(symmetric.size, np.uint8)
+    saved_bits = 8 * (len(round_trip(symmetric, contexts, 1)) - len(round_trip(oriented, contexts, 1)))
+    assert saved_bits > 0.8 * np.count_nonzero(symmetric)  # close to one bit per nonzero
+
+
+# ---- damaged input -------------------------------------------------------------------
+
+
+def small_stream():
+    rng = np.random.default_rng(8)
+    n = 300
+    contexts = rng.integers(0, 3, n).astype(np.uint8)
+    codes = laplace_codes(rng, 2.0, n) * (1 + 20 * contexts)
+    codes[::50] = rng.integers(-MAX_Q, MAX_Q, codes[::50].size)
+    return rans.encode(codes, contexts, 3), codes, contexts
+
+
+def test_every_truncation():
+    data, codes, contexts = small_stream()
+    for length in range(len(data)):
+        decode_or_corrupt(data[:length], contexts, 3)
+    for extra in (b"\x00", b"\x00" * 4, b"\x01\x02\x03\x04"):
+        assert decode_or_corrupt(data + extra, contexts, 3) is None
+
+
+def test_every_bit_flip():
+    data, codes, contexts = small_stream()
+    undetected = 0
+    for index in range(len(data)):
+        for bit in range(8):
+            damaged = bytearray(data)
+            damaged[index] ^= 1 << bit
+            decoded = decode_or_corrupt(bytes(damaged), contexts, 3)
+            undetected += decoded is not None
+    # the state and consumption checks catch most damage; raw extra bits cannot be checked
+    assert undetected < 0.5 * 8 * len(data)
+
+
+def test_every_byte_replaced():
+    data, codes, contexts = small_stream()
+    for index in range(len(data)):
+        for value in (0x00, 0xFF, data[index] ^ 0x5A):
+            damaged = bytearray(data)
+            damaged[index] = value
+            decode_or_corrupt(bytes(damaged), contexts, 3)
+
+
+def test_wrong_contexts():
+    data, codes, contexts = small_stream()
+    decode_or_corrupt(data, contexts[:-1], 3)
+    decode_or_corrupt(data, np.concatenate([contexts, contexts]), 3)
+    decode_or_corrupt(data, np.zeros_like(contexts), 3)
+    decode_or_corrupt(data, contexts[::-1].copy(), 3)
+    decode_or_corrupt(data, contexts, 4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    garbage=st.binary(max_size=300),
+    n=st.integers(0, 2000),
+    n_contexts=st.integers(1, 256),
+    seed=st.integers(0, 2**16),
+)
+def test_random_garbage(garbage, n, n_contexts, seed):
+    contexts = np.random.default_rng(seed).integers(0, n_contexts, n).astype(np.uint8)
+    decode_or_corrupt(garbage, contexts, n_contexts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    position=st.floats(0.0, 1.0),
+    garbage=st.binary(min_size=1, max_size=64),
+)
+def test_spliced_garbage(seed, position, garbage):
+    """Garbage written over part of a valid stream gets past the first checks."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 5000))
+    contexts = rng.integers(0, 4, n).astype(np.uint8)
+    data = rans.encode(laplace_codes(rng, 10.0, n), contexts, 4)
+    cut = int(position * len(data))
+    decode_or_corrupt(data[:cut] + garbage + data[cut + len(garbage) :], contexts, 4)
