@@ -8,19 +8,21 @@ after the whole round has been encoded (or decoded and verified).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import os
 import warnings
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 import numpy as np
 
 from . import __version__
-from .codec import CodecConfig, carries_state, decode_tensor, encode_tensor
+from .codec import CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
 from .container import StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
@@ -103,12 +105,35 @@ class RoundReport:
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
-    """Digest of a round's names, dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=8)
+    """Digest of a round's names, dtypes, shapes and bytes (CRC-32 and Adler-32: fast, and
+    only meant to catch a round passed twice by accident)."""
+    crc, adler = 0, 1
     for name, array in tensors.items():
-        h.update(json.dumps([name, dtype_name(array), list(array.shape)]).encode())
-        h.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data if array.size else b"")
-    return h.hexdigest()
+        for part in (json.dumps([name, dtype_name(array), list(array.shape)]).encode(),
+                     np.ascontiguousarray(array).reshape(-1).view(np.uint8)):
+            crc, adler = zlib.crc32(part, crc), zlib.adler32(part, adler)
+    return f"{crc:08x}{adler:08x}"
+
+
+def ordered_map(function, items, threads: int):
+    """function over items on up to `threads` threads, results in order; at most 2 x threads
+    items are in flight, so memory stays a small multiple of the largest tensor."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    window = 2 * threads
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _check_names(tensors: dict) -> None:
@@ -125,10 +150,14 @@ class Compressor:
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
-                 state: PredictorState | None = None, allow_repeat: bool = False):
+                 coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
+                 report_ideal_bits: bool = False, threads: int | None = None):
         self.allow_repeat = allow_repeat
+        self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
+        self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
-                                  magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction)
+                                  magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction,
+                                  coder=coder)
         self.state = state if state is not None else PredictorState()
         self.last_report: RoundReport | None = None
 
@@ -160,16 +189,35 @@ class Compressor:
         writer.header(header)
         report = RoundReport(before.round, header=header)
         new_tensors = dict(before.tensors)
-        for name, array in tensors.items():
-            previous = before.tensors.get(name)
-            _warn_if_reset(name, previous, array, self.config)
-            encoded = encode_tensor(name, array, self.config, previous)
+        small, large = [], []
+        for position, (name, array) in enumerate(tensors.items()):
+            _warn_if_reset(name, before.tensors.get(name), array, self.config)
+            if bundled(dtype_name(array), tuple(array.shape), self.config):
+                small.append((position, name, array))
+            else:
+                large.append((position, name, array))
+        reports = {}
+        if small:
+            record, payload = encode_bundle(small)
+            writer.record(record, payload)
+            member_reports = _bundle_member_reports(record, len(payload), {name: array for _, name, array in small})
+            for position, name, _ in small:
+                reports[position] = member_reports[name]
+                if on_tensor:
+                    on_tensor(name)
+
+        def encode(item):
+            _, name, array = item
+            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits)
+
+        for (position, name, array), encoded in zip(large, ordered_map(encode, large, self.threads)):
             writer.record(encoded.record, encoded.payload)
             if encoded.state is not None:
                 new_tensors[name] = encoded.state
-            report.tensors.append(_report(encoded, array))
+            reports[position] = _report(encoded, array)
             if on_tensor:
                 on_tensor(name)
+        report.tensors = [reports[position] for position in sorted(reports)]
         after = PredictorState(before.round + 1, new_tensors, input_digest)
         writer.end({"tensors": len(tensors), "state_digest": after.digest()})
         report.stream_bytes = writer._out.count
@@ -192,6 +240,23 @@ def _warn_if_reset(name, previous: TensorState | None, array, config) -> None:
         if carries_state(dtype, tuple(array.shape), config):
             warnings.warn(f"tensor {name!r} changed from {previous.dtype}{list(previous.shape)} to "
                           f"{dtype}{list(array.shape)}: its prediction restarts", GradzipWarning, stacklevel=3)
+
+
+def _bundle_member_reports(record: dict, payload_bytes: int, arrays: dict | None = None) -> dict[str, TensorReport]:
+    """Reports for a bundle's members; each is charged its share of the payload by raw size."""
+    reports = {}
+    raw_total = max(record["params"]["raw_bytes"], 1)
+    for _, name, dtype, shape in record["members"]:
+        original_bytes = (int(np.prod(shape, dtype=np.int64)) if shape else 1) * numpy_dtype(dtype).itemsize
+        exact = None
+        if arrays is not None and dtype in LOSSY_DTYPES:
+            exact = measure(arrays[name], arrays[name], dtype, 0.0)
+        reports[name] = TensorReport(
+            name=name, shape=tuple(shape), dtype=dtype, method="lossless", predictor="-",
+            coder="zstd" if record["params"]["zstd"] else "raw", eb=0.0, original_bytes=original_bytes,
+            compressed_bytes=round(payload_bytes * original_bytes / raw_total), escaped=0, ideal_code_bits=0.0,
+            max_abs_error=exact and 0.0, sum_squared_error=exact and 0.0, value_range=exact and exact.value_range)
+    return reports
 
 
 def _report(encoded, original) -> TensorReport:
@@ -228,8 +293,9 @@ class DecodedRound:
 class Decompressor:
     """Decompresses one client's rounds in order; its state must match the compressor's."""
 
-    def __init__(self, state: PredictorState | None = None):
+    def __init__(self, state: PredictorState | None = None, threads: int | None = None):
         self.state = state if state is not None else PredictorState()
+        self.threads = threads or os.cpu_count() or 1  # tensors decoded at once
 
     def decompress(self, blob: bytes) -> dict[str, np.ndarray]:
         return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors
@@ -246,20 +312,47 @@ class Decompressor:
         except KeyError as exc:
             raise CorruptStreamError(f"header lacks {exc}") from None
         check_state(self.state, stream_round, stream_digest)
-        tensors: dict[str, np.ndarray] = {}
         new_tensors = dict(self.state.tensors)
         report = RoundReport(stream_round, header=header)
-        for record, payload in reader.records():
-            name = record.get("name")
+        arrays: dict[str, np.ndarray] = {}
+        bundle_positions: dict[int, str] = {}
+        stream_order: list[str] = []  # tensors with records of their own, in stream order
+        reports: dict[str, TensorReport] = {}
+
+        def claim(name) -> None:
             if not isinstance(name, str):
                 raise CorruptStreamError("tensor record without a name")
-            if name in tensors:
+            if name in arrays or name in reports:
                 raise CorruptStreamError(f"tensor {name!r} appears twice")
-            array, state = decode_tensor(record, payload, config, self.state.tensors.get(name))
-            tensors[name] = array
+
+        def tensor_records():
+            for record, payload in reader.records():
+                if record.get("method") == "bundle":
+                    for position, name, array in decode_bundle(record, payload):
+                        claim(name)
+                        if position in bundle_positions:
+                            raise CorruptStreamError("two bundle members at one position")
+                        bundle_positions[position] = name
+                        arrays[name] = array
+                    reports.update(_bundle_member_reports(record, len(payload), arrays))
+                    continue
+                claim(record.get("name"))
+                reports[record["name"]] = None  # reserve the name
+                yield record, payload
+
+        def decode(item):
+            record, payload = item
+            return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]))
+
+        for record, payload_bytes, (array, state) in ordered_map(decode, tensor_records(), self.threads):
+            name = record["name"]
+            arrays[name] = array
+            stream_order.append(name)
             if state is not None:
                 new_tensors[name] = state
-            report.tensors.append(_record_report(record, len(payload)))
+            reports[name] = _record_report(record, payload_bytes)
+        tensors = _in_round_order(bundle_positions, stream_order, arrays)
+        report.tensors = [reports[name] for name in tensors]
         reader.expect_end_of_input()
         after = PredictorState(self.state.round + 1, new_tensors, input_digest)
         report.stream_bytes = reader.bytes_read
@@ -279,6 +372,17 @@ class Decompressor:
 
     def load_state(self, path: str | os.PathLike) -> None:
         self.state = load_state(path)
+
+
+def _in_round_order(bundle_positions: dict[int, str], stream_order: list[str], arrays: dict) -> dict[str, np.ndarray]:
+    """Bundle members sit at their recorded positions; the other tensors fill the free ones in order."""
+    total = len(bundle_positions) + len(stream_order)
+    if any(position >= total for position in bundle_positions):
+        raise CorruptStreamError("bundle member position out of range")
+    free = (p for p in range(total) if p not in bundle_positions)
+    slots = dict(bundle_positions)
+    slots.update(zip(free, stream_order))
+    return {slots[p]: arrays[slots[p]] for p in range(total)}
 
 
 def check_state(state: PredictorState, stream_round, stream_digest) -> None:
@@ -318,7 +422,13 @@ def describe_stream(source: BinaryIO, available: int | None = None) -> RoundRepo
     header = reader.header()
     report = RoundReport(header.get("round", -1), header=header)
     for record, payload in reader.records():
-        report.tensors.append(_record_report(record, len(payload)))
+        if record.get("method") == "bundle":
+            try:
+                report.tensors += _bundle_member_reports(record, len(payload)).values()
+            except (KeyError, TypeError, ValueError, InputError):
+                raise CorruptStreamError("small-tensor bundle: malformed record") from None
+        else:
+            report.tensors.append(_record_report(record, len(payload)))
     reader.expect_end_of_input()
     report.stream_bytes = reader.bytes_read
     return report

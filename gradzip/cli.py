@@ -14,7 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True)
+# Wide enough for the summary tables when stderr is a log file rather than a terminal.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 STDIO = "-"
 
 
@@ -145,9 +146,11 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 @click.option("--beta", type=float, default=None, help="EMA weight of the newest round (default 0.3).")
 @click.option("--tau", type=float, default=None, help="Kernel sign-consistency threshold (default 0.75).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--round", "expected_round", type=int, help="Fail unless the state expects this round index next (catches skipped rounds).")
+@click.option("--allow-repeat", is_flag=True, help="Accept an input identical to the previous round.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "json_path", help="Also write the per-file summary as JSON to this file ('-' for stdout).")
-def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, quiet, json_path):
+def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, expected_round, allow_repeat, quiet, json_path):
     """Compress one client's rounds, in order, to .grz streams."""
     with user_errors():
         from .api import Compressor
@@ -163,7 +166,11 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, qu
         rows = []
         with locked(state_path):
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
-                                    tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path))
+                                    tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path),
+                                    allow_repeat=allow_repeat)
+            if expected_round is not None and expected_round != compressor.state.round:
+                raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
+                               f"{expected_round} ({'a round was skipped' if expected_round > compressor.state.round else 'that round was already compressed'})")
             with _progress(_show_progress(quiet)) as progress:
                 files = progress.add_task("files", total=len(inputs))
                 for path, out_path in zip(inputs, outputs):
@@ -171,8 +178,9 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, qu
                     tensors, fmt, metadata = read_tensors(_read_input(path), label)
                     task = progress.add_task(Path(label).name, total=len(tensors))
                     buffer = io.BytesIO()
-                    report = compressor.compress_to(tensors, buffer, source_format=fmt, metadata=metadata,
-                                                    on_tensor=lambda _name: progress.advance(task))
+                    with _labelled(label):
+                        report = compressor.compress_to(tensors, buffer, source_format=fmt, metadata=metadata,
+                                                        on_tensor=lambda _name: progress.advance(task))
                     progress.remove_task(task)
                     _write_output(out_path, buffer.getvalue())  # output first: a crash now leaves the old state
                     save_state(compressor.state, state_path)
@@ -218,13 +226,20 @@ def decompress(inputs, state_path, output, out_format, force, quiet):
             _print_round_table("decompressed", rows, show_errors=False)
 
 
-def _decode_labelled(decompressor, data: bytes, label: str, advance: bool = True):
+@contextlib.contextmanager
+def _labelled(label: str):
+    """Prefix gradzip errors with the file they concern."""
     from .errors import GradzipError
 
     try:
-        return decompressor.decompress_from(io.BytesIO(data), available=len(data), advance=advance)
+        yield
     except GradzipError as exc:
         raise type(exc)(f"{label}: {exc}") from None
+
+
+def _decode_labelled(decompressor, data: bytes, label: str, advance: bool = True):
+    with _labelled(label):
+        return decompressor.decompress_from(io.BytesIO(data), available=len(data), advance=advance)
 
 
 def _decompressed_name(path: str, out_format: str | None) -> str:
@@ -261,13 +276,8 @@ def stats(stream, original, state_path, as_json):
             for t in report.tensors:
                 figures[t.name] = measure(tensors[t.name], decoded.tensors[t.name], t.dtype, t.eb)
         else:
-            try:
+            with _labelled(label):
                 report = describe_stream(io.BytesIO(data), len(data))
-            except Exception as exc:
-                from .errors import GradzipError
-                if isinstance(exc, GradzipError):
-                    raise type(exc)(f"{label}: {exc}") from None
-                raise
         rows = [_tensor_json(t, figures.get(t.name)) for t in report.tensors]
         total = _totals_json(report, figures)
         if as_json:
@@ -376,6 +386,11 @@ def _emit_json(json_path, payload) -> None:
         click.echo(text)
     else:
         Path(json_path).write_text(text + "\n")
+
+
+from .bench.cli import bench  # noqa: E402  (click registration; the command imports its work lazily)
+
+main.add_command(bench)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
 _NO_PREDICTION = np.empty(0, np.float64)
 _MAX_HUFFMAN_BYTES_PER_CODE = 5  # codes are at most 32 bits plus table: a looser cap is a bomb
 MODES = ("abs", "rel")
+CODERS = ("rans", "huffman")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CodecConfig:
     tau: float = DEFAULT_TAU
     magnitude_prediction: bool = True
     sign_prediction: bool = True
+    coder: str = "rans"  # or "huffman" (Huffman + zstd, as SZ3; no coding contexts)
     min_lossy_elements: int = MIN_LOSSY_ELEMENTS
 
     def __post_init__(self):
@@ -62,6 +64,8 @@ class CodecConfig:
             raise InputError(f"beta must be in (0, 1], not {self.beta!r}")
         if not 0.5 < self.tau <= 1:
             raise InputError(f"tau must be in (0.5, 1], not {self.tau!r}")
+        if self.coder not in CODERS:
+            raise InputError(f"coder must be one of {', '.join(CODERS)}, not {self.coder!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +95,12 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
 
 def carries_state(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
     return dtype in LOSSY_DTYPES and _element_count(shape) > config.min_lossy_elements
+
+
+def bundled(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
+    """Small stateless tensors (biases, norms, counters) share one bundle record per round:
+    one frame and one zstd frame instead of one each, which matters for small models."""
+    return not carries_state(dtype, shape, config) and _element_count(shape) <= config.min_lossy_elements
 
 
 def _element_count(shape) -> int:
@@ -132,15 +142,19 @@ class _Quantized:
     n_escaped: int
 
 
-def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None) -> Encoded:
-    """Encode one tensor of one round against its previous state."""
+def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
+                  measure_ideal: bool = False) -> Encoded:
+    """Encode one tensor of one round against its previous state.
+
+    measure_ideal: also compute the codes' ideal length under the coder's model (for reports).
+    """
     dtype = dtype_name(array)
     shape = tuple(int(s) for s in array.shape)
     if not carries_state(dtype, shape, config):
         return _lossless(name, array, dtype, shape)
     values = widen(array, dtype)
     eb = absolute_bound(values, config)
-    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous)
+    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal)
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config)
     return encoded
 
@@ -195,37 +209,64 @@ def _quantize(values, dtype, eb, prediction) -> _Quantized:
     return _Quantized(codes, recon, escaped, n_escaped)
 
 
-def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous) -> Encoded:
+@dataclass
+class _Candidate:
+    """One way to encode a tensor, before its codes are entropy-coded."""
+
+    predictor: str
+    quantized: _Quantized
+    side_params: dict
+    side_sections: list
+    codes: np.ndarray  # what the entropy coder sees (possibly sign-oriented)
+    contexts: np.ndarray | None = None
+    n_contexts: int = 1
+
+    def estimated_bytes(self, coder: str, itemsize: int) -> float:
+        """Size estimate used to pick a candidate without entropy-coding every one."""
+        side = sum(len(data) for _, data in self.side_sections) + self.quantized.n_escaped * (itemsize + 2)
+        if coder == "huffman":
+            return side + len(_code(self.codes, coder, None, 1, False)[0])
+        contexts = self.contexts if self.contexts is not None else np.zeros(self.codes.size, np.uint8)
+        return side + rans.estimated_bits(self.codes, contexts, self.n_contexts) / 8
+
+
+def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal) -> Encoded:
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
     plain = _quantize(values, dtype, eb, _NO_PREDICTION)
     if plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
+    candidates = [_Candidate("none", plain, {}, [], plain.codes)] + _predicted_candidates(values, dtype, shape, eb, config, previous, plain)
+    itemsize = numpy_dtype(dtype).itemsize
+    best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    codes_section, coder_params, bits = _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
+    params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
+    sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
+    return _encoded(name, dtype, shape, "quantized", params, sections, narrow(best.quantized.recon, dtype), bits)
 
-    def build(predictor, quantized, coder, side_params, side_sections, codes_to_code, contexts, n_contexts):
-        codes_section, coder_params, bits = _code(codes_to_code, coder, contexts, n_contexts)
-        params = {"eb": eb, "predictor": predictor, **coder_params, **side_params, "escaped": quantized.n_escaped}
-        sections = [("codes", codes_section), *side_sections, *_escape_sections(array, dtype, quantized)]
-        return _encoded(name, dtype, shape, "quantized", params, sections, narrow(quantized.recon, dtype), bits)
 
-    options = [build("none", plain, coder, {}, [], plain.codes, None, 1) for coder in ("huffman", "rans")]
-    mean, std = magnitude_stats(values) if _has_history(previous, shape, dtype) else (math.nan, math.nan)
-    # Statistics overflow only for values near the float max; such tensors go without prediction.
-    if math.isfinite(mean) and math.isfinite(std) and (config.magnitude_prediction or config.sign_prediction):
-        side = {"mean": mean, "std": std}
-        predicted = np.empty(values.size, np.float64)
-        predict_magnitude(previous.ema, mean, std, predicted)
-        if config.magnitude_prediction and config.sign_prediction:
-            shift = _sign_prediction(values, shape, config.tau, previous.sign)
-            if shift is not None:
-                signs, shift_params, shift_sections = shift
-                shifted = _quantize(values, dtype, eb, predicted * signs)
-                options += [build("ema", shifted, coder, {**side, **shift_params}, shift_sections, shifted.codes, None, 1)
-                            for coder in ("huffman", "rans")]
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> list[_Candidate]:
+    """The EMA-shift and coding-context candidates, where the state allows them."""
+    if not _has_history(previous, shape, dtype) or not (config.magnitude_prediction or config.sign_prediction):
+        return []
+    mean, std = magnitude_stats(values)
+    if not (math.isfinite(mean) and math.isfinite(std)):
+        return []  # statistics overflow only for values near the float max
+    side = {"mean": mean, "std": std}
+    predicted = np.empty(values.size, np.float64)
+    predict_magnitude(previous.ema, mean, std, predicted)
+    candidates = []
+    if config.magnitude_prediction and config.sign_prediction:
+        shift = _sign_prediction(values, shape, config.tau, previous.sign)
+        if shift is not None:
+            signs, shift_params, shift_sections = shift
+            shifted = _quantize(values, dtype, eb, predicted * signs)
+            candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
+    if config.coder == "rans":
         contexts, n_contexts, oriented = _coding_contexts(plain.codes, predicted, eb, previous.sign, config)
-        context_params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
-        options.append(build("context", plain, "rans", context_params, [], oriented, contexts, n_contexts))
-    return min(options, key=lambda option: len(option.payload))
+        params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
+        candidates.append(_Candidate("context", plain, params, [], oriented, contexts, n_contexts))
+    return candidates
 
 
 def _sign_prediction(values, shape, tau, previous_sign):
@@ -261,14 +302,15 @@ def _coding_contexts(codes, predicted, eb, previous_sign, config):
     return contexts, n_contexts, oriented
 
 
-def _code(codes, coder, contexts, n_contexts):
-    """Entropy-code the quantization codes: (section bytes, params, ideal bits under the model)."""
+def _code(codes, coder, contexts, n_contexts, measure_ideal):
+    """Entropy-code the quantization codes: (section bytes, params, ideal bits under the model or 0)."""
     if coder == "huffman":
         raw = huffman.encode(codes + RADIUS)
         return lossless.compress(raw), {"coder": "huffman", "huffman_bytes": len(raw)}, 0.0
     if contexts is None:
         contexts = np.zeros(codes.size, np.uint8)
-    return rans.encode(codes, contexts, n_contexts), {"coder": "rans"}, rans.ideal_bits(codes, contexts, n_contexts)
+    ideal = rans.ideal_bits(codes, contexts, n_contexts) if measure_ideal else 0.0
+    return rans.encode(codes, contexts, n_contexts), {"coder": "rans"}, ideal
 
 
 def _escape_sections(array, dtype, quantized: _Quantized) -> list:
@@ -278,6 +320,65 @@ def _escape_sections(array, dtype, quantized: _Quantized) -> list:
     gaps = np.diff(index, prepend=0).astype("<u8")  # small, zstd-friendly
     exact = original_bits(array, dtype)[index]
     return [("escape_index", lossless.compress(gaps.tobytes())), ("escape_value", lossless.compress(exact.tobytes()))]
+
+
+def encode_bundle(members: list[tuple[int, str, np.ndarray]]) -> tuple[dict, bytes]:
+    """One lossless record for the small tensors of a round; members are (position, name, array)."""
+    entries, blobs = [], []
+    for position, name, array in members:
+        dtype = dtype_name(array)
+        entries.append([position, name, dtype, [int(s) for s in array.shape]])
+        blobs.append(_little_endian_bytes(array, dtype))
+    raw = b"".join(blobs)
+    packed = lossless.compress(raw)
+    use_zstd = len(packed) < len(raw)  # float noise does not compress; skip zstd's frame then
+    data = packed if use_zstd else raw
+    record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw)},
+              "sections": [["data", len(data)]], "recon_crc32": zlib.crc32(raw) & 0xFFFFFFFF}
+    return record, data
+
+
+def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarray]]:
+    """The (position, name, array) members of a bundle record. Raises CorruptStreamError."""
+    try:
+        return _decode_bundle(record, payload)
+    except CorruptStreamError as exc:
+        raise CorruptStreamError(f"small-tensor bundle: {exc}") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
+        raise CorruptStreamError(f"small-tensor bundle: malformed record ({type(exc).__name__}: {exc})") from None
+
+
+def _decode_bundle(record, payload):
+    layout = []
+    total = 0
+    for position, name, dtype, shape in record["members"]:
+        shape = tuple(shape)
+        if not isinstance(name, str) or not isinstance(position, int) or position < 0:
+            raise CorruptStreamError("bad member")
+        if not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise CorruptStreamError(f"bad shape for {name!r}")
+        np_dtype = numpy_dtype(dtype)
+        nbytes = _element_count(shape) * np_dtype.itemsize
+        total += nbytes
+        if total > len(payload) * MAX_ELEMENTS_PER_PAYLOAD_BYTE + MAX_ELEMENTS_PER_PAYLOAD_BYTE:
+            raise CorruptStreamError("members are too large for the payload")
+        layout.append((position, name, dtype, np_dtype, shape, nbytes))
+    params = record["params"]
+    if params["raw_bytes"] != total:
+        raise CorruptStreamError("member sizes do not match the record")
+    data = _split_sections(record["sections"], payload)["data"]
+    raw = lossless.decompress(data, total) if params["zstd"] is True else data
+    if len(raw) != total:
+        raise CorruptStreamError("payload size does not match the members")
+    if zlib.crc32(raw) & 0xFFFFFFFF != record["recon_crc32"]:
+        raise CorruptStreamError("reconstruction checksum mismatch")
+    members, offset = [], 0
+    for position, name, dtype, np_dtype, shape, nbytes in layout:
+        le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
+        array = np.frombuffer(raw[offset : offset + nbytes], le).astype(np_dtype, copy=True).reshape(shape)
+        members.append((position, name, array))
+        offset += nbytes
+    return members
 
 
 # ---------------------------------------------------------------- decoding

@@ -42,7 +42,7 @@ def original_bits(array: np.ndarray, dtype: str) -> np.ndarray:
     return flat.astype(flat.dtype.newbyteorder("<"), copy=False)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _float32_to_bfloat16_bits(values):
     out = np.empty(values.size, np.uint16)
     bits = values.view(np.uint32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from .floats import LOSSY_DTYPES, widen
@@ -46,18 +47,38 @@ def measure(original: np.ndarray, recon: np.ndarray, dtype: str, eb: float) -> E
     if dtype not in LOSSY_DTYPES:
         exact = original.tobytes() == np.ascontiguousarray(recon).astype(original.dtype).tobytes()
         return ErrorFigures(0.0 if exact else math.inf, 0.0, 0, 0.0, exact)
-    x = widen(original, dtype).astype(np.float64)
-    y = widen(recon, dtype).astype(np.float64)
-    finite = np.isfinite(x)
-    # NaN, +Inf and -Inf must come back as themselves.
-    nonfinite_exact = bool(np.array_equal(x[~finite], y[~finite], equal_nan=True))
-    if not finite.any():
-        return ErrorFigures(0.0, 0.0, 0, 0.0, nonfinite_exact)
-    xf, yf = x[finite], y[finite]
-    with np.errstate(over="ignore", invalid="ignore"):
-        error = np.abs(xf - yf)
-        sse = float(np.dot(error, error))
-        value_range = float(xf.max() - xf.min())
-    max_error = float(error.max()) if error.size else 0.0
-    within = nonfinite_exact and bool(np.all(error <= eb)) and not np.isnan(max_error)
-    return ErrorFigures(max_error, sse, int(finite.sum()), value_range, within)
+    x = widen(original, dtype)
+    y = widen(recon, dtype).astype(x.dtype, copy=False)
+    bits = np.uint64 if x.itemsize == 8 else np.uint32
+    max_error, sse, count, lo, hi, within = _compare(x, y, x.view(bits), y.view(bits), eb)
+    value_range = hi - lo if count else 0.0
+    return ErrorFigures(max_error if count else 0.0, sse, count, value_range, within)
+
+
+@numba.njit(cache=True, nogil=True)
+def _compare(x, y, x_bits, y_bits, eb):
+    """One pass: max |x - y|, sum of squares, finite count, min, max, and the bound check."""
+    max_error = 0.0
+    sse = 0.0
+    count = 0
+    lo = math.inf
+    hi = -math.inf
+    within = True
+    for i in range(x.size):
+        a = np.float64(x[i])
+        if not math.isfinite(a):
+            # NaN (with its payload), +Inf and -Inf must come back as themselves.
+            if x_bits[i] != y_bits[i]:
+                within = False
+            continue
+        b = np.float64(y[i])
+        error = abs(a - b)
+        if not error <= eb:
+            within = False
+        if error > max_error or error != error:
+            max_error = error
+        sse += error * error
+        count += 1
+        lo = min(lo, a)
+        hi = max(hi, a)
+    return max_error, sse, count, lo, hi, within

@@ -16,18 +16,18 @@ import numpy as np
 RADIUS = 1 << 15
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _prediction_at(prediction, i):
     # An empty prediction array means "predict zero" and saves an n-element buffer.
     return prediction[i] if prediction.size else 0.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always")
 def _reconstruct(p, two_eb, q):
     return p + two_eb * q
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def quantize(values, prediction, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
@@ -55,7 +55,7 @@ def quantize(values, prediction, eb, codes, recon, escaped):
     return n_escaped
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def dequantize(codes, prediction, eb, recon):
     """Rebuild x' = p + 2 eb q into recon (any float dtype); escaped slots are overwritten later."""
     two_eb = 2.0 * eb

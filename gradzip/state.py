@@ -5,17 +5,17 @@ magnitudes (float32) and the sign of the last reconstruction (int8). The state i
 from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), the arrays back to back, then a 16-byte BLAKE2b digest of everything before it.
+keys), the arrays back to back, then an 8-byte fingerprint (CRC-32, Adler-32) of everything before it.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,16 @@ from .errors import GradzipError, InputError
 
 STATE_MAGIC = b"GRZSTATE"
 STATE_VERSION = 1
-_DIGEST_SIZE = 16
+_DIGEST_SIZE = 8
+
+
+def _fingerprint(parts) -> bytes:
+    """CRC-32 and Adler-32 of the parts, 8 bytes: it names a state and catches damage to its
+    file, at several GB/s (states are model-sized, and this runs every round)."""
+    crc, adler = 0, 1
+    for part in parts:
+        crc, adler = zlib.crc32(part, crc), zlib.adler32(part, adler)
+    return struct.pack("<II", crc, adler)
 
 
 @dataclass
@@ -46,25 +55,39 @@ class TensorState:
 class PredictorState:
     round: int = 0  # rounds completed
     tensors: dict[str, TensorState] = field(default_factory=dict)
+    last_input_digest: str = ""  # of the last round's input, to catch a round compressed twice
 
-    def to_bytes(self) -> bytes:
+    def _parts(self) -> list:
+        """The file's bytes before the digest, as pieces (arrays as views, not copies)."""
         entries = []
-        blobs = []
+        arrays = []
         offset = 0
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            for array in (t.ema, t.sign):
-                blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-            nbytes = t.ema.size * 5
-            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds, "offset": offset, "elements": int(t.ema.size)})
-            offset += nbytes
-        header = json.dumps({"round": self.round, "tensors": entries}, sort_keys=True, separators=(",", ":")).encode()
-        body = STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header + b"".join(blobs)
-        return body + hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest()
+            arrays += [_little_endian(t.ema), _little_endian(t.sign)]
+            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
+                            "offset": offset, "elements": int(t.ema.size)})
+            offset += t.ema.size * 5
+        header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
+                            sort_keys=True, separators=(",", ":")).encode()
+        return [STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header, *arrays]
+
+    def _checksum(self) -> bytes:
+        return _fingerprint(self._parts())
+
+    def to_bytes(self) -> bytes:
+        parts = self._parts()
+        return b"".join(bytes(p) if isinstance(p, memoryview) else p for p in parts) + self._checksum()
 
     def digest(self) -> str:
-        """Short hex digest naming this exact state (stored in streams to catch mismatches)."""
-        return self.to_bytes()[-_DIGEST_SIZE:].hex()[:16]
+        """Short hex digest naming this exact state (stored in streams to catch mismatches).
+
+        A state is not modified after construction (rounds build new ones), so it is cached.
+        """
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = self.__dict__["_digest"] = self._checksum().hex()
+        return cached
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "state") -> "PredictorState":
@@ -72,7 +95,7 @@ class PredictorState:
         if len(data) < fixed + _DIGEST_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
             raise GradzipError(f"{source}: not a gradzip state file")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
-        if hashlib.blake2b(body, digest_size=_DIGEST_SIZE).digest() != digest:
+        if _fingerprint([body]) != digest:
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
         if version != STATE_VERSION:
@@ -82,7 +105,7 @@ class PredictorState:
         try:
             header = json.loads(body[fixed : fixed + header_len])
             arrays = memoryview(body)[fixed + header_len :]
-            state = cls(round=int(header["round"]))
+            state = cls(round=int(header["round"]), last_input_digest=str(header["last_input_digest"]))
             for entry in header["tensors"]:
                 n, offset = int(entry["elements"]), int(entry["offset"])
                 if n < 0 or offset < 0 or offset + 5 * n > len(arrays):
@@ -96,6 +119,10 @@ class PredictorState:
         except (ValueError, KeyError, TypeError) as exc:
             raise GradzipError(f"{source}: state file is malformed ({exc})") from None
         return state
+
+
+def _little_endian(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))).cast("B")
 
 
 def load_state(path: str | os.PathLike, create: bool = True) -> PredictorState:

@@ -77,7 +77,7 @@ _MAX_VARINT_BYTES = 9  # 63 bits: every decoded value fits in int64
 # ---------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _value_range(values):
     """Min and max of the symbols as int64 (uint64 values above 2**63 come out negative)."""
     lo = np.int64(values[0])
@@ -91,7 +91,7 @@ def _value_range(values):
     return lo, hi
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _count_dense(values, offset, span):
     counts = np.zeros(span, np.int64)
     unsigned_offset = np.uint64(offset)
@@ -100,7 +100,7 @@ def _count_dense(values, offset, span):
     return counts
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _nonzero_bins(counts, offset):
     """The symbols that occur (ascending) and their frequencies."""
     n_distinct = 0
@@ -118,7 +118,7 @@ def _nonzero_bins(counts, offset):
     return distinct, freqs
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _rank_sparse(values):
     """For alphabets too spread out for a flat array: sort, then map each symbol to its rank."""
     as_int64 = np.empty(values.size, np.int64)
@@ -134,7 +134,7 @@ def _rank_sparse(values):
     return distinct, freqs, ranks
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _huffman_depths(sorted_weights, floor):
     """Optimal code lengths for ascending weights, each raised to at least ``floor``.
 
@@ -189,7 +189,7 @@ def _huffman_depths(sorted_weights, floor):
     return a
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _limited_depths(sorted_weights):
     """Huffman depths no deeper than MAX_CODE_LENGTH, raising the smallest weights if needed."""
     depths = _huffman_depths(sorted_weights, 1)
@@ -216,7 +216,7 @@ def _limited_depths(sorted_weights):
     return depths
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _code_lengths(freqs):
     """Length-limited Huffman code length of each symbol, in the order of ``freqs``."""
     n = freqs.size
@@ -230,7 +230,7 @@ def _code_lengths(freqs):
     return lengths
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _first_codes(lengths):
     """Per-length symbol count and first canonical code (DEFLATE's bl_count / next_code)."""
     count_of_length = np.zeros(MAX_CODE_LENGTH + 1, np.int64)
@@ -245,7 +245,7 @@ def _first_codes(lengths):
     return count_of_length, first_code
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _canonical_codes(lengths):
     """Canonical code of each symbol; symbols are in ascending order, so ties go by symbol."""
     _, next_code = _first_codes(lengths)
@@ -257,7 +257,7 @@ def _canonical_codes(lengths):
     return codes
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _varint_size(value):
     size = 1
     while value >= 0x80:
@@ -266,7 +266,7 @@ def _varint_size(value):
     return size
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _put_varint(out, pos, value):
     while value >= 0x80:
         out[pos] = (value & 0x7F) | 0x80
@@ -276,7 +276,7 @@ def _put_varint(out, pos, value):
     return pos + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _symbol_gap(distinct, i):
     """What the table stores for symbol i: the symbol itself, then gaps minus 1."""
     if i == 0:
@@ -284,7 +284,7 @@ def _symbol_gap(distinct, i):
     return distinct[i] - distinct[i - 1] - 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _write_header_and_table(count, nbits, distinct, lengths):
     """Allocate the whole output; fill header and code table; return it with the bitstream offset."""
     n = distinct.size
@@ -303,7 +303,7 @@ def _write_header_and_table(count, nbits, distinct, lengths):
     return out, pos + n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _total_bits(freqs, lengths):
     total = 0
     for i in range(freqs.size):
@@ -311,7 +311,7 @@ def _total_bits(freqs, lengths):
     return total
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scatter_to_symbols(distinct, offset, span, codes, lengths):
     """Code and length lookup tables indexed by symbol - offset (dense path)."""
     code_of = np.zeros(span, np.uint32)
@@ -322,7 +322,7 @@ def _scatter_to_symbols(distinct, offset, span, codes, lengths):
     return code_of, length_of
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _pack_codes(values, offset, code_of, length_of, out, pos):
     """Append each value's code to ``out`` from ``pos``, MSB first, 4 bytes at a time.
 
@@ -361,7 +361,7 @@ def _pack_codes(values, offset, code_of, length_of, out, pos):
 # ---------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _read_varint(buf, pos, end):
     value = 0
     for i in range(_MAX_VARINT_BYTES):
@@ -377,7 +377,7 @@ def _read_varint(buf, pos, end):
     raise CorruptStreamError("huffman: varint too long")
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _read_symbol_ids(buf, pos, end, n_distinct):
     symbols = np.empty(n_distinct, np.int32)
     previous = -1
@@ -390,7 +390,7 @@ def _read_symbol_ids(buf, pos, end, n_distinct):
     return symbols, pos
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _check_complete_code(lengths):
     """Every length in 1..MAX_CODE_LENGTH and Kraft sum exactly 1; returns the longest length."""
     kraft = 0
@@ -408,7 +408,7 @@ def _check_complete_code(lengths):
     return longest
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _build_decode_tables(symbols, lengths, primary_bits):
     """Primary table indexed by the next primary_bits bits, plus canonical-order data for longer codes.
 
@@ -444,7 +444,7 @@ def _build_decode_tables(symbols, lengths, primary_bits):
     return primary_symbol, primary_length, canonical_symbols, first_code, first_index, count_of_length
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_long_code(bitbuf, shortest, longest, canonical_symbols, first_code, first_index, count_of_length):
     for length in range(shortest, longest + 1):
         offset = np.int64(bitbuf >> np.uint64(64 - length)) - first_code[length]
@@ -453,7 +453,7 @@ def _decode_long_code(bitbuf, shortest, longest, canonical_symbols, first_code, 
     raise CorruptStreamError("huffman: invalid code")  # unreachable for a complete code
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _load_be64(buf, pos):
     word = np.uint64(0)
     for i in range(8):
@@ -461,7 +461,7 @@ def _load_be64(buf, pos):
     return word
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_codes(buf, start, end, out, primary_bits, longest, tables):
     """Decode out.size symbols from buf[start:end]; return the number of bits consumed.
 
@@ -503,7 +503,7 @@ def _decode_codes(buf, start, end, out, primary_bits, longest, tables):
     return (pos - start) * 8 - available
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_stream(buf, expected_count):
     end = buf.size
     if end < 1 or buf[0] != FORMAT_VERSION:

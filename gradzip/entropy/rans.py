@@ -121,7 +121,7 @@ _MESSAGES = {
 # ---- small helpers -------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lane_count(n):
     return 1 if n < FEW_ELEMENTS else MAX_LANES
 
@@ -142,12 +142,12 @@ def _count_leading_zeros(typingctx, value):
 # call numba's refcounting of the words array.
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _bit_length(value):
     return 64 - _count_leading_zeros(np.int64(value))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _put_bits(words, pos, acc, n_acc, value, n_bits):
     """Append n_bits (<= 31) of value; full words go to words[pos]."""
     acc |= value << n_acc
@@ -160,7 +160,7 @@ def _put_bits(words, pos, acc, n_acc, value, n_bits):
     return pos, acc, n_acc
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _get_bits(words, n_words, pos, acc, n_acc, n_bits):
     """Read n_bits (<= 31); returns (value, pos, acc, n_acc, ok). Reads only words[:n_words]."""
     if n_acc < n_bits:
@@ -174,7 +174,7 @@ def _get_bits(words, n_words, pos, acc, n_acc, n_bits):
     return value, pos, acc >> n_bits, n_acc - n_bits, True
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _put_exp_golomb(words, pos, acc, n_acc, value, k):
     shifted = value + (np.int64(1) << k)
     n_low = _bit_length(shifted) - 1  # bits below the leading one
@@ -183,7 +183,7 @@ def _put_exp_golomb(words, pos, acc, n_acc, value, k):
     return _put_bits(words, pos, acc, n_acc, shifted - (np.int64(1) << n_low), n_low)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _get_exp_golomb(words, n_words, pos, acc, n_acc, k):
     """Returns (value, pos, acc, n_acc, status)."""
     unary = 0
@@ -201,7 +201,7 @@ def _get_exp_golomb(words, n_words, pos, acc, n_acc, k):
     return value, pos, acc, n_acc, OK if ok else ERR_BITS_EXHAUSTED
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _exp_golomb_cost(value, k):
     return 2 * (_bit_length(value + (np.int64(1) << k)) - 1) - k + 1
 
@@ -211,7 +211,7 @@ def _exp_golomb_cost(value, k):
 # no-ops): on fine-bound data whether an element is small or has extra bits is random.
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _magnitude_class(magnitude):
     octave = _bit_length(magnitude | DIRECT_LIMIT) - 1  # >= 4 keeps the shift valid
     half = (magnitude >> (octave - 1)) & 1
@@ -219,7 +219,7 @@ def _magnitude_class(magnitude):
     return magnitude if magnitude < DIRECT_LIMIT else large
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _tokenize(codes, contexts, tokens, histogram):
     """tokens[i] = token of codes[i]; histogram[context << TOKEN_SHIFT | token] += 1.
     Contexts must index histogram rows (the caller checks). Returns a status."""
@@ -235,7 +235,7 @@ def _tokenize(codes, contexts, tokens, histogram):
     return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _write_extra_bits(codes, tokens, words, pos, acc, n_acc):
     """Append every element's extra bits; words needs a spare slot past the last full one."""
     for i in range(codes.size):
@@ -252,7 +252,7 @@ def _write_extra_bits(codes, tokens, words, pos, acc, n_acc):
     return pos, acc, n_acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _detokenize(tokens, words, n_words, pos, acc, n_acc, codes):
     """codes[i] from tokens[i] and the extra bits. words[n_words] must exist (a zero pad).
     Returns (pos, acc, n_acc, status)."""
@@ -274,13 +274,13 @@ def _detokenize(tokens, words, n_words, pos, acc, n_acc, codes):
 # ---- model: normalized frequencies ---------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _context_prob_bits(count):
     """log2 of the frequency total for a context with count elements."""
     return min(PROB_BITS, _bit_length(count) + 2)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _normalize(weights, total, prob_bits, freqs):
     """Scale weights (sum = total, 1 <= total <= 2**prob_bits) to freqs summing to
     2**prob_bits, every nonzero weight keeping freq >= 1.  Integer-only: identical on every
@@ -317,7 +317,7 @@ def _normalize(weights, total, prob_bits, freqs):
         assigned -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cumulative(freqs, starts):
     running = 0
     for t in range(freqs.size):
@@ -328,7 +328,7 @@ def _cumulative(freqs, starts):
 # ---- table serialization -------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _write_table(words, pos, acc, n_acc, weights):
     """Write one context's weights (layout in the module docstring)."""
     span = 0
@@ -355,7 +355,7 @@ def _write_table(words, pos, acc, n_acc, weights):
     return pos, acc, n_acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _read_table(words, n_words, pos, acc, n_acc, total, weights):
     """Inverse of _write_table for a context whose weights sum to total.
     Returns (pos, acc, n_acc, status)."""
@@ -382,7 +382,7 @@ def _read_table(words, n_words, pos, acc, n_acc, total, weights):
     return pos, acc, n_acc, OK
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _build_model(histogram):
     """Per-context prob_bits, freqs and starts (rows of 2**TOKEN_SHIFT) from token counts."""
     n_contexts = histogram.shape[0]
@@ -398,7 +398,7 @@ def _build_model(histogram):
     return prob_bits, freqs, starts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _write_tables(histogram, freqs, words, pos, acc, n_acc):
     for c in range(histogram.shape[0]):
         count = histogram[c].sum()
@@ -414,7 +414,7 @@ def _write_tables(histogram, freqs, words, pos, acc, n_acc):
 # arrays get refcount calls around each use.  Renormalization is branch-free.
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rans_encode(tokens, contexts, prob_bits, freqs, starts, lanes):
     """Encode tokens backwards; freqs/starts are flat, indexed (context << TOKEN_SHIFT) |
     token.  Returns the emitted words followed by the final states."""
@@ -443,7 +443,7 @@ def _rans_encode(tokens, contexts, prob_bits, freqs, starts, lanes):
     return words[:pos]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rans_decode(words, contexts, prob_bits, slot_base, slot_tokens, freqs, starts, lanes, tokens):
     """Inverse of _rans_encode: fills tokens, returns a status.  Context c's slot table is
     slot_tokens[slot_base[c] : slot_base[c] + 2**prob_bits[c]]."""
@@ -486,7 +486,7 @@ def _rans_decode(words, contexts, prob_bits, slot_base, slot_tokens, freqs, star
 # ---- whole-stream kernels ------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _count_tokens(codes, contexts, n_contexts):
     """(status, tokens, histogram[n_contexts, 2**TOKEN_SHIFT])."""
     tokens = np.empty(codes.size, np.uint8)
@@ -495,7 +495,7 @@ def _count_tokens(codes, contexts, n_contexts):
     return status, tokens, histogram
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode_kernel(codes, contexts, n_contexts):
     """Returns (status, bit_words, rans_words)."""
     status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
@@ -516,7 +516,7 @@ def _encode_kernel(codes, contexts, n_contexts):
     return OK, bit_words[:pos], rans_words
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
     """Fills codes; returns a status.  bit_words[n_bit_words] is a zero pad word."""
     counts = np.zeros(n_contexts, np.int64)
@@ -566,27 +566,44 @@ def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, cod
     return OK
 
 
-@njit(cache=True)
-def _ideal_bits_kernel(codes, contexts, n_contexts):
-    """(status, bits): per-context empirical token entropy plus the raw extra bits."""
-    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+@njit(cache=True, nogil=True)
+def _histogram_ideal_bits(histogram):
+    """Per-context empirical token entropy plus the raw extra bits."""
     bits = 0.0
-    for c in range(n_contexts):
+    for c in range(histogram.shape[0]):
         count = histogram[c].sum()
         for t in range(N_TOKENS):
             k = histogram[c, t]
             if k > 0:
                 bits += k * (np.log2(count / k) + TOKEN_EXTRA_BITS[t])
-    return status, bits
+    return bits
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
+def _histogram_table_bits(histogram):
+    prob_bits, freqs, starts = _build_model(histogram)
+    scratch = np.empty(histogram.shape[0] * N_TOKENS * (2 * MAX_WEIGHT_BITS + 1) // 32 + 8, np.uint32)
+    pos, acc, n_acc = _write_tables(histogram, freqs, scratch, 0, np.int64(0), 0)
+    return 32 * pos + n_acc
+
+
+@njit(cache=True, nogil=True)
+def _ideal_bits_kernel(codes, contexts, n_contexts):
+    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    return status, _histogram_ideal_bits(histogram)
+
+
+@njit(cache=True, nogil=True)
 def _table_bits_kernel(codes, contexts, n_contexts):
     status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
-    prob_bits, freqs, starts = _build_model(histogram)
-    scratch = np.empty(n_contexts * N_TOKENS * (2 * MAX_WEIGHT_BITS + 1) // 32 + 8, np.uint32)
-    pos, acc, n_acc = _write_tables(histogram, freqs, scratch, 0, np.int64(0), 0)
-    return status, 32 * pos + n_acc
+    return status, _histogram_table_bits(histogram)
+
+
+@njit(cache=True, nogil=True)
+def _estimate_kernel(codes, contexts, n_contexts):
+    """(status, ideal payload bits + table bits) from one tokenizing pass."""
+    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    return status, _histogram_ideal_bits(histogram) + _histogram_table_bits(histogram)
 
 
 # ---- public API ----------------------------------------------------------------------
@@ -710,3 +727,13 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
     status, bits = _table_bits_kernel(codes, contexts, n_contexts)
     _check_status(status)
     return int(bits)
+
+
+def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
+    """ideal_bits + table_bits in one pass: what encode's output will take, give or take the
+    few bytes of header and final states."""
+    codes = _check_codes(codes)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    status, bits = _estimate_kernel(codes, contexts, n_contexts)
+    _check_status(status)
+    return float(bits)

@@ -18,7 +18,7 @@ N_MAGNITUDE_BUCKETS = 12
 _SMALLEST_BUCKET_LOG2 = -3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def magnitude_contexts(predicted_magnitude, eb, contexts):
     """contexts[i] = log2 bucket of predicted_magnitude[i] / (2 eb), clipped to the bucket range."""
     inv_step = 1.0 / (2.0 * eb)
@@ -26,14 +26,15 @@ def magnitude_contexts(predicted_magnitude, eb, contexts):
         steps = predicted_magnitude[i] * inv_step
         bucket = 0
         if steps > 0.0 and math.isfinite(steps):
-            bucket = int(math.floor(math.log2(steps))) - _SMALLEST_BUCKET_LOG2 + 1
+            # frexp gives floor(log2(steps)) + 1 exactly, and far faster than log2.
+            bucket = math.frexp(steps)[1] - _SMALLEST_BUCKET_LOG2
             bucket = min(max(bucket, 0), N_MAGNITUDE_BUCKETS - 1)
         elif not math.isfinite(steps):
             bucket = N_MAGNITUDE_BUCKETS - 1
         contexts[i] = bucket
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def orient_by_sign(codes, signs):
     """Multiply codes by signs (+1 where the sign is 0), in place; its own inverse."""
     for i in range(codes.size):

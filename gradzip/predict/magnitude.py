@@ -16,7 +16,7 @@ import numpy as np
 DEFAULT_BETA = 0.3
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def magnitude_stats(values):
     """Mean and standard deviation of |x| over the finite elements (0, 0 if none)."""
     total = 0.0
@@ -38,7 +38,7 @@ def magnitude_stats(values):
     return mean, math.sqrt(spread / count)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def update_ema(ema, recon, beta, first_round):
     """Fold this round's normalized reconstructed magnitudes into ema (float32, in place)."""
     mean, std = magnitude_stats(recon)
@@ -54,7 +54,7 @@ def update_ema(ema, recon, beta, first_round):
             ema[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def predict_magnitude(ema, mean, std, out):
     """Predicted magnitudes |M * std + mean| into out (float64)."""
     for i in range(ema.size):

@@ -24,7 +24,7 @@ def kernel_size(shape: tuple[int, ...]) -> int:
     return 0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def signs_of(values, out):
     """Sign of each element as int8 (-1, 0, +1); NaN counts as 0."""
     for i in range(values.size):
@@ -32,7 +32,7 @@ def signs_of(values, out):
         out[i] = 1 if v > 0 else (-1 if v < 0 else 0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def kernel_consistency(values, size, tau, predictable, kernel_sign):
     """Per kernel of `size` consecutive elements: is it sign-consistent, and which sign."""
     n_kernels = values.size // size
@@ -50,7 +50,7 @@ def kernel_consistency(values, size, tau, predictable, kernel_sign):
         kernel_sign[k] = positive >= negative
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def oscillation_agreement(values, previous_sign):
     """(elements whose sign equals the previous round's, elements with both signs nonzero)."""
     same = 0
@@ -65,7 +65,7 @@ def oscillation_agreement(values, previous_sign):
     return same, both
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, out):
     """Combine the oscillation mode and the kernel bitmap into a sign per element."""
     for i in range(previous_sign.size):

@@ -1,0 +1,382 @@
+"""One small adapter per benchmarked method.
+
+A method makes a *session* per (sequence, error bound). A session compresses one round at a
+time, carrying whatever state the method keeps across rounds, and decompresses in the same
+order. Every session is handed the same per-tensor absolute bounds by the runner:
+
+    session.compress(tensors, bounds) -> Packed      bounds: {name: absolute eb}
+    session.decompress(packed)        -> {name: array}
+
+Routing shared by every method (gradzip does the same internally, see gradzip/codec.py):
+non-float tensors, tensors of at most `lossy_limit` elements and tensors whose bound is 0
+(constant, or no finite value) are stored with zstd, so every lossy coder sees exactly the
+same set of tensors. F16/BF16 tensors are widened to float32 for the baselines and narrowed
+back afterwards.
+
+What each method is charged: gradzip the whole .grz stream of the round (header, per-tensor
+records and checksums included; `container_bytes` reports that overhead). The baselines only
+their payloads: SZ3's and ZFP's streams carry their own small headers, but no framing for
+names or shapes is counted, which is the cheapest any framework could ship them.
+"""
+from __future__ import annotations
+
+import importlib
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+QSGD_LEVELS = 255
+
+
+@dataclass
+class Packed:
+    """One compressed round."""
+
+    data: object  # method-specific
+    nbytes: int  # bytes the method would send for this round
+    tensor_bytes: dict[str, int]  # per tensor (gradzip: payload only, framing excluded)
+    used_bounds: dict[str, float]  # absolute bound each tensor was coded under; 0.0 = stored exactly
+
+
+class Session:
+    """Compresses and decompresses one client's rounds in order."""
+
+    def compress(self, tensors: dict[str, np.ndarray], bounds: dict[str, float]) -> Packed:
+        raise NotImplementedError
+
+    def decompress(self, packed: Packed) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # Stateful sessions return and accept their state, so a round can be timed several times.
+    def snapshot(self):
+        return None
+
+    def restore(self, snapshot) -> None:
+        pass
+
+    def describe(self, packed: Packed) -> dict:
+        """Method-specific figures of a round, computed outside the timed region."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as given to --methods
+    label: str
+    family: str
+    error_bounded: bool
+    description: str
+    requires: tuple[str, ...]  # modules that must import
+    make: Callable[..., Session] = field(repr=False)  # make(mode, error_bound, lossy_limit, seed)
+
+    def missing(self) -> str | None:
+        """Why the method cannot run here, or None."""
+        for module in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                return f"{module} is not installed ({exc})" if "No module named" not in str(exc) else f"{module} is not installed"
+        return None
+
+
+# ---------------------------------------------------------------- gradzip
+
+
+class GradzipSession(Session):
+    def __init__(self, mode: str, error_bound: float, *, magnitude: bool = True, sign: bool = True):
+        from ..api import Compressor, Decompressor
+
+        self.compressor = Compressor(error_bound=error_bound, mode=mode, magnitude_prediction=magnitude,
+                                     sign_prediction=sign)
+        self.decompressor = Decompressor()
+
+    @property
+    def lossy_limit(self) -> int:
+        return self.compressor.config.min_lossy_elements
+
+    def compress(self, tensors, bounds) -> Packed:
+        blob = self.compressor.compress(tensors)
+        report = self.compressor.last_report
+        used = {t.name: (float(t.eb) if t.method == "quantized" else 0.0) for t in report.tensors}
+        sizes = {t.name: t.compressed_bytes for t in report.tensors}
+        return Packed((blob, report), len(blob), sizes, used)
+
+    def decompress(self, packed: Packed):
+        return self.decompressor.decompress(packed.data[0])
+
+    def snapshot(self):
+        # A round replaces the state objects rather than mutating them (gradzip/api.py).
+        return self.compressor.state, self.decompressor.state
+
+    def restore(self, snapshot) -> None:
+        self.compressor.state, self.decompressor.state = snapshot
+
+    def describe(self, packed: Packed) -> dict:
+        import io
+
+        from ..container import StreamReader
+
+        blob, report = packed.data
+        ideal = {t.name: t.ideal_code_bits for t in report.tensors}
+        predictors: dict[str, int] = {}
+        coders: dict[str, int] = {}
+        code_bytes = 0
+        ideal_bits = 0.0
+        payload_bytes = 0
+        escaped = 0
+        reader = StreamReader(io.BytesIO(blob), len(blob))
+        reader.header()
+        for record, payload in reader.records():
+            payload_bytes += len(payload)
+            if record["method"] != "quantized":
+                predictors["lossless"] = predictors.get("lossless", 0) + 1
+                continue
+            params = record["params"]
+            predictors[params["predictor"]] = predictors.get(params["predictor"], 0) + 1
+            coders[params["coder"]] = coders.get(params["coder"], 0) + 1
+            escaped += int(params.get("escaped", 0))
+            if params["coder"] == "rans":
+                sections = dict((name, length) for name, length in record["sections"])
+                code_bytes += sections["codes"]
+                ideal_bits += ideal[record["name"]]
+        return {"predictors": predictors, "coders": coders, "rans_code_bytes": code_bytes,
+                "rans_ideal_code_bits": ideal_bits, "payload_bytes": payload_bytes,
+                "container_bytes": len(blob) - payload_bytes, "escaped": escaped}
+
+
+def _gradzip(magnitude: bool, sign: bool):
+    def make(mode, error_bound, lossy_limit, seed):
+        return GradzipSession(mode, error_bound, magnitude=magnitude, sign=sign)
+    return make
+
+
+# ---------------------------------------------------------------- per-tensor baselines
+
+
+class PerTensorSession(Session):
+    """A baseline that codes each tensor on its own; subclasses code one float array."""
+
+    def __init__(self, lossy_limit: int, seed: int = 0):
+        import zstandard
+
+        from ..lossless import DEFAULT_LEVEL
+
+        self.lossy_limit = lossy_limit
+        self.seed = seed
+        self.round = 0
+        self._zstd = zstandard.ZstdCompressor(level=DEFAULT_LEVEL)
+        self._unzstd = zstandard.ZstdDecompressor()
+
+    # subclasses: values is a flat-or-shaped float32/float64 C-contiguous array
+    def encode(self, values: np.ndarray, eb: float, index: int) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def compress(self, tensors, bounds) -> Packed:
+        from ..floats import LOSSY_DTYPES, original_bits, widen
+        from ..tensorio import dtype_name
+
+        items = {}
+        sizes = {}
+        used = {}
+        for index, (name, array) in enumerate(tensors.items()):
+            dtype = dtype_name(array)
+            eb = float(bounds.get(name, 0.0))
+            shape = tuple(array.shape)
+            if dtype in LOSSY_DTYPES and array.size > self.lossy_limit and eb > 0 and np.isfinite(eb):
+                values = widen(array, dtype).reshape(shape)
+                data = self.encode(np.ascontiguousarray(values), eb, index)
+                items[name] = ("lossy", data, dtype, shape)
+                used[name] = eb
+            else:
+                raw = original_bits(array, dtype).tobytes() if dtype in LOSSY_DTYPES else _le_bytes(array)
+                data = self._zstd.compress(raw)
+                items[name] = ("zstd", data, dtype, shape, array.dtype)
+                used[name] = 0.0
+            sizes[name] = len(data)
+        self.round += 1
+        return Packed(items, sum(sizes.values()), sizes, used)
+
+    def decompress(self, packed: Packed):
+        from ..floats import compute_dtype, narrow
+        from ..tensorio import as_bfloat16
+
+        out = {}
+        for name, item in packed.data.items():
+            if item[0] == "lossy":
+                _, data, dtype, shape = item
+                values = self.decode(data, compute_dtype(dtype), shape)
+                out[name] = narrow(values.reshape(-1), dtype).reshape(shape)
+            else:
+                _, data, dtype, shape, np_dtype = item
+                raw = self._unzstd.decompress(data)
+                if dtype == "BF16":
+                    out[name] = as_bfloat16(np.frombuffer(raw, "<u2")).reshape(shape)
+                else:
+                    le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
+                    out[name] = np.frombuffer(raw, le).astype(np_dtype).reshape(shape)
+        return out
+
+    def snapshot(self):
+        return self.round
+
+    def restore(self, snapshot) -> None:
+        self.round = snapshot
+
+
+def _le_bytes(array: np.ndarray) -> bytes:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def at_most_4d(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """SZ3 and ZFP take 1 to 4 dimensions: merge leading ones beyond four; scalars become (1,)."""
+    if not shape:
+        return (1,)
+    shape = tuple(shape)
+    while len(shape) > 4:
+        shape = (shape[0] * shape[1],) + shape[2:]
+    return shape
+
+
+class SZ3Session(PerTensorSession):
+    """SZ3 through pysz, ABS mode at the tensor's absolute bound."""
+
+    def __init__(self, lossy_limit, seed=0, *, flatten: bool = False, nopred: bool = False):
+        super().__init__(lossy_limit, seed)
+        self.flatten = flatten
+        self.nopred = nopred
+
+    def _shape(self, shape):
+        return (int(np.prod(shape, dtype=np.int64)),) if self.flatten else at_most_4d(shape)
+
+    def encode(self, values, eb, index):
+        return sz3_compress(values.reshape(self._shape(values.shape)), eb, nopred=self.nopred)
+
+    def decode(self, data, dtype, shape):
+        return sz3_decompress(data, dtype, self._shape(shape))
+
+
+def sz3_compress(values: np.ndarray, eb: float, *, nopred: bool = False) -> bytes:
+    """pysz.sz.compress at ABS eb, default algorithm unless nopred (what SZ3 itself gives)."""
+    from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
+
+    conf = szConfig(values.shape)
+    conf.errorBoundMode = szErrorBoundMode.ABS
+    conf.absErrorBound = eb
+    if nopred:
+        conf.cmprAlgo = szAlgorithm.NOPRED
+    compressed, _ratio = sz.compress(values, conf)
+    return compressed.tobytes()  # pysz returns a view of its worst-case-sized buffer
+
+
+def sz3_decompress(data: bytes, dtype, shape) -> np.ndarray:
+    from pysz import sz
+
+    values, _conf = sz.decompress(np.frombuffer(data, np.uint8), dtype, shape)
+    return values
+
+
+class ZFPSession(PerTensorSession):
+    """ZFP fixed-accuracy mode through zfpy, tolerance = the tensor's absolute bound."""
+
+    def encode(self, values, eb, index):
+        import zfpy
+
+        return zfpy.compress_numpy(values.reshape(at_most_4d(values.shape)), tolerance=eb)
+
+    def decode(self, data, dtype, shape):
+        import zfpy
+
+        return zfpy.decompress_numpy(data).astype(dtype, copy=False)
+
+
+class QSGDSession(PerTensorSession):
+    """QSGD: s levels of the max-norm with stochastic rounding; signed levels rANS-coded.
+
+    Not error-bounded: the bound is ignored (it only decides, like for every method, which
+    tensors are coded lossy). Payload: float64 scale, then gradzip's rANS coder over the signed
+    levels in one context. Rounding noise is seeded per (seed, round, tensor), so runs repeat.
+    """
+
+    levels = QSGD_LEVELS
+
+    def encode(self, values, eb, index):
+        from ..entropy import rans
+
+        flat = values.reshape(-1)
+        finite = np.isfinite(flat)
+        magnitudes = np.abs(np.where(finite, flat, 0))
+        scale = float(magnitudes.max()) if flat.size else 0.0
+        if scale > 0:
+            rng = np.random.default_rng([self.seed, self.round, index])
+            noise = rng.random(flat.size, dtype=np.float32 if flat.dtype == np.float32 else np.float64)
+            level = np.floor(magnitudes * (self.levels / scale) + noise)
+            np.minimum(level, self.levels, out=level)
+            codes = np.where(flat < 0, -level, level).astype(np.int32)
+        else:
+            codes = np.zeros(flat.size, np.int32)
+        coded = rans.encode(codes, np.zeros(flat.size, np.uint8), 1)
+        return struct.pack("<d", scale) + coded
+
+    def decode(self, data, dtype, shape):
+        from ..entropy import rans
+
+        (scale,) = struct.unpack_from("<d", data, 0)
+        n = int(np.prod(shape, dtype=np.int64))
+        codes = rans.decode(memoryview(data)[8:], np.zeros(n, np.uint8), 1)
+        return (codes * (scale / self.levels)).astype(dtype).reshape(shape)
+
+
+class ZstdSession(PerTensorSession):
+    """zstd on every tensor's raw little-endian bytes (lossless)."""
+
+    def __init__(self, lossy_limit, seed=0):
+        super().__init__(lossy_limit=2**63 - 1, seed=seed)  # never lossy
+
+
+def _per_tensor(cls, **kwargs):
+    def make(mode, error_bound, lossy_limit, seed):
+        return cls(lossy_limit, seed, **kwargs)
+    return make
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("gradzip", "gradzip", "gradzip", True, "gradzip as shipped: every predictor and coder it has, smallest kept per tensor",
+           (), _gradzip(True, True)),
+    Method("gradzip-nopred", "gradzip no prediction", "gradzip", True, "ablation: magnitude and sign prediction off (quantizer + entropy coder only)",
+           (), _gradzip(False, False)),
+    Method("gradzip-mag", "gradzip magnitude only", "gradzip", True, "ablation: cross-round magnitude predictor only, sign predictor off",
+           (), _gradzip(True, False)),
+    Method("gradzip-sign", "gradzip sign only", "gradzip", True, "ablation: sign predictor only, magnitude predictor off",
+           (), _gradzip(False, True)),
+    Method("sz3", "SZ3", "sz3", True, "SZ3 (pysz), default algorithm, the tensor's own shape (leading dims merged beyond 4-D)",
+           ("pysz",), _per_tensor(SZ3Session)),
+    Method("sz3-1d", "SZ3 1-D", "sz3", True, "SZ3 (pysz), default algorithm, tensor flattened to 1-D (as APPFL calls it)",
+           ("pysz",), _per_tensor(SZ3Session, flatten=True)),
+    Method("sz3-nopred", "SZ3 NOPRED", "sz3", True, "SZ3 (pysz), NOPRED algorithm (quantization + SZ3's entropy coding only)",
+           ("pysz",), _per_tensor(SZ3Session, nopred=True)),
+    Method("zfp", "ZFP", "zfp", True, "ZFP (zfpy), fixed-accuracy mode, tolerance = eb",
+           ("zfpy",), _per_tensor(ZFPSession)),
+    Method("qsgd", f"QSGD s={QSGD_LEVELS}", "qsgd", False,
+           f"QSGD, s={QSGD_LEVELS} levels of the max-norm, stochastic rounding, levels rANS-coded; NOT error-bounded",
+           (), _per_tensor(QSGDSession)),
+    Method("zstd", "zstd (lossless)", "lossless", True, "zstd level 3 on the raw bytes of every tensor",
+           ("zstandard",), _per_tensor(ZstdSession)),
+]}
+
+DEFAULT_METHODS = tuple(METHODS)
+
+
+def resolve(names) -> list[Method]:
+    """Methods by name, in the order given (None: all); unknown names raise ValueError."""
+    if not names:
+        return list(METHODS.values())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return [METHODS[n] for n in dict.fromkeys(names)]
