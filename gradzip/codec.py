@@ -19,7 +19,7 @@ from . import lossless
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
-from .predict.context import N_MAGNITUDE_BUCKETS, magnitude_contexts, orient_by_sign
+from .predict.context import MAX_MERGE_SHIFT, N_MAGNITUDE_BUCKETS, magnitude_contexts, merged_contexts, orient_by_sign
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
 from .quantize import RADIUS, dequantize, quantize
@@ -34,6 +34,8 @@ MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 16
 # Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
 _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
 _NO_PREDICTION = np.empty(0, np.float64)
+# Larger tensors amortize a table per bucket; only smaller ones try merged buckets.
+_MERGE_TRIAL_ELEMENTS = 1 << 17
 _MAX_HUFFMAN_BYTES_PER_CODE = 5  # codes are at most 32 bits plus table: a looser cap is a bomb
 MODES = ("abs", "rel")
 CODERS = ("rans", "huffman")
@@ -265,7 +267,11 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> 
     if config.coder == "rans":
         contexts, n_contexts, oriented = _coding_contexts(plain.codes, predicted, eb, previous.sign, config)
         params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
-        candidates.append(_Candidate("context", plain, params, [], oriented, contexts, n_contexts))
+        candidates.append(_Candidate("context", plain, {**params, "context_merge": 0}, [], oriented, contexts, n_contexts))
+        if config.magnitude_prediction and values.size < _MERGE_TRIAL_ELEMENTS:
+            for shift in range(1, MAX_MERGE_SHIFT + 1):
+                coarse, n_coarse = merged_contexts(contexts, shift)
+                candidates.append(_Candidate("context", plain, {**params, "context_merge": shift}, [], oriented, coarse, n_coarse))
     return candidates
 
 
@@ -456,7 +462,10 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
             contexts = np.zeros(n, np.uint8)
             if params["magnitude_contexts"]:
                 magnitude_contexts(predicted, eb, contexts)
-                n_contexts = N_MAGNITUDE_BUCKETS
+                shift = params["context_merge"]
+                if shift not in range(MAX_MERGE_SHIFT + 1):
+                    raise CorruptStreamError("bad context merge")
+                contexts, n_contexts = merged_contexts(contexts, shift)
             orient = bool(params["sign_oriented"])
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")

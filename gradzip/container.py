@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import zlib
 from typing import BinaryIO, Iterator
 
@@ -34,7 +35,7 @@ FRAME_DICTIONARY = (
     b'{"kind":"tensor","name":"conv.weight","dtype":"F32","shape":[1,1,3,3],"method":"quantized",'
     b'"params":{"eb":0.001,"predictor":"none","coder":"rans","escaped":0},"sections":[["codes",1]],'
     b'"recon_crc32":1,"payload_bytes":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
-    b'"magnitude_contexts":true,"sign_oriented":true,"escaped":0},"sections":[["codes",1]],'
+    b'"magnitude_contexts":true,"sign_oriented":true,"context_merge":0,"escaped":0},"sections":[["codes",1]],'
     b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"oscillation":0,'
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
     b'["escape_index",1],["escape_value",1],["padding",1]],"recon_crc32":1,"payload_bytes":1}'
@@ -42,7 +43,22 @@ FRAME_DICTIONARY = (
 )
 _FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 _FRAME_LEVEL = 9
-_FRAME_DECOMPRESSOR = zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
+_per_thread = threading.local()
+
+
+def _frame_compressor() -> zstandard.ZstdCompressor:
+    """One per thread: loading the dictionary costs milliseconds, and zstd contexts are not
+    safe to share between threads."""
+    if not hasattr(_per_thread, "compressor"):
+        _per_thread.compressor = zstandard.ZstdCompressor(
+            level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=True, write_checksum=False, write_dict_id=False)
+    return _per_thread.compressor
+
+
+def _frame_decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_per_thread, "decompressor"):
+        _per_thread.decompressor = zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
+    return _per_thread.decompressor
 MAX_PAYLOAD_BYTES = 1 << 40
 _READ_CHUNK = 1 << 24
 
@@ -54,11 +70,9 @@ def _crc(data: bytes) -> int:
 class StreamWriter:
     def __init__(self, out: BinaryIO):
         self._out = out
-        self._zstd = zstandard.ZstdCompressor(level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=True,
-                                              write_checksum=False, write_dict_id=False)
 
     def _frame(self, obj: dict) -> None:
-        data = self._zstd.compress(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
+        data = _frame_compressor().compress(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
         self._out.write(struct.pack("<I", len(data)) + data + struct.pack("<I", _crc(data)))
 
     def header(self, header: dict) -> None:
@@ -106,7 +120,7 @@ class StreamReader:
         if _crc(data) != crc:
             raise CorruptStreamError("frame checksum mismatch")
         try:
-            obj = json.loads(_FRAME_DECOMPRESSOR.decompress(data, max_output_size=MAX_FRAME_BYTES))
+            obj = json.loads(_frame_decompressor().decompress(data, max_output_size=MAX_FRAME_BYTES))
         except zstandard.ZstdError:
             raise CorruptStreamError("frame is not a valid zstd frame") from None
         except (ValueError, UnicodeDecodeError):

@@ -40,3 +40,13 @@ def orient_by_sign(codes, signs):
     for i in range(codes.size):
         if signs[i] < 0:
             codes[i] = -codes[i]
+
+
+# Small tensors cannot pay for a frequency table per bucket: the encoder may merge 2 or 4
+# neighbouring buckets (a shift of 1 or 2) and keeps whichever is smaller.
+MAX_MERGE_SHIFT = 2
+
+
+def merged_contexts(contexts: np.ndarray, shift: int) -> tuple[np.ndarray, int]:
+    """Buckets merged 2**shift at a time, and the resulting number of contexts."""
+    return contexts >> np.uint8(shift), (N_MAGNITUDE_BUCKETS + (1 << shift) - 1) >> shift
