@@ -142,6 +142,12 @@ def print_tables(result: dict, console) -> None:
         if g and g["coder_overhead"] is not None:
             notes.append(f"gradzip at {entry['error_bound']:g}: rANS codes {_bytes(g['rans_code_bytes'])} vs ideal "
                          f"{_bytes(g['rans_ideal_code_bytes'])} under its own model ({100 * g['coder_overhead']:+.2f}%)")
+    env = result["environment"]
+    loads = [env.get("load_average"), env.get("load_average_after")]
+    busiest = max((load[0] for load in loads if load), default=None)
+    if busiest is not None and env.get("cpu_count") and busiest > 0.75 * env["cpu_count"]:
+        notes.append(f"[yellow]the machine was busy (1-min load up to {busiest:.1f} on {env['cpu_count']} CPU(s)): "
+                     "MB/s are understated and noisy; the JSON also has CPU-time figures[/]")
     memory = result["settings"]["memory"]
     if memory == "rss":
         notes.append("peak mem: rise of resident memory (VmHWM) over a compress or decompress call, all allocators included")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 STYLE = {  # method -> (colour, marker, line style)
     "gradzip": ("#08519c", "o", "-"),
+    "gradzip-mt": ("#08306b", "o", ":"),
     "gradzip-nopred": ("#6baed6", "v", "--"),
     "gradzip-mag": ("#3182bd", "^", "--"),
     "gradzip-sign": ("#9ecae1", "<", "--"),

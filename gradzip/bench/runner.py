@@ -2,12 +2,12 @@
 
 Same tensors, same bound: for each bound and round the runner computes every tensor's
 absolute bound once, with gradzip's own `absolute_bound` (rel: eb * max - eb * min over the
-finite values, i.e. eb times the value range, as in SZ3's REL mode; abs: eb), and hands that
-dict to every method. gradzip runs one Compressor per method across all rounds in the same
-mode (its state must span rounds), and the runner checks that the bound gradzip reports for
-every quantized tensor is bit-identical to the runner's; every baseline reports the bound it
-coded each tensor under. Any difference raises BenchError: methods are never compared at
-different bounds.
+finite values, i.e. eb times the value range up to one rounding, as in SZ3's REL mode; abs:
+eb), and hands that dict to every method. gradzip runs one Compressor per method across all
+rounds in the same mode (its state must span rounds), and the runner checks that the bound
+gradzip reports for every quantized tensor is bit-identical to the runner's; every baseline
+reports the bound it coded each tensor under. Any difference raises BenchError: methods are
+never compared at different bounds.
 
 Figures per method and bound (JSON-ready dict, see `run_bench`):
 - sizes: compressed bytes, ratio and bits per value, total and per round;
@@ -15,12 +15,14 @@ Figures per method and bound (JSON-ready dict, see `run_bench`):
   over `repeats` runs of each round, after a warm-up on the first two rounds with a throwaway
   session; the warm-up's extra time over the steady state (numba compilation or cache
   loading, imports, first-call set-up) is reported separately as `warmup_overhead_seconds`;
+  the fastest process CPU times are kept too (steadier than wall time on a busy machine);
 - errors: max abs error, max error / eb, PSNR (20 log10(range / RMSE), range the largest
   tensor value range, RMSE pooled over every float element, as `gradzip compress` reports),
   NRMSE, and the number of elements over the bound;
 - memory: see `_PeakMemory`;
 - gradzip: the coder's efficiency (rANS code bytes against the ideal code length under its
-  own model), predictors and coders chosen, container overhead and state size.
+  own model, measured in an untimed re-encoding), predictors and coders chosen, framing
+  (`framing_bytes`: .grz header and records; baselines are charged none) and state size.
 """
 from __future__ import annotations
 
@@ -239,18 +241,23 @@ class _RoundFigures:
     compressed_bytes: int = 0
     compress_seconds: float = 0.0
     decompress_seconds: float = 0.0
+    compress_cpu: float = 0.0
+    decompress_cpu: float = 0.0
     errors: _Errors = field(default_factory=_Errors)
 
 
 def _timed(fn, repeats: int, before: Callable[[], None]):
-    best = math.inf
+    """(result, fastest wall seconds, fastest process CPU seconds) over `repeats` calls."""
+    best = best_cpu = math.inf
     result = None
     for _ in range(max(1, repeats)):
         before()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t0)
-    return result, best
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return result, best, best_cpu
 
 
 def _check_bounds(method: Method, packed: Packed, bounds: dict[str, float], round_label: str) -> None:
@@ -295,7 +302,7 @@ def _run_method(method: Method, rounds: list[Round], bounds: list[dict[str, floa
             memory.start()
             s.compress(r.tensors, b)
             peak_memory = max(peak_memory, memory.peak())
-        packed, figures.compress_seconds = _timed(compress_once, config.repeats, lambda: s.restore(snap))
+        packed, figures.compress_seconds, figures.compress_cpu = _timed(compress_once, config.repeats, lambda: s.restore(snap))
         if len(sizes) != 1:
             raise BenchError(f"{method.name}: repeated compression of {r.label} gave different sizes {sorted(sizes)}")
         _check_bounds(method, packed, b, r.label)
@@ -305,16 +312,16 @@ def _run_method(method: Method, rounds: list[Round], bounds: list[dict[str, floa
             s.decompress(packed)
             peak_memory = max(peak_memory, memory.peak())
             s.restore(after_compress)
-        recon, figures.decompress_seconds = _timed(lambda: s.decompress(packed), config.repeats,
-                                                  lambda: s.restore(after_compress))
+        recon, figures.decompress_seconds, figures.decompress_cpu = _timed(lambda: s.decompress(packed), config.repeats,
+                                                                          lambda: s.restore(after_compress))
         figures.compressed_bytes = packed.nbytes
-        payload += sum(packed.tensor_bytes.values())
         if set(recon) != set(r.tensors):
             raise BenchError(f"{method.name}: decompressed tensors {sorted(recon)} differ from the input's")
         for name, original in r.tensors.items():
             figures.errors.add(compare(original, recon[name], b[name]))
             tensor_bytes.setdefault(name, []).append(packed.tensor_bytes.get(name, 0))
         described.append(s.describe(packed))
+        payload += packed.payload_bytes if packed.payload_bytes is not None else described[-1].get("payload_bytes", packed.nbytes)
         del recon, packed
         per_round.append(figures)
 
@@ -336,6 +343,9 @@ def _run_method(method: Method, rounds: list[Round], bounds: list[dict[str, floa
         "compress_seconds": c_seconds, "decompress_seconds": d_seconds,
         "compress_mb_s": original / c_seconds / 1e6 if c_seconds else None,
         "decompress_mb_s": original / d_seconds / 1e6 if d_seconds else None,
+        # process CPU time (all threads): a steadier figure than wall time on a busy machine
+        "compress_cpu_seconds": sum(f.compress_cpu for f in per_round),
+        "decompress_cpu_seconds": sum(f.decompress_cpu for f in per_round),
         "warmup_seconds": warmup_seconds,
         "warmup_overhead_seconds": max(0.0, warmup_seconds - sum(f.compress_seconds + f.decompress_seconds for f in per_round[:2])),
         "max_abs_error": _num(errors.max_abs_error), "max_error_over_eb": _num(errors.max_error_over_eb),
@@ -400,7 +410,11 @@ def environment() -> dict:
             versions[module] = None
     from .. import __version__
 
-    return {"gradzip": __version__, "versions": versions, "platform": platform.platform(),
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"gradzip": __version__, "versions": versions, "platform": platform.platform(), "load_average": load,
             "machine": platform.machine(), "cpu_count": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS}
 
 
@@ -468,6 +482,10 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
                                                         memory)
         _relative_to(entry["methods"], "sz3")
         out["results"].append(entry)
+    try:
+        out["environment"]["load_average_after"] = list(os.getloadavg())
+    except OSError:
+        pass
     return out
 
 
