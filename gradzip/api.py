@@ -136,13 +136,18 @@ def ordered_map(function, items, threads: int):
                 future.cancel()
 
 
-def _check_names(tensors: dict) -> None:
+def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
+    """The round's tensors, numpy scalars as 0-d arrays; anything unusable is an InputError."""
+    if not isinstance(tensors, dict):
+        raise InputError(f"a round is a dict of name -> numpy array, not a {type(tensors).__name__}")
+    tensors = {name: np.asarray(a) if isinstance(a, np.generic) else a for name, a in tensors.items()}
     for name, array in tensors.items():
         if not isinstance(name, str) or not name:
             raise InputError(f"tensor names must be non-empty strings, got {name!r}")
         if not isinstance(array, np.ndarray):
             raise InputError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
         dtype_name(array)
+    return tensors
 
 
 class Compressor:
@@ -172,7 +177,7 @@ class Compressor:
                     metadata: dict[str, str] | None = None,
                     on_tensor: Callable[[str], None] | None = None) -> RoundReport:
         """Stream one round to `out`, one tensor at a time; the state advances only at the end."""
-        _check_names(tensors)
+        tensors = _checked_tensors(tensors)
         if source_format not in FORMATS:
             raise InputError(f"unknown source format {source_format!r}")
         before = self.state

@@ -22,7 +22,7 @@ from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .predict.context import MAX_MERGE_SHIFT, N_MAGNITUDE_BUCKETS, magnitude_contexts, merged_contexts, orient_by_sign
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
-from .quantize import RADIUS, dequantize, quantize
+from .quantize import RADIUS, dequantize, finite_range, quantize
 from .state import TensorState
 from .tensorio import as_bfloat16, dtype_name, numpy_dtype
 
@@ -87,10 +87,9 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
     """The per-tensor absolute bound: eb itself, or eb times the finite value range (rel)."""
     if config.mode == "abs":
         return float(config.error_bound)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
+    count, lo, hi = finite_range(values)
+    if count == 0:
         return 0.0
-    hi, lo = float(finite.max()), float(finite.min())
     # rel*hi - rel*lo cannot overflow where hi - lo can (values near the float max).
     return config.error_bound * hi - config.error_bound * lo
 
@@ -167,11 +166,14 @@ def _lossless(name, array, dtype, shape) -> Encoded:
     return _encoded(name, dtype, shape, "lossless", {}, sections, array, 0.0)
 
 
-def _little_endian_bytes(array, dtype) -> bytes:
+def _little_endian_bytes(array, dtype) -> memoryview:
+    """The tensor's bytes as stored: little-endian, BF16 as its bit patterns (a view where possible)."""
     if dtype in LOSSY_DTYPES:
-        return original_bits(array, dtype).tobytes()
-    flat = np.ascontiguousarray(array).reshape(-1)
-    return flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+        flat = original_bits(array, dtype)
+    else:
+        flat = np.ascontiguousarray(array).reshape(-1)
+        flat = flat.astype(flat.dtype.newbyteorder("<"), copy=False)
+    return memoryview(np.ascontiguousarray(flat).view(np.uint8))
 
 
 def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bits) -> Encoded:
@@ -336,7 +338,7 @@ def encode_bundle(members: list[tuple[int, str, np.ndarray]]) -> tuple[dict, byt
         entries.append([position, name, dtype, [int(s) for s in array.shape]])
         blobs.append(_little_endian_bytes(array, dtype))
     raw = b"".join(blobs)
-    packed = lossless.compress(raw)
+    packed = lossless.compress(raw)  # zstd takes any buffer
     use_zstd = len(packed) < len(raw)  # float noise does not compress; skip zstd's frame then
     data = packed if use_zstd else raw
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw)},

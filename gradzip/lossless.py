@@ -1,15 +1,22 @@
 """Lossless backend: zstd, with decompression capped at the size the record declares."""
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from .errors import CorruptStreamError
 
 DEFAULT_LEVEL = 3
+_per_thread = threading.local()  # zstd contexts are reusable but not shareable between threads
 
 
-def compress(data: bytes, level: int = DEFAULT_LEVEL) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+def compress(data, level: int = DEFAULT_LEVEL) -> bytes:
+    """zstd frame of any bytes-like object."""
+    compressors = _per_thread.__dict__.setdefault("compressors", {})
+    if level not in compressors:
+        compressors[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return compressors[level].compress(data)
 
 
 def decompress(data: bytes, expected_size: int) -> bytes:
@@ -20,8 +27,10 @@ def decompress(data: bytes, expected_size: int) -> bytes:
         raise CorruptStreamError(f"bad zstd frame ({exc})") from None
     if params.content_size != expected_size:
         raise CorruptStreamError(f"zstd frame holds {params.content_size} bytes, record says {expected_size}")
+    if not hasattr(_per_thread, "decompressor"):
+        _per_thread.decompressor = zstandard.ZstdDecompressor()
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected_size)
+        out = _per_thread.decompressor.decompress(data, max_output_size=expected_size)
     except zstandard.ZstdError as exc:
         raise CorruptStreamError(f"bad zstd frame ({exc})") from None
     if len(out) != expected_size:

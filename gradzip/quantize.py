@@ -61,3 +61,18 @@ def dequantize(codes, prediction, eb, recon):
     two_eb = 2.0 * eb
     for i in range(codes.size):
         recon[i] = recon.dtype.type(_reconstruct(_prediction_at(prediction, i), two_eb, np.float64(codes[i])))
+
+
+@numba.njit(cache=True, nogil=True)
+def finite_range(values):
+    """(count, min, max) of the finite elements, in one pass (rel mode's value range)."""
+    count = 0
+    lo = math.inf
+    hi = -math.inf
+    for i in range(values.size):
+        v = np.float64(values[i])
+        if math.isfinite(v):
+            count += 1
+            lo = min(lo, v)
+            hi = max(hi, v)
+    return count, lo, hi

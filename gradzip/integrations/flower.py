@@ -147,7 +147,7 @@ class GradzipMod:
         reply = call_next(msg, context)
         if _message_kind(msg) not in self.message_types or reply.has_error() or not reply.has_content():
             return reply
-        start_cpu, start_wall = time.thread_time(), time.perf_counter()
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
         ack = msg.content.config_records.get(CONFIG_KEY) if msg.has_content() else None
         info: dict = {"version": WIRE_VERSION, "codec": self.codec}
         raw_bytes = wire_bytes = 0
@@ -166,7 +166,7 @@ class GradzipMod:
             reset_any |= reset
         if raw_bytes:
             info.update({"reset": reset_any, "raw-bytes": raw_bytes, "wire-bytes": wire_bytes,
-                         "compress-seconds": time.thread_time() - start_cpu,
+                         "compress-seconds": time.process_time() - start_cpu,
                          "compress-wall-seconds": time.perf_counter() - start_wall})
             content[CONFIG_KEY] = ConfigRecord(info)
         return reply
@@ -204,6 +204,9 @@ class GradzipMod:
                                                           META_CLIENT: str(context.node_id)})
             pieces = split_stream(blob)
             payloads = pieces.parts
+            if set(payloads) != set(to_code):
+                raise GradzipError(f"the stream's records {sorted(payloads)} do not map one to one onto the arrays "
+                                   f"{sorted(to_code)}")
             fields = {f"{key}/head": pieces.head, f"{key}/tail": pieces.tail}
         else:
             payloads = {}
@@ -284,6 +287,8 @@ class ReplyStats:
     wire_bytes: int  # what the reply's arrays and gradzip record carried
     compress_seconds: float = 0.0  # client CPU time, as the client reported it
     decompress_seconds: float = 0.0  # server CPU time
+    compress_wall_seconds: float = 0.0  # client wall-clock time, as the client reported it
+    decompress_wall_seconds: float = 0.0  # server wall-clock time
     reset: bool = False  # the client restarted its predictor state this round
     failed: str = ""  # why the reply could not be decoded (then it was not aggregated)
 
@@ -383,12 +388,13 @@ class GradzipStrategy(Strategy):
             self.history.append(ReplyStats(server_round, node_id, "none", raw, raw))
             return reply
         stats = ReplyStats(server_round, node_id, str(info.get("codec", "?")), int(info.get("raw-bytes", 0)),
-                           int(info.get("wire-bytes", 0)), float(info.get("compress-seconds", 0.0)))
+                           int(info.get("wire-bytes", 0)), float(info.get("compress-seconds", 0.0)),
+                           compress_wall_seconds=float(info.get("compress-wall-seconds", 0.0)))
         untouched = sum(len(a.data) for r in content.array_records.values() for a in r.values()
                         if a.stype not in (STYPE_GRZ, STYPE_SZ3))
         stats.raw_bytes += untouched
         stats.wire_bytes += untouched
-        start = time.thread_time()
+        start, start_wall = time.process_time(), time.perf_counter()
         try:
             new_content = RecordDict()
             for key, record in content.items():
@@ -400,13 +406,15 @@ class GradzipStrategy(Strategy):
                 new_content[key] = record
         except GradzipError as exc:
             stats.failed = str(exc)
-            stats.decompress_seconds = time.thread_time() - start
+            stats.decompress_seconds = time.process_time() - start
+            stats.decompress_wall_seconds = time.perf_counter() - start_wall
             self.history.append(stats)
             log(WARNING, "gradzip: reply of node %s in round %s cannot be decompressed: %s; the node's "
                 "predictor state restarts next round", node_id, server_round, exc)
             self.reset_node(node_id)
             return Message(error=Error(_MISMATCH_ERROR_CODE, f"gradzip: {exc}"), metadata=reply.metadata)
-        stats.decompress_seconds = time.thread_time() - start
+        stats.decompress_seconds = time.process_time() - start
+        stats.decompress_wall_seconds = time.perf_counter() - start_wall
         self.history.append(stats)
         reply.content = new_content
         return reply
@@ -438,7 +446,12 @@ class GradzipStrategy(Strategy):
             reset = header.get("metadata", {}).get(META_RESET) == "1"
             from ..api import Decompressor
 
-            decompressor = Decompressor(PredictorState() if reset else self.state_for(node_id, key))
+            state = PredictorState() if reset else self.state_for(node_id, key)
+            if header.get("round") == 0 and state.round == 0 and header.get("state_digest") != state.digest():
+                raise GradzipError(f"the client's empty predictor state ({header.get('state_digest')}) differs from "
+                                   f"the server's ({state.digest()}): client and server run different gradzip "
+                                   f"versions (the client says {header.get('created_by', '?')!r})")
+            decompressor = Decompressor(state)
             decoded = decompressor.decompress(blob)
             new_state = decompressor.state
         elif codec == "sz3":
