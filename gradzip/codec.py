@@ -55,6 +55,12 @@ class CodecConfig:
     min_lossy_elements: int = MIN_LOSSY_ELEMENTS
 
     def __post_init__(self):
+        for name, kind in (("error_bound", (int, float)), ("beta", (int, float)), ("tau", (int, float)),
+                           ("min_lossy_elements", int), ("magnitude_prediction", bool), ("sign_prediction", bool),
+                           ("mode", str), ("coder", str)):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
+                raise InputError(f"{name} must be a {kind[0].__name__ if isinstance(kind, tuple) else kind.__name__}, not {value!r}")
         if self.mode not in MODES:
             raise InputError(f"error-bound mode must be 'abs' or 'rel', not {self.mode!r}")
         eb = self.error_bound
@@ -68,6 +74,8 @@ class CodecConfig:
             raise InputError(f"tau must be in (0.5, 1], not {self.tau!r}")
         if self.coder not in CODERS:
             raise InputError(f"coder must be one of {', '.join(CODERS)}, not {self.coder!r}")
+        if self.min_lossy_elements < 0:
+            raise InputError(f"min_lossy_elements must be >= 0, not {self.min_lossy_elements!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,7 +30,8 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return as_bfloat16(_float32_to_bfloat16_bits(np.ascontiguousarray(values, dtype=np.float32)))
     if dtype == "F16":
-        return values.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow to inf is caught by the bound check
+            return values.astype(np.float16)
     return values
 
 

@@ -97,7 +97,7 @@ def _checked_array(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype.hasobject or array.dtype.fields is not None:
         raise InputError(f"tensor {name!r} has unsupported dtype {array.dtype}")
     dtype_name(array)
-    return np.ascontiguousarray(array)
+    return array if array.flags.c_contiguous else array.copy(order="C")  # ascontiguousarray makes 0-d 1-d
 
 
 def _read_npz(data: bytes) -> dict[str, np.ndarray]:

@@ -1,0 +1,260 @@
+"""User mistakes and bad files on the command line: exactly one line on stderr starting with
+'gradzip: error:', a non-zero exit code, no traceback, no partial output, and the state file
+unchanged (only an empty '<state>.lock' may appear)."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradzip import Compressor
+from gradzip.container import StreamReader
+from gradzip.state import PredictorState, save_state
+from gradzip.tensorio import read_tensors
+
+
+@pytest.fixture(scope="module")
+def base(gz, tmp_path_factory):
+    """r0/r1.safetensors, their streams, the client state after both, the server state after r0."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    c = Compressor(1e-3, "rel")
+    for r, tensors in enumerate(gz.make_rounds(2, seed=71)):
+        path = gz.write_safetensors(root / f"r{r}.safetensors", tensors)
+        loaded, fmt, metadata = read_tensors(path.read_bytes())
+        (root / f"r{r}.safetensors.grz").write_bytes(c.compress(loaded, source_format=fmt, metadata=metadata))
+        if r == 0:
+            save_state(c.state, root / "d.state")
+            (root / "c0.state").write_bytes(c.state.to_bytes())
+    save_state(c.state, root / "c.state")
+    (root / "notes.txt").write_text("these are not tensors\n")
+    (root / "subdir").mkdir()
+    return root
+
+
+@pytest.fixture
+def ws(base, tmp_path):
+    work = tmp_path / "ws"
+    shutil.copytree(base, work)
+    return work
+
+
+def unchanged(gz, ws: Path, before: dict) -> None:
+    after = gz.tree_snapshot(ws)
+    new = {name for name in set(after) - set(before)}
+    assert all(name.endswith(".lock") and after[name] == b"" for name in new), f"new files: {sorted(new)}"
+    for name, data in before.items():
+        assert after.get(name) == data, f"{name} changed or vanished"
+
+
+def fails_cleanly(gz, ws: Path, *args, fragments=(), **kwargs) -> str:
+    before = gz.tree_snapshot(ws)
+    line = gz.assert_cli_error(gz.run(*args, cwd=ws, **kwargs), *fragments)
+    unchanged(gz, ws, before)
+    return line
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_input_file(gz, ws):
+    fails_cleanly(gz, ws, "compress", "absent.safetensors", "-s", "c.state", fragments=["absent.safetensors"])
+
+
+def test_directory_as_input(gz, ws):
+    fails_cleanly(gz, ws, "decompress", "subdir", "-s", "d.state", "-o", "out.bin", fragments=["subdir"])
+
+
+NOT_TENSORS = {"text": b"these are not tensors\n", "empty": b"", "zeros": b"\x00" * 100, "json": b'{"a": 1}',
+               "bad-npy": b"\x93NUMPY garbage", "bad-zip": b"PK\x03\x04 not a zip",
+               "safetensors-list-header": struct.pack("<Q", 2) + b"[]",
+               "safetensors-huge-header": struct.pack("<Q", 2**62) + b"{}",
+               "safetensors-bad-offsets": struct.pack("<Q", 56) + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,99]}} ' + bytes(16)}
+
+
+@pytest.mark.parametrize("kind", ["text", "bad-zip"])
+def test_non_tensor_file(gz, ws, kind):
+    """Also: the --json summary is not written when the run fails."""
+    (ws / "bad.safetensors").write_bytes(NOT_TENSORS[kind])
+    fails_cleanly(gz, ws, "compress", "bad.safetensors", "-s", "c.state", "--json", "summary.json",
+                  fragments=["bad.safetensors"])
+
+
+def test_non_tensor_files_raise_input_errors(gz, tmp_path):
+    """The same reader the CLI uses, on more kinds of junk (in-process: one process per case is slow)."""
+    from gradzip import InputError
+
+    objects = io.BytesIO()
+    np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    complete = gz.write_safetensors(tmp_path / "whole.safetensors", {"w": np.arange(10.0)}).read_bytes()
+    kinds = {**NOT_TENSORS, "pickled-npy": objects.getvalue(), "truncated-safetensors": complete[:-8],
+             "complex-npy": _npy(np.zeros(3, np.complex64)), "string-npy": _npy(np.array(["a", "b"]))}
+    for kind, content in kinds.items():
+        with pytest.raises(InputError, match="junk"):
+            read_tensors(content, "junk")
+
+
+def _npy(array) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def test_duplicate_tensor_names_in_a_safetensors_header(gz, ws):
+    raw = struct.pack("<4f", 1, 2, 3, 4)
+    header = ('{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+              '"w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}').encode()
+    header += b" " * (-len(header) % 8)
+    (ws / "dup.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + raw)
+    fails_cleanly(gz, ws, "compress", "dup.safetensors", "-s", "c.state", fragments=["dup.safetensors", "duplicate"])
+
+
+def test_unreadable_file(gz, ws):
+    path = ws / "r1.safetensors"
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip(f"running as uid {os.geteuid()}, chmod 000 does not stop reading")
+        fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c.state", "-o", "x.grz",
+                      fragments=["r1.safetensors", "permission"])
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("bound,mode", [("-1e-3", "rel"), ("nan", "abs"), ("inf", "rel")])
+def test_bad_error_bound(gz, ws, bound, mode):
+    fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "x.grz", "-m", mode, "-e", bound,
+                  fragments=["bound"])
+
+
+def test_error_bound_that_is_not_a_number(gz, ws):
+    fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "x.grz", "-e", "tiny")
+
+
+def test_state_path_that_is_a_directory(gz, ws):
+    fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "subdir", "-o", "x.out", fragments=["subdir"])
+
+
+def test_several_inputs_to_stdout_are_refused(gz, ws):
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "r1.safetensors", "-s", "fresh.state", "-o", "-")
+
+
+def test_output_into_a_missing_directory(gz, ws):
+    fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "nowhere/x.grz", fragments=["nowhere"])
+
+
+def test_full_disk_on_stdout(gz, ws):
+    """Writing the stream fails (ENOSPC): one line, and the state does not advance."""
+    before = gz.tree_snapshot(ws)
+    with open("/dev/full", "wb") as full:
+        result = gz.run("compress", "r1.safetensors", "-s", "c0.state", "-o", "-", cwd=ws, stdout=full)
+    gz.assert_cli_error(result, "space")
+    unchanged(gz, ws, before)
+
+
+# ----------------------------------------------------------------------------- bad streams and states
+
+
+def test_truncated_stream(gz, ws):
+    data = (ws / "r0.safetensors.grz").read_bytes()
+    (ws / "cut.grz").write_bytes(data[: len(data) // 2])
+    fails_cleanly(gz, ws, "decompress", "cut.grz", "-s", "fresh.state", "-o", "out.safetensors", fragments=["cut.grz"])
+
+
+def test_damaged_payload_names_the_file_and_the_tensor(gz, ws):
+    data = bytearray((ws / "r0.safetensors.grz").read_bytes())
+    source = io.BytesIO(bytes(data))
+    reader = StreamReader(source, len(data))
+    reader.header()
+    victim, payload_end = max(((record["name"], source.tell() - 4) for record, payload in reader.records()
+                               if "name" in record and len(payload) > 100), key=lambda item: item[1])
+    data[payload_end - 50] ^= 0x40  # inside the last big record's payload
+    (ws / "bad.grz").write_bytes(bytes(data))
+    fails_cleanly(gz, ws, "decompress", "bad.grz", "-s", "fresh.state", "-o", "out.safetensors",
+                  fragments=["bad.grz", victim])
+    fails_cleanly(gz, ws, "stats", "bad.grz", fragments=["bad.grz"])
+
+
+def test_damaged_header_is_one_clean_line(gz, ws):
+    """A flip in the format version, through the CLI (every flip is covered in-process by
+    test_reliability_streams)."""
+    data = (ws / "r0.safetensors.grz").read_bytes()
+    for position in (9,):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        (ws / "bad.grz").write_bytes(bytes(damaged))
+        fails_cleanly(gz, ws, "decompress", "bad.grz", "-s", "fresh.state", "-o", "out.safetensors", fragments=["bad.grz"])
+        (ws / "bad.grz").unlink()
+
+
+def test_not_a_stream(gz, ws):
+    fails_cleanly(gz, ws, "decompress", "r0.safetensors", "-s", "fresh.state", "-o", "out.safetensors",
+                  fragments=["r0.safetensors"])
+
+
+def test_missing_state_for_a_later_round(gz, ws):
+    line = fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "fresh.state", "-o", "out.safetensors",
+                         fragments=["r1.safetensors.grz", "round 1", "round 0"])
+    assert PredictorState().digest() in line
+    assert not (ws / "fresh.state").exists()
+
+
+def test_newer_state_refuses_an_old_round(gz, ws):
+    state = PredictorState.from_bytes((ws / "d.state").read_bytes())
+    line = fails_cleanly(gz, ws, "decompress", "r0.safetensors.grz", "-s", "d.state", "-o", "out.safetensors",
+                         fragments=["round 0", "round 1"])
+    assert state.digest() in line
+
+
+def test_foreign_state_is_refused(gz, ws):
+    other = Compressor(1e-3, "rel")
+    other.compress(gz.make_rounds(1, seed=72)[0])
+    save_state(other.state, ws / "other.state")
+    fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "other.state", "-o", "out.safetensors",
+                  fragments=["round 1", other.state.digest()])
+
+
+def test_corrupted_state_file(gz, ws):
+    data = bytearray((ws / "d.state").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (ws / "d.state").write_bytes(bytes(data))
+    fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "d.state", "-o", "out.bin", fragments=["d.state"])
+
+
+def test_stats_with_an_original_that_does_not_match(gz, ws):
+    fails_cleanly(gz, ws, "stats", "r0.safetensors.grz", "--original", "notes.txt", fragments=["notes.txt"])
+
+
+# ----------------------------------------------------------------------------- rounds out of order
+
+
+def test_compressing_the_same_round_twice_is_refused(gz, ws):
+    """r1 again on a state that already holds r1 would desynchronize the receiver."""
+    fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c.state", "-o", "again.grz", fragments=["r1.safetensors"])
+
+
+def test_repeat_can_be_allowed_explicitly(gz, ws):
+    gz.assert_cli_ok(gz.run("compress", "r1.safetensors", "-s", "c.state", "-o", "again.grz", "--allow-repeat", "-q", cwd=ws))
+    assert PredictorState.from_bytes((ws / "c.state").read_bytes()).round == 3
+
+
+def test_round_option_catches_a_skipped_round(gz, ws):
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "-s", "c.state", "-o", "x.grz", "--round", "3",
+                  fragments=["round 2"])
+
+
+def test_failure_in_the_middle_keeps_the_completed_rounds(gz, ws):
+    """Inputs r0, bad, r1: r0's output is complete and the state is exactly 'after r0'."""
+    (ws / "bad.safetensors").write_bytes(b"junk")
+    out = ws / "out"
+    line = gz.assert_cli_error(gz.run("compress", "r0.safetensors", "bad.safetensors", "r1.safetensors",
+                                      "-s", "new.state", "-o", "out", cwd=ws), "bad.safetensors")
+    assert "Traceback" not in line
+    assert sorted(p.name for p in out.iterdir()) == ["r0.safetensors.grz"]
+    assert (out / "r0.safetensors.grz").read_bytes() == (ws / "r0.safetensors.grz").read_bytes()
+    assert (ws / "new.state").read_bytes() == (ws / "c0.state").read_bytes()
+    assert not [p for p in ws.rglob("*.tmp")]

@@ -1,0 +1,125 @@
+"""Hypothesis property tests: the error bound holds for every element, whatever the data.
+
+Arrays come from two sources: hypothesis' own element strategies (edge values, NaN, Inf,
+subnormals, odd shapes), and seeded numpy generators for large, varied tensors (hypothesis
+fills big arrays with one repeated value, which would only test constants). Each example
+runs a short sequence of rounds so that the predictors take part, and checks that the
+compressor's and decompressor's states stay byte-identical.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradzip import Compressor, Decompressor
+
+# GRADZIP_HYPOTHESIS_EXAMPLES raises the example count for a deeper local run.
+SETTINGS = settings(max_examples=int(os.environ.get("GRADZIP_HYPOTHESIS_EXAMPLES", "40")), deadline=None, derandomize=False, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def as_dtype(values: np.ndarray, dtype: str, gz) -> np.ndarray:
+    if dtype == "bfloat16":
+        return gz.bfloat16_from_float32(values.astype(np.float32))
+    with np.errstate(over="ignore"):
+        return values.astype(dtype)
+
+
+@st.composite
+def bounds(draw):
+    mode = draw(st.sampled_from(["abs", "rel"]))
+    if mode == "rel":
+        eb = draw(st.one_of(st.sampled_from([0.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6]),
+                            st.floats(min_value=0.0, max_value=0.999, allow_subnormal=True)))
+    else:
+        exponent = draw(st.integers(min_value=-320, max_value=306))
+        eb = draw(st.one_of(st.just(0.0), st.just(10.0 ** exponent),
+                            st.floats(min_value=0.0, max_value=1e300, allow_subnormal=True)))
+    return mode, float(eb)
+
+
+@st.composite
+def generated_rounds(draw, gz):
+    """2-3 rounds of one large-ish tensor from a seeded generator, plus injected special values."""
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    shape = draw(st.sampled_from([(1025,), (3000,), (48, 64), (16, 8, 3, 3), (8, 4, 5, 5), (2, 3, 17, 11), (4, 300, 1)]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    log_scale = draw(st.integers(-40, 38) if dtype != "float64" else st.integers(-300, 300))
+    if dtype == "float16":
+        log_scale = draw(st.integers(-7, 4))
+    kind = draw(st.sampled_from(["normal", "uniform", "laplace", "sparse", "offset", "integers"]))
+    n_rounds = draw(st.integers(2, 3))
+    specials = draw(st.lists(st.sampled_from([np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, 1e-45, 6e-8]),
+                             max_size=12))
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    base = {"normal": lambda: rng.normal(size=n), "uniform": lambda: rng.uniform(-1, 1, n),
+            "laplace": lambda: rng.laplace(size=n), "sparse": lambda: rng.normal(size=n) * (rng.random(n) < 0.05),
+            "offset": lambda: 1000 + rng.normal(size=n), "integers": lambda: rng.integers(-5, 5, n).astype(float)}[kind]()
+    rounds = []
+    for r in range(n_rounds):
+        values = (0.7 * base + 0.3 * rng.normal(size=n) * base.std() + (r if kind == "offset" else 0)) * 10.0 ** log_scale
+        if specials:
+            positions = rng.choice(n, size=len(specials), replace=False)
+            values[positions] = specials
+        rounds.append(as_dtype(values.reshape(shape), dtype, gz))
+    return dtype, rounds
+
+
+def check_sequence(gz, rounds, mode, eb, coder="rans"):
+    c, d = Compressor(eb, mode, coder=coder), Decompressor()
+    for r, tensor in enumerate(rounds):
+        blob = c.compress({"x": tensor, "round": np.array(r, np.int32)})
+        out = d.decompress(blob)
+        assert list(out) == ["x", "round"]
+        gz.assert_within_bound(tensor, out["x"], eb, mode, f"round {r}")
+        assert c.state.to_bytes() == d.state.to_bytes(), f"round {r}: states diverged"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@SETTINGS
+@given(data=st.data(), bound=bounds(), coder=st.sampled_from(["rans", "huffman"]))
+def test_bound_holds_on_generated_sequences(gz, data, bound, coder):
+    mode, eb = bound
+    _, rounds = data.draw(generated_rounds(gz))
+    check_sequence(gz, rounds, mode, eb, coder)
+
+
+@st.composite
+def hypothesis_arrays(draw, gz):
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    width = {"float16": 16, "bfloat16": 32, "float32": 32, "float64": 64}[dtype]
+    shape = draw(st.one_of(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6),
+                           st.sampled_from([(1025,), (1100,), (33, 35), (16, 8, 3, 3)])))
+    elements = st.floats(width=width, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+    store = "float32" if dtype == "bfloat16" else dtype
+    arrays = [draw(hnp.arrays(store, shape, elements=elements)) for _ in range(2)]
+    return [as_dtype(a, dtype, gz) if dtype == "bfloat16" else a for a in arrays]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@SETTINGS
+@given(data=st.data(), bound=bounds())
+def test_bound_holds_on_hypothesis_arrays(gz, data, bound):
+    mode, eb = bound
+    rounds = data.draw(hypothesis_arrays(gz))
+    check_sequence(gz, rounds, mode, eb)
+
+
+@SETTINGS
+@given(dtype=st.sampled_from(["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]),
+       shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40), seed=st.integers(0, 2**32 - 1),
+       bound=bounds())
+def test_integer_and_bool_tensors_are_bit_exact(gz, dtype, shape, seed, bound):
+    mode, eb = bound
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    tensor = (rng.random(shape) < 0.5) if info is None else rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    out = Decompressor().decompress(Compressor(eb, mode).compress({"t": np.asarray(tensor)}))
+    gz.assert_bit_exact(np.asarray(tensor), out["t"], dtype)

@@ -1,0 +1,228 @@
+"""Predictor state: mismatches are refused with a clear message, state files are checked and
+written atomically, one state cannot be advanced by two processes, and a round compressed
+twice is caught."""
+from __future__ import annotations
+
+import errno
+import io
+import os
+
+import pytest
+
+from gradzip import Compressor, Decompressor, GradzipError, StateMismatchError
+from gradzip.container import StreamReader
+from gradzip.state import PredictorState, load_state, locked, save_state
+
+
+@pytest.fixture(scope="module")
+def sequence(gz):
+    """Three rounds of one client, their streams, and the states after each round."""
+    rounds = gz.make_rounds(3, seed=31)
+    c = Compressor(1e-3, "rel")
+    blobs, states = [], [c.state.to_bytes()]
+    for tensors in rounds:
+        blobs.append(c.compress(tensors))
+        states.append(c.state.to_bytes())
+    return rounds, blobs, states
+
+
+def header_of(blob: bytes) -> dict:
+    return StreamReader(io.BytesIO(blob), len(blob)).header()
+
+
+def decompressor_at(state_bytes: bytes) -> Decompressor:
+    return Decompressor(PredictorState.from_bytes(state_bytes))
+
+
+def assert_mismatch_names_both(exc: StateMismatchError, blob: bytes, state: PredictorState) -> None:
+    header = header_of(blob)
+    message = str(exc)
+    assert f"round {header['round']}" in message, message
+    assert f"round {state.round}" in message, message
+    assert header["state_digest"] in message, message
+    assert state.digest() in message, message
+
+
+@pytest.mark.parametrize("stream_round", [1, 2])
+def test_fresh_or_missing_state_is_rejected(sequence, stream_round):
+    _, blobs, _ = sequence
+    d = Decompressor()
+    before = d.state.to_bytes()
+    with pytest.raises(StateMismatchError) as info:
+        d.decompress(blobs[stream_round])
+    assert_mismatch_names_both(info.value, blobs[stream_round], d.state)
+    assert d.state.to_bytes() == before
+
+
+def test_older_state_is_rejected(sequence):
+    """The state is behind the stream: a round was skipped on the receiving side."""
+    _, blobs, states = sequence
+    d = decompressor_at(states[1])
+    with pytest.raises(StateMismatchError) as info:
+        d.decompress(blobs[2])
+    assert_mismatch_names_both(info.value, blobs[2], d.state)
+    assert d.state.to_bytes() == states[1]
+
+
+def test_newer_state_is_rejected(sequence):
+    """The state is ahead of the stream: the round was already decompressed."""
+    _, blobs, states = sequence
+    d = decompressor_at(states[3])
+    with pytest.raises(StateMismatchError) as info:
+        d.decompress(blobs[1])
+    assert_mismatch_names_both(info.value, blobs[1], d.state)
+    assert d.state.to_bytes() == states[3]
+
+
+def test_same_round_decompressed_twice_is_rejected(sequence):
+    _, blobs, states = sequence
+    d = decompressor_at(states[0])
+    d.decompress(blobs[0])
+    with pytest.raises(StateMismatchError):
+        d.decompress(blobs[0])
+    assert d.state.to_bytes() == states[1]
+
+
+def test_foreign_state_at_the_same_round_is_rejected(sequence, gz):
+    """Another client's state has the same round index but a different digest."""
+    _, blobs, _ = sequence
+    other = Compressor(1e-3, "rel")
+    for tensors in gz.make_rounds(2, seed=99):
+        other.compress(tensors)
+    d = Decompressor(PredictorState.from_bytes(other.state.to_bytes()))
+    assert d.state.round == header_of(blobs[2])["round"]
+    with pytest.raises(StateMismatchError) as info:
+        d.decompress(blobs[2])
+    assert_mismatch_names_both(info.value, blobs[2], d.state)
+
+
+def test_matching_state_decodes_every_round(sequence, gz):
+    rounds, blobs, states = sequence
+    for r, blob in enumerate(blobs):
+        d = decompressor_at(states[r])
+        out = d.decompress(blob)
+        assert d.state.to_bytes() == states[r + 1]
+        gz.assert_same_layout(rounds[r], out)
+
+
+# ----------------------------------------------------------------------------- state files
+
+
+def test_byte_flips_of_a_state_file_are_detected(sequence, tmp_path):
+    """Every byte of the header and digest, and a stride through the arrays, flipped two ways."""
+    _, _, states = sequence
+    data = states[2]
+    positions = sorted(set(range(min(len(data), 1024))) | set(range(1024, len(data), 13))
+                       | set(range(len(data) - 16, len(data))))
+    for i in positions:
+        for mask in (0x01 << (i % 8), 0xFF):
+            damaged = bytearray(data)
+            damaged[i] ^= mask
+            with pytest.raises(GradzipError):
+                PredictorState.from_bytes(bytes(damaged))
+    path = tmp_path / "s.state"
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(GradzipError, match="s.state"):
+        load_state(path)
+
+
+def test_every_truncation_of_a_state_file_is_detected(sequence, tmp_path):
+    _, _, states = sequence
+    data = states[2]
+    for length in range(len(data)):
+        with pytest.raises(GradzipError):
+            PredictorState.from_bytes(data[:length])
+    with pytest.raises(GradzipError):
+        PredictorState.from_bytes(data + b"\0")
+
+
+def test_state_file_round_trips(sequence, tmp_path):
+    _, _, states = sequence
+    state = PredictorState.from_bytes(states[3])
+    save_state(state, tmp_path / "s.state")
+    assert (tmp_path / "s.state").read_bytes() == states[3]
+    assert load_state(tmp_path / "s.state").to_bytes() == states[3]
+
+
+def test_missing_state_file_is_fresh_only_when_allowed(tmp_path):
+    assert load_state(tmp_path / "absent.state").to_bytes() == PredictorState().to_bytes()
+    with pytest.raises(GradzipError):
+        load_state(tmp_path / "absent.state", create=False)
+    with pytest.raises(GradzipError):
+        load_state(tmp_path)  # a directory
+
+
+def test_state_save_is_atomic_when_writing_fails(sequence, tmp_path, monkeypatch):
+    """A failed write (full disk, Ctrl-C) leaves the previous state file and no temporary file."""
+    _, _, states = sequence
+    path = tmp_path / "s.state"
+    path.write_bytes(states[1])
+    new = PredictorState.from_bytes(states[2])
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(GradzipError, match="space"):
+        save_state(new, path)
+    assert path.read_bytes() == states[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.state"]
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(new, path)
+    assert path.read_bytes() == states[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.state"]
+
+    monkeypatch.undo()
+    save_state(new, path)
+    assert path.read_bytes() == states[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.state"]
+
+
+def test_state_save_replaces_by_rename(sequence, tmp_path, monkeypatch):
+    """Readers see the old or the new file: the new content is renamed over the old path."""
+    _, _, states = sequence
+    path = tmp_path / "s.state"
+    path.write_bytes(states[1])
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst, *args, **kwargs):
+        seen.append((os.path.dirname(os.fspath(src)), os.fspath(dst), path.read_bytes() == states[1]))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", spy)
+    save_state(PredictorState.from_bytes(states[2]), path)
+    assert seen == [(str(tmp_path), str(path), True)]
+    assert path.read_bytes() == states[2]
+
+
+def test_lock_excludes_a_second_holder(tmp_path):
+    path = tmp_path / "s.state"
+    with locked(path):
+        with pytest.raises(GradzipError, match="in use"):
+            with locked(path):
+                pass
+    with locked(path):  # released
+        pass
+
+
+# ----------------------------------------------------------------------------- repeated rounds
+
+
+def test_compressing_the_same_round_twice_is_detected(gz):
+    rounds = gz.make_rounds(2, seed=32)
+    c = Compressor(1e-3, "rel")
+    c.compress(rounds[0])
+    before = c.state.to_bytes()
+    with pytest.raises(GradzipError):
+        c.compress({k: v.copy() for k, v in rounds[0].items()})
+    assert c.state.to_bytes() == before
+    c.compress(rounds[1])  # the sequence goes on
+    assert c.state.round == 2

@@ -1,0 +1,344 @@
+"""Damaged .grz streams: every truncation and every single-byte flip is detected with
+gradzip's own exception types, the decompressor's state is left as it was, and claims of huge
+shapes or payloads are refused without allocating what they claim."""
+from __future__ import annotations
+
+import io
+import random
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+from gradzip import Compressor, CorruptStreamError, Decompressor, GradzipError, StateMismatchError
+from gradzip import lossless
+from gradzip.api import describe_stream
+from gradzip.container import MAGIC, StreamReader, StreamWriter
+from gradzip.state import PredictorState
+
+# Refusing a bomb may cost a little working memory, never what the stream claims.
+ALLOCATION_LIMIT = 16 * 1024 * 1024
+
+
+def small_rounds():
+    """Two rounds whose second stream is small (~2 KB) yet uses prediction, a kernel bitmap,
+    escapes (float16 NaN/Inf) and lossless records."""
+    rng = np.random.default_rng(41)
+    conv = rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * np.sign(rng.normal(size=(16, 8, 1, 1)))
+    fc = rng.normal(size=1040)
+    rounds = []
+    for r in range(2):
+        rounds.append({
+            "conv.weight": (conv * (1 + 0.05 * r) + 0.02 * rng.normal(size=conv.shape)).astype(np.float32),
+            "half": (fc * (1 + 0.05 * r) + 0.01 * rng.normal(size=fc.shape)).astype(np.float16),
+            "bias": rng.normal(size=8).astype(np.float32),
+            "steps": np.array(r + 1, np.int64),
+        })
+    rounds[1]["half"][:3] = [np.nan, np.inf, -np.inf]
+    return rounds
+
+
+@pytest.fixture(scope="module")
+def streams():
+    """(round-1 stream, state bytes before it, state bytes after it, end offset of the header frame)."""
+    rounds = small_rounds()
+    c = Compressor(1e-2, "rel")
+    c.compress(rounds[0])
+    before = c.state.to_bytes()
+    blob = c.compress(rounds[1])
+    after = c.state.to_bytes()
+    (header_len,) = struct.unpack_from("<I", blob, len(MAGIC) + 2)
+    header_end = len(MAGIC) + 2 + 4 + header_len + 4
+    out = Decompressor(PredictorState.from_bytes(before)).decompress(blob)
+    assert list(out) == list(rounds[1])
+    report = describe_stream(io.BytesIO(blob), len(blob))
+    assert {t.predictor for t in report.tensors if t.method == "quantized"} - {"none"}, "round 1 should use prediction"
+    assert any(t.escaped for t in report.tensors), "round 1 should escape the float16 NaN/Inf"
+    return blob, before, after, header_end
+
+
+_STATES: dict[bytes, PredictorState] = {}
+
+
+def expect_rejected(blob: bytes, state_bytes: bytes, allowed=(CorruptStreamError,), available: bool = True, what=""):
+    """Decode must raise one of `allowed` (never anything else, never succeed) and keep the state."""
+    state = _STATES.setdefault(state_bytes, PredictorState.from_bytes(state_bytes))
+    d = Decompressor(state)
+    try:
+        if available:
+            d.decompress(blob)
+        else:
+            d.decompress_from(io.BytesIO(blob), available=None)
+    except allowed as exc:
+        assert d.state is state, "a rejected stream replaced the state"
+        return exc
+    except Exception as exc:  # noqa: BLE001 - the point is to name what escaped
+        pytest.fail(f"{what}: {type(exc).__name__} escaped instead of {[a.__name__ for a in allowed]}: {exc}")
+    pytest.fail(f"{what}: a damaged stream decoded without an error")
+
+
+@pytest.fixture(autouse=True)
+def state_objects_are_not_mutated():
+    """Rejections reuse one state object per state; it must never be modified in place."""
+    yield
+    for state_bytes, state in _STATES.items():
+        assert state.to_bytes() == state_bytes, "a rejected stream modified the state in place"
+
+
+def test_stream_decodes_to_the_compressor_state(streams):
+    blob, before, after, _ = streams
+    d = Decompressor(PredictorState.from_bytes(before))
+    d.decompress(blob)
+    assert d.state.to_bytes() == after
+
+
+def test_every_truncation_is_detected(streams):
+    blob, before, _, _ = streams
+    for length in range(len(blob)):
+        exc = expect_rejected(blob[:length], before, what=f"first {length} bytes")
+        assert str(exc)
+
+
+def test_truncations_read_from_a_pipe_are_detected(streams):
+    """Without a known length (stdin), a stream cut short still fails cleanly."""
+    blob, before, _, header_end = streams
+    for length in sorted(set(range(header_end + 64)) | set(range(0, len(blob), 5))):
+        expect_rejected(blob[:length], before, available=False, what=f"first {length} bytes from a pipe")
+
+
+def test_every_truncation_is_detected_by_stats(streams):
+    blob, _, _, _ = streams
+    for length in range(len(blob)):
+        with pytest.raises(CorruptStreamError):
+            describe_stream(io.BytesIO(blob[:length]), length)
+
+
+def test_every_single_byte_flip_is_detected(streams):
+    """Header, records, payloads, checksums and the end frame: any flipped byte is caught."""
+    blob, before, _, header_end = streams
+    masks = [0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF, 0x55, 0xAA]
+    for i in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[i] ^= masks[i % len(masks)]
+        allowed = (CorruptStreamError, StateMismatchError) if i < header_end else (CorruptStreamError,)
+        expect_rejected(bytes(damaged), before, allowed, what=f"byte {i} ^ {masks[i % len(masks)]:#x}")
+
+
+def test_trailing_bytes_and_concatenated_streams_are_rejected(streams):
+    blob, before, _, _ = streams
+    for extra in (b"\0", b"x" * 100, blob):
+        expect_rejected(blob + extra, before)
+        expect_rejected(blob + extra, before, available=False)
+
+
+def test_random_garbage_is_rejected(streams):
+    blob, before, _, _ = streams
+    rng = random.Random(42)
+    for _ in range(300):
+        garbage = rng.randbytes(rng.choice([0, 1, 7, 9, 10, 14, 64, 1000, 5000]))
+        if rng.random() < 0.5:
+            garbage = MAGIC + struct.pack("<H", 1) + garbage
+        expect_rejected(garbage, before)
+    expect_rejected(blob[::-1], before)
+    expect_rejected(b"PK\x03\x04" + blob, before)
+
+
+def test_wrong_format_version_is_rejected(streams):
+    blob, before, _, _ = streams
+    damaged = blob[: len(MAGIC)] + struct.pack("<H", 2) + blob[len(MAGIC) + 2:]
+    exc = expect_rejected(damaged, before)
+    assert "version" in str(exc)
+
+
+# ----------------------------------------------------------------------------- hand-made streams
+
+
+def parse(blob: bytes):
+    reader = StreamReader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    records = list(reader.records())
+    return header, records, reader.trailer
+
+
+def build(header: dict, records, trailer: dict) -> bytes:
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    writer.header(header)
+    for record, payload in records:
+        writer.record(record, payload)
+    writer.end(trailer)
+    return out.getvalue()
+
+
+def test_rebuilt_stream_is_identical(streams):
+    """The hand-made streams below are built with the real writer: check it reproduces a stream."""
+    blob, before, _, _ = streams
+    assert build(*parse(blob)) == blob
+
+
+def assert_rejected_without_allocating(blob: bytes, state_bytes: bytes, available: bool = True):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        exc = expect_rejected(blob, state_bytes, available=available)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < ALLOCATION_LIMIT, f"rejecting a {len(blob)}-byte stream allocated {peak} bytes"
+    return exc
+
+
+@pytest.mark.parametrize("shape", [[2**20, 2**20], [2**62], [2**31, 2**31, 2**31], [10**9]])
+@pytest.mark.parametrize("method", ["lossless", "quantized"])
+def test_huge_shape_claim_is_rejected_without_allocating(streams, shape, method):
+    blob, before, _, _ = streams
+    header, records, trailer = parse(blob)
+    state = PredictorState.from_bytes(before)
+    fresh_header = dict(header, round=state.round, state_digest=state.digest(), tensor_count=1)
+    payload = lossless.compress(b"\0" * 64)
+    params = {} if method == "lossless" else {"eb": 0.1, "predictor": "none", "coder": "rans", "escaped": 0}
+    record = {"name": "bomb", "dtype": "F64", "shape": shape, "method": method, "params": params,
+              "sections": [["data" if method == "lossless" else "codes", len(payload)]], "recon_crc32": 0}
+    bomb = build(fresh_header, [(record, payload)], dict(trailer, tensors=1))
+    assert_rejected_without_allocating(bomb, before)
+    assert_rejected_without_allocating(bomb, before, available=False)
+
+
+def test_zstd_frame_claiming_a_huge_size_is_rejected_without_allocating(streams):
+    blob, before, _, _ = streams
+    header, records, trailer = parse(blob)
+    # zstd frame: magic, descriptor (single segment, 8-byte content size), content size, one empty raw block.
+    for claimed in (2**40, 2**31, 8000):  # 8000 bytes is what the record needs (2000 float32)
+        liar = b"\x28\xb5\x2f\xfd" + b"\xe0" + struct.pack("<Q", claimed) + b"\x01\x00\x00"
+        record = {"name": "liar", "dtype": "F32", "shape": [2000], "method": "lossless", "params": {},
+                  "sections": [["data", len(liar)]], "recon_crc32": 0}
+        bomb = build(dict(header, tensor_count=len(records) + 1), [*records, (record, liar)],
+                     dict(trailer, tensors=len(records) + 1))
+        assert_rejected_without_allocating(bomb, before)
+        bundle = {"method": "bundle", "members": [[len(records), "liar", "F32", [2000]]],
+                  "params": {"zstd": True, "raw_bytes": 8000}, "sections": [["data", len(liar)]], "recon_crc32": 0}
+        bomb = build(dict(header, tensor_count=len(records) + 1), [*records, (bundle, liar)],
+                     dict(trailer, tensors=len(records) + 1))
+        assert_rejected_without_allocating(bomb, before)
+
+
+@pytest.mark.parametrize("shape", [[2**20, 2**20], [2**62], [10**9]])
+def test_bundle_claiming_huge_members_is_rejected_without_allocating(streams, shape):
+    blob, before, _, _ = streams
+    header, records, trailer = parse(blob)
+    payload = lossless.compress(b"\0" * 64)
+    n = int(np.prod(shape, dtype=object))
+    for raw_bytes in (8 * n, 64):
+        bundle = {"method": "bundle", "members": [[0, "bomb", "F64", shape]], "params": {"zstd": True, "raw_bytes": raw_bytes},
+                  "sections": [["data", len(payload)]], "recon_crc32": 0}
+        bomb = build(dict(header, tensor_count=1), [(bundle, payload)], dict(trailer, tensors=1))
+        assert_rejected_without_allocating(bomb, before)
+        assert_rejected_without_allocating(bomb, before, available=False)
+
+
+@pytest.mark.parametrize("available", [True, False], ids=["file", "pipe"])
+def test_huge_payload_claim_is_rejected_without_allocating(streams, available):
+    """A record frame says its payload is huge; the stream ends long before."""
+    blob, before, _, header_end = streams
+    header, records, trailer = parse(blob)
+    record, payload = records[0]
+    frame = json_frame({**record, "kind": "tensor", "payload_bytes": 2**39})
+    bomb = blob[:header_end] + frame + payload + struct.pack("<I", zlib.crc32(payload))
+    exc = assert_rejected_without_allocating(bomb, before, available=available)
+    assert "trunc" in str(exc).lower() or "payload" in str(exc).lower()
+
+
+def json_frame(obj: dict) -> bytes:
+    """One frame exactly as the stream writer frames it (whatever its frame encoding)."""
+    out = io.BytesIO()
+    StreamWriter(out)._frame(obj)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("available", [True, False], ids=["file", "pipe"])
+def test_huge_frame_length_is_rejected_without_allocating(streams, available):
+    blob, before, _, header_end = streams
+    for length in (2**32 - 1, 2**31, 10**9):
+        bomb = blob[:header_end] + struct.pack("<I", length) + b"{" * 100
+        assert_rejected_without_allocating(bomb, before, available=available)
+
+
+def test_duplicate_tensor_in_a_stream_is_rejected(streams):
+    blob, before, _, _ = streams
+    header, records, trailer = parse(blob)
+    for extra in records:  # each record (a tensor's own, or the small-tensor bundle) a second time
+        doubled = build(dict(header, tensor_count=len(records) + 1), records + [extra], dict(trailer, tensors=len(records) + 1))
+        expect_rejected(doubled, before, what=f"{extra[0].get('name', extra[0]['method'])} twice")
+    bundle = next(r for r in records if r[0]["method"] == "bundle")
+    members = bundle[0]["members"]
+    twin = dict(bundle[0], members=members + [[len(records) + 5, members[0][1], *members[0][2:]]])
+    expect_rejected(build(header, [(twin, bundle[1])] + [r for r in records if r is not bundle], trailer), before,
+                    what="a bundle member named twice")
+
+
+def test_record_and_header_field_damage_with_valid_checksums_is_rejected(streams):
+    """Checksums recomputed after the damage: structure checks alone must catch it."""
+    blob, before, _, _ = streams
+    header, records, trailer = parse(blob)
+    quantized = next(i for i, (r, _) in enumerate(records) if r["method"] == "quantized" and r["params"]["predictor"] != "none")
+    record, payload = records[quantized]
+    variants = []
+    for key, value in [("shape", [len(payload)]), ("shape", [-1, 5]), ("shape", "big"), ("shape", [1.5]),
+                       ("dtype", "F128"), ("dtype", "I32"), ("dtype", None), ("method", "magic"), ("name", 7),
+                       ("sections", [["codes", len(payload) + 1]]), ("sections", []), ("sections", "x"),
+                       ("recon_crc32", 0), ("params", {}), ("params", None),
+                       ("name", ["conv.weight"]), ("name", {"a": 1}), ("name", None)]:
+        variants.append((f"record {key}={value!r}", header, [*records[:quantized], (dict(record, **{key: value}), payload), *records[quantized + 1:]], trailer))
+    for key, value in [("eb", -1.0), ("eb", 0.0), ("eb", 1e308), ("eb", "x"), ("predictor", "oracle"),
+                       ("coder", "lzma"), ("escaped", -1), ("escaped", 10**9), ("escaped", 1.5),
+                       ("mean", 1e300), ("std", -1.0), ("oscillation", 7), ("kernel_size", 3),
+                       ("kernel_bitmap_bytes", 10**9), ("huffman_bytes", 10**12)]:
+        if key not in record["params"]:
+            continue  # a parameter the record's method does not use
+        params = dict(record["params"], **{key: value})
+        variants.append((f"params {key}={value!r}", header, [*records[:quantized], (dict(record, params=params), payload), *records[quantized + 1:]], trailer))
+    for key, value in [("round", 0), ("round", -1), ("round", "1"), ("state_digest", "0" * 16), ("tensor_count", 1),
+                       ("source_format", "hdf5"), ("codec", {}), ("codec", None),
+                       ("codec", dict(header["codec"], error_bound=-1)), ("codec", dict(header["codec"], mode="pw")),
+                       ("codec", dict(header["codec"], beta="0.3")), ("codec", dict(header["codec"], tau=None)),
+                       ("codec", dict(header["codec"], error_bound="1e-2")), ("codec", dict(header["codec"], mode=["rel"])),
+                       ("codec", dict(header["codec"], min_lossy_elements="1024"))]:
+        variants.append((f"header {key}={value!r}", dict(header, **{key: value}), records, trailer))
+    for key, value in [("tensors", 0), ("state_digest", "0" * 16)]:
+        variants.append((f"trailer {key}={value!r}", header, records, dict(trailer, **{key: value})))
+    b = next(i for i, (r, _) in enumerate(records) if r["method"] == "bundle")
+    bundle, bundle_payload = records[b]
+    first = bundle["members"][0]
+    for what, changed in [
+            ("member shape", [[first[0], first[1], first[2], [s + 1 for s in first[3]] or [2]], *bundle["members"][1:]]),
+            ("member dtype", [[first[0], first[1], "F64" if first[2] != "F64" else "F32", first[3]], *bundle["members"][1:]]),
+            ("member name", [[first[0], 5, first[2], first[3]], *bundle["members"][1:]]),
+            ("member position", [[-1, first[1], first[2], first[3]], *bundle["members"][1:]]),
+            ("member position far away", [[10**6, first[1], first[2], first[3]], *bundle["members"][1:]]),
+            ("member dropped", bundle["members"][1:]), ("member short", [first[:3], *bundle["members"][1:]]),
+            ("members not a list", "members"), ("members null", None)]:
+        variants.append((f"bundle {what}", header, [*records[:b], (dict(bundle, members=changed), bundle_payload),
+                                                     *records[b + 1:]], trailer))
+    for key, value in [("zstd", not bundle["params"]["zstd"]), ("raw_bytes", bundle["params"]["raw_bytes"] + 1),
+                       ("raw_bytes", -1), ("raw_bytes", None)]:
+        variants.append((f"bundle params {key}={value!r}", header,
+                         [*records[:b], (dict(bundle, params=dict(bundle["params"], **{key: value})), bundle_payload),
+                          *records[b + 1:]], trailer))
+    variants.append(("last record dropped", header, records[:-1], trailer))
+    escaped = []
+    for what, *variant in variants:
+        try:
+            expect_rejected(build(*variant), before, allowed=(CorruptStreamError, StateMismatchError), what=what)
+        except pytest.fail.Exception as exc:
+            escaped.append(str(exc))
+    assert not escaped, "\n".join(escaped)
+
+
+def test_api_raises_only_gradzip_errors_on_non_bytes(streams):
+    _, before, _, _ = streams
+    d = Decompressor(PredictorState.from_bytes(before))
+    for junk in (b"", bytes(10), MAGIC):
+        with pytest.raises(GradzipError):
+            d.decompress(junk)
