@@ -161,7 +161,7 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 @click.option("-e", "--error-bound", type=float, default=1e-3, show_default=True, help="Error bound (absolute, or a fraction of each tensor's value range).")
 @click.option("-m", "--mode", type=click.Choice(["rel", "abs"]), default="rel", show_default=True, help="Error-bound mode.")
 @click.option("-o", "--output", help="Output file ('-' for stdout), or a directory for several inputs.")
-@click.option("--beta", type=float, default=None, help="EMA weight of the newest round (default 0.3).")
+@click.option("--beta", type=float, default=None, help="EMA weight of the newest round (default 0.6).")
 @click.option("--tau", type=float, default=None, help="Kernel sign-consistency threshold (default 0.75).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--round", "expected_round", type=int, help="Fail unless the state expects this round index next (catches skipped rounds).")

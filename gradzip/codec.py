@@ -30,7 +30,7 @@ from .tensorio import as_bfloat16, dtype_name, numpy_dtype
 MIN_LOSSY_ELEMENTS = 1024
 # A decoder refuses records claiming more elements per payload byte than this (no bombs);
 # the encoder pads the rare payload that would be denser (huge constant tensors).
-MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 16
+MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 10
 # Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
 _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
 _NO_PREDICTION = np.empty(0, np.float64)

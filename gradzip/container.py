@@ -27,7 +27,7 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real on
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
     b'{"kind":"header","round":0,"state_digest":"","input_digest":"","codec":{"error_bound":0.001,'
-    b'"mode":"rel","beta":0.3,"tau":0.75,"magnitude_prediction":true,"sign_prediction":true,'
+    b'"mode":"rel","beta":0.6,"tau":0.75,"magnitude_prediction":true,"sign_prediction":true,'
     b'"coder":"rans","min_lossy_elements":1024},"source_format":"safetensors","metadata":{},"tensor_count":1,'
     b'"created_by":"gradzip 0.1.0"}{"kind":"end","tensors":1,"state_digest":""}'
     b'{"kind":"tensor","name":"weight","dtype":"F32","shape":[1],"method":"lossless","params":{},'
