@@ -86,7 +86,7 @@ def test_extreme_magnitudes():
     round_trip(codes, rng.integers(0, 3, codes.size), 3)
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 4095, 4096, 4097, 4099])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 4095, 4096, 4097, 16383, 16384, 16385, 16387])
 def test_lengths_around_lane_boundaries(n):
     rng = np.random.default_rng(n)
     round_trip(laplace_codes(rng, 3.0, n), rng.integers(0, 2, n), 2)
