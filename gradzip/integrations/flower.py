@@ -58,7 +58,7 @@ from ._common import (META_CLIENT, META_RESET, arrays_digest, check_settings, fr
                       lossy_eligible, make_compressor, split_stream, stream_header, sz3_decode, sz3_encode, warm_up)
 
 try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
     from flwr.common import log
     from flwr.common.constant import SType
     from flwr.serverapp.strategy import Strategy

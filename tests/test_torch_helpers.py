@@ -1,0 +1,170 @@
+"""gradzip.torch: state_dict <-> numpy (bfloat16 included), model updates, .pt/.pth loading."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import gradzip  # noqa: E402
+from gradzip.errors import InputError  # noqa: E402
+from gradzip.tensorio import dtype_name, is_bfloat16, read_tensors, write_tensors  # noqa: E402
+from gradzip.torch import (apply_update, load_state_dict_bytes, load_state_dict_file, model_update,  # noqa: E402
+                           numpy_to_state_dict, save_state_dict_file, state_dict_to_numpy)
+
+
+def small_cnn(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    return model.to(dtype)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_state_dict_round_trip_is_bit_exact(dtype):
+    model = small_cnn(dtype)
+    arrays = state_dict_to_numpy(model)  # a module or its state_dict
+    assert list(arrays) == list(model.state_dict())
+    assert arrays["1.num_batches_tracked"].shape == () and arrays["1.num_batches_tracked"].dtype == np.int64
+    if dtype == torch.bfloat16:
+        assert is_bfloat16(arrays["0.weight"]) and dtype_name(arrays["0.weight"]) == "BF16"
+    assert_same_state(numpy_to_state_dict(arrays), model.state_dict())
+
+
+def test_bfloat16_survives_safetensors_and_gradzip():
+    model = small_cnn(torch.bfloat16)
+    arrays = state_dict_to_numpy(model)
+    back, fmt, _ = read_tensors(write_tensors(arrays, "safetensors"))
+    assert fmt == "safetensors"
+    assert_same_state(numpy_to_state_dict(back), model.state_dict())
+    decoded = gradzip.Decompressor().decompress(gradzip.Compressor(1e-3).compress(arrays))
+    restored = numpy_to_state_dict(decoded)
+    assert restored["3.weight"].dtype == torch.bfloat16
+    weight = model.state_dict()["3.weight"].float()
+    bound = 1e-3 * float(weight.max() - weight.min())
+    # bf16 reconstruction: within the bound (the core re-checks it in bf16)
+    assert float((restored["3.weight"].float() - weight).abs().max()) <= bound
+
+
+def test_model_update_and_apply_update_are_inverse():
+    model = small_cnn()
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.state_dict()["1.num_batches_tracked"].add_(3)
+    update = model_update(model, global_state)
+    assert list(update) == list(global_state)
+    assert update["1.num_batches_tracked"] == 3
+    expected = (model.state_dict()["0.weight"] - global_state["0.weight"]).numpy()
+    np.testing.assert_allclose(update["0.weight"], expected, atol=1e-9)
+    rebuilt = apply_update(global_state, update)
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(rebuilt[name], value.numpy(), atol=1e-7, err_msg=name)
+    floats = model_update(model, global_state, floats_only=True)
+    assert "1.num_batches_tracked" not in floats
+
+
+def test_model_update_compresses_within_the_bound():
+    model = small_cnn()
+    global_arrays = state_dict_to_numpy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    update = model_update(model, global_arrays)
+    decoded = gradzip.Decompressor().decompress(gradzip.Compressor(1e-3, "rel").compress(update))
+    for name, value in update.items():
+        if value.size > 1024:
+            bound = 1e-3 * float(value.max() - value.min())
+            assert np.abs(decoded[name].astype(np.float64) - value).max() <= bound, name
+        else:
+            np.testing.assert_array_equal(decoded[name], value)
+
+
+def test_bfloat16_update():
+    model = small_cnn(torch.bfloat16)
+    base = state_dict_to_numpy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.full_like(p, 0.5))
+    update = model_update(model, base)
+    assert is_bfloat16(update["5.weight"])
+    back = numpy_to_state_dict(update)["5.weight"].float()
+    local, start = model.state_dict()["5.weight"].float(), numpy_to_state_dict(base)["5.weight"].float()
+    assert torch.allclose(back, local - start, atol=1e-2, rtol=1e-2)
+
+
+def test_update_of_mismatched_models_is_refused():
+    with pytest.raises(InputError, match="does not match"):
+        model_update(small_cnn(), small_cnn(torch.float16))
+    other = {k: v for k, v in state_dict_to_numpy(small_cnn()).items() if k != "5.bias"}
+    with pytest.raises(InputError, match="not in the global"):
+        model_update(small_cnn(), other)
+
+
+def test_load_pt_file_flattens_nested_tensors(tmp_path):
+    model = small_cnn(torch.bfloat16)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "extra": [torch.arange(3)]}, path)
+    arrays = load_state_dict_file(path)
+    assert list(arrays)[:2] == ["model.0.weight", "model.1.weight"] and "extra.0" in arrays
+    assert is_bfloat16(arrays["model.0.weight"])
+    assert_same_state(numpy_to_state_dict({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}),
+                      model.state_dict())
+    save_state_dict_file(arrays, tmp_path / "again.pt")
+    assert list(load_state_dict_file(tmp_path / "again.pt")) == list(arrays)
+
+
+class Payload:
+    """Not a tensor: torch.load(weights_only=True) must refuse to unpickle it."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_load_refuses_arbitrary_pickles_and_non_tensors(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "code": Payload()}, evil)
+    with pytest.raises(InputError, match="weights_only=True"):
+        load_state_dict_file(evil)
+    assert "must never run" not in capsys.readouterr().out
+    numbers = tmp_path / "numbers.pt"
+    torch.save({"w": torch.ones(2), "step": 5}, numbers)
+    with pytest.raises(InputError, match="'step' is a int, not a tensor"):
+        load_state_dict_file(numbers)
+    with pytest.raises(InputError, match="not found"):
+        load_state_dict_file(tmp_path / "missing.pt")
+    with pytest.raises(InputError):
+        load_state_dict_bytes(b"not a torch file", "stdin")
+
+
+def test_without_torch_the_error_is_clear(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(small_cnn().state_dict(), path)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        from gradzip.torch import load_state_dict_file, torch_available
+        from gradzip.errors import InputError
+        assert not torch_available()
+        try:
+            load_state_dict_file({str(path)!r})
+        except InputError as exc:
+            print("InputError:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "InputError: reading PyTorch files needs torch" in out.stdout
+    assert "pip install torch==2.13.0" in out.stdout
