@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from . import __version__
-from .codec import CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
+from .codec import MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
 from .container import StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
@@ -30,7 +30,7 @@ from .metrics import measure, psnr
 from .predict.magnitude import DEFAULT_BETA
 from .predict.sign import DEFAULT_TAU
 from .state import PredictorState, TensorState, load_state, save_state
-from .tensorio import FORMATS, dtype_name, numpy_dtype
+from .tensorio import READ_FORMATS, dtype_name, numpy_dtype
 
 
 class GradzipWarning(UserWarning):
@@ -156,13 +156,14 @@ class Compressor:
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
                  coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
-                 report_ideal_bits: bool = False, threads: int | None = None):
+                 report_ideal_bits: bool = False, threads: int | None = None,
+                 min_lossy_elements: int = MIN_LOSSY_ELEMENTS):
         self.allow_repeat = allow_repeat
         self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
                                   magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction,
-                                  coder=coder)
+                                  coder=coder, min_lossy_elements=min_lossy_elements)
         self.state = state if state is not None else PredictorState()
         self.last_report: RoundReport | None = None
 
@@ -178,7 +179,7 @@ class Compressor:
                     on_tensor: Callable[[str], None] | None = None) -> RoundReport:
         """Stream one round to `out`, one tensor at a time; the state advances only at the end."""
         tensors = _checked_tensors(tensors)
-        if source_format not in FORMATS:
+        if source_format not in READ_FORMATS:
             raise InputError(f"unknown source format {source_format!r}")
         before = self.state
         input_digest = tensors_digest(tensors)
@@ -366,7 +367,7 @@ class Decompressor:
             raise CorruptStreamError("tensor count does not match the header")
         if trailer.get("state_digest") != after.digest():
             raise CorruptStreamError("state after decoding differs from the compressor's (digest mismatch)")
-        if source_format not in FORMATS:
+        if source_format not in READ_FORMATS:
             raise CorruptStreamError(f"unknown source format {source_format!r}")
         if advance:
             self.state = after

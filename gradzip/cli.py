@@ -235,7 +235,7 @@ def decompress(inputs, state_path, output, out_format, force, quiet):
                     label = "stdin" if path == STDIO else path
                     data = _read_input(path)
                     decoded = _decode_labelled(decompressor, data, label)
-                    fmt = out_format or decoded.header["source_format"]
+                    fmt = out_format or _writable_format(decoded.header["source_format"])
                     _write_output(out_path, write_tensors(decoded.tensors, fmt, decoded.header.get("metadata")))
                     save_state(decompressor.state, state_path)
                     rows.append((label, out_path, decoded.report))
@@ -260,11 +260,18 @@ def _decode_labelled(decompressor, data: bytes, label: str, advance: bool = True
         return decompressor.decompress_from(io.BytesIO(data), available=len(data), advance=advance)
 
 
+def _writable_format(source_format: str) -> str:
+    # gradzip never writes pickles: a .pt/.pth input comes back as safetensors.
+    return "safetensors" if source_format == "pt" else source_format
+
+
 def _decompressed_name(path: str, out_format: str | None) -> str:
     base = path[: -len(".grz")] if path.endswith(".grz") else path + ".out"
+    if out_format is None and os.path.splitext(base)[1] in (".pt", ".pth"):
+        out_format = "safetensors"
     if out_format:
         stem, ext = os.path.splitext(base)
-        base = (stem if ext in (".safetensors", ".npy", ".npz") else base) + "." + out_format
+        base = (stem if ext in (".safetensors", ".npy", ".npz", ".pt", ".pth") else base) + "." + out_format
     return base
 
 

@@ -29,7 +29,8 @@ _NUMPY_TO_SAFETENSORS["|b1"] = "BOOL"
 _NUMPY_TO_SAFETENSORS["|i1"] = "I8"
 _NUMPY_TO_SAFETENSORS["|u1"] = "U8"
 
-FORMATS = ("safetensors", "npy", "npz")
+FORMATS = ("safetensors", "npy", "npz")  # written by decompress
+READ_FORMATS = FORMATS + ("pt",)  # .pt/.pth state dicts are read (with torch) but written as safetensors
 NPY_TENSOR_NAME = "array"  # the single tensor of an .npy file
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
@@ -68,10 +69,19 @@ def sniff_format(data: bytes) -> str | None:
     if data[:6] == b"\x93NUMPY":
         return "npy"
     if data[:4] == b"PK\x03\x04" or data[:4] == b"PK\x05\x06":
-        return "npz"
+        return "pt" if _is_torch_zip(data) else "npz"
     if len(data) >= 9 and data[8:9] == b"{":
         return "safetensors"
     return None
+
+
+def _is_torch_zip(data: bytes) -> bool:
+    """torch.save writes a zip holding <archive>/data.pkl; an .npz holds only .npy members."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def read_tensors(data: bytes, source: str = "input") -> tuple[dict[str, np.ndarray], str, dict[str, str]]:
@@ -86,11 +96,15 @@ def read_tensors(data: bytes, source: str = "input") -> tuple[dict[str, np.ndarr
             return {NPY_TENSOR_NAME: _checked_array(array, NPY_TENSOR_NAME)}, fmt, {}
         if fmt == "npz":
             return _read_npz(data), fmt, {}
+        if fmt == "pt":
+            from .torch import load_state_dict_bytes  # needs torch; says so clearly without it
+
+            return load_state_dict_bytes(data, source), fmt, {}
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
     except (ValueError, OSError, zipfile.BadZipFile, KeyError, EOFError, struct.error, UnicodeDecodeError) as exc:
         raise InputError(f"{source}: not a valid {fmt} file ({exc})") from None
-    raise InputError(f"{source}: not a safetensors, .npy or .npz file")
+    raise InputError(f"{source}: not a safetensors, .npy, .npz or PyTorch (.pt/.pth) file")
 
 
 def _checked_array(array: np.ndarray, name: str) -> np.ndarray:

@@ -9,9 +9,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 import io
 import math
 from collections.abc import Iterable, Mapping
@@ -47,22 +45,15 @@ def lossy_eligible(array: np.ndarray, min_elements: int) -> bool:
     return array.dtype.kind == "f" and array.dtype.itemsize in (2, 4, 8)
 
 
-_ACCEPTS_ALLOW_REPEAT = "allow_repeat" in inspect.signature(Compressor.__init__).parameters
 
 
 def make_compressor(error_bound: float, mode: str, min_elements: int, state: PredictorState | None = None,
                     **options) -> Compressor:
     """A gradzip Compressor whose lossy cutoff is `min_elements` (stored in each stream header)."""
-    if _ACCEPTS_ALLOW_REPEAT:
-        # Two rounds may legitimately carry identical updates (e.g. a frozen model): each
-        # framework message is a new round, so never refuse one as a repeat.
-        options.setdefault("allow_repeat", True)
-    compressor = Compressor(error_bound=error_bound, mode=mode, state=state, **options)
-    if compressor.config.min_lossy_elements != min_elements:
-        # The Compressor does not take the cutoff as an argument (yet); the decoder reads it
-        # from the stream header, so changing it here is safe.
-        compressor.config = dataclasses.replace(compressor.config, min_lossy_elements=int(min_elements))
-    return compressor
+    # Two rounds may legitimately carry identical updates (e.g. a frozen model): each
+    # framework message is a new round, so never refuse one as a repeat.
+    options.setdefault("allow_repeat", True)
+    return Compressor(error_bound=error_bound, mode=mode, state=state, min_lossy_elements=int(min_elements), **options)
 
 
 def check_settings(codec: str, error_bound: float, mode: str, min_elements: int) -> None:
