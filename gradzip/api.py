@@ -13,7 +13,6 @@ import json
 import math
 import os
 import warnings
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ from .floats import LOSSY_DTYPES
 from .metrics import measure, psnr
 from .predict.magnitude import DEFAULT_BETA
 from .predict.sign import DEFAULT_TAU
-from .state import PredictorState, TensorState, load_state, save_state
-from .tensorio import READ_FORMATS, dtype_name, numpy_dtype
+from .state import PredictorState, TensorState, fingerprint, load_state, save_state
+from .tensorio import READ_FORMATS, dtype_name, element_count, numpy_dtype
 
 
 class GradzipWarning(UserWarning):
@@ -56,7 +55,7 @@ class TensorReport:
 
     @property
     def elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return element_count(self.shape)
 
 
 @dataclass
@@ -105,14 +104,12 @@ class RoundReport:
 
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
-    """Digest of a round's names, dtypes, shapes and bytes (CRC-32 and Adler-32: fast, and
-    only meant to catch a round passed twice by accident)."""
-    crc, adler = 0, 1
+    """Fingerprint of a round's names, dtypes, shapes and bytes: catches a round passed twice."""
+    parts = []
     for name, array in tensors.items():
-        for part in (json.dumps([name, dtype_name(array), list(array.shape)]).encode(),
-                     np.ascontiguousarray(array).reshape(-1).view(np.uint8)):
-            crc, adler = zlib.crc32(part, crc), zlib.adler32(part, adler)
-    return f"{crc:08x}{adler:08x}"
+        parts += [json.dumps([name, dtype_name(array), list(array.shape)]).encode(),
+                  np.ascontiguousarray(array).reshape(-1).view(np.uint8)]
+    return fingerprint(parts).hex()
 
 
 def ordered_map(function, items, threads: int):
@@ -181,6 +178,9 @@ class Compressor:
         tensors = _checked_tensors(tensors)
         if source_format not in READ_FORMATS:
             raise InputError(f"unknown source format {source_format!r}")
+        metadata = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InputError("metadata must map strings to strings (as safetensors metadata does)")
         before = self.state
         input_digest = tensors_digest(tensors)
         if input_digest == before.last_input_digest and not self.allow_repeat:
@@ -189,7 +189,7 @@ class Compressor:
                              "if it really is a new round)")
         header = {"round": before.round, "state_digest": before.digest(), "input_digest": input_digest,
                   "codec": self.config.to_dict(),
-                  "source_format": source_format, "metadata": dict(metadata or {}),
+                  "source_format": source_format, "metadata": metadata,
                   "tensor_count": len(tensors), "created_by": f"gradzip {__version__}"}
         writer = StreamWriter(_CountingWriter(out))
         writer.header(header)
@@ -253,7 +253,7 @@ def _bundle_member_reports(record: dict, payload_bytes: int, arrays: dict | None
     reports = {}
     raw_total = max(record["params"]["raw_bytes"], 1)
     for _, name, dtype, shape in record["members"]:
-        original_bytes = (int(np.prod(shape, dtype=np.int64)) if shape else 1) * numpy_dtype(dtype).itemsize
+        original_bytes = element_count(shape) * numpy_dtype(dtype).itemsize
         exact = None
         if arrays is not None and dtype in LOSSY_DTYPES:
             exact = measure(arrays[name], arrays[name], dtype, 0.0)
@@ -261,7 +261,8 @@ def _bundle_member_reports(record: dict, payload_bytes: int, arrays: dict | None
             name=name, shape=tuple(shape), dtype=dtype, method="lossless", predictor="-",
             coder="zstd" if record["params"]["zstd"] else "raw", eb=0.0, original_bytes=original_bytes,
             compressed_bytes=round(payload_bytes * original_bytes / raw_total), escaped=0, ideal_code_bits=0.0,
-            max_abs_error=exact and 0.0, sum_squared_error=exact and 0.0, value_range=exact and exact.value_range)
+            max_abs_error=None if exact is None else 0.0, sum_squared_error=None if exact is None else 0.0,
+            value_range=None if exact is None else exact.value_range)
     return reports
 
 
@@ -315,8 +316,13 @@ class Decompressor:
             stream_round, stream_digest = header["round"], header["state_digest"]
             source_format = header["source_format"]
             input_digest = str(header["input_digest"])
+            metadata = header["metadata"]
         except KeyError as exc:
             raise CorruptStreamError(f"header lacks {exc}") from None
+        if source_format not in READ_FORMATS:
+            raise CorruptStreamError(f"unknown source format {source_format!r}")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CorruptStreamError("header metadata is not a map of strings")
         check_state(self.state, stream_round, stream_digest)
         new_tensors = dict(self.state.tensors)
         report = RoundReport(stream_round, header=header)
@@ -367,8 +373,6 @@ class Decompressor:
             raise CorruptStreamError("tensor count does not match the header")
         if trailer.get("state_digest") != after.digest():
             raise CorruptStreamError("state after decoding differs from the compressor's (digest mismatch)")
-        if source_format not in READ_FORMATS:
-            raise CorruptStreamError(f"unknown source format {source_format!r}")
         if advance:
             self.state = after
         return DecodedRound(tensors, header, report)
@@ -412,7 +416,7 @@ def _record_report(record: dict, payload_bytes: int) -> TensorReport:
         params = record["params"]
         dtype = record["dtype"]
         shape = tuple(record["shape"])
-        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        n = element_count(shape)
         return TensorReport(
             name=record["name"], shape=shape, dtype=dtype, method=record["method"],
             predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),

@@ -24,7 +24,7 @@ from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude,
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
 from .quantize import RADIUS, dequantize, finite_range, quantize
 from .state import TensorState
-from .tensorio import as_bfloat16, dtype_name, numpy_dtype
+from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
 # Tensors this small gain nothing from lossy coding (side information would dominate).
 MIN_LOSSY_ELEMENTS = 1024
@@ -87,7 +87,7 @@ class CodecConfig:
             raise CorruptStreamError("codec settings in the header are malformed")
         try:
             return cls(**data)
-        except InputError as exc:
+        except (InputError, OverflowError, TypeError, ValueError) as exc:
             raise CorruptStreamError(f"codec settings in the header are invalid ({exc})") from None
 
 
@@ -103,17 +103,13 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
 
 
 def carries_state(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
-    return dtype in LOSSY_DTYPES and _element_count(shape) > config.min_lossy_elements
+    return dtype in LOSSY_DTYPES and element_count(shape) > config.min_lossy_elements
 
 
 def bundled(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
     """Small stateless tensors (biases, norms, counters) share one bundle record per round:
     one frame and one zstd frame instead of one each, which matters for small models."""
-    return not carries_state(dtype, shape, config) and _element_count(shape) <= config.min_lossy_elements
-
-
-def _element_count(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    return not carries_state(dtype, shape, config) and element_count(shape) <= config.min_lossy_elements
 
 
 def _has_history(previous: TensorState | None, shape, dtype) -> bool:
@@ -184,13 +180,15 @@ def _little_endian_bytes(array, dtype) -> memoryview:
     return memoryview(np.ascontiguousarray(flat).view(np.uint8))
 
 
+def _padded(sections: list, elements: int) -> list:
+    """Sections plus zero padding where the payload would be denser than a decoder accepts."""
+    shortfall = elements // MAX_ELEMENTS_PER_PAYLOAD_BYTE + 1 - sum(len(data) for _, data in sections)
+    return sections + [("padding", bytes(shortfall))] if shortfall > 0 else sections
+
+
 def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bits) -> Encoded:
-    n = _element_count(shape)
+    sections = _padded(sections, element_count(shape))
     payload = b"".join(data for _, data in sections)
-    shortfall = n // MAX_ELEMENTS_PER_PAYLOAD_BYTE + 1 - len(payload)
-    if shortfall > 0:
-        sections = sections + [("padding", bytes(shortfall))]
-        payload += bytes(shortfall)
     recon = np.ascontiguousarray(recon).reshape(shape)
     record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
               "sections": [[section, len(data)] for section, data in sections],
@@ -232,12 +230,15 @@ class _Candidate:
     codes: np.ndarray  # what the entropy coder sees (possibly sign-oriented)
     contexts: np.ndarray | None = None
     n_contexts: int = 1
+    coded: tuple | None = None  # (section, params, ideal bits) once entropy-coded
 
     def estimated_bytes(self, coder: str, itemsize: int) -> float:
-        """Size estimate used to pick a candidate without entropy-coding every one."""
+        """Size estimate used to pick a candidate without entropy-coding every one (Huffman is
+        cheap to run and has no estimate, so its coded section is kept for the winner)."""
         side = sum(len(data) for _, data in self.side_sections) + self.quantized.n_escaped * (itemsize + 2)
         if coder == "huffman":
-            return side + len(_code(self.codes, coder, None, 1, False)[0])
+            self.coded = _code(self.codes, coder, None, 1, False)
+            return side + len(self.coded[0])
         contexts = self.contexts if self.contexts is not None else np.zeros(self.codes.size, np.uint8)
         return side + rans.estimated_bits(self.codes, contexts, self.n_contexts) / 8
 
@@ -251,7 +252,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     candidates = [_Candidate("none", plain, {}, [], plain.codes)] + _predicted_candidates(values, dtype, shape, eb, config, previous, plain)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    codes_section, coder_params, bits = _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
+    codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
     params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(best.quantized.recon, dtype), bits)
@@ -346,12 +347,12 @@ def encode_bundle(members: list[tuple[int, str, np.ndarray]]) -> tuple[dict, byt
         entries.append([position, name, dtype, [int(s) for s in array.shape]])
         blobs.append(_little_endian_bytes(array, dtype))
     raw = b"".join(blobs)
-    packed = lossless.compress(raw)  # zstd takes any buffer
+    packed = lossless.compress(raw)
     use_zstd = len(packed) < len(raw)  # float noise does not compress; skip zstd's frame then
-    data = packed if use_zstd else raw
+    sections = _padded([("data", packed if use_zstd else raw)], len(raw))
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw)},
-              "sections": [["data", len(data)]], "recon_crc32": zlib.crc32(raw) & 0xFFFFFFFF}
-    return record, data
+              "sections": [[section, len(data)] for section, data in sections], "recon_crc32": zlib.crc32(raw) & 0xFFFFFFFF}
+    return record, b"".join(data for _, data in sections)
 
 
 def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarray]]:
@@ -374,9 +375,9 @@ def _decode_bundle(record, payload):
         if not all(isinstance(s, int) and s >= 0 for s in shape):
             raise CorruptStreamError(f"bad shape for {name!r}")
         np_dtype = numpy_dtype(dtype)
-        nbytes = _element_count(shape) * np_dtype.itemsize
+        nbytes = element_count(shape) * np_dtype.itemsize
         total += nbytes
-        if total > len(payload) * MAX_ELEMENTS_PER_PAYLOAD_BYTE + MAX_ELEMENTS_PER_PAYLOAD_BYTE:
+        if total > (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE:
             raise CorruptStreamError("members are too large for the payload")
         layout.append((position, name, dtype, np_dtype, shape, nbytes))
     params = record["params"]
@@ -422,7 +423,7 @@ def _decode(record, payload, config, previous):
     shape = tuple(record["shape"])
     if not all(isinstance(s, int) and s >= 0 for s in shape):
         raise CorruptStreamError("bad shape")
-    n = _element_count(shape)
+    n = element_count(shape)
     if n > (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE:
         raise CorruptStreamError(f"shape {list(shape)} is too large for a {len(payload)}-byte payload")
     sections = _split_sections(record["sections"], payload)

@@ -81,7 +81,8 @@ class StreamWriter:
 
     def record(self, record: dict, payload: bytes) -> None:
         self._frame({"kind": "tensor", **record, "payload_bytes": len(payload)})
-        self._out.write(payload + struct.pack("<I", _crc(payload)))
+        self._out.write(payload)
+        self._out.write(struct.pack("<I", _crc(payload)))
 
     def end(self, trailer: dict) -> None:
         self._frame({"kind": "end", **trailer})
@@ -123,7 +124,7 @@ class StreamReader:
             obj = json.loads(_frame_decompressor().decompress(data, max_output_size=MAX_FRAME_BYTES))
         except zstandard.ZstdError:
             raise CorruptStreamError("frame is not a valid zstd frame") from None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise CorruptStreamError("frame is not valid JSON") from None
         if not isinstance(obj, dict) or obj.get("kind") not in expected_kind:
             raise CorruptStreamError(f"expected a {' or '.join(expected_kind)} frame")

@@ -50,7 +50,10 @@ def _float32_to_bfloat16_bits(values):
     for i in range(values.size):
         b = bits[i]
         if (b & 0x7F800000) == 0x7F800000 and (b & 0x007FFFFF) != 0:
-            out[i] = np.uint16((b >> 16) | 0x0040)  # keep NaN a quiet NaN
+            # NaN: truncate, so a NaN that came from BF16 keeps its exact bits (signalling ones
+            # too); set the quiet bit only where truncation would leave an infinity.
+            high = np.uint16(b >> 16)
+            out[i] = high if (high & 0x7F) != 0 else np.uint16(high | 0x0040)
         else:
             rounding = np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))
             out[i] = np.uint16((b + rounding) >> 16)

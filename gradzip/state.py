@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GradzipError, InputError
+from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
 STATE_VERSION = 1
 _DIGEST_SIZE = 8
 
 
-def _fingerprint(parts) -> bytes:
+def fingerprint(parts) -> bytes:
     """CRC-32 and Adler-32 of the parts, 8 bytes: it names a state and catches damage to its
     file, at several GB/s (states are model-sized, and this runs every round)."""
     crc, adler = 0, 1
@@ -47,7 +48,7 @@ class TensorState:
 
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
-        n = int(np.prod(shape, dtype=np.int64))
+        n = element_count(shape)
         return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32), np.zeros(n, np.int8))
 
 
@@ -73,11 +74,10 @@ class PredictorState:
         return [STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header, *arrays]
 
     def _checksum(self) -> bytes:
-        return _fingerprint(self._parts())
+        return fingerprint(self._parts())
 
     def to_bytes(self) -> bytes:
-        parts = self._parts()
-        return b"".join(bytes(p) if isinstance(p, memoryview) else p for p in parts) + self._checksum()
+        return b"".join(self._parts()) + bytes.fromhex(self.digest())
 
     def digest(self) -> str:
         """Short hex digest naming this exact state (stored in streams to catch mismatches).
@@ -95,7 +95,7 @@ class PredictorState:
         if len(data) < fixed + _DIGEST_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
             raise GradzipError(f"{source}: not a gradzip state file")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
-        if _fingerprint([body]) != digest:
+        if fingerprint([body]) != digest:
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
         if version != STATE_VERSION:
@@ -113,11 +113,11 @@ class PredictorState:
                 ema = np.frombuffer(arrays[offset : offset + 4 * n], "<f4").astype(np.float32)
                 sign = np.frombuffer(arrays[offset + 4 * n : offset + 5 * n], np.int8).copy()
                 shape = tuple(int(s) for s in entry["shape"])
-                if int(np.prod(shape, dtype=np.int64)) != n:
+                if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
                 state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema, sign)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GradzipError(f"{source}: state file is malformed ({exc})") from None
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
         return state
 
 

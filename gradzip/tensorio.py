@@ -35,6 +35,11 @@ NPY_TENSOR_NAME = "array"  # the single tensor of an .npy file
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
+def element_count(shape) -> int:
+    """Elements of a tensor of this shape (1 for a 0-d scalar)."""
+    return int(np.prod(shape, dtype=np.int64))
+
+
 def is_bfloat16(array: np.ndarray) -> bool:
     meta = array.dtype.metadata
     return bool(meta) and meta.get("gradzip_dtype") == "BF16"
@@ -142,7 +147,7 @@ def _read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
             begin, end = (int(v) for v in info["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise InputError(f"malformed safetensors entry for {name!r}") from None
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = element_count(shape)
         if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
             raise InputError(f"safetensors entry {name!r} does not match the file's size")
         array = np.frombuffer(body[begin:end], dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)

@@ -1,0 +1,72 @@
+"""Regressions for problems found in code review; each failed before its fix."""
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+import gradzip
+from gradzip.container import MAGIC, FORMAT_VERSION, StreamReader, StreamWriter, _frame_compressor
+from gradzip.tensorio import as_bfloat16
+
+
+def _rewrite_header(blob: bytes, change) -> bytes:
+    reader = StreamReader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    records = list(reader.records())
+    trailer = reader.trailer
+    change(header)
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    writer.header({k: v for k, v in header.items() if k != "kind"})
+    for record, payload in records:
+        writer.record({k: v for k, v in record.items() if k not in ("kind", "payload_bytes")}, payload)
+    writer.end({k: v for k, v in trailer.items() if k != "kind"})
+    return out.getvalue()
+
+
+def test_dense_small_tensor_bundle_is_padded_so_the_decoder_accepts_it():
+    tensors = {f"z{i}": np.zeros(1024, np.float64) for i in range(400)}
+    compressor, decompressor = gradzip.Compressor(), gradzip.Decompressor()
+    out = decompressor.decompress(compressor.compress(tensors))
+    assert all(np.array_equal(out[name], tensors[name]) for name in tensors)
+    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+
+
+def test_bfloat16_signalling_nan_keeps_its_bits_in_a_lossy_tensor():
+    bits = (np.random.default_rng(0).standard_normal(4096).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    bits[[5, 77, 4000]] = [0x7F81, 0xFF81, 0x7FC3]  # signalling, negative signalling, quiet with payload
+    tensors = {"w": as_bfloat16(bits)}
+    out = gradzip.Decompressor().decompress(gradzip.Compressor(1e-2).compress(tensors))
+    assert out["w"].view(np.uint16)[[5, 77, 4000]].tolist() == [0x7F81, 0xFF81, 0x7FC3]
+
+
+def test_header_with_an_overflowing_bound_is_a_corrupt_stream():
+    blob = gradzip.Compressor().compress({"w": np.ones(2000, np.float32)})
+    damaged = _rewrite_header(blob, lambda h: h["codec"].update(error_bound=10**400))
+    with pytest.raises(gradzip.CorruptStreamError):
+        gradzip.Decompressor().decompress(damaged)
+
+
+def test_header_with_non_string_metadata_is_a_corrupt_stream():
+    blob = gradzip.Compressor().compress({"w": np.ones(2000, np.float32)})
+    damaged = _rewrite_header(blob, lambda h: h.update(metadata={"a": [1, 2]}))
+    with pytest.raises(gradzip.CorruptStreamError):
+        gradzip.Decompressor().decompress(damaged)
+
+
+def test_deeply_nested_frame_json_is_a_corrupt_stream():
+    nested = (b"[" * 100_000) + (b"]" * 100_000)
+    frame = _frame_compressor().compress(nested)
+    blob = MAGIC + struct.pack("<H", FORMAT_VERSION) + struct.pack("<I", len(frame)) + frame + struct.pack("<I", zlib.crc32(frame))
+    with pytest.raises(gradzip.CorruptStreamError):
+        gradzip.Decompressor().decompress(blob)
+
+
+def test_metadata_that_is_not_strings_is_refused_before_writing():
+    out = io.BytesIO()
+    with pytest.raises(gradzip.InputError):
+        gradzip.Compressor().compress_to({"w": np.ones(10, np.float32)}, out, metadata={"lr": 0.1})
+    assert out.getvalue() == b""
