@@ -154,10 +154,11 @@ class Compressor:
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
                  coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
                  report_ideal_bits: bool = False, threads: int | None = None,
-                 min_lossy_elements: int = MIN_LOSSY_ELEMENTS):
+                 min_lossy_elements: int = MIN_LOSSY_ELEMENTS, report_errors: bool = True):
         self.allow_repeat = allow_repeat
         self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
+        self.report_errors = report_errors  # max error and PSNR in last_report: one more pass per tensor
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
                                   magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction,
                                   coder=coder, min_lossy_elements=min_lossy_elements)
@@ -220,7 +221,7 @@ class Compressor:
             writer.record(encoded.record, encoded.payload)
             if encoded.state is not None:
                 new_tensors[name] = encoded.state
-            reports[position] = _report(encoded, array)
+            reports[position] = _report(encoded, array, self.report_errors)
             if on_tensor:
                 on_tensor(name)
         report.tensors = [reports[position] for position in sorted(reports)]
@@ -266,18 +267,18 @@ def _bundle_member_reports(record: dict, payload_bytes: int, arrays: dict | None
     return reports
 
 
-def _report(encoded, original) -> TensorReport:
+def _report(encoded, original, with_errors: bool) -> TensorReport:
     record = encoded.record
     params = record["params"]
-    figures = measure(original, encoded.recon, record["dtype"], params.get("eb", 0.0))
-    float_tensor = record["dtype"] in LOSSY_DTYPES
+    float_tensor = record["dtype"] in LOSSY_DTYPES and with_errors
+    figures = measure(original, encoded.recon, record["dtype"], params.get("eb", 0.0)) if float_tensor else None
     return TensorReport(
         name=record["name"], shape=tuple(record["shape"]), dtype=record["dtype"], method=record["method"],
         predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),
         original_bytes=original.nbytes, compressed_bytes=len(encoded.payload), escaped=params.get("escaped", 0),
-        ideal_code_bits=encoded.ideal_code_bits, max_abs_error=figures.max_abs_error if float_tensor else None,
-        sum_squared_error=figures.sum_squared_error if float_tensor else None,
-        value_range=figures.value_range if float_tensor else None)
+        ideal_code_bits=encoded.ideal_code_bits, max_abs_error=figures.max_abs_error if figures else None,
+        sum_squared_error=figures.sum_squared_error if figures else None,
+        value_range=figures.value_range if figures else None)
 
 
 class _CountingWriter:

@@ -120,7 +120,9 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     """A new TensorState after this round's reconstruction (recon: flat float32/float64)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
-    state = TensorState.fresh(shape, dtype) if previous is None else TensorState(previous.shape, dtype, previous.rounds, previous.ema.copy(), previous.sign.copy())
+    # signs_of overwrites every sign, so only the EMA needs the previous values.
+    state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
+        previous.shape, dtype, previous.rounds, previous.ema.copy(), np.empty_like(previous.sign))
     update_ema(state.ema, recon, config.beta, state.rounds == 0)
     signs_of(recon, state.sign)
     state.rounds += 1
@@ -442,7 +444,8 @@ def _decode(record, payload, config, previous):
     return array, state
 
 
-def _split_sections(declared, payload) -> dict[str, bytes]:
+def _split_sections(declared, payload) -> dict[str, memoryview]:
+    payload = memoryview(payload)  # sections are views, not copies
     sections = {}
     offset = 0
     for section, length in declared:

@@ -53,6 +53,7 @@ def make_compressor(error_bound: float, mode: str, min_elements: int, state: Pre
     # Two rounds may legitimately carry identical updates (e.g. a frozen model): each
     # framework message is a new round, so never refuse one as a repeat.
     options.setdefault("allow_repeat", True)
+    options.setdefault("report_errors", False)  # nobody reads them inside a framework
     return Compressor(error_bound=error_bound, mode=mode, state=state, min_lossy_elements=int(min_elements), **options)
 
 
