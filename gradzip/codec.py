@@ -271,20 +271,21 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> 
     predicted = np.empty(values.size, np.float64)
     predict_magnitude(previous.ema, mean, std, predicted)
     candidates = []
-    if config.magnitude_prediction and config.sign_prediction:
-        shift = _sign_prediction(values, shape, config.tau, previous.sign)
-        if shift is not None:
-            signs, shift_params, shift_sections = shift
-            shifted = _quantize(values, dtype, eb, predicted * signs)
-            candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
     if config.coder == "rans":
         contexts, n_contexts, oriented = _coding_contexts(plain.codes, predicted, eb, previous.sign, config)
         params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
         candidates.append(_Candidate("context", plain, {**params, "context_merge": 0}, [], oriented, contexts, n_contexts))
         if config.magnitude_prediction and values.size < _MERGE_TRIAL_ELEMENTS:
-            for shift in range(1, MAX_MERGE_SHIFT + 1):
-                coarse, n_coarse = merged_contexts(contexts, shift)
-                candidates.append(_Candidate("context", plain, {**params, "context_merge": shift}, [], oriented, coarse, n_coarse))
+            for merge in range(1, MAX_MERGE_SHIFT + 1):
+                coarse, n_coarse = merged_contexts(contexts, merge)
+                candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, [], oriented, coarse, n_coarse))
+    if config.magnitude_prediction and config.sign_prediction:
+        sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
+        if sign_prediction is not None:
+            signs, shift_params, shift_sections = sign_prediction
+            predicted *= signs  # the contexts are built: reuse the buffer for sign x magnitude
+            shifted = _quantize(values, dtype, eb, predicted)
+            candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
     return candidates
 
 
