@@ -11,6 +11,7 @@ chunks, so a damaged length fails at end of input instead of allocating what it 
 """
 from __future__ import annotations
 
+import io
 import json
 import struct
 import threading
@@ -161,3 +162,23 @@ class StreamReader:
     def expect_end_of_input(self) -> None:
         if self._in.read(1):
             raise CorruptStreamError("unexpected bytes after the end of the stream")
+
+
+def split_stream(blob: bytes) -> tuple[dict, list[tuple[dict, bytes]], dict]:
+    """A whole stream as (header, [(record, payload), ...], end frame), every check applied."""
+    reader = StreamReader(io.BytesIO(blob), len(blob))
+    header = reader.header()
+    records = list(reader.records())
+    reader.expect_end_of_input()
+    return header, records, reader.trailer
+
+
+def join_stream(header: dict, records, trailer: dict) -> bytes:
+    """The inverse of split_stream (lengths and checksums recomputed)."""
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    writer.header(header)
+    for record, payload in records:
+        writer.record(record, payload)
+    writer.end(trailer)
+    return out.getvalue()

@@ -25,7 +25,7 @@ import pytest
 
 from gradzip import Compressor, Decompressor, GradzipError
 from gradzip.api import describe_stream
-from gradzip.container import StreamReader, StreamWriter
+from gradzip.container import join_stream, split_stream
 from gradzip.state import PredictorState
 
 FUZZ_SECONDS = float(os.environ.get("GRADZIP_FUZZ_SECONDS", "20"))
@@ -118,20 +118,11 @@ def raw_mutation(rng: random.Random, blob: bytes, others: list[bytes]) -> tuple[
 
 
 def parse(blob: bytes):
-    reader = StreamReader(io.BytesIO(blob), len(blob))
-    header = reader.header()
-    records = [(dict(r), p) for r, p in reader.records()]
-    return header, records, dict(reader.trailer)
+    header, records, trailer = split_stream(blob)
+    return header, [(dict(r), p) for r, p in records], dict(trailer)
 
 
-def build(header, records, trailer) -> bytes:
-    out = io.BytesIO()
-    writer = StreamWriter(out)
-    writer.header(header)
-    for record, payload in records:
-        writer.record(record, payload)
-    writer.end(trailer)
-    return out.getvalue()
+build = join_stream
 
 
 def mutate_value(rng: random.Random, value):

@@ -15,7 +15,7 @@ import pytest
 from gradzip import Compressor, CorruptStreamError, Decompressor, GradzipError, StateMismatchError
 from gradzip import lossless
 from gradzip.api import describe_stream
-from gradzip.container import MAGIC, StreamReader, StreamWriter
+from gradzip.container import MAGIC, StreamWriter, join_stream, split_stream
 from gradzip.state import PredictorState
 
 # Refusing a bomb may cost a little working memory, never what the stream claims.
@@ -155,21 +155,8 @@ def test_wrong_format_version_is_rejected(streams):
 # ----------------------------------------------------------------------------- hand-made streams
 
 
-def parse(blob: bytes):
-    reader = StreamReader(io.BytesIO(blob), len(blob))
-    header = reader.header()
-    records = list(reader.records())
-    return header, records, reader.trailer
-
-
-def build(header: dict, records, trailer: dict) -> bytes:
-    out = io.BytesIO()
-    writer = StreamWriter(out)
-    writer.header(header)
-    for record, payload in records:
-        writer.record(record, payload)
-    writer.end(trailer)
-    return out.getvalue()
+parse = split_stream
+build = join_stream
 
 
 def test_rebuilt_stream_is_identical(streams):

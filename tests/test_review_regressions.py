@@ -8,23 +8,14 @@ import numpy as np
 import pytest
 
 import gradzip
-from gradzip.container import MAGIC, FORMAT_VERSION, StreamReader, StreamWriter, _frame_compressor
+from gradzip.container import FORMAT_VERSION, MAGIC, _frame_compressor, join_stream, split_stream
 from gradzip.tensorio import as_bfloat16
 
 
 def _rewrite_header(blob: bytes, change) -> bytes:
-    reader = StreamReader(io.BytesIO(blob), len(blob))
-    header = reader.header()
-    records = list(reader.records())
-    trailer = reader.trailer
+    header, records, trailer = split_stream(blob)
     change(header)
-    out = io.BytesIO()
-    writer = StreamWriter(out)
-    writer.header({k: v for k, v in header.items() if k != "kind"})
-    for record, payload in records:
-        writer.record({k: v for k, v in record.items() if k not in ("kind", "payload_bytes")}, payload)
-    writer.end({k: v for k, v in trailer.items() if k != "kind"})
-    return out.getvalue()
+    return join_stream(header, records, trailer)
 
 
 def test_dense_small_tensor_bundle_is_padded_so_the_decoder_accepts_it():
