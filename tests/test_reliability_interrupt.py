@@ -47,9 +47,15 @@ def sequence(gz, tmp_path_factory):
     return files, streams, states, stream_files
 
 
+def _as_in_a_terminal() -> None:
+    # A job started in the background of a non-interactive shell (as CI may run us) inherits
+    # SIGINT ignored; a user's Ctrl-C reaches a foreground process, so restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(gz, *args, cwd=None) -> subprocess.Popen:
     return subprocess.Popen(gz.command() + [str(a) for a in args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_as_in_a_terminal)
 
 
 def interrupt_after(proc: subprocess.Popen, out: Path, pattern: str, n_outputs: int, sig: int, extra_delay: float) -> str:
