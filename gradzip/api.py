@@ -192,7 +192,8 @@ class Compressor:
                   "codec": self.config.to_dict(),
                   "source_format": source_format, "metadata": metadata,
                   "tensor_count": len(tensors), "created_by": f"gradzip {__version__}"}
-        writer = StreamWriter(_CountingWriter(out))
+        counter = _CountingWriter(out)
+        writer = StreamWriter(counter)
         writer.header(header)
         report = RoundReport(before.round, header=header)
         new_tensors = dict(before.tensors)
@@ -227,7 +228,7 @@ class Compressor:
         report.tensors = [reports[position] for position in sorted(reports)]
         after = PredictorState(before.round + 1, new_tensors, input_digest)
         writer.end({"tensors": len(tensors), "state_digest": after.digest()})
-        report.stream_bytes = writer._out.count
+        report.stream_bytes = counter.count
         self.state = after
         self.last_report = report
         return report

@@ -174,12 +174,7 @@ def _lossless(name, array, dtype, shape) -> Encoded:
 
 def _little_endian_bytes(array, dtype) -> memoryview:
     """The tensor's bytes as stored: little-endian, BF16 as its bit patterns (a view where possible)."""
-    if dtype in LOSSY_DTYPES:
-        flat = original_bits(array, dtype)
-    else:
-        flat = np.ascontiguousarray(array).reshape(-1)
-        flat = flat.astype(flat.dtype.newbyteorder("<"), copy=False)
-    return memoryview(np.ascontiguousarray(flat).view(np.uint8))
+    return memoryview(original_bits(array, dtype).view(np.uint8))
 
 
 def _padded(sections: list, elements: int) -> list:

@@ -36,7 +36,7 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def original_bits(array: np.ndarray, dtype: str) -> np.ndarray:
-    """The tensor's flat values in its own dtype, little-endian, for exact storage."""
+    """The tensor's flat values in its own dtype (any dtype), little-endian, for exact storage."""
     flat = np.ascontiguousarray(array).reshape(-1)
     if dtype == "BF16":
         return flat.view(np.uint16).astype("<u2", copy=False)

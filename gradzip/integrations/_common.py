@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import codec
 from ..api import Compressor
 from ..container import StreamReader
 from ..errors import CorruptStreamError, InputError
@@ -43,8 +44,6 @@ def lossy_eligible(array: np.ndarray, min_elements: int) -> bool:
     if is_bfloat16(array):
         return True
     return array.dtype.kind == "f" and array.dtype.itemsize in (2, 4, 8)
-
-
 
 
 def make_compressor(error_bound: float, mode: str, min_elements: int, state: PredictorState | None = None,
@@ -127,13 +126,9 @@ def stream_header(blob: bytes) -> dict:
 
 
 def absolute_bound(values: np.ndarray, error_bound: float, mode: str) -> float:
-    """The tensor's absolute bound, as gradzip computes it: eb, or eb times the value range."""
-    if mode == "abs":
-        return float(error_bound)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0
-    return error_bound * float(finite.max()) - error_bound * float(finite.min())
+    """The tensor's absolute bound, computed by gradzip's own codec so SZ3 gets exactly the same."""
+    flat = np.ascontiguousarray(values).reshape(-1)  # the codec works on flat values
+    return codec.absolute_bound(flat, codec.CodecConfig(error_bound=error_bound, mode=mode))
 
 
 def _sz3_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
