@@ -154,14 +154,15 @@ class Compressor:
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
                  coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
                  report_ideal_bits: bool = False, threads: int | None = None,
-                 min_lossy_elements: int = MIN_LOSSY_ELEMENTS, report_errors: bool = True):
+                 min_lossy_elements: int = MIN_LOSSY_ELEMENTS, exact_small: bool = False,
+                 report_errors: bool = True):
         self.allow_repeat = allow_repeat
         self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.report_errors = report_errors  # max error and PSNR in last_report: one more pass per tensor
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
                                   magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction,
-                                  coder=coder, min_lossy_elements=min_lossy_elements)
+                                  coder=coder, min_lossy_elements=min_lossy_elements, exact_small=exact_small)
         self.state = state if state is not None else PredictorState()
         self.last_report: RoundReport | None = None
 
@@ -206,9 +207,11 @@ class Compressor:
                 large.append((position, name, array))
         reports = {}
         if small:
-            record, payload = encode_bundle(small)
-            writer.record(record, payload)
-            member_reports = _bundle_member_reports(record, len(payload), {name: array for _, name, array in small})
+            bundle = encode_bundle(small, self.config)
+            writer.record(bundle.record, bundle.payload)
+            originals = {name: array for _, name, array in small}
+            member_reports = _bundle_member_reports(bundle.record, len(bundle.payload), originals, bundle.recons,
+                                                    self.report_errors)
             for position, name, _ in small:
                 reports[position] = member_reports[name]
                 if on_tensor:
@@ -250,21 +253,26 @@ def _warn_if_reset(name, previous: TensorState | None, array, config) -> None:
                           f"{dtype}{list(array.shape)}: its prediction restarts", GradzipWarning, stacklevel=3)
 
 
-def _bundle_member_reports(record: dict, payload_bytes: int, arrays: dict | None = None) -> dict[str, TensorReport]:
-    """Reports for a bundle's members; each is charged its share of the payload by raw size."""
+def _bundle_member_reports(record: dict, payload_bytes: int, originals: dict | None = None,
+                           recons: dict | None = None, with_errors: bool = True) -> dict[str, TensorReport]:
+    """Reports for a bundle's members; each is charged its share of the payload by original
+    size. Errors are measured only where both the originals and the reconstructions are known."""
     reports = {}
-    raw_total = max(record["params"]["raw_bytes"], 1)
-    for _, name, dtype, shape in record["members"]:
+    total = max(sum(element_count(shape) * numpy_dtype(dtype).itemsize for _, _, dtype, shape, _ in record["members"]), 1)
+    for _, name, dtype, shape, eb in record["members"]:
         original_bytes = element_count(shape) * numpy_dtype(dtype).itemsize
-        exact = None
-        if arrays is not None and dtype in LOSSY_DTYPES:
-            exact = measure(arrays[name], arrays[name], dtype, 0.0)
+        figures = None
+        if with_errors and originals is not None and recons is not None and dtype in LOSSY_DTYPES:
+            figures = measure(originals[name], recons[name], dtype, eb)
+        quantized = eb > 0
         reports[name] = TensorReport(
-            name=name, shape=tuple(shape), dtype=dtype, method="lossless", predictor="-",
-            coder="zstd" if record["params"]["zstd"] else "raw", eb=0.0, original_bytes=original_bytes,
-            compressed_bytes=round(payload_bytes * original_bytes / raw_total), escaped=0, ideal_code_bits=0.0,
-            max_abs_error=None if exact is None else 0.0, sum_squared_error=None if exact is None else 0.0,
-            value_range=None if exact is None else exact.value_range)
+            name=name, shape=tuple(shape), dtype=dtype, method="quantized" if quantized else "lossless",
+            predictor="none" if quantized else "-",
+            coder="rans" if quantized else ("zstd" if record["params"]["zstd"] else "raw"), eb=eb,
+            original_bytes=original_bytes, compressed_bytes=round(payload_bytes * original_bytes / total), escaped=0,
+            ideal_code_bits=0.0, max_abs_error=figures.max_abs_error if figures else None,
+            sum_squared_error=figures.sum_squared_error if figures else None,
+            value_range=figures.value_range if figures else None)
     return reports
 
 
@@ -348,7 +356,7 @@ class Decompressor:
                             raise CorruptStreamError("two bundle members at one position")
                         bundle_positions[position] = name
                         arrays[name] = array
-                    reports.update(_bundle_member_reports(record, len(payload), arrays))
+                    reports.update(_bundle_member_reports(record, len(payload)))
                     continue
                 claim(record.get("name"))
                 reports[record["name"]] = None  # reserve the name

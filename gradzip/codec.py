@@ -1,8 +1,10 @@
 """Per-tensor codec: routes each tensor, composes predictor, quantizer, entropy coder and
 lossless backend, and keeps whichever candidate encoding is smallest.
 
-Routing: non-float tensors and tensors of at most `min_lossy_elements` elements are stored
-losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
+Routing: tensors of at most `min_lossy_elements` elements share one bundle record per round
+and carry no predictor state: there, float tensors are quantized at their own bound without
+prediction (unless `exact_small`) and the rest stored exactly. Larger non-float tensors are
+stored losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
 magnitude-and-sign prediction, and state-derived coding contexts (each with the coders that fit)
 and keeps the smallest, so prediction never makes a tensor worse. Such tensors carry predictor
 state, which is advanced from the reconstruction only, identically in encoder and decoder.
@@ -52,11 +54,13 @@ class CodecConfig:
     magnitude_prediction: bool = True
     sign_prediction: bool = True
     coder: str = "rans"  # or "huffman" (Huffman + zstd, as SZ3; no coding contexts)
-    min_lossy_elements: int = MIN_LOSSY_ELEMENTS
+    min_lossy_elements: int = MIN_LOSSY_ELEMENTS  # at most this many elements: no state, in the bundle
+    exact_small: bool = False  # store the bundle's float tensors exactly instead of within the bound
 
     def __post_init__(self):
         for name, kind in (("error_bound", (int, float)), ("beta", (int, float)), ("tau", (int, float)),
                            ("min_lossy_elements", int), ("magnitude_prediction", bool), ("sign_prediction", bool),
+                           ("exact_small", bool),
                            ("mode", str), ("coder", str)):
             value = getattr(self, name)
             if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
@@ -337,20 +341,66 @@ def _escape_sections(array, dtype, quantized: _Quantized) -> list:
     return [("escape_index", lossless.compress(gaps.tobytes())), ("escape_value", lossless.compress(exact.tobytes()))]
 
 
-def encode_bundle(members: list[tuple[int, str, np.ndarray]]) -> tuple[dict, bytes]:
-    """One lossless record for the small tensors of a round; members are (position, name, array)."""
-    entries, blobs = [], []
-    for position, name, array in members:
+@dataclass
+class EncodedBundle:
+    record: dict
+    payload: bytes
+    recons: dict[str, np.ndarray]  # what the decoder will return per member
+
+
+def encode_bundle(members: list[tuple[int, str, np.ndarray]], config: CodecConfig) -> EncodedBundle:
+    """One record for the small tensors of a round; members are (position, name, array).
+
+    Float members are quantized at their own bound without prediction (they carry no state)
+    and their codes share one rANS stream; the rest, and float members that would escape any
+    element, are stored exactly. If quantizing does not beat the exact bytes, all are exact."""
+    quantized = [_bundle_member_quantized(array, config) for _, _, array in members]
+    if any(q is not None for q in quantized):
+        lossy = _bundle(members, quantized)
+        exact = _bundle(members, [None] * len(members))
+        return lossy if len(lossy.payload) < len(exact.payload) else exact
+    return _bundle(members, quantized)
+
+
+def _bundle_member_quantized(array, config) -> tuple[float, _Quantized] | None:
+    """(eb, quantized) for a float member coded lossily, or None to store it exactly."""
+    dtype = dtype_name(array)
+    if config.exact_small or dtype not in LOSSY_DTYPES or array.size == 0:
+        return None
+    values = widen(array, dtype)
+    eb = absolute_bound(values, config)
+    if not (eb > 0 and math.isfinite(eb)):
+        return None
+    quantized = _quantize(values, dtype, eb, _NO_PREDICTION)
+    return None if quantized.n_escaped else (eb, quantized)
+
+
+def _bundle(members, quantized) -> EncodedBundle:
+    entries, exact_blobs, codes, recons = [], [], [], {}
+    for (position, name, array), coded in zip(members, quantized):
         dtype = dtype_name(array)
-        entries.append([position, name, dtype, [int(s) for s in array.shape]])
-        blobs.append(_little_endian_bytes(array, dtype))
-    raw = b"".join(blobs)
-    packed = lossless.compress(raw)
+        entries.append([position, name, dtype, [int(s) for s in array.shape], coded[0] if coded else 0.0])
+        if coded:
+            codes.append(coded[1].codes)
+            recons[name] = narrow(coded[1].recon, dtype).reshape(array.shape)
+        else:
+            exact_blobs.append(_little_endian_bytes(array, dtype))
+            recons[name] = array
+    raw = b"".join(exact_blobs)
+    packed = lossless.compress(raw) if raw else b""
     use_zstd = len(packed) < len(raw)  # float noise does not compress; skip zstd's frame then
-    sections = _padded([("data", packed if use_zstd else raw)], len(raw))
-    record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw)},
-              "sections": [[section, len(data)] for section, data in sections], "recon_crc32": zlib.crc32(raw) & 0xFFFFFFFF}
-    return record, b"".join(data for _, data in sections)
+    sections = [("data", packed if use_zstd else raw)]
+    n_coded = sum(c.size for c in codes)
+    if n_coded:
+        all_codes = np.concatenate(codes)
+        sections.append(("codes", rans.encode(all_codes, np.zeros(n_coded, np.uint8), 1)))
+    sections = _padded(sections, len(raw) + n_coded)
+    crc = 0
+    for _, name, array in members:
+        crc = zlib.crc32(_little_endian_bytes(recons[name], dtype_name(array)), crc)
+    record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw), "coded": n_coded},
+              "sections": [[section, len(data)] for section, data in sections], "recon_crc32": crc & 0xFFFFFFFF}
+    return EncodedBundle(record, b"".join(data for _, data in sections), recons)
 
 
 def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarray]]:
@@ -365,34 +415,50 @@ def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarr
 
 def _decode_bundle(record, payload):
     layout = []
-    total = 0
-    for position, name, dtype, shape in record["members"]:
+    raw_total = coded_total = 0
+    limit = (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE
+    for position, name, dtype, shape, eb in record["members"]:
         shape = tuple(shape)
         if not isinstance(name, str) or not isinstance(position, int) or position < 0:
             raise CorruptStreamError("bad member")
         if not all(isinstance(s, int) and s >= 0 for s in shape):
             raise CorruptStreamError(f"bad shape for {name!r}")
+        if not isinstance(eb, float) or not (eb == 0.0 or (eb > 0 and math.isfinite(eb) and dtype in LOSSY_DTYPES)):
+            raise CorruptStreamError(f"bad error bound for {name!r}")
         np_dtype = numpy_dtype(dtype)
-        nbytes = element_count(shape) * np_dtype.itemsize
-        total += nbytes
-        if total > (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE:
+        n = element_count(shape)
+        if eb:
+            coded_total += n
+        else:
+            raw_total += n * np_dtype.itemsize
+        if raw_total + coded_total > limit:
             raise CorruptStreamError("members are too large for the payload")
-        layout.append((position, name, dtype, np_dtype, shape, nbytes))
+        layout.append((position, name, dtype, np_dtype, shape, n, eb))
     params = record["params"]
-    if params["raw_bytes"] != total:
+    if params["raw_bytes"] != raw_total or params["coded"] != coded_total:
         raise CorruptStreamError("member sizes do not match the record")
-    data = _split_sections(record["sections"], payload)["data"]
-    raw = lossless.decompress(data, total) if params["zstd"] is True else data
-    if len(raw) != total:
+    sections = _split_sections(record["sections"], payload)
+    data = sections["data"]
+    raw = lossless.decompress(data, raw_total) if params["zstd"] is True else data
+    if len(raw) != raw_total:
         raise CorruptStreamError("payload size does not match the members")
-    if zlib.crc32(raw) & 0xFFFFFFFF != record["recon_crc32"]:
-        raise CorruptStreamError("reconstruction checksum mismatch")
-    members, offset = [], 0
-    for position, name, dtype, np_dtype, shape, nbytes in layout:
-        le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
-        array = np.frombuffer(raw[offset : offset + nbytes], le).astype(np_dtype, copy=True).reshape(shape)
+    codes = rans.decode(sections["codes"], np.zeros(coded_total, np.uint8), 1) if coded_total else None
+    members, raw_offset, code_offset, crc = [], 0, 0, 0
+    for position, name, dtype, np_dtype, shape, n, eb in layout:
+        if eb:
+            recon = np.empty(n, compute_dtype(dtype))
+            dequantize(codes[code_offset : code_offset + n], _NO_PREDICTION, eb, recon)
+            array = narrow(recon, dtype).reshape(shape)
+            code_offset += n
+        else:
+            nbytes = n * np_dtype.itemsize
+            le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
+            array = np.frombuffer(raw[raw_offset : raw_offset + nbytes], le).astype(np_dtype, copy=True).reshape(shape)
+            raw_offset += nbytes
+        crc = zlib.crc32(_little_endian_bytes(array, dtype), crc)
         members.append((position, name, array))
-        offset += nbytes
+    if crc & 0xFFFFFFFF != record["recon_crc32"]:
+        raise CorruptStreamError("reconstruction checksum mismatch")
     return members
 
 

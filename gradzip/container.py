@@ -23,13 +23,13 @@ import zstandard
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the bundle quantizes small float tensors; rank-1 scale contexts
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
     b'{"kind":"header","round":0,"state_digest":"","input_digest":"","codec":{"error_bound":0.001,'
     b'"mode":"rel","beta":0.6,"tau":0.75,"magnitude_prediction":true,"sign_prediction":true,'
-    b'"coder":"rans","min_lossy_elements":1024},"source_format":"safetensors","metadata":{},"tensor_count":1,'
+    b'"coder":"rans","min_lossy_elements":1024,"exact_small":false},"source_format":"safetensors","metadata":{},"tensor_count":1,'
     b'"created_by":"gradzip 0.1.0"}{"kind":"end","tensors":1,"state_digest":""}'
     b'{"kind":"tensor","name":"weight","dtype":"F32","shape":[1],"method":"lossless","params":{},'
     b'"sections":[["data",1]],"recon_crc32":1,"payload_bytes":1}'
@@ -41,6 +41,9 @@ FRAME_DICTIONARY = (
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
     b'["escape_index",1],["escape_value",1],["padding",1]],"recon_crc32":1,"payload_bytes":1}'
     b'"dtype":"BF16","dtype":"F16","dtype":"F64","dtype":"I64","npz","npy",".bias",".weight"'
+    b'{"kind":"tensor","method":"bundle","members":[[0,"bn.bias","F32",[16],0.001],[1,"bn.num_batches_tracked","I64",[],0.0]],'
+    b'"params":{"zstd":false,"raw_bytes":8,"coded":16},"sections":[["data",8],["codes",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'.running_mean",".running_var","norm.weight","norm.bias"'
 )
 _FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 _FRAME_LEVEL = 9

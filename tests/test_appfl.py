@@ -52,7 +52,7 @@ def check_within_bound(sent: dict, got: dict, eb: float = 1e-3, cutoff: int = 10
     assert list(got) == list(sent)
     for name, value in sent.items():
         assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
-        if value.is_floating_point() and value.numel() > cutoff:
+        if value.is_floating_point() and value.numel() > cutoff:  # param_cutoff: exact, as in APPFL
             bound = eb * float(value.max() - value.min())
             assert float((got[name].double() - value.double()).abs().max()) <= bound, name
         else:

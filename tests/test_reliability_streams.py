@@ -15,7 +15,7 @@ import pytest
 from gradzip import Compressor, CorruptStreamError, Decompressor, GradzipError, StateMismatchError
 from gradzip import lossless
 from gradzip.api import describe_stream
-from gradzip.container import MAGIC, StreamWriter, join_stream, split_stream
+from gradzip.container import FORMAT_VERSION, MAGIC, StreamWriter, join_stream, split_stream
 from gradzip.state import PredictorState
 
 # Refusing a bomb may cost a little working memory, never what the stream claims.
@@ -147,7 +147,7 @@ def test_random_garbage_is_rejected(streams):
 
 def test_wrong_format_version_is_rejected(streams):
     blob, before, _, _ = streams
-    damaged = blob[: len(MAGIC)] + struct.pack("<H", 2) + blob[len(MAGIC) + 2:]
+    damaged = blob[: len(MAGIC)] + struct.pack("<H", FORMAT_VERSION + 1) + blob[len(MAGIC) + 2:]
     exc = expect_rejected(damaged, before)
     assert "version" in str(exc)
 

@@ -61,3 +61,36 @@ def test_metadata_that_is_not_strings_is_refused_before_writing():
     with pytest.raises(gradzip.InputError):
         gradzip.Compressor().compress_to({"w": np.ones(10, np.float32)}, out, metadata={"lr": 0.1})
     assert out.getvalue() == b""
+
+
+def _bundle_stream() -> tuple[bytes, dict]:
+    rng = np.random.default_rng(1)
+    tensors = {"bias": rng.normal(size=40).astype(np.float32), "steps": np.array([3, 4], np.int64),
+               "norm": rng.normal(size=24).astype(np.float32)}
+    return gradzip.Compressor(1e-2).compress(tensors), tensors
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r["members"][0].__setitem__(4, -1e-3),  # negative bound
+    lambda r: r["members"][0].__setitem__(4, 1),  # not a float
+    lambda r: r["members"][1].__setitem__(4, 1e-3),  # a bound on an integer member
+    lambda r: r["members"][0].__setitem__(4, 0.0),  # quantized member claimed exact
+    lambda r: r["params"].__setitem__("coded", r["params"]["coded"] + 1),
+    lambda r: r["members"][0].pop(),  # old 4-field member
+])
+def test_tampered_bundle_members_are_a_corrupt_stream(tamper):
+    blob, _ = _bundle_stream()
+    header, records, trailer = split_stream(blob)
+    assert records[0][0]["method"] == "bundle" and records[0][0]["members"][0][4] > 0
+    tamper(records[0][0])
+    with pytest.raises(gradzip.CorruptStreamError, match="bundle"):
+        gradzip.Decompressor().decompress(join_stream(header, records, trailer))
+
+
+def test_bundle_quantizes_small_floats_within_their_own_bounds():
+    blob, tensors = _bundle_stream()
+    out = gradzip.Decompressor().decompress(blob)
+    for name in ("bias", "norm"):
+        bound = 1e-2 * (float(tensors[name].max()) - float(tensors[name].min()))
+        assert 0 < np.abs(out[name].astype(np.float64) - tensors[name]).max() <= bound, name
+    assert np.array_equal(out["steps"], tensors["steps"])

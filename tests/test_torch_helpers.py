@@ -86,7 +86,7 @@ def test_model_update_compresses_within_the_bound():
     update = model_update(model, global_arrays)
     decoded = gradzip.Decompressor().decompress(gradzip.Compressor(1e-3, "rel").compress(update))
     for name, value in update.items():
-        if value.size > 1024:
+        if value.dtype.kind == "f":  # small float tensors too: the bundle quantizes them
             bound = 1e-3 * float(value.max() - value.min())
             assert np.abs(decoded[name].astype(np.float64) - value).max() <= bound, name
         else:

@@ -7,11 +7,12 @@ order. Every session is handed the same per-tensor absolute bounds by the runner
     session.compress(tensors, bounds) -> Packed      bounds: {name: absolute eb}
     session.decompress(packed)        -> {name: array}
 
-Routing shared by every method (gradzip does the same internally, see gradzip/codec.py):
-tensors of at most `lossy_limit` elements (and non-float ones) share one zstd frame per round
-(stored raw if zstd does not shrink them), larger non-float tensors and tensors whose bound is
-0 (constant, or no finite value) get a zstd frame each, so every lossy coder sees exactly the
-same set of tensors. F16/BF16 tensors are widened to float32 for the baselines and narrowed
+Routing shared by every method: float tensors with a bound above 0 are coded lossily; a small
+one (at most `lossy_limit` elements) only where its lossy stream is smaller than its raw bytes,
+as SZ3 and ZFP headers can outweigh a tiny tensor. The other small tensors share one zstd frame
+per round (stored raw if zstd does not shrink them); larger non-float tensors and tensors whose
+bound is 0 (constant, or no finite value) get a zstd frame each. (gradzip routes internally, see
+gradzip/codec.py: its small float tensors share one rANS stream in the bundle record.) F16/BF16 tensors are widened to float32 for the baselines and narrowed
 back afterwards (the bound is checked after narrowing).
 
 What each method is charged: gradzip the whole .grz stream of the round (header, per-tensor
@@ -186,6 +187,8 @@ class PerTensorSession(Session):
     """A baseline that codes each lossy tensor on its own (subclasses code one float array);
     the small tensors of a round share one zstd frame, as in gradzip."""
 
+    lossy = True  # False: every tensor goes through zstd
+
     def __init__(self, lossy_limit: int, seed: int = 0):
         import zstandard
 
@@ -217,14 +220,15 @@ class PerTensorSession(Session):
             eb = float(bounds.get(name, 0.0))
             shape = tuple(array.shape)
             used[name] = 0.0
-            if dtype in LOSSY_DTYPES and array.size > self.lossy_limit and eb > 0 and np.isfinite(eb):
+            raw = original_bits(array, dtype).tobytes() if dtype in LOSSY_DTYPES else _le_bytes(array)
+            if self.lossy and dtype in LOSSY_DTYPES and array.size and eb > 0 and np.isfinite(eb):
                 values = widen(array, dtype).reshape(shape)
                 data = self.encode(np.ascontiguousarray(values), eb, index)
-                items[name] = ("lossy", data, dtype, shape)
-                used[name] = eb
-                sizes[name] = len(data)
-                continue
-            raw = original_bits(array, dtype).tobytes() if dtype in LOSSY_DTYPES else _le_bytes(array)
+                if array.size > self.lossy_limit or len(data) < len(raw):
+                    items[name] = ("lossy", data, dtype, shape)
+                    used[name] = eb
+                    sizes[name] = len(data)
+                    continue
             if array.size <= self.lossy_limit:
                 small.append((name, raw, dtype, shape, array.dtype))
             else:
@@ -391,8 +395,7 @@ class QSGDSession(PerTensorSession):
 class ZstdSession(PerTensorSession):
     """zstd on every tensor's raw little-endian bytes (lossless)."""
 
-    def __init__(self, lossy_limit, seed=0):
-        super().__init__(lossy_limit=2**63 - 1, seed=seed)  # never lossy
+    lossy = False
 
 
 def _per_tensor(cls, **kwargs):

@@ -137,7 +137,8 @@ class GradzipCompressor(_Base):
                                       and state.round % self.keyframe_interval == 0)
         if reset:
             state = PredictorState()
-        compressor = make_compressor(self.error_bound, self.mode, self.param_cutoff, state)
+        # APPFL's param_cutoff means "sent exactly", as with its SZ compressors: keep that meaning.
+        compressor = make_compressor(self.error_bound, self.mode, self.param_cutoff, state, exact_small=True)
         blob = compressor.compress(arrays, metadata={META_CLIENT: stream_key, META_RESET: "1" if reset else "0"})
         self._save_client_state(stream_key, compressor.state)
         parts.append(({"key": stream_key, "bytes": len(blob), "torch": torch_names}, blob))
