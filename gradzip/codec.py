@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from decimal import ROUND_DOWN, Decimal
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -21,7 +22,8 @@ from . import lossless
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
-from .predict.context import MAX_MERGE_SHIFT, N_MAGNITUDE_BUCKETS, magnitude_contexts, merged_contexts, orient_by_sign
+from .predict.context import (MAX_MERGE_SHIFT, N_MAGNITUDE_BUCKETS, magnitude_contexts, merged_contexts, orient_by_sign,
+                              scale_contexts, scale_levels)
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
 from .quantize import RADIUS, dequantize, finite_range, quantize
@@ -40,6 +42,9 @@ _NO_PREDICTION = np.empty(0, np.float64)
 _MERGE_TRIAL_ELEMENTS = 1 << 17
 _MAX_HUFFMAN_BYTES_PER_CODE = 5  # codes are at most 32 bits plus table: a looser cap is a bomb
 MODES = ("abs", "rel")
+# What a `context` record's coding contexts come from: nothing (sign orientation only), the
+# EMA-predicted magnitude, this round's row and column scales, or both (docs/format.md).
+CONTEXT_SOURCES = ("none", "ema", "scale", "scale_ema")
 CODERS = ("rans", "huffman")
 
 
@@ -103,7 +108,25 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
     if count == 0:
         return 0.0
     # rel*hi - rel*lo cannot overflow where hi - lo can (values near the float max).
-    return config.error_bound * hi - config.error_bound * lo
+    return _rounded_down(config.error_bound * hi - config.error_bound * lo)
+
+
+SIGNIFICANT_DIGITS = 6  # of the per-tensor numbers written into every record
+
+
+def _rounded_down(value: float) -> float:
+    """value rounded down to SIGNIFICANT_DIGITS (at most 1e-5 smaller): a bound 17 digits long
+    costs every record bytes, and a smaller bound is still within the user's."""
+    if not (value > 0 and math.isfinite(value)):
+        return value
+    exact = Decimal(value)
+    short = float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - SIGNIFICANT_DIGITS + 1), rounding=ROUND_DOWN))
+    return short if 0 < short <= value else value
+
+
+def _rounded(value: float) -> float:
+    """A side-information statistic to SIGNIFICANT_DIGITS; encoder and decoder both use this value."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
 def carries_state(dtype: str, shape: tuple[int, ...], config: CodecConfig) -> bool:
@@ -260,24 +283,42 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
 
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> list[_Candidate]:
-    """The EMA-shift and coding-context candidates, where the state allows them."""
-    if not _has_history(previous, shape, dtype) or not (config.magnitude_prediction or config.sign_prediction):
-        return []
+    """The coding-context candidates (from this round's row and column scales, from the
+    state, or both) and the EMA-shift candidate, where the shape and the state allow them."""
+    history = _has_history(previous, shape, dtype) and (config.magnitude_prediction or config.sign_prediction)
+    scales = _scale_side(values, shape) if config.coder == "rans" else None
+    if not history:
+        if scales is None:
+            return []
+        contexts = np.zeros(values.size, np.uint8)
+        scale_contexts(scales[0], scales[1], eb, _NO_PREDICTION, contexts)
+        return _context_candidates(plain, plain.codes, contexts, {"contexts": "scale", "sign_oriented": False},
+                                   scales[2], values.size)
     mean, std = magnitude_stats(values)
     if not (math.isfinite(mean) and math.isfinite(std)):
         return []  # statistics overflow only for values near the float max
+    mean, std = _rounded(mean), _rounded(std)
     side = {"mean": mean, "std": std}
     predicted = np.empty(values.size, np.float64)
     predict_magnitude(previous.ema, mean, std, predicted)
     candidates = []
     if config.coder == "rans":
-        contexts, n_contexts, oriented = _coding_contexts(plain.codes, predicted, eb, previous.sign, config)
-        params = {**side, "magnitude_contexts": config.magnitude_prediction, "sign_oriented": config.sign_prediction}
-        candidates.append(_Candidate("context", plain, {**params, "context_merge": 0}, [], oriented, contexts, n_contexts))
-        if config.magnitude_prediction and values.size < _MERGE_TRIAL_ELEMENTS:
-            for merge in range(1, MAX_MERGE_SHIFT + 1):
-                coarse, n_coarse = merged_contexts(contexts, merge)
-                candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, [], oriented, coarse, n_coarse))
+        oriented = plain.codes.copy()
+        if config.sign_prediction:
+            orient_by_sign(oriented, previous.sign)
+        params = {**side, "sign_oriented": config.sign_prediction}
+        contexts = np.zeros(values.size, np.uint8)
+        if config.magnitude_prediction:
+            magnitude_contexts(predicted, eb, contexts)
+        candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": "ema" if config.magnitude_prediction else "none"},
+                                          [], values.size, n_contexts=N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
+        if scales is not None:
+            for source, prediction in (("scale", _NO_PREDICTION), ("scale_ema", predicted)):
+                if source == "scale_ema" and not config.magnitude_prediction:
+                    continue
+                contexts = np.zeros(values.size, np.uint8)
+                scale_contexts(scales[0], scales[1], eb, prediction, contexts)
+                candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": source}, scales[2], values.size)
     if config.magnitude_prediction and config.sign_prediction:
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
@@ -286,6 +327,30 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> 
             shifted = _quantize(values, dtype, eb, predicted)
             candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
     return candidates
+
+
+def _context_candidates(plain, codes, contexts, params, side_sections, n, n_contexts=N_MAGNITUDE_BUCKETS) -> list[_Candidate]:
+    """A context candidate, plus merged-bucket variants for tensors too small to pay for a
+    frequency table per bucket."""
+    candidates = [_Candidate("context", plain, {**params, "context_merge": 0}, side_sections, codes, contexts, n_contexts)]
+    if n_contexts > 1 and n < _MERGE_TRIAL_ELEMENTS:
+        for merge in range(1, MAX_MERGE_SHIFT + 1):
+            coarse, n_coarse = merged_contexts(contexts, merge)
+            candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, side_sections, codes, coarse, n_coarse))
+    return candidates
+
+
+def _scale_side(values, shape):
+    """(row levels, column levels, their sections) for a tensor of 2 or more dimensions, else None."""
+    if len(shape) < 2 or shape[0] * shape[1] == 0:
+        return None
+    rows, cols = shape[0], shape[1]
+    row_levels = np.empty(rows, np.int16)
+    col_levels = np.empty(cols, np.int16)
+    scale_levels(values, rows, cols, row_levels, col_levels)
+    sections = [("row_scale", lossless.compress(row_levels.astype("<i2").tobytes())),
+                ("col_scale", lossless.compress(col_levels.astype("<i2").tobytes()))]
+    return row_levels, col_levels, sections
 
 
 def _sign_prediction(values, shape, tau, previous_sign):
@@ -307,18 +372,6 @@ def _sign_prediction(values, shape, tau, previous_sign):
         sections.append(("kernel_bitmap", lossless.compress(bitmap)))
     params = {"oscillation": int(oscillation), "kernel_size": size, "kernel_bitmap_bytes": len(bitmap) if size else 0}
     return signs, params, sections
-
-
-def _coding_contexts(codes, predicted, eb, previous_sign, config):
-    contexts = np.zeros(codes.size, np.uint8)
-    n_contexts = 1
-    if config.magnitude_prediction:
-        magnitude_contexts(predicted, eb, contexts)
-        n_contexts = N_MAGNITUDE_BUCKETS
-    oriented = codes.copy()
-    if config.sign_prediction:
-        orient_by_sign(oriented, previous_sign)
-    return contexts, n_contexts, oriented
 
 
 def _code(codes, coder, contexts, n_contexts, measure_ideal):
@@ -527,22 +580,14 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
     predictor = params["predictor"]
     prediction = _NO_PREDICTION
     contexts, n_contexts, orient = None, 1, False
-    if predictor in ("ema", "context"):
+    if predictor == "ema":
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-        predicted = np.empty(n, np.float64)
-        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), predicted)
-        if predictor == "ema":
-            prediction = predicted * _decoded_signs(params, sections, shape, previous.sign)
-        else:
-            contexts = np.zeros(n, np.uint8)
-            if params["magnitude_contexts"]:
-                magnitude_contexts(predicted, eb, contexts)
-                shift = params["context_merge"]
-                if shift not in range(MAX_MERGE_SHIFT + 1):
-                    raise CorruptStreamError("bad context merge")
-                contexts, n_contexts = merged_contexts(contexts, shift)
-            orient = bool(params["sign_oriented"])
+        prediction = np.empty(n, np.float64)
+        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), prediction)
+        prediction *= _decoded_signs(params, sections, shape, previous.sign)
+    elif predictor == "context":
+        contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
@@ -563,6 +608,40 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
         exact = as_bfloat16(exact) if dtype == "BF16" else exact
         recon[index.astype(np.int64)] = widen(exact, dtype)
     return narrow(recon, dtype).reshape(shape)
+
+
+def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):
+    """(contexts, n_contexts, sign_oriented) of a `context` record, as the encoder built them."""
+    source = params["contexts"]
+    orient = params["sign_oriented"]
+    if source not in CONTEXT_SOURCES or not isinstance(orient, bool):
+        raise CorruptStreamError("bad context settings")
+    if (orient or source in ("ema", "scale_ema")) and not _has_history(previous, shape, dtype):
+        raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
+    contexts = np.zeros(n, np.uint8)
+    if source == "none":
+        return contexts, 1, orient
+    predicted = _NO_PREDICTION
+    if source in ("ema", "scale_ema"):
+        predicted = np.empty(n, np.float64)
+        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), predicted)
+    if source == "ema":
+        magnitude_contexts(predicted, eb, contexts)
+    else:
+        if len(shape) < 2 or shape[0] * shape[1] == 0:
+            raise CorruptStreamError("scale contexts need two dimensions")
+        row_levels = _decoded_levels(sections["row_scale"], shape[0])
+        col_levels = _decoded_levels(sections["col_scale"], shape[1])
+        scale_contexts(row_levels, col_levels, eb, predicted, contexts)
+    shift = params["context_merge"]
+    if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
+        raise CorruptStreamError("bad context merge")
+    contexts, n_contexts = merged_contexts(contexts, shift)
+    return contexts, n_contexts, orient
+
+
+def _decoded_levels(section, count) -> np.ndarray:
+    return np.frombuffer(lossless.decompress(section, 2 * count), "<i2").astype(np.int16)
 
 
 def _decoded_signs(params, sections, shape, previous_sign):

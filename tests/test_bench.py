@@ -207,7 +207,8 @@ def test_sz3_sizes_equal_pysz_called_directly():
                 conf = pysz.szConfig(values.shape)
                 conf.errorBoundMode = pysz.szErrorBoundMode.ABS
                 eb = data["results"][0]["bounds"][name][i]
-                assert eb == pytest.approx(eb_rel * (float(array.max()) - float(array.min())), rel=1e-12)
+                exact = eb_rel * (float(array.max()) - float(array.min()))
+                assert exact * (1 - 1e-5) <= eb <= exact  # gradzip's bound, rounded down to 6 digits
                 conf.absErrorBound = eb
                 if nopred:
                     conf.cmprAlgo = pysz.szAlgorithm.NOPRED
@@ -257,7 +258,8 @@ def test_every_method_gets_the_same_absolute_bound(monkeypatch):
         reference = seen[ran[0]][i][1]
         for name, array in r.tensors.items():
             if array.dtype.kind == "f":  # the bound is the tensor's range times rel
-                assert reference[name] == pytest.approx(rel * (float(array.max()) - float(array.min())), rel=1e-12)
+                exact = rel * (float(array.max()) - float(array.min()))
+                assert exact * (1 - 1e-5) <= reference[name] <= exact  # rounded down to 6 digits
         for method in ran:
             used, bounds = seen[method][i]
             assert bounds == reference, method  # every method was handed the same bounds

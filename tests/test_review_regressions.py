@@ -94,3 +94,51 @@ def test_bundle_quantizes_small_floats_within_their_own_bounds():
         bound = 1e-2 * (float(tensors[name].max()) - float(tensors[name].min()))
         assert 0 < np.abs(out[name].astype(np.float64) - tensors[name]).max() <= bound, name
     assert np.array_equal(out["steps"], tensors["steps"])
+
+
+def _rank_one_rounds(count: int):
+    """A linear layer's gradients: outer products of per-row and per-column scales (new each
+    round, so the state's magnitudes are stale) times noise."""
+    rng = np.random.default_rng(6)
+    rounds = []
+    for _ in range(count):
+        rows, cols = np.exp(rng.normal(0, 1.5, 96)), np.exp(rng.normal(0, 1.5, 80))
+        rounds.append({"fc.weight": (np.outer(rows, cols) * rng.normal(size=(96, 80))).astype(np.float32)})
+    return rounds
+
+
+def test_scale_contexts_are_chosen_for_outer_product_gradients_and_round_trip(gz):
+    rounds = _rank_one_rounds(3)
+    compressor, decompressor = gradzip.Compressor(1e-3), gradzip.Decompressor()
+    for tensors in rounds:
+        blob = compressor.compress(tensors)
+        out = decompressor.decompress(blob)
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", "fc.weight")
+        record = split_stream(blob)[1][0][0]
+        assert record["params"]["predictor"] == "context" and record["params"]["contexts"].startswith("scale"), record["params"]
+    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+
+
+def test_eb_is_rounded_down_to_six_digits_and_stays_within_the_bound():
+    tensors = _rank_one_rounds(1)[0]
+    record = split_stream(gradzip.Compressor(1e-3).compress(tensors))[1][0][0]
+    exact = 1e-3 * (float(tensors["fc.weight"].max()) - float(tensors["fc.weight"].min()))
+    eb = record["params"]["eb"]
+    assert exact * (1 - 1e-5) <= eb <= exact and len(repr(eb).replace("e-0", "e-").lstrip("0.")) <= 11
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r["params"].__setitem__("contexts", "rows"),
+    lambda r: r["params"].__setitem__("context_merge", True),
+    lambda r: r["params"].__setitem__("sign_oriented", 1),
+    lambda r: r.__setitem__("shape", [96 * 80]),  # scale contexts need two dimensions
+    lambda r: r.__setitem__("sections", [[n, l] for n, l in r["sections"] if n != "col_scale"] + [["col_scale", 0]]),
+])
+def test_tampered_scale_context_records_are_a_corrupt_stream(tamper):
+    rounds = _rank_one_rounds(1)
+    blob = gradzip.Compressor(1e-3).compress(rounds[0])
+    header, records, trailer = split_stream(blob)
+    assert records[0][0]["params"]["contexts"] == "scale"
+    tamper(records[0][0])
+    with pytest.raises(gradzip.CorruptStreamError):
+        gradzip.Decompressor().decompress(join_stream(header, records, trailer))
