@@ -329,10 +329,11 @@ def _cumulative(freqs, starts):
 
 
 @njit(cache=True, nogil=True)
-def _write_table(words, pos, acc, n_acc, weights):
-    """Write one context's weights (layout in the module docstring)."""
+def _table_layout(weights):
+    """(span, implied, k, bits) of one context's table: the largest weight is implied (the
+    most expensive to send), and k is the cheapest Exp-Golomb order for the others."""
     span = 0
-    implied = 0  # the largest weight: the one that is most expensive to send
+    implied = 0
     for t in range(N_TOKENS):
         if weights[t] > 0:
             span = t + 1
@@ -346,6 +347,13 @@ def _write_table(words, pos, acc, n_acc, weights):
                 cost += _exp_golomb_cost(weights[t], k)
         if cost < best_cost:
             best_k, best_cost = k, cost
+    return span, implied, best_k, 2 * TOKEN_FIELD_BITS + K_FIELD_BITS + best_cost
+
+
+@njit(cache=True, nogil=True)
+def _write_table(words, pos, acc, n_acc, weights):
+    """Write one context's weights (layout in the module docstring)."""
+    span, implied, best_k, _ = _table_layout(weights)
     pos, acc, n_acc = _put_bits(words, pos, acc, n_acc, span, TOKEN_FIELD_BITS)
     pos, acc, n_acc = _put_bits(words, pos, acc, n_acc, implied, TOKEN_FIELD_BITS)
     pos, acc, n_acc = _put_bits(words, pos, acc, n_acc, best_k, K_FIELD_BITS)
@@ -581,10 +589,18 @@ def _histogram_ideal_bits(histogram):
 
 @njit(cache=True, nogil=True)
 def _histogram_table_bits(histogram):
-    prob_bits, freqs, starts = _build_model(histogram)
-    scratch = np.empty(histogram.shape[0] * N_TOKENS * (2 * MAX_WEIGHT_BITS + 1) // 32 + 8, np.uint32)
-    pos, acc, n_acc = _write_tables(histogram, freqs, scratch, 0, np.int64(0), 0)
-    return 32 * pos + n_acc
+    """Bits _write_tables takes, without building the model: a context of at most 2**15
+    elements sends its raw counts, so only larger ones need normalizing."""
+    bits = 0
+    freqs = np.zeros(N_TOKENS, np.int64)
+    for c in range(histogram.shape[0]):
+        count = histogram[c].sum()
+        if count > PROB_TOTAL:
+            _normalize(histogram[c], count, _context_prob_bits(count), freqs)
+            bits += _table_layout(freqs)[3]
+        elif count > 0:
+            bits += _table_layout(histogram[c])[3]
+    return bits
 
 
 @njit(cache=True, nogil=True)
