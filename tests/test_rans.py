@@ -295,3 +295,26 @@ def test_spliced_garbage(seed, position, garbage):
     data = rans.encode(laplace_codes(rng, 10.0, n), contexts, 4)
     cut = int(position * len(data))
     decode_or_corrupt(data[:cut] + garbage + data[cut + len(garbage) :], contexts, 4)
+
+
+def test_small_contexts_send_coarser_tables_when_that_is_smaller():
+    """Contexts of a few hundred wide-spread codes: raw counts would cost more than the
+    coarser table loses on the payload, so encode beats the default-precision bound."""
+    rng = np.random.default_rng(12)
+    n_contexts = 12
+    contexts = rng.integers(0, n_contexts, 3000).astype(np.uint8)
+    codes = laplace_codes(rng, 1.0, 3000) * (1 + contexts.astype(np.int32))
+    data = round_trip(codes, contexts, n_contexts)
+    bound = rans.ideal_bits(codes, contexts, n_contexts) + rans.table_bits(codes, contexts, n_contexts)
+    assert 8 * len(data) < bound
+    assert 8 * len(data) <= rans.estimated_bits(codes, contexts, n_contexts) + STREAM_OVERHEAD_BITS
+
+
+def test_table_precision_above_the_context_total_is_corrupt():
+    contexts = np.zeros(40, np.uint8)  # one context of 40 elements: p = bit_length(40) + 2 = 8
+    codes = np.arange(40, dtype=np.int32) % 3
+    data = bytearray(rans.encode(codes, contexts, 1))
+    assert data[1] & 0x0F in range(0, 9)  # the precision field: the first 4 bits after the varint
+    data[1] = (data[1] & 0xF0) | 15
+    with pytest.raises(CorruptStreamError):
+        rans.decode(bytes(data), contexts, 1)

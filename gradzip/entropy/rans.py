@@ -13,9 +13,11 @@ raw bucket, which recovers most of what raw bits lose on a decaying (Laplacian) 
 makes 56 classes and N_TOKENS = 111 tokens for |q| < 2**24.  The sign is part of the token,
 so when the caller orients q by a predicted sign, that sign is modelled per context.
 
-Model.  Per context with N elements, the empirical token counts are normalized to a total
-of 2**p with p = min(15, bit_length(N) + 2): full precision for big contexts, and small
-decode tables (cheap to build) for small ones.  Normalization is integer-only (round, then
+Model.  Per context with N elements, the sent weights are normalized to a total of 2**p
+with p = min(15, bit_length(N) + 2): full precision for big contexts, and small decode
+tables (cheap to build) for small ones.  The encoder chooses per context what it sends: the
+raw counts (N <= 2**15; frequencies summing to 2**15 above that), or the counts normalized
+to a coarser total 2**precision, whichever makes table plus payload smallest.  Normalization is integer-only (round, then
 move the rounding error one unit at a time to where it costs the fewest bits), so encoder
 and decoder derive identical tables on any machine.
 
@@ -29,6 +31,7 @@ Byte layout of one stream (words are little-endian uint32, bits are packed LSB-f
     varint n_bit_words          LEB128: length of the bit section in words
     bit section (n_bit_words words)
         one table per context that occurs in `contexts`, in increasing context order:
+            4 bits   precision  0: the weights sum to W (below); else to 2**precision <= 2**p
             7 bits   span       only tokens 0 .. span-1 can occur (1..111)
             7 bits   implied    the token whose weight is not sent (< span)
             4 bits   k          Exp-Golomb order of the weights
@@ -36,9 +39,9 @@ Byte layout of one stream (words are little-endian uint32, bits are packed LSB-f
                      weight[t]  Exp-Golomb-k: v = weight + 2**k as u zero bits, a one
                                 bit, then the u + k bits of v below its leading one
             weight[implied] = W - sum(the others), must be >= 1
-          where W = min(N, 2**15).  A context with N > 2**15 sends its normalized
-          frequencies (sum 2**15 = its total); a smaller one sends its raw counts (fewer
-          bits) and both sides normalize them.  N comes from `contexts`: it is not stored.
+          where W = min(N, 2**15).  At precision 0 a context with N > 2**15 sends its
+          normalized frequencies (sum 2**15 = its total) and a smaller one its raw counts;
+          both sides normalize the weights to 2**p.  N comes from `contexts`: it is not stored.
         the extra bits, in element order: the e - 1 low bits of each |q| >= 16
         zero bits up to the end of the last word
     rANS section (the rest, a multiple of 4 bytes)
@@ -94,6 +97,7 @@ PROB_TOTAL = 1 << PROB_BITS
 MAX_WEIGHT_BITS = PROB_BITS + 1  # a sent weight is <= 2**15
 TOKEN_FIELD_BITS = 7  # span and implied are <= 111
 K_FIELD_BITS = 4
+PRECISION_FIELD_BITS = 4  # per table: 0 = default weights, else weights summing to 2**precision
 RANS_LOW = 1 << 31  # the state lives in [RANS_LOW, 2**63)
 WORD_MASK = 0xFFFFFFFF
 MAX_LANES = 4
@@ -391,28 +395,71 @@ def _read_table(words, n_words, pos, acc, n_acc, total, weights):
 
 
 @njit(cache=True, nogil=True)
+def _payload_bits(histogram_row, freqs, prob_bits):
+    bits = 0.0
+    for t in range(N_TOKENS):
+        if histogram_row[t] > 0:
+            bits += histogram_row[t] * (prob_bits - np.log2(freqs[t]))
+    return bits
+
+
+@njit(cache=True, nogil=True)
+def _choose_precision(histogram_row, count, prob_bits, sent, freqs):
+    """Pick what one context sends: its default weights (precision 0: raw counts, or for a
+    context over 2**15 elements frequencies summing to 2**15) or frequencies summing to
+    2**precision, whichever makes table plus payload smallest (a coarse table is cheap to send
+    and costs a little on every element).  Fills sent and freqs (normalized to 2**prob_bits);
+    returns the precision.  The choice is the encoder's: the decoder reads it."""
+    total = min(count, PROB_TOTAL)
+    if count > PROB_TOTAL:
+        _normalize(histogram_row, count, PROB_BITS, sent)
+    else:
+        sent[:N_TOKENS] = histogram_row[:N_TOKENS]
+    _normalize(sent, total, prob_bits, freqs)
+    best = _table_layout(sent)[3] + _payload_bits(histogram_row, freqs, prob_bits)
+    best_precision = 0
+    present = 0
+    for t in range(N_TOKENS):
+        if histogram_row[t] > 0:
+            present += 1
+    trial = np.zeros(N_TOKENS, np.int64)
+    trial_freqs = np.zeros(N_TOKENS, np.int64)
+    for precision in range(max(_bit_length(present), 1), min(prob_bits, _bit_length(total) - 1) + 1):
+        _normalize(histogram_row, count, precision, trial)
+        _normalize(trial, np.int64(1) << precision, prob_bits, trial_freqs)
+        cost = _table_layout(trial)[3] + _payload_bits(histogram_row, trial_freqs, prob_bits)
+        if cost < best:
+            best, best_precision = cost, precision
+            sent[:N_TOKENS] = trial
+            freqs[:N_TOKENS] = trial_freqs
+    return best_precision
+
+
+@njit(cache=True, nogil=True)
 def _build_model(histogram):
-    """Per-context prob_bits, freqs and starts (rows of 2**TOKEN_SHIFT) from token counts."""
+    """Per-context prob_bits, precision, sent weights, freqs and starts (rows of
+    2**TOKEN_SHIFT) from token counts."""
     n_contexts = histogram.shape[0]
     prob_bits = np.zeros(n_contexts, np.int64)
+    precision = np.zeros(n_contexts, np.int64)
+    sent = np.zeros_like(histogram)
     freqs = np.zeros_like(histogram)
     starts = np.zeros_like(histogram)
     for c in range(n_contexts):
         count = histogram[c].sum()
         if count > 0:
             prob_bits[c] = _context_prob_bits(count)
-            _normalize(histogram[c], count, prob_bits[c], freqs[c])
+            precision[c] = _choose_precision(histogram[c], count, prob_bits[c], sent[c], freqs[c])
             _cumulative(freqs[c], starts[c])
-    return prob_bits, freqs, starts
+    return prob_bits, precision, sent, freqs, starts
 
 
 @njit(cache=True, nogil=True)
-def _write_tables(histogram, freqs, words, pos, acc, n_acc):
-    for c in range(histogram.shape[0]):
-        count = histogram[c].sum()
-        if count > 0:
-            sent = freqs[c] if count > PROB_TOTAL else histogram[c]
-            pos, acc, n_acc = _write_table(words, pos, acc, n_acc, sent)
+def _write_tables(precision, sent, words, pos, acc, n_acc):
+    for c in range(sent.shape[0]):
+        if sent[c].sum() > 0:
+            pos, acc, n_acc = _put_bits(words, pos, acc, n_acc, precision[c], PRECISION_FIELD_BITS)
+            pos, acc, n_acc = _write_table(words, pos, acc, n_acc, sent[c])
     return pos, acc, n_acc
 
 
@@ -509,11 +556,11 @@ def _encode_kernel(codes, contexts, n_contexts):
     status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
     if status != OK:
         return status, np.empty(0, np.uint32), np.empty(0, np.uint32)
-    prob_bits, freqs, starts = _build_model(histogram)
+    prob_bits, precision, sent, freqs, starts = _build_model(histogram)
 
-    max_table_bits = n_contexts * (2 * TOKEN_FIELD_BITS + K_FIELD_BITS + N_TOKENS * (2 * MAX_WEIGHT_BITS + 1))
+    max_table_bits = n_contexts * (PRECISION_FIELD_BITS + 2 * TOKEN_FIELD_BITS + K_FIELD_BITS + N_TOKENS * (2 * MAX_WEIGHT_BITS + 1))
     bit_words = np.empty((max_table_bits + MAX_EXTRA_BITS * codes.size) // 32 + 2, np.uint32)
-    pos, acc, n_acc = _write_tables(histogram, freqs, bit_words, 0, np.int64(0), 0)
+    pos, acc, n_acc = _write_tables(precision, sent, bit_words, 0, np.int64(0), 0)
     pos, acc, n_acc = _write_extra_bits(codes, tokens, bit_words, pos, acc, n_acc)
     if n_acc > 0:
         bit_words[pos] = acc
@@ -548,7 +595,12 @@ def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, cod
     for c in range(n_contexts):
         if counts[c] == 0:
             continue
-        total = min(counts[c], PROB_TOTAL)
+        precision, pos, acc, n_acc, ok = _get_bits(bit_words, n_bit_words, pos, acc, n_acc, PRECISION_FIELD_BITS)
+        if not ok:
+            return ERR_BITS_EXHAUSTED
+        if precision > prob_bits[c]:
+            return ERR_TABLE
+        total = min(counts[c], PROB_TOTAL) if precision == 0 else np.int64(1) << precision
         pos, acc, n_acc, status = _read_table(bit_words, n_bit_words, pos, acc, n_acc, total, weights)
         if status != OK:
             return status
@@ -589,17 +641,18 @@ def _histogram_ideal_bits(histogram):
 
 @njit(cache=True, nogil=True)
 def _histogram_table_bits(histogram):
-    """Bits _write_tables takes, without building the model: a context of at most 2**15
-    elements sends its raw counts, so only larger ones need normalizing."""
+    """Bits of the tables at the default precision, without building the model (a context of
+    at most 2**15 elements sends its raw counts, so only larger ones need normalizing): an
+    upper bound, as encode may choose a coarser, cheaper table where that is smaller."""
     bits = 0
     freqs = np.zeros(N_TOKENS, np.int64)
     for c in range(histogram.shape[0]):
         count = histogram[c].sum()
         if count > PROB_TOTAL:
-            _normalize(histogram[c], count, _context_prob_bits(count), freqs)
-            bits += _table_layout(freqs)[3]
+            _normalize(histogram[c], count, PROB_BITS, freqs)
+            bits += PRECISION_FIELD_BITS + _table_layout(freqs)[3]
         elif count > 0:
-            bits += _table_layout(histogram[c])[3]
+            bits += PRECISION_FIELD_BITS + _table_layout(histogram[c])[3]
     return bits
 
 
@@ -735,9 +788,11 @@ def ideal_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> floa
 
 
 def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
-    """Bits the frequency tables take in encode's output.  The rest of a stream is the
-    payload that ideal_bits estimates plus overhead: a <= 5-byte header, padding, and the
-    final rANS states (8 bytes each; 4 states from 16384 elements on, else 1)."""
+    """Bits the frequency tables take at the default precision: an upper bound of what encode
+    writes, as it may choose coarser tables.  The rest of a stream is the payload that
+    ideal_bits estimates (plus the cost of any coarser table) and overhead: a <= 5-byte
+    header, padding, and the final rANS states (8 bytes each; 4 states from 16384 elements
+    on, else 1)."""
     codes = _check_codes(codes)
     contexts = _check_contexts(contexts, n_contexts, codes.size)
     status, bits = _table_bits_kernel(codes, contexts, n_contexts)
@@ -746,8 +801,8 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
 
 
 def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
-    """ideal_bits + table_bits in one pass: what encode's output will take, give or take the
-    few bytes of header and final states."""
+    """ideal_bits + table_bits in one pass: what encode's output will take at most, give or
+    take the few bytes of header and final states."""
     codes = _check_codes(codes)
     contexts = _check_contexts(contexts, n_contexts, codes.size)
     status, bits = _estimate_kernel(codes, contexts, n_contexts)
