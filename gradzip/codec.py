@@ -40,6 +40,9 @@ _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
 _NO_PREDICTION = np.empty(0, np.float64)
 # Larger tensors amortize a table per bucket; only smaller ones try merged buckets.
 _MERGE_TRIAL_ELEMENTS = 1 << 17
+# Tensors above _SAMPLED_ABOVE elements choose their candidate on about SAMPLE_ELEMENTS.
+SAMPLE_ELEMENTS = 1 << 17
+_SAMPLED_ABOVE = 1 << 18
 _MAX_HUFFMAN_BYTES_PER_CODE = 5  # codes are at most 32 bits plus table: a looser cap is a bomb
 MODES = ("abs", "rel")
 # What a `context` record's coding contexts come from: nothing (sign orientation only), the
@@ -270,30 +273,78 @@ class _Candidate:
 def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal) -> Encoded:
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
-    plain = _quantize(values, dtype, eb, _NO_PREDICTION)
-    if plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
+    # A large tensor picks its candidate on a sample of its rows, then builds only that one:
+    # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
+    recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
+    plain = None if recipe and recipe[0] == "ema" else _quantize(values, dtype, eb, _NO_PREDICTION)
+    if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
-    candidates = [_Candidate("none", plain, {}, [], plain.codes)] + _predicted_candidates(values, dtype, shape, eb, config, previous, plain)
+    candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
+    if not recipe or recipe[0] != "none":
+        candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe)
+    if not candidates:  # the sample's choice is not available on the whole tensor
+        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
+        return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
     params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(best.quantized.recon, dtype), bits)
 
 
-def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> list[_Candidate]:
+def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
+    """(predictor, context source, merge) of the smallest candidate on about
+    SAMPLE_ELEMENTS elements: every k-th row (or column, or element) of the tensor."""
+    step = -(-values.size // SAMPLE_ELEMENTS)
+    whole = None  # the side section that covers the unsampled axis whole (not scaled up)
+    if len(shape) >= 2 and shape[0] // step >= 8:
+        sample_shape, whole = (-(-shape[0] // step),) + tuple(shape[1:]), "col_scale"
+        def take(flat):
+            return np.ascontiguousarray(flat.reshape(shape[0], -1)[::step]).reshape(-1)
+    elif len(shape) == 2 and shape[1] // step >= 8:
+        sample_shape, whole = (shape[0], -(-shape[1] // step)), "row_scale"
+        def take(flat):
+            return np.ascontiguousarray(flat.reshape(shape)[:, ::step]).reshape(-1)
+    else:
+        sample_shape = (-(-values.size // step),)
+        def take(flat):
+            return np.ascontiguousarray(flat[::step])
+    sample = take(values)
+    sample_previous = None
+    if _has_history(previous, shape, dtype):
+        sample_previous = TensorState(sample_shape, dtype, previous.rounds, take(previous.ema), take(previous.sign))
+    plain = _quantize(sample, dtype, eb, _NO_PREDICTION)
+    candidates = [_Candidate("none", plain, {}, [], plain.codes)]
+    candidates += _predicted_candidates(sample, dtype, sample_shape, eb, config, sample_previous, plain, None)
+    def whole_tensor_bytes(candidate):
+        unscaled = sum(len(data) for section, data in candidate.side_sections if section == whole)
+        return (candidate.estimated_bytes(config.coder, numpy_dtype(dtype).itemsize) - unscaled) * step + unscaled
+
+    best = min(candidates, key=whole_tensor_bytes)
+    # Tables are amortized over the whole tensor: no merged buckets there.
+    return best.predictor, best.side_params.get("contexts"), 0
+
+
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
-    state, or both) and the EMA-shift candidate, where the shape and the state allow them."""
+    state, or both) and the EMA-shift candidate, where the shape and the state allow them;
+    with a recipe (predictor, context source, merge), only that candidate, built with the
+    plain codes oriented in place (nothing else uses them then)."""
+    def wanted(predictor, source=None):
+        return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
+
     history = _has_history(previous, shape, dtype) and (config.magnitude_prediction or config.sign_prediction)
-    scales = _scale_side(values, shape) if config.coder == "rans" else None
+    wants_scale = config.coder == "rans" and (recipe is None or (recipe[1] or "").startswith("scale"))
+    scales = _scale_side(values, shape) if wants_scale else None
     if not history:
-        if scales is None:
+        if scales is None or not wanted("context", "scale"):
             return []
         contexts = np.zeros(values.size, np.uint8)
         scale_contexts(scales[0], scales[1], eb, _NO_PREDICTION, contexts)
         return _context_candidates(plain, plain.codes, contexts, {"contexts": "scale", "sign_oriented": False},
-                                   scales[2], values.size)
+                                   scales[2], values.size, recipe)
     mean, std = magnitude_stats(values)
     if not (math.isfinite(mean) and math.isfinite(std)):
         return []  # statistics overflow only for values near the float max
@@ -302,24 +353,27 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> 
     predicted = np.empty(values.size, np.float64)
     predict_magnitude(previous.ema, mean, std, predicted)
     candidates = []
-    if config.coder == "rans":
-        oriented = plain.codes.copy()
+    if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
+        oriented = plain.codes if recipe else plain.codes.copy()
         if config.sign_prediction:
             orient_by_sign(oriented, previous.sign)
         params = {**side, "sign_oriented": config.sign_prediction}
-        contexts = np.zeros(values.size, np.uint8)
-        if config.magnitude_prediction:
-            magnitude_contexts(predicted, eb, contexts)
-        candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": "ema" if config.magnitude_prediction else "none"},
-                                          [], values.size, n_contexts=N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
+        own = "ema" if config.magnitude_prediction else "none"
+        if wanted("context", own):
+            contexts = np.zeros(values.size, np.uint8)
+            if config.magnitude_prediction:
+                magnitude_contexts(predicted, eb, contexts)
+            candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": own}, [], values.size,
+                                              recipe, N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
         if scales is not None:
             for source, prediction in (("scale", _NO_PREDICTION), ("scale_ema", predicted)):
-                if source == "scale_ema" and not config.magnitude_prediction:
+                if (source == "scale_ema" and not config.magnitude_prediction) or not wanted("context", source):
                     continue
                 contexts = np.zeros(values.size, np.uint8)
                 scale_contexts(scales[0], scales[1], eb, prediction, contexts)
-                candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": source}, scales[2], values.size)
-    if config.magnitude_prediction and config.sign_prediction:
+                candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": source}, scales[2],
+                                                  values.size, recipe)
+    if config.magnitude_prediction and config.sign_prediction and wanted("ema"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
@@ -329,14 +383,14 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain) -> 
     return candidates
 
 
-def _context_candidates(plain, codes, contexts, params, side_sections, n, n_contexts=N_MAGNITUDE_BUCKETS) -> list[_Candidate]:
+def _context_candidates(plain, codes, contexts, params, side_sections, n, recipe, n_contexts=N_MAGNITUDE_BUCKETS) -> list[_Candidate]:
     """A context candidate, plus merged-bucket variants for tensors too small to pay for a
-    frequency table per bucket."""
-    candidates = [_Candidate("context", plain, {**params, "context_merge": 0}, side_sections, codes, contexts, n_contexts)]
-    if n_contexts > 1 and n < _MERGE_TRIAL_ELEMENTS:
-        for merge in range(1, MAX_MERGE_SHIFT + 1):
-            coarse, n_coarse = merged_contexts(contexts, merge)
-            candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, side_sections, codes, coarse, n_coarse))
+    frequency table per bucket (with a recipe: its merge only)."""
+    merges = [recipe[2]] if recipe else range(MAX_MERGE_SHIFT + 1) if n_contexts > 1 and n < _MERGE_TRIAL_ELEMENTS else [0]
+    candidates = []
+    for merge in merges:
+        coarse, n_coarse = merged_contexts(contexts, merge) if merge else (contexts, n_contexts)
+        candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, side_sections, codes, coarse, n_coarse))
     return candidates
 
 
