@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import zipfile
 
@@ -36,8 +37,9 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 def element_count(shape) -> int:
-    """Elements of a tensor of this shape (1 for a 0-d scalar)."""
-    return int(np.prod(shape, dtype=np.int64))
+    """Elements of a tensor of this shape (1 for a 0-d scalar); exact for any size (a crafted
+    shape cannot wrap around as an int64 product would), and far cheaper than np.prod."""
+    return int(math.prod(shape))
 
 
 def is_bfloat16(array: np.ndarray) -> bool:
