@@ -350,8 +350,10 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         return []  # statistics overflow only for values near the float max
     mean, std = _rounded(mean), _rounded(std)
     side = {"mean": mean, "std": std}
-    predicted = np.empty(values.size, np.float64)
-    predict_magnitude(previous.ema, mean, std, predicted)
+    predicted = _NO_PREDICTION  # a model-sized float64 buffer: only where a candidate needs it
+    if recipe is None or recipe[0] == "ema" or recipe[1] in ("ema", "scale_ema"):
+        predicted = np.empty(values.size, np.float64)
+        predict_magnitude(previous.ema, mean, std, predicted)
     candidates = []
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
         oriented = plain.codes if recipe else plain.codes.copy()
