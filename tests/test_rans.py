@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numba import njit
 
 from gradzip.entropy import rans
 from gradzip.errors import CorruptStreamError
@@ -260,6 +261,28 @@ def test_every_byte_replaced():
             decode_or_corrupt(bytes(damaged), contexts, 3)
 
 
+def test_damaged_four_lane_streams():
+    """Streams of 16384 or more elements decode 4 lanes at a time with unclamped reads while
+    those stay inside the arrays; damage anywhere must still end in an error or a well-formed
+    array (run with NUMBA_BOUNDSCHECK=1 to check the reads themselves)."""
+    rng = np.random.default_rng(9)
+    n = 20003
+    contexts = rng.integers(0, 5, n).astype(np.uint8)
+    codes = laplace_codes(rng, 6.0, n)
+    codes[::97] = rng.integers(-MAX_Q, MAX_Q, codes[::97].size)
+    data = round_trip(codes, contexts, 5)
+    for length in list(range(0, len(data), 997)) + list(range(len(data) - 40, len(data))):
+        decode_or_corrupt(data[:length], contexts, 5)
+    for index in rng.integers(0, len(data), 300):
+        damaged = bytearray(data)
+        damaged[index] ^= int(rng.integers(1, 256))
+        decode_or_corrupt(bytes(damaged), contexts, 5)
+    for cut in rng.integers(0, len(data), 20):  # a run of zeros: extra bits and words missing
+        decode_or_corrupt(data[:cut] + bytes(4096) + data[cut + 4096 :], contexts, 5)
+    decode_or_corrupt(data, contexts[:-4], 5)
+    decode_or_corrupt(data, np.zeros_like(contexts), 5)
+
+
 def test_wrong_contexts():
     data, codes, contexts = small_stream()
     decode_or_corrupt(data, contexts[:-1], 3)
@@ -318,3 +341,36 @@ def test_table_precision_above_the_context_total_is_corrupt():
     data[1] = (data[1] & 0xF0) | 15
     with pytest.raises(CorruptStreamError):
         rans.decode(bytes(data), contexts, 1)
+
+
+@njit  # no cache: a cached caller keeps the rans kernels it was compiled with
+def _encoder_quotient_mismatches(bits, seed):
+    """Elements where _put_symbol's multiply-high state differs from the one by division, over
+    every frequency at this precision: random states below x_max and those next to multiples
+    of freq and to x_max."""
+    np.random.seed(seed)
+    words = np.zeros(1, np.uint32)
+    freqs = np.zeros(1 << rans.TOKEN_SHIFT, np.int64)
+    starts = np.zeros(1 << rans.TOKEN_SHIFT, np.int64)
+    prob_bits = np.full(1, bits, np.int64)
+    mismatches = 0
+    for freq in range(1, (1 << bits) + 1):
+        freqs[0], starts[0] = freq, (1 << bits) - freq
+        table = rans._encoder_table(prob_bits, freqs, starts)
+        x_max = np.int64(freq) << (63 - bits) if freq < 1 << bits else np.int64(2**63 - 1)
+        for trial in range(40):
+            if trial < 8:
+                x = x_max - 1 - trial
+            elif trial < 16:
+                x = (x_max // freq - trial + 7) * freq + (trial % 2) * (freq - 1)
+            else:
+                x = ((np.int64(np.random.randint(0, 2**31)) << 32) | np.random.randint(0, 2**32)) % x_max
+            x = max(x, rans.RANS_LOW)
+            pos, state = rans._put_symbol(words, 0, x, table, 0)
+            mismatches += pos != 0 or state != ((x // freq) << bits) + x % freq + starts[0]
+    return mismatches
+
+
+@pytest.mark.parametrize("bits", range(3, rans.PROB_BITS + 1))
+def test_encoder_reciprocals_match_division(bits):
+    assert _encoder_quotient_mismatches(bits, bits) == 0

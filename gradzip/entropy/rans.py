@@ -89,6 +89,23 @@ def _token_tables():
 
 
 TOKEN_BASE, TOKEN_EXTRA_BITS, TOKEN_NEGATIVE = _token_tables()
+TOKEN_ROW_MASK = (1 << TOKEN_SHIFT) - 1
+# what the decoder needs of a token in one load: base | negative << 32 | extra bits << 48
+TOKEN_DECODE = TOKEN_BASE | (TOKEN_NEGATIVE << 32) | (TOKEN_EXTRA_BITS << 48)
+
+
+def _token_of_top():
+    """Token of each magnitude < 32 and sign, indexed (magnitude << 1) | negative.  A larger
+    magnitude shifted right by octave - 4 lands in 16..31 with the same h, and its token is
+    4 * (octave - 4) more (2 classes per octave, 2 tokens per class)."""
+    token_of_top = np.zeros(4 * DIRECT_LIMIT, np.int64)
+    for top in range(1, 2 * DIRECT_LIMIT):
+        cls = top if top < DIRECT_LIMIT else DIRECT_LIMIT + ((top >> 3) & 1)
+        token_of_top[top << 1], token_of_top[(top << 1) | 1] = 2 * cls - 1, 2 * cls
+    return token_of_top
+
+
+TOKEN_OF_TOP = _token_of_top()
 
 # ---- model and rANS parameters -------------------------------------------------------
 
@@ -213,66 +230,79 @@ def _exp_golomb_cost(value, k):
 # ---- tokens and extra bits -----------------------------------------------------------
 # The per-element loops avoid data-dependent branches (zero-bit reads and writes are
 # no-ops): on fine-bound data whether an element is small or has extra bits is random.
+# They index with unsigned integers: numba adds a negative-index fix-up to signed ones.
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _token(q):
+    """(token, magnitude, number of extra bits) of code q.  A magnitude over MAX_MAGNITUDE
+    (the caller reports it) still gets a token inside its 128-entry row."""
+    magnitude = -q if q < 0 else q
+    shift = _bit_length(magnitude | DIRECT_LIMIT) - 5  # octave - 4 from 32 on, else 0
+    top = magnitude >> shift  # < 32: the magnitude itself, or its leading one, h and 3 bits
+    token = (TOKEN_OF_TOP[(top << 1) | (q < 0)] + 4 * shift) & TOKEN_ROW_MASK
+    return token, magnitude, shift + 3 * (top >> 4)
 
 
 @njit(cache=True, nogil=True)
-def _magnitude_class(magnitude):
-    octave = _bit_length(magnitude | DIRECT_LIMIT) - 1  # >= 4 keeps the shift valid
-    half = (magnitude >> (octave - 1)) & 1
-    large = DIRECT_LIMIT + 2 * (octave - 4) + half
-    return magnitude if magnitude < DIRECT_LIMIT else large
-
-
-@njit(cache=True, nogil=True)
-def _tokenize(codes, contexts, tokens, histogram):
-    """tokens[i] = token of codes[i]; histogram[context << TOKEN_SHIFT | token] += 1.
-    Contexts must index histogram rows (the caller checks). Returns a status."""
+def _count_tokens(codes, contexts, histogram):
+    """histogram[context << TOKEN_SHIFT | token] += 1 for every element.  Contexts must index
+    histogram rows (the caller checks).  Returns a status."""
     magnitude_bits = 0  # OR of all magnitudes: > MAX_MAGNITUDE iff one of them is
     for i in range(codes.size):
-        q = np.int64(codes[i])
-        magnitude = -q if q < 0 else q
+        token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
         magnitude_bits |= magnitude
-        cls = _magnitude_class(min(magnitude, MAX_MAGNITUDE))  # clamped: indexes stay valid
-        token = 2 * cls - (magnitude != 0) + (q < 0)
-        tokens[i] = token
-        histogram[(np.int64(contexts[i]) << TOKEN_SHIFT) | token] += 1
+        histogram[np.uint64((np.int64(contexts[np.uint64(i)]) << TOKEN_SHIFT) | token)] += 1
     return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
 
 
 @njit(cache=True, nogil=True)
-def _write_extra_bits(codes, tokens, words, pos, acc, n_acc):
-    """Append every element's extra bits; words needs a spare slot past the last full one."""
+def _tokenize(codes, contexts, symbols, histogram, extra_words):
+    """_count_tokens that also stores symbols[i] = contexts[i] << TOKEN_SHIFT | token (what the
+    rANS encoder indexes its tables with) and packs the extra bits into extra_words from bit 0,
+    in one pass over the codes.  extra_words needs a spare slot past the last full word.
+    Returns (status, number of full words, acc, n_acc)."""
+    magnitude_bits = 0
+    pos, acc, n_acc = 0, np.int64(0), 0
     for i in range(codes.size):
-        n_bits = TOKEN_EXTRA_BITS[tokens[i]]
-        q = np.int64(codes[i])
-        magnitude = -q if q < 0 else q
+        token, magnitude, n_bits = _token(np.int64(codes[np.uint64(i)]))
+        magnitude_bits |= magnitude
+        symbol = (np.int64(contexts[np.uint64(i)]) << TOKEN_SHIFT) | token
+        symbols[np.uint64(i)] = symbol
+        histogram[np.uint64(symbol)] += 1
         acc |= (magnitude & ((np.int64(1) << n_bits) - 1)) << n_acc
         n_acc += n_bits
-        words[pos] = acc & WORD_MASK  # rewritten until the word is full
+        extra_words[np.uint64(pos)] = acc & WORD_MASK  # rewritten until the word is full
         full = n_acc >> 5
         pos += full
         acc >>= full << 5
         n_acc &= 31
-    return pos, acc, n_acc
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK, pos, acc, n_acc
 
 
 @njit(cache=True, nogil=True)
-def _detokenize(tokens, words, n_words, pos, acc, n_acc, codes):
-    """codes[i] from tokens[i] and the extra bits. words[n_words] must exist (a zero pad).
-    Returns (pos, acc, n_acc, status)."""
-    for i in range(tokens.size):
-        token = tokens[i]
-        n_bits = TOKEN_EXTRA_BITS[token]
-        refill = n_acc < n_bits
-        word = np.int64(words[min(pos, n_words)])  # clamped; pos > n_words is reported below
-        acc |= (word << n_acc) if refill else 0
-        n_acc += 32 if refill else 0
-        pos += refill
-        magnitude = TOKEN_BASE[token] + (acc & ((np.int64(1) << n_bits) - 1))
-        acc >>= n_bits
-        n_acc -= n_bits
-        codes[i] = -magnitude if TOKEN_NEGATIVE[token] else magnitude
-    return pos, acc, n_acc, ERR_BITS_EXHAUSTED if pos > n_words else OK
+def _append_words(words, pos, acc, n_acc, source, n_source):
+    """Append source[:n_source] (32 bits each) behind the n_acc pending bits in acc."""
+    for j in range(n_source):
+        acc |= np.int64(source[np.uint64(j)]) << n_acc
+        words[np.uint64(pos)] = acc & WORD_MASK
+        pos += 1
+        acc >>= 32
+    return pos, acc, n_acc
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _code(token, words, bit_pos):
+    """(code, number of extra bits read) from token and the extra bits at bit_pos, read
+    from words[bit_pos // 32] and the word after it (the caller keeps both in range)."""
+    info = TOKEN_DECODE[token]
+    n_bits = info >> 48
+    word = np.uint64(bit_pos >> 5)
+    pair = (np.int64(words[word + np.uint64(1)]) << 32) | np.int64(words[word])
+    low = (pair >> (bit_pos & 31)) & ((np.int64(1) << n_bits) - 1)
+    negative = -((info >> 32) & 1)  # all ones or zero
+    magnitude = (info & WORD_MASK) + low
+    return (magnitude ^ negative) - negative, n_bits
 
 
 # ---- model: normalized frequencies ---------------------------------------------------
@@ -345,10 +375,9 @@ def _table_layout(weights):
                 implied = t
     best_k, best_cost = 0, np.int64(1) << 62
     for k in range(1 << K_FIELD_BITS):
-        cost = 0
-        for t in range(span):
-            if t != implied:
-                cost += _exp_golomb_cost(weights[t], k)
+        cost = -_exp_golomb_cost(weights[implied], k)
+        for t in range(span):  # no branch for the implied token: the loop vectorizes
+            cost += _exp_golomb_cost(weights[t], k)
         if cost < best_cost:
             best_k, best_cost = k, cost
     return span, implied, best_k, 2 * TOKEN_FIELD_BITS + K_FIELD_BITS + best_cost
@@ -464,33 +493,98 @@ def _write_tables(precision, sent, words, pos, acc, n_acc):
 
 
 # ---- rANS core -----------------------------------------------------------------------
-# The hot loops keep the states in a small array indexed by i % lanes (independent chains
-# that the CPU overlaps) and do every array access in the loop body: helpers that take
-# arrays get refcount calls around each use.  Renormalization is branch-free.
+# The hot loops keep each lane's state in its own variable (4 independent chains that the
+# CPU overlaps), index with unsigned integers (no negative-index fix-up) and inline their
+# helpers (no refcounting of the arrays around each call).  Renormalization is branch-free.
+
+
+@intrinsic
+def _mul_high(typingctx, a, b):
+    """High 64 bits of the unsigned 128-bit product of two int64 bit patterns (one mul)."""
+    if a != types.int64 or b != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = ir.IntType(128)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        return builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+ENCODER_FIELDS = 4  # per symbol: x_max, rcp_freq, bias, cmpl_freq | rcp_shift << 32
 
 
 @njit(cache=True, nogil=True)
-def _rans_encode(tokens, contexts, prob_bits, freqs, starts, lanes):
-    """Encode tokens backwards; freqs/starts are flat, indexed (context << TOKEN_SHIFT) |
-    token.  Returns the emitted words followed by the final states."""
-    n = tokens.size
+def _encoder_table(prob_bits, freqs, starts):
+    """Per symbol k = (context << TOKEN_SHIFT) | token, what _put_symbol needs to replace the
+    division x // freq by a multiply-high (Giesen's rans64).  With 2**(shift - 1) < freq <=
+    2**shift, rcp_freq = ceil(2**(63 + shift) / freq) exceeds 2**(63 + shift) / freq by less
+    than 1, so for x < 2**63 the product exceeds x * 2**(63 + shift) / freq by less than
+    2**(63 + shift) / freq: the quotient comes out exact.  freq = 1 takes rcp_freq = 2**64 - 1
+    (quotient x - 1) and the missing 2**bits - 1 goes into the bias."""
+    table = np.zeros(ENCODER_FIELDS * freqs.size, np.int64)
+    for k in range(freqs.size):
+        freq = freqs[k]
+        if freq == 0:
+            continue
+        bits = prob_bits[k >> TOKEN_SHIFT]
+        shift = _bit_length(freq - 1)  # ceil(log2 freq)
+        if freq == 1:
+            rcp_freq, rcp_shift, bias = np.int64(-1), 0, starts[k] + (np.int64(1) << bits) - 1
+        else:
+            # long division of 2**(shift + 63) + freq - 1 by freq in two 32-bit steps
+            high = np.int64(1) << (shift + 31)
+            low = (((high % freq) << 32) + freq - 1) // freq
+            rcp_freq, rcp_shift, bias = ((high // freq) << 32) + low, shift - 1, starts[k]
+        base = ENCODER_FIELDS * k
+        table[base] = freq << (63 - bits)  # 2**63 (as int64: -2**63) if freq = 2**bits
+        table[base + 1] = rcp_freq
+        table[base + 2] = bias
+        table[base + 3] = ((np.int64(1) << bits) - freq) | (np.int64(rcp_shift) << 32)
+    return table
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_symbol(words, pos, x, table, k):
+    """Encode symbol k into state x: (pos, new x).  The new state is
+    (x // freq << bits) + x % freq + start = x + start + (x // freq) * (2**bits - freq), after
+    pushing 32 bits out if it would reach 2**63 (x >= x_max = freq << (63 - bits))."""
+    base = np.uint64(ENCODER_FIELDS * k)
+    flush = np.uint64(x) >= np.uint64(table[base])  # unsigned: x_max may be 2**63
+    words[np.uint64(pos)] = x & WORD_MASK  # kept only if flush
+    pos += flush
+    x = x >> 32 if flush else x
+    packed = table[base + np.uint64(3)]
+    quotient = _mul_high(x, table[base + np.uint64(1)]) >> (packed >> 32)
+    return pos, x + table[base + np.uint64(2)] + quotient * (packed & WORD_MASK)
+
+
+@njit(cache=True, nogil=True)
+def _rans_encode(symbols, table, lanes):
+    """Encode symbols (from _tokenize) backwards, element i in state i % lanes; table from
+    _encoder_table.  Returns the emitted words followed by the final states."""
+    n = symbols.size
     words = np.empty(n + 2 * lanes + 1, np.uint32)  # <= one word per symbol, one spare
     states = np.full(lanes, RANS_LOW, np.int64)
     pos = 0
-    for i in range(n - 1, -1, -1):
-        lane = i & (lanes - 1)
-        x = states[lane]
-        context = np.int64(contexts[i])
-        bits = prob_bits[context]
-        k = (context << TOKEN_SHIFT) | np.int64(tokens[i])
-        freq = freqs[k]
-        # push 32 bits out first if the result would reach 2**63
-        flush = (x >> (63 - bits)) >= freq
-        words[pos] = x & WORD_MASK  # kept only if flush
-        pos += flush
-        x = x >> 32 if flush else x
-        quotient = np.int64(np.uint64(x) // np.uint64(freq))  # unsigned: no floor fix-up
-        states[lane] = (quotient << bits) + (x - quotient * freq) + starts[k]
+    n_grouped = n - n % lanes
+    for i in range(n - 1, n_grouped - 1, -1):  # the last n % lanes elements
+        lane = i - n_grouped
+        pos, states[lane] = _put_symbol(words, pos, states[lane], table, np.int64(symbols[i]))
+    if lanes == 1:
+        x0 = states[0]
+        for i in range(n - 1, -1, -1):
+            pos, x0 = _put_symbol(words, pos, x0, table, np.int64(symbols[np.uint64(i)]))
+        states[0] = x0
+    else:
+        x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+        for i in range(n_grouped - 4, -1, -4):
+            pos, x3 = _put_symbol(words, pos, x3, table, np.int64(symbols[np.uint64(i + 3)]))
+            pos, x2 = _put_symbol(words, pos, x2, table, np.int64(symbols[np.uint64(i + 2)]))
+            pos, x1 = _put_symbol(words, pos, x1, table, np.int64(symbols[np.uint64(i + 1)]))
+            pos, x0 = _put_symbol(words, pos, x0, table, np.int64(symbols[np.uint64(i)]))
+        states[0], states[1], states[2], states[3] = x0, x1, x2, x3
     for lane in range(lanes):
         words[pos] = states[lane] & WORD_MASK
         words[pos + 1] = states[lane] >> 32
@@ -498,85 +592,163 @@ def _rans_encode(tokens, contexts, prob_bits, freqs, starts, lanes):
     return words[:pos]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _take_symbol(x, context, context_info, slot_tokens, symbol_info):
+    """(token, state before its renormalization) decoded from state x.  context_info[c] is
+    prob_bits | (start of c's slot table) << 6; symbol_info[2k], [2k + 1] are freq and start
+    of k = (context << TOKEN_SHIFT) | token (one array each: fewer registers in the loop)."""
+    info = context_info[np.uint64(context)]
+    bits = info & 63
+    slot = x & ((np.int64(1) << bits) - 1)
+    token = np.int64(slot_tokens[np.uint64((info >> 6) + slot)])
+    k = np.uint64(((context << TOKEN_SHIFT) | token) << 1)
+    return token, symbol_info[k] * (x >> bits) + slot - symbol_info[k + np.uint64(1)]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _refill(x, words, pos):
+    """(x, pos) after pulling the next word in if x fell below RANS_LOW; needs pos > 0."""
+    refill = np.int64(x < RANS_LOW)
+    pos -= refill
+    # arithmetic, not a select: LLVM turns that one into a branch that mispredicts
+    return (x << (refill << 5)) | (np.int64(words[np.uint64(pos)]) & -refill), pos
+
+
 @njit(cache=True, nogil=True)
-def _rans_decode(words, contexts, prob_bits, slot_base, slot_tokens, freqs, starts, lanes, tokens):
-    """Inverse of _rans_encode: fills tokens, returns a status.  Context c's slot table is
-    slot_tokens[slot_base[c] : slot_base[c] + 2**prob_bits[c]]."""
+def _decode_elements(
+    words, contexts, context_info, slot_tokens, symbol_info, lanes, bit_words, n_bit_words, bit_pos, codes
+):
+    """Inverse of _rans_encode and of the extra bits in one pass (both go in element order):
+    fills codes, returns (status, bit position after the extra bits).  context_info and
+    symbol_info as in _take_symbol; bit_words needs 4 zero pad words after its n_bit_words."""
     pos = words.size
     if pos < 2 * lanes:
-        return ERR_RANS_EXHAUSTED
+        return ERR_RANS_EXHAUSTED, bit_pos
     states = np.empty(lanes, np.int64)
     for lane in range(lanes - 1, -1, -1):
         high, low = np.int64(words[pos - 1]), np.int64(words[pos - 2])
         pos -= 2
         states[lane] = (high << 32) | low
         if high >> 31 or states[lane] < RANS_LOW:
-            return ERR_RANS_STATE
-    # decoding maps a state in [RANS_LOW, 2**63) to another whatever the data; only pos
-    # can go wrong, and it is checked after the loop
-    for i in range(tokens.size):
+            return ERR_RANS_STATE, bit_pos
+    # Decoding maps a state in [RANS_LOW, 2**63) to another whatever the data: only the
+    # positions can go wrong.  The fast loops read unclamped while that stays in the arrays:
+    # each lane pulls at most one word (pos >= lanes), and the 4 pad words cover the at most
+    # 4 * 22 extra bits read from bit_limit on.  The clamped loop does the rest: the last few
+    # elements, or a damaged stream to its end; the checks below report what went wrong.
+    bit_limit = 32 * n_bit_words
+    i = 0
+    if lanes == 1:
+        x0 = states[0]
+        while i < codes.size and pos >= 1 and bit_pos <= bit_limit:
+            token, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
+            x0, pos = _refill(x0, words, pos)
+            codes[np.uint64(i)], n_bits = _code(token, bit_words, bit_pos)
+            bit_pos += n_bits
+            i += 1
+        states[0] = x0
+    else:
+        x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+        while i + 4 <= codes.size and pos >= 4 and bit_pos <= bit_limit:
+            t0, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
+            t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
+            t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
+            t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
+            x0, pos = _refill(x0, words, pos)
+            x1, pos = _refill(x1, words, pos)
+            x2, pos = _refill(x2, words, pos)
+            x3, pos = _refill(x3, words, pos)
+            codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
+            codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
+            codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
+            codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
+            bit_pos += n0 + n1 + n2 + n3
+            i += 4
+        states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+    for i in range(i, codes.size):
         lane = i & (lanes - 1)
-        x = states[lane]
-        context = np.int64(contexts[i])
-        bits = prob_bits[context]
-        slot = x & ((np.int64(1) << bits) - 1)
-        token = np.int64(slot_tokens[slot_base[context] + slot])
-        k = (context << TOKEN_SHIFT) | token
-        x = freqs[k] * (x >> bits) + slot - starts[k]
+        token, x = _take_symbol(states[lane], np.int64(contexts[i]), context_info, slot_tokens, symbol_info)
         refill = x < RANS_LOW
         pos -= refill
-        word = np.int64(words[max(pos, 0)])  # clamped; pos < 0 is reported below
-        states[lane] = (x << 32) | word if refill else x
-        tokens[i] = token
+        states[lane] = (x << 32) | np.int64(words[max(pos, 0)]) if refill else x  # pos < 0: reported below
+        codes[i], n_bits = _code(token, bit_words, min(bit_pos, bit_limit))  # likewise bit_pos > bit_limit
+        bit_pos += n_bits
     if pos < 0:
-        return ERR_RANS_EXHAUSTED
+        return ERR_RANS_EXHAUSTED, bit_pos
     for lane in range(lanes):
         if states[lane] != RANS_LOW:
-            return ERR_RANS_STATE
+            return ERR_RANS_STATE, bit_pos
     if pos != 0:
-        return ERR_TRAILING
-    return OK
+        return ERR_TRAILING, bit_pos
+    return OK, bit_pos
 
 
 # ---- whole-stream kernels ------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def _count_tokens(codes, contexts, n_contexts):
-    """(status, tokens, histogram[n_contexts, 2**TOKEN_SHIFT])."""
-    tokens = np.empty(codes.size, np.uint8)
+def _histogram(codes, contexts, n_contexts):
+    """(status, histogram[n_contexts, 2**TOKEN_SHIFT])."""
     histogram = np.zeros((n_contexts, 1 << TOKEN_SHIFT), np.int64)
-    status = _tokenize(codes, contexts, tokens, histogram.reshape(-1))
-    return status, tokens, histogram
+    status = _count_tokens(codes, contexts, histogram.reshape(-1))
+    return status, histogram
 
 
 @njit(cache=True, nogil=True)
 def _encode_kernel(codes, contexts, n_contexts):
     """Returns (status, bit_words, rans_words)."""
-    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    symbols = np.empty(codes.size, np.uint16)
+    histogram = np.zeros((n_contexts, 1 << TOKEN_SHIFT), np.int64)
+    # 30 bits: an out-of-range int32 magnitude (reported below) has up to that many
+    extra_words = np.empty(30 * codes.size // 32 + 2, np.uint32)
+    status, n_extra_words, extra_acc, n_extra_acc = _tokenize(
+        codes, contexts, symbols, histogram.reshape(-1), extra_words
+    )
     if status != OK:
         return status, np.empty(0, np.uint32), np.empty(0, np.uint32)
     prob_bits, precision, sent, freqs, starts = _build_model(histogram)
 
+    # the tables come first, so the extra bits (packed while tokenizing) are appended behind them
     max_table_bits = n_contexts * (PRECISION_FIELD_BITS + 2 * TOKEN_FIELD_BITS + K_FIELD_BITS + N_TOKENS * (2 * MAX_WEIGHT_BITS + 1))
-    bit_words = np.empty((max_table_bits + MAX_EXTRA_BITS * codes.size) // 32 + 2, np.uint32)
+    bit_words = np.empty(max_table_bits // 32 + n_extra_words + 3, np.uint32)
     pos, acc, n_acc = _write_tables(precision, sent, bit_words, 0, np.int64(0), 0)
-    pos, acc, n_acc = _write_extra_bits(codes, tokens, bit_words, pos, acc, n_acc)
+    pos, acc, n_acc = _append_words(bit_words, pos, acc, n_acc, extra_words, n_extra_words)
+    pos, acc, n_acc = _put_bits(bit_words, pos, acc, n_acc, extra_acc, n_extra_acc)
     if n_acc > 0:
         bit_words[pos] = acc
         pos += 1
 
     lanes = _lane_count(codes.size)
-    rans_words = _rans_encode(tokens, contexts, prob_bits, freqs.reshape(-1), starts.reshape(-1), lanes)
+    table = _encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
+    rans_words = _rans_encode(symbols, table, lanes)
     return OK, bit_words[:pos], rans_words
 
 
 @njit(cache=True, nogil=True)
-def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
-    """Fills codes; returns a status.  bit_words[n_bit_words] is a zero pad word."""
+def _context_counts(contexts, n_contexts):
+    """Elements per context.  Four partial counts: one shared counter would make every
+    increment wait for the previous one when most elements have the same context."""
+    if n_contexts == 1:  # the caller checked that every context is < n_contexts
+        return np.full(1, contexts.size, np.int64)
+    partial = np.zeros((4, 256), np.int64)
+    n_grouped = contexts.size - contexts.size % 4
+    for i in range(0, n_grouped, 4):
+        partial[0, contexts[np.uint64(i)]] += 1
+        partial[1, contexts[np.uint64(i + 1)]] += 1
+        partial[2, contexts[np.uint64(i + 2)]] += 1
+        partial[3, contexts[np.uint64(i + 3)]] += 1
+    for i in range(n_grouped, contexts.size):
+        partial[0, contexts[np.uint64(i)]] += 1
     counts = np.zeros(n_contexts, np.int64)
-    for i in range(contexts.size):
-        counts[contexts[i]] += 1
+    for c in range(n_contexts):
+        counts[c] = partial[0, c] + partial[1, c] + partial[2, c] + partial[3, c]
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
+    """Fills codes; returns a status.  bit_words[n_bit_words:] are 4 zero pad words."""
+    counts = _context_counts(contexts, n_contexts)
 
     prob_bits = np.zeros(n_contexts, np.int64)
     slot_base = np.zeros(n_contexts, np.int64)
@@ -610,18 +782,23 @@ def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, cod
             first = slot_base[c] + starts[c, t]
             slot_tokens[first : first + freqs[c, t]] = t
 
-    tokens = np.empty(codes.size, np.uint8)
+    context_info = prob_bits | (slot_base << 6)
+    symbol_info = np.empty(2 * freqs.size, np.int64)
+    symbol_info[0::2] = freqs.reshape(-1)
+    symbol_info[1::2] = starts.reshape(-1)
     lanes = _lane_count(codes.size)
-    flat_freqs, flat_starts = freqs.reshape(-1), starts.reshape(-1)
-    status = _rans_decode(
-        rans_words, contexts, prob_bits, slot_base, slot_tokens, flat_freqs, flat_starts, lanes, tokens
+    status, bit_pos = _decode_elements(
+        rans_words, contexts, context_info, slot_tokens, symbol_info, lanes,
+        bit_words, n_bit_words, 32 * pos - n_acc, codes,
     )
     if status != OK:
         return status
-    pos, acc, n_acc, status = _detokenize(tokens, bit_words, n_bit_words, pos, acc, n_acc, codes)
-    if status != OK:
-        return status
-    if pos != n_bit_words or acc != 0:
+    # the words read are those holding bits [0, bit_pos); the rest of the last must be zero
+    if bit_pos > 32 * n_bit_words:
+        return ERR_BITS_EXHAUSTED
+    if (bit_pos + 31) >> 5 != n_bit_words:
+        return ERR_TRAILING
+    if bit_pos & 31 and bit_words[n_bit_words - 1] >> (bit_pos & 31):
         return ERR_TRAILING
     return OK
 
@@ -658,20 +835,20 @@ def _histogram_table_bits(histogram):
 
 @njit(cache=True, nogil=True)
 def _ideal_bits_kernel(codes, contexts, n_contexts):
-    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    status, histogram = _histogram(codes, contexts, n_contexts)
     return status, _histogram_ideal_bits(histogram)
 
 
 @njit(cache=True, nogil=True)
 def _table_bits_kernel(codes, contexts, n_contexts):
-    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    status, histogram = _histogram(codes, contexts, n_contexts)
     return status, _histogram_table_bits(histogram)
 
 
 @njit(cache=True, nogil=True)
 def _estimate_kernel(codes, contexts, n_contexts):
     """(status, ideal payload bits + table bits) from one tokenizing pass."""
-    status, tokens, histogram = _count_tokens(codes, contexts, n_contexts)
+    status, histogram = _histogram(codes, contexts, n_contexts)
     return status, _histogram_ideal_bits(histogram) + _histogram_table_bits(histogram)
 
 
@@ -769,8 +946,8 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int) -> n
     rans_start = offset + 4 * n_bit_words
     if rans_start > raw.size or (raw.size - rans_start) % 4:
         raise CorruptStreamError("section lengths do not match the data size")
-    # copies: aligned native-endian arrays for the kernels, the bit section with a zero pad
-    bit_words = np.zeros(n_bit_words + 1, np.uint32)
+    # copies: aligned native-endian arrays for the kernels, the bit section with 4 zero pads
+    bit_words = np.zeros(n_bit_words + 4, np.uint32)
     bit_words[:n_bit_words] = raw[offset:rans_start].view("<u4")
     rans_words = raw[rans_start:].view("<u4").astype(np.uint32)
     _check_status(_decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes))
