@@ -5,16 +5,17 @@ Routing: tensors of at most `min_lossy_elements` elements share one bundle recor
 and carry no predictor state: there, float tensors are quantized at their own bound without
 prediction (unless `exact_small`) and the rest stored exactly. Larger non-float tensors are
 stored losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
-magnitude-and-sign prediction, and state-derived coding contexts (each with the coders that fit)
-and keeps the smallest, so prediction never makes a tensor worse. Such tensors carry predictor
-state, which is advanced from the reconstruction only, identically in encoder and decoder.
+magnitude-and-sign prediction, and coding contexts (from the state, from this round's row and
+column scales, or both) and keeps the smallest, so prediction never makes a tensor worse; a
+large tensor makes that choice on a sample. Such tensors carry predictor state, which is
+advanced from the reconstruction only, identically in encoder and decoder.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from decimal import ROUND_DOWN, Decimal
 from dataclasses import asdict, dataclass, fields
+from decimal import ROUND_DOWN, Decimal
 
 import numpy as np
 
