@@ -39,6 +39,7 @@ MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 10
 # Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
 _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
 _NO_PREDICTION = np.empty(0, np.float64)
+_NO_STATE = np.empty(0, np.float32)  # an EMA array for "no state": scale contexts without prediction
 # Larger tensors amortize a table per bucket; only smaller ones try merged buckets.
 _MERGE_TRIAL_ELEMENTS = 1 << 17
 # Tensors above _SAMPLED_ABOVE elements choose their candidate on about SAMPLE_ELEMENTS.
@@ -228,10 +229,13 @@ def _recon_crc(recon: np.ndarray, dtype: str) -> int:
     return zlib.crc32(_little_endian_bytes(recon, dtype)) & 0xFFFFFFFF
 
 
-def _quantize(values, dtype, eb, prediction) -> _Quantized:
+def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
+    """keep_recon=False (F32/F64 without prediction only): recon is None until _reconstructed
+    rebuilds it, so a large tensor's reconstruction is not held while its codes are coded."""
     n = values.size
     codes = np.empty(n, np.int32)
-    recon = np.empty(n, compute_dtype(dtype))
+    keep_recon = keep_recon or dtype in ("F16", "BF16") or prediction.size > 0
+    recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
     n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
     if dtype in ("F16", "BF16"):
@@ -244,7 +248,16 @@ def _quantize(values, dtype, eb, prediction) -> _Quantized:
             codes[over] = 0
             recon[over] = values[over]
             n_escaped += int(over.sum())
-    return _Quantized(codes, recon, escaped, n_escaped)
+    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped)
+
+
+def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
+    """The reconstruction a keep_recon=False quantization would have stored (the same
+    expression as quantize's, then the escaped values): quantized.codes must be the plain codes."""
+    recon = np.empty(values.size, compute_dtype(dtype))
+    dequantize(quantized.codes, _NO_PREDICTION, eb, recon)
+    recon[quantized.escaped] = values[quantized.escaped]
+    return recon
 
 
 @dataclass
@@ -277,7 +290,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     # A large tensor picks its candidate on a sample of its rows, then builds only that one:
     # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
     recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
-    plain = None if recipe and recipe[0] == "ema" else _quantize(values, dtype, eb, _NO_PREDICTION)
+    plain = None if recipe and recipe[0] == "ema" else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe)
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
@@ -292,7 +305,12 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
     params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
-    return _encoded(name, dtype, shape, "quantized", params, sections, narrow(best.quantized.recon, dtype), bits)
+    recon = best.quantized.recon
+    if recon is None:
+        if best.codes is best.quantized.codes and best.side_params.get("sign_oriented"):
+            orient_by_sign(best.quantized.codes, previous.sign)  # undo the in-place orientation
+        recon = _reconstructed(values, dtype, eb, best.quantized)
+    return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
@@ -343,7 +361,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         if scales is None or not wanted("context", "scale"):
             return []
         contexts = np.zeros(values.size, np.uint8)
-        scale_contexts(scales[0], scales[1], eb, _NO_PREDICTION, contexts)
+        scale_contexts(scales[0], scales[1], eb, _NO_STATE, 0.0, 0.0, contexts)
         return _context_candidates(plain, plain.codes, contexts, {"contexts": "scale", "sign_oriented": False},
                                    scales[2], values.size, recipe)
     mean, std = magnitude_stats(values)
@@ -351,10 +369,6 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         return []  # statistics overflow only for values near the float max
     mean, std = _rounded(mean), _rounded(std)
     side = {"mean": mean, "std": std}
-    predicted = _NO_PREDICTION  # a model-sized float64 buffer: only where a candidate needs it
-    if recipe is None or recipe[0] == "ema" or recipe[1] in ("ema", "scale_ema"):
-        predicted = np.empty(values.size, np.float64)
-        predict_magnitude(previous.ema, mean, std, predicted)
     candidates = []
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
         oriented = plain.codes if recipe else plain.codes.copy()
@@ -365,22 +379,24 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         if wanted("context", own):
             contexts = np.zeros(values.size, np.uint8)
             if config.magnitude_prediction:
-                magnitude_contexts(predicted, eb, contexts)
+                magnitude_contexts(previous.ema, mean, std, eb, contexts)
             candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": own}, [], values.size,
                                               recipe, N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
         if scales is not None:
-            for source, prediction in (("scale", _NO_PREDICTION), ("scale_ema", predicted)):
+            for source, ema in (("scale", _NO_STATE), ("scale_ema", previous.ema)):
                 if (source == "scale_ema" and not config.magnitude_prediction) or not wanted("context", source):
                     continue
                 contexts = np.zeros(values.size, np.uint8)
-                scale_contexts(scales[0], scales[1], eb, prediction, contexts)
+                scale_contexts(scales[0], scales[1], eb, ema, mean, std, contexts)
                 candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": source}, scales[2],
                                                   values.size, recipe)
     if config.magnitude_prediction and config.sign_prediction and wanted("ema"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            predicted *= signs  # the contexts are built: reuse the buffer for sign x magnitude
+            predicted = np.empty(values.size, np.float64)
+            predict_magnitude(previous.ema, mean, std, predicted)
+            predicted *= signs
             shifted = _quantize(values, dtype, eb, predicted)
             candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
     return candidates
@@ -678,18 +694,15 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):
     contexts = np.zeros(n, np.uint8)
     if source == "none":
         return contexts, 1, orient
-    predicted = _NO_PREDICTION
-    if source in ("ema", "scale_ema"):
-        predicted = np.empty(n, np.float64)
-        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), predicted)
+    mean, std = (float(params["mean"]), float(params["std"])) if source in ("ema", "scale_ema") else (0.0, 0.0)
     if source == "ema":
-        magnitude_contexts(predicted, eb, contexts)
+        magnitude_contexts(previous.ema, mean, std, eb, contexts)
     else:
         if len(shape) < 2 or shape[0] * shape[1] == 0:
             raise CorruptStreamError("scale contexts need two dimensions")
         row_levels = _decoded_levels(sections["row_scale"], shape[0])
         col_levels = _decoded_levels(sections["col_scale"], shape[1])
-        scale_contexts(row_levels, col_levels, eb, predicted, contexts)
+        scale_contexts(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std, contexts)
     shift = params["context_merge"]
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
         raise CorruptStreamError("bad context merge")

@@ -31,7 +31,8 @@ def _reconstruct(p, two_eb, q):
 def quantize(values, prediction, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
-    values: float32/float64, 1-D. prediction: float64, 1-D, or empty for zero.
+    values: float32/float64, 1-D. prediction: float64, 1-D, or empty for zero. recon may be
+    empty: the bound is checked all the same, and dequantize rebuilds the same values later.
     """
     two_eb = 2.0 * eb
     n_escaped = 0
@@ -45,11 +46,13 @@ def quantize(values, prediction, eb, codes, recon, escaped):
             r = recon.dtype.type(_reconstruct(p, two_eb, q))
             if abs(x - np.float64(r)) <= eb:
                 codes[i] = np.int32(q)
-                recon[i] = r
+                if recon.size:
+                    recon[i] = r
                 escaped[i] = False
                 continue
         codes[i] = 0
-        recon[i] = values[i]
+        if recon.size:
+            recon[i] = values[i]
         escaped[i] = True
         n_escaped += 1
     return n_escaped

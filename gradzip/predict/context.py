@@ -18,12 +18,20 @@ N_MAGNITUDE_BUCKETS = 12
 _SMALLEST_BUCKET_LOG2 = -3
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _predicted_magnitude(ema, mean, std, i):
+    # |M std + mean|, as predict.magnitude.predict_magnitude, computed where it is used so no
+    # model-sized float64 buffer is needed (encoder and decoder both run these kernels).
+    return abs(np.float64(ema[i]) * std + mean)
+
+
 @numba.njit(cache=True, nogil=True)
-def magnitude_contexts(predicted_magnitude, eb, contexts):
-    """contexts[i] = log2 bucket of predicted_magnitude[i] / (2 eb), clipped to the bucket range."""
+def magnitude_contexts(ema, mean, std, eb, contexts):
+    """contexts[i] = log2 bucket of the predicted magnitude |ema[i] std + mean| / (2 eb),
+    clipped to the bucket range."""
     inv_step = 1.0 / (2.0 * eb)
-    for i in range(predicted_magnitude.size):
-        steps = predicted_magnitude[i] * inv_step
+    for i in range(ema.size):
+        steps = _predicted_magnitude(ema, mean, std, i) * inv_step
         bucket = 0
         if steps > 0.0 and math.isfinite(steps):
             # frexp gives floor(log2(steps)) + 1 exactly, and far faster than log2.
@@ -118,14 +126,14 @@ def _bucket_of_level(level):
 
 
 @numba.njit(cache=True, nogil=True)
-def scale_contexts(row_levels, col_levels, eb, predicted_magnitude, contexts):
+def scale_contexts(row_levels, col_levels, eb, ema, mean, std, contexts):
     """contexts[i] = bucket of the element's scale level in units of the step 2 eb; with a
-    predicted magnitude (non-empty), of the mean of that level and the prediction's level."""
+    state (ema non-empty), of the mean of that level and the predicted magnitude's level."""
     rows, cols = row_levels.size, col_levels.size
     inner = contexts.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
     inv_step = 1.0 / (2.0 * eb)
-    with_prediction = predicted_magnitude.size > 0
+    with_prediction = ema.size > 0
     for i in range(rows):
         for j in range(cols):
             level = np.int64(row_levels[i]) + np.int64(col_levels[j]) - step_level
@@ -133,7 +141,7 @@ def scale_contexts(row_levels, col_levels, eb, predicted_magnitude, contexts):
             base = (i * cols + j) * inner
             for k in range(inner):
                 if with_prediction:
-                    predicted = quarter_octave_level(predicted_magnitude[base + k] * inv_step)
+                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, base + k) * inv_step)
                     if zero or predicted == ZERO_LEVEL:
                         contexts[base + k] = 0
                     else:
