@@ -149,8 +149,9 @@ def summary_markdown(results, with_plots: bool) -> str:
         "",
         f"Every method compresses the same tensors at the same per-tensor absolute bound ({mode} mode: "
         + ("eb times the tensor's value range in that round" if mode == "rel" else "eb") + "). "
-        f"Tensors of at most {first['settings']['lossy_limit']} elements share one zstd frame per round in every method, "
-        "as gradzip stores them. Speeds are single-threaded (except \"gradzip all threads\") MB/s of original data "
+        f"Float tensors of at most {first['settings']['lossy_limit']} elements are coded lossily by a baseline only where "
+        "that beats their raw bytes (SZ3's header can outweigh a bias); the others share one zstd frame per round. gradzip "
+        "quantizes its small float tensors into one shared rANS stream. Speeds are single-threaded (except \"gradzip all threads\") MB/s of original data "
         "(10^6 bytes), the fastest of "
         f"{first['settings']['repeats']} runs per round after a warm-up; peak memory is "
         + ("the rise of resident memory during one compress or decompress call." if first["settings"]["memory"] == "rss"

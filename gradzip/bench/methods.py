@@ -184,8 +184,8 @@ def _gradzip(magnitude: bool, sign: bool, threads: int | None = 1):
 
 
 class PerTensorSession(Session):
-    """A baseline that codes each lossy tensor on its own (subclasses code one float array);
-    the small tensors of a round share one zstd frame, as in gradzip."""
+    """A baseline that codes each float tensor on its own (subclasses code one float array);
+    a small one only where that beats its raw bytes, the other small tensors share one zstd frame."""
 
     lossy = True  # False: every tensor goes through zstd
 
