@@ -230,14 +230,20 @@ def _recon_crc(recon: np.ndarray, dtype: str) -> int:
 
 
 def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
-    """keep_recon=False (F32/F64 without prediction only): recon is None until _reconstructed
-    rebuilds it, so a large tensor's reconstruction is not held while its codes are coded."""
+    """prediction: _NO_PREDICTION or an _EmaPrediction. keep_recon=False (F32/F64 without
+    prediction only): recon is None until _reconstructed rebuilds it, so a large tensor's
+    reconstruction is not held while its codes are coded."""
     n = values.size
     codes = np.empty(n, np.int32)
-    keep_recon = keep_recon or dtype in ("F16", "BF16") or prediction.size > 0
+    keep_recon = keep_recon or dtype in ("F16", "BF16") or isinstance(prediction, _EmaPrediction)
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
-    n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
+    if isinstance(prediction, _EmaPrediction):
+        n_escaped = 0
+        for start, stop, chunk in prediction.chunks():
+            n_escaped += quantize(values[start:stop], chunk, eb, codes[start:stop], recon[start:stop], escaped[start:stop])
+    else:
+        n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
     if dtype in ("F16", "BF16"):
         # The bound must hold after the cast back, so check again in the narrow dtype.
         recon = widen(narrow(recon, dtype), dtype).copy()
@@ -249,6 +255,29 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
             recon[over] = values[over]
             n_escaped += int(over.sum())
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped)
+
+
+# The EMA-shift prediction is built this many elements at a time, never model-sized.
+_PREDICTION_CHUNK = 1 << 16
+
+
+@dataclass
+class _EmaPrediction:
+    """sign x |M std + mean|, produced chunk by chunk (predict_magnitude, then the signs)."""
+
+    ema: np.ndarray
+    mean: float
+    std: float
+    signs: np.ndarray
+
+    def chunks(self):
+        buffer = np.empty(min(_PREDICTION_CHUNK, self.ema.size), np.float64)
+        for start in range(0, self.ema.size, _PREDICTION_CHUNK):
+            stop = min(start + _PREDICTION_CHUNK, self.ema.size)
+            chunk = buffer[: stop - start]
+            predict_magnitude(self.ema[start:stop], self.mean, self.std, chunk)
+            chunk *= self.signs[start:stop]
+            yield start, stop, chunk
 
 
 def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
@@ -394,10 +423,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            predicted = np.empty(values.size, np.float64)
-            predict_magnitude(previous.ema, mean, std, predicted)
-            predicted *= signs
-            shifted = _quantize(values, dtype, eb, predicted)
+            shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, signs))
             candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
     return candidates
 
@@ -656,9 +682,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
     if predictor == "ema":
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-        prediction = np.empty(n, np.float64)
-        predict_magnitude(previous.ema, float(params["mean"]), float(params["std"]), prediction)
-        prediction *= _decoded_signs(params, sections, shape, previous.sign)
+        prediction = _EmaPrediction(previous.ema, float(params["mean"]), float(params["std"]),
+                                    _decoded_signs(params, sections, shape, previous.sign))
     elif predictor == "context":
         contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor != "none":
@@ -668,7 +693,11 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
     if orient:
         orient_by_sign(codes, previous.sign)
     recon = np.empty(n, compute_dtype(dtype))
-    dequantize(codes, prediction, eb, recon)
+    if isinstance(prediction, _EmaPrediction):
+        for start, stop, chunk in prediction.chunks():
+            dequantize(codes[start:stop], chunk, eb, recon[start:stop])
+    else:
+        dequantize(codes, prediction, eb, recon)
     n_escaped = params["escaped"]
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")
