@@ -102,8 +102,8 @@ def _rank_one_rounds(count: int):
     rng = np.random.default_rng(6)
     rounds = []
     for _ in range(count):
-        rows, cols = np.exp(rng.normal(0, 1.5, 96)), np.exp(rng.normal(0, 1.5, 80))
-        rounds.append({"fc.weight": (np.outer(rows, cols) * rng.normal(size=(96, 80))).astype(np.float32)})
+        rows, cols = np.exp(rng.normal(0, 1.5, 192)), np.exp(rng.normal(0, 1.5, 180))  # over _SCALE_MIN_ELEMENTS
+        rounds.append({"fc.weight": (np.outer(rows, cols) * rng.normal(size=(192, 180))).astype(np.float32)})
     return rounds
 
 
@@ -131,7 +131,7 @@ def test_eb_is_rounded_down_to_six_digits_and_stays_within_the_bound():
     lambda r: r["params"].__setitem__("contexts", "rows"),
     lambda r: r["params"].__setitem__("context_merge", True),
     lambda r: r["params"].__setitem__("sign_oriented", 1),
-    lambda r: r.__setitem__("shape", [96 * 80]),  # scale contexts need two dimensions
+    lambda r: r.__setitem__("shape", [192 * 180]),  # scale contexts need two dimensions
     lambda r: r.__setitem__("sections", [[n, l] for n, l in r["sections"] if n != "col_scale"] + [["col_scale", 0]]),
 ])
 def test_tampered_scale_context_records_are_a_corrupt_stream(tamper):
