@@ -15,6 +15,7 @@ import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
@@ -112,22 +113,30 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     return fingerprint(parts).hex()
 
 
+@contextmanager
 def ordered_map(function, items, threads: int):
-    """function over items on up to `threads` threads, results in order; at most 2 x threads
-    items are in flight, so memory stays a small multiple of the largest tensor."""
+    """function over items on up to `threads` threads, as an iterator of results in order that
+    is valid inside the with block. At most 2 x threads items are in flight, so memory stays a
+    small multiple of the largest tensor. Leaving the block, by an exception or Ctrl-C too,
+    cancels what is pending and waits for the running calls: no worker outlives the round (a
+    generator left suspended would shut its pool down only when collected, at exit)."""
     if threads <= 1:
-        yield from map(function, items)
+        yield map(function, items)
         return
     window = 2 * threads
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(function, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    pending = deque()
+
+    def results(pool):
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
                 yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            yield results(pool)
         finally:
             for future in pending:
                 future.cancel()
@@ -221,13 +230,14 @@ class Compressor:
             _, name, array = item
             return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits)
 
-        for (position, name, array), encoded in zip(large, ordered_map(encode, large, self.threads)):
-            writer.record(encoded.record, encoded.payload)
-            if encoded.state is not None:
-                new_tensors[name] = encoded.state
-            reports[position] = _report(encoded, array, self.report_errors)
-            if on_tensor:
-                on_tensor(name)
+        with ordered_map(encode, large, self.threads) as encoded_tensors:
+            for (position, name, array), encoded in zip(large, encoded_tensors):
+                writer.record(encoded.record, encoded.payload)
+                if encoded.state is not None:
+                    new_tensors[name] = encoded.state
+                reports[position] = _report(encoded, array, self.report_errors)
+                if on_tensor:
+                    on_tensor(name)
         report.tensors = [reports[position] for position in sorted(reports)]
         after = PredictorState(before.round + 1, new_tensors, input_digest)
         writer.end({"tensors": len(tensors), "state_digest": after.digest()})
@@ -366,13 +376,14 @@ class Decompressor:
             record, payload = item
             return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]))
 
-        for record, payload_bytes, (array, state) in ordered_map(decode, tensor_records(), self.threads):
-            name = record["name"]
-            arrays[name] = array
-            stream_order.append(name)
-            if state is not None:
-                new_tensors[name] = state
-            reports[name] = _record_report(record, payload_bytes)
+        with ordered_map(decode, tensor_records(), self.threads) as decoded_tensors:
+            for record, payload_bytes, (array, state) in decoded_tensors:
+                name = record["name"]
+                arrays[name] = array
+                stream_order.append(name)
+                if state is not None:
+                    new_tensors[name] = state
+                reports[name] = _record_report(record, payload_bytes)
         tensors = _in_round_order(bundle_positions, stream_order, arrays)
         report.tensors = [reports[name] for name in tensors]
         reader.expect_end_of_input()
