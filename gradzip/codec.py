@@ -608,8 +608,7 @@ def _decode_bundle(record, payload):
             code_offset += n
         else:
             nbytes = n * np_dtype.itemsize
-            le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
-            array = np.frombuffer(raw[raw_offset : raw_offset + nbytes], le).astype(np_dtype, copy=True).reshape(shape)
+            array = _from_little_endian(raw[raw_offset : raw_offset + nbytes], np_dtype, shape)
             raw_offset += nbytes
         crc = zlib.crc32(_little_endian_bytes(array, dtype), crc)
         members.append((position, name, array))
@@ -651,15 +650,19 @@ def _decode(record, payload, config, previous):
     method = record["method"]
     stateful = carries_state(dtype, shape, config)
     if method == "lossless":
-        raw = lossless.decompress(sections["data"], n * np_dtype.itemsize)
-        le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
-        array = np.frombuffer(raw, le).astype(np_dtype, copy=True).reshape(shape)
+        array = _from_little_endian(lossless.decompress(sections["data"], n * np_dtype.itemsize), np_dtype, shape)
     elif method == "quantized" and stateful:
         array = _decode_quantized(params, sections, dtype, shape, n, config, previous)
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
     state = advance_state(previous, shape, dtype, widen(array, dtype), config) if stateful else None
     return array, state
+
+
+def _from_little_endian(raw, np_dtype, shape) -> np.ndarray:
+    """A tensor (own, writable, native byte order) from its stored little-endian bytes."""
+    le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
+    return np.frombuffer(raw, le).astype(np_dtype, copy=True).reshape(shape)
 
 
 def _split_sections(declared, payload) -> dict[str, memoryview]:

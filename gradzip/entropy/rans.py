@@ -954,14 +954,18 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int) -> n
     return codes
 
 
+def _measured(kernel, codes, contexts, n_contexts):
+    codes = _check_codes(codes)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    status, bits = kernel(codes, contexts, n_contexts)
+    _check_status(status)
+    return bits
+
+
 def ideal_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
     """Ideal code length in bits of codes under this coder's model (per-context empirical
     token distributions plus raw extra bits), excluding the frequency tables."""
-    codes = _check_codes(codes)
-    contexts = _check_contexts(contexts, n_contexts, codes.size)
-    status, bits = _ideal_bits_kernel(codes, contexts, n_contexts)
-    _check_status(status)
-    return float(bits)
+    return float(_measured(_ideal_bits_kernel, codes, contexts, n_contexts))
 
 
 def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
@@ -970,18 +974,10 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
     ideal_bits estimates (plus the cost of any coarser table) and overhead: a <= 5-byte
     header, padding, and the final rANS states (8 bytes each; 4 states from 16384 elements
     on, else 1)."""
-    codes = _check_codes(codes)
-    contexts = _check_contexts(contexts, n_contexts, codes.size)
-    status, bits = _table_bits_kernel(codes, contexts, n_contexts)
-    _check_status(status)
-    return int(bits)
+    return int(_measured(_table_bits_kernel, codes, contexts, n_contexts))
 
 
 def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
     """ideal_bits + table_bits in one pass: what encode's output will take at most, give or
     take the few bytes of header and final states."""
-    codes = _check_codes(codes)
-    contexts = _check_contexts(contexts, n_contexts, codes.size)
-    status, bits = _estimate_kernel(codes, contexts, n_contexts)
-    _check_status(status)
-    return float(bits)
+    return float(_measured(_estimate_kernel, codes, contexts, n_contexts))
