@@ -23,8 +23,8 @@ from . import lossless
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
-from .predict.context import (MAX_MERGE_SHIFT, N_MAGNITUDE_BUCKETS, magnitude_contexts, merged_contexts, orient_by_sign,
-                              scale_contexts, scale_levels)
+from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
+                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums, scale_levels)
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
 from .quantize import RADIUS, dequantize, finite_range, quantize
@@ -346,7 +346,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
-    """(predictor, context source, merge) of the smallest candidate on about
+    """(predictor, context source, merge, fit) of the smallest candidate on about
     SAMPLE_ELEMENTS elements: every k-th row (or column, or element) of the tensor."""
     step = -(-values.size // SAMPLE_ELEMENTS)
     whole = None  # the side section that covers the unsampled axis whole (not scaled up)
@@ -374,15 +374,18 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
         return (candidate.estimated_bytes(config.coder, numpy_dtype(dtype).itemsize) - unscaled) * step + unscaled
 
     best = min(candidates, key=whole_tensor_bytes)
-    # Tables are amortized over the whole tensor: no merged buckets there.
-    return best.predictor, best.side_params.get("contexts"), 0
+    # The sample's tables weigh more than the whole tensor's: scale contexts try every merge
+    # again on the whole tensor (with the sample's fit); other large tensors use no merge.
+    fit = best.side_params.get("fit")
+    return best.predictor, best.side_params.get("contexts"), None if fit else 0, tuple(fit) if fit else None
 
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both) and the EMA-shift candidate, where the shape and the state allow them;
-    with a recipe (predictor, context source, merge), only that candidate, built with the
-    plain codes oriented in place (nothing else uses them then)."""
+    with a recipe (predictor, context source, merge, fit), only that candidate (in every
+    merge if its merge is None), built with the plain codes oriented in place (nothing else
+    uses them then)."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -392,10 +395,8 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     if not history:
         if scales is None or not wanted("context", "scale"):
             return []
-        contexts = np.zeros(values.size, np.uint8)
-        scale_contexts(scales[0], scales[1], eb, _NO_STATE, 0.0, 0.0, contexts)
-        return _context_candidates(plain, plain.codes, contexts, {"contexts": "scale", "sign_oriented": False},
-                                   scales[2], values.size, recipe)
+        return _scale_candidates(values, plain.codes, plain, scales, eb, _NO_STATE, 0.0, 0.0,
+                                 {"contexts": "scale", "sign_oriented": False}, recipe)
     mean, std = magnitude_stats(values)
     if not (math.isfinite(mean) and math.isfinite(std)):
         return []  # statistics overflow only for values near the float max
@@ -418,10 +419,8 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
             for source, ema in (("scale", _NO_STATE), ("scale_ema", previous.ema)):
                 if (source == "scale_ema" and not config.magnitude_prediction) or not wanted("context", source):
                     continue
-                contexts = np.zeros(values.size, np.uint8)
-                scale_contexts(scales[0], scales[1], eb, ema, mean, std, contexts)
-                candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": source}, scales[2],
-                                                  values.size, recipe)
+                candidates += _scale_candidates(values, oriented, plain, scales, eb, ema, mean, std,
+                                                {**params, "contexts": source}, recipe)
     if config.magnitude_prediction and config.sign_prediction and wanted("ema"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
@@ -431,13 +430,35 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     return candidates
 
 
-def _context_candidates(plain, codes, contexts, params, side_sections, n, recipe, n_contexts=N_MAGNITUDE_BUCKETS) -> list[_Candidate]:
+def _scale_candidates(values, codes, plain, scales, eb, ema, mean, std, params, recipe) -> list[_Candidate]:
+    """Scale-context candidates: the weights of the row-and-column level and the predicted
+    level are fitted to this tensor (or taken from the recipe), then every merge is tried."""
+    if recipe and recipe[3] is not None:
+        weights = recipe[3]
+    else:
+        sums = np.zeros(9)
+        scale_fit_sums(values, scales[0], scales[1], eb, ema, mean, std, sums)
+        weights = fitted_weights(sums, ema.size > 0)
+    contexts = np.zeros(values.size, np.uint8)
+    scale_contexts(scales[0], scales[1], eb, ema, mean, std, *weights, contexts)
+    return _context_candidates(plain, codes, contexts, {**params, "fit": list(weights)}, scales[2], values.size,
+                               recipe, N_SCALE_BUCKETS, every_merge=True)
+
+
+def _context_candidates(plain, codes, contexts, params, side_sections, n, recipe, n_contexts=N_MAGNITUDE_BUCKETS,
+                        every_merge=False) -> list[_Candidate]:
     """A context candidate, plus merged-bucket variants for tensors too small to pay for a
-    frequency table per bucket (with a recipe: its merge only)."""
-    merges = [recipe[2]] if recipe else range(MAX_MERGE_SHIFT + 1) if n_contexts > 1 and n < _MERGE_TRIAL_ELEMENTS else [0]
+    frequency table per bucket, or always where every_merge (with a recipe: its merge only,
+    unless that is None)."""
+    if recipe and recipe[2] is not None:
+        merges = [recipe[2]]
+    elif n_contexts > 1 and (every_merge or n < _MERGE_TRIAL_ELEMENTS):
+        merges = range(MAX_MERGE_SHIFT + 1)
+    else:
+        merges = [0]
     candidates = []
     for merge in merges:
-        coarse, n_coarse = merged_contexts(contexts, merge) if merge else (contexts, n_contexts)
+        coarse, n_coarse = merged_contexts(contexts, merge, n_contexts) if merge else (contexts, n_contexts)
         candidates.append(_Candidate("context", plain, {**params, "context_merge": merge}, side_sections, codes, coarse, n_coarse))
     return candidates
 
@@ -738,11 +759,17 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):
             raise CorruptStreamError("scale contexts need two dimensions")
         row_levels = _decoded_levels(sections["row_scale"], shape[0])
         col_levels = _decoded_levels(sections["col_scale"], shape[1])
-        scale_contexts(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std, contexts)
+        fit = params["fit"]
+        if (not isinstance(fit, list) or len(fit) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in fit)
+                or not all(0 <= w <= MAX_WEIGHT for w in fit[:2]) or not -MAX_OFFSET <= fit[2] <= MAX_OFFSET
+                or (source == "scale" and fit[1] != 0)):
+            raise CorruptStreamError("bad scale-context fit")
+        scale_contexts(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std,
+                       fit[0], fit[1], fit[2], contexts)
     shift = params["context_merge"]
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
         raise CorruptStreamError("bad context merge")
-    contexts, n_contexts = merged_contexts(contexts, shift)
+    contexts, n_contexts = merged_contexts(contexts, shift, N_MAGNITUDE_BUCKETS if source == "ema" else N_SCALE_BUCKETS)
     return contexts, n_contexts, orient
 
 

@@ -119,6 +119,26 @@ def test_scale_contexts_are_chosen_for_outer_product_gradients_and_round_trip(gz
     assert compressor.state.to_bytes() == decompressor.state.to_bytes()
 
 
+def test_scale_context_fit_follows_the_data_and_decodes_with_the_sent_weights():
+    """The fitted weights are the encoder's choice, sent with the record: a decoder given
+    other weights builds other contexts, and the reconstruction check catches it."""
+    rounds = _rank_one_rounds(3)
+    compressor, decompressor = gradzip.Compressor(1e-3), gradzip.Decompressor()
+    fits = []
+    for tensors in rounds[:-1]:
+        blob = compressor.compress(tensors)
+        decompressor.decompress(blob)
+        fits.append(split_stream(blob)[1][0][0]["params"]["fit"])
+    # Without history only the scale level is weighted; a rank-one gradient's |x| tracks it
+    # at about one quarter octave per level (16 sixteenths), give or take the noise.
+    assert fits[0][1] == 0 and 8 <= fits[0][0] <= 24, fits
+    header, records, trailer = split_stream(compressor.compress(rounds[-1]))
+    w_scale, w_ema, offset = records[0][0]["params"]["fit"]
+    records[0][0]["params"]["fit"] = [w_scale + 8, w_ema, offset - 96]
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
+
+
 def test_eb_is_rounded_down_to_six_digits_and_stays_within_the_bound():
     tensors = _rank_one_rounds(1)[0]
     record = split_stream(gradzip.Compressor(1e-3).compress(tensors))[1][0][0]
@@ -131,6 +151,12 @@ def test_eb_is_rounded_down_to_six_digits_and_stays_within_the_bound():
     lambda r: r["params"].__setitem__("contexts", "rows"),
     lambda r: r["params"].__setitem__("context_merge", True),
     lambda r: r["params"].__setitem__("sign_oriented", 1),
+    lambda r: r["params"].__setitem__("fit", [16, 0]),
+    lambda r: r["params"].__setitem__("fit", [16, 0, 1.5]),
+    lambda r: r["params"].__setitem__("fit", [-1, 0, 0]),
+    lambda r: r["params"].__setitem__("fit", [16, 8, 0]),  # `scale` alone has no predicted level
+    lambda r: r["params"].__setitem__("fit", [16, 0, 1 << 20]),
+    lambda r: r["params"].pop("fit"),
     lambda r: r.__setitem__("shape", [192 * 180]),  # scale contexts need two dimensions
     lambda r: r.__setitem__("sections", [[n, l] for n, l in r["sections"] if n != "col_scale"] + [["col_scale", 0]]),
 ])

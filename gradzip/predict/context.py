@@ -12,6 +12,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # Bucket 0 holds predicted magnitudes below 1/8 of a step; each next bucket doubles.
 N_MAGNITUDE_BUCKETS = 12
@@ -32,13 +35,15 @@ def magnitude_contexts(ema, mean, std, eb, contexts):
     inv_step = 1.0 / (2.0 * eb)
     for i in range(ema.size):
         steps = _predicted_magnitude(ema, mean, std, i) * inv_step
-        bucket = 0
-        if steps > 0.0 and math.isfinite(steps):
-            # frexp gives floor(log2(steps)) + 1 exactly, and far faster than log2.
-            bucket = math.frexp(steps)[1] - _SMALLEST_BUCKET_LOG2
-            bucket = min(max(bucket, 0), N_MAGNITUDE_BUCKETS - 1)
-        elif not math.isfinite(steps):
+        # The exponent bits are floor(log2(steps)), exactly and far faster than log2; 0 and
+        # subnormals fall in bucket 0, Inf and NaN in the last.
+        exponent = (_float_bits(steps) >> 52) & _INFINITE_EXPONENT
+        bucket = exponent - _EXPONENT_BIAS + 1 - _SMALLEST_BUCKET_LOG2
+        if exponent == 0:
+            bucket = 0
+        elif exponent == _INFINITE_EXPONENT:
             bucket = N_MAGNITUDE_BUCKETS - 1
+        bucket = min(max(bucket, 0), N_MAGNITUDE_BUCKETS - 1)
         contexts[i] = bucket
 
 
@@ -55,9 +60,9 @@ def orient_by_sign(codes, signs):
 MAX_MERGE_SHIFT = 2
 
 
-def merged_contexts(contexts: np.ndarray, shift: int) -> tuple[np.ndarray, int]:
+def merged_contexts(contexts: np.ndarray, shift: int, n_contexts: int = N_MAGNITUDE_BUCKETS) -> tuple[np.ndarray, int]:
     """Buckets merged 2**shift at a time, and the resulting number of contexts."""
-    return contexts >> np.uint8(shift), (N_MAGNITUDE_BUCKETS + (1 << shift) - 1) >> shift
+    return contexts >> np.uint8(shift), (n_contexts + (1 << shift) - 1) >> shift
 
 
 # ---- scale contexts: this round's per-row and per-column magnitudes as side information ----
@@ -69,22 +74,38 @@ def merged_contexts(contexts: np.ndarray, shift: int) -> tuple[np.ndarray, int]:
 
 LEVELS_PER_OCTAVE = 4
 ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row or column): always bucket 0
-_QUARTER_OCTAVES = (2.0**0.25, 2.0**0.5, 2.0**0.75)
+_EXPONENT_BIAS = 1023
+_INFINITE_EXPONENT = 0x7FF
+_MANTISSA_MASK = (1 << 52) - 1
+# Mantissa bits of 2^(1/4), 2^(1/2), 2^(3/4): x's mantissa passes k of them where
+# 1.mantissa >= 2^(k/4), so comparing bits is comparing the floats.
+_QUARTER_OCTAVE_MANTISSAS = tuple(int(np.array([2.0 ** (k / 4)]).view(np.int64)[0]) & _MANTISSA_MASK for k in (1, 2, 3))
+_M1, _M2, _M3 = _QUARTER_OCTAVE_MANTISSAS
 
 
-@numba.njit(cache=True, nogil=True)
+@intrinsic
+def _float_bits(typingctx, value):
+    """The IEEE-754 bits of a float64, as an int64 (a bitcast)."""
+    if value != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def quarter_octave_level(x):
-    """floor(4 log2 x) for finite x > 0 (exact: frexp and fixed thresholds, no libm log2);
-    ZERO_LEVEL for 0, anything negative or not finite."""
-    if not (x > 0.0 and math.isfinite(x)):
+    """floor(4 log2 abs(x)) for normal x (exact: the exponent bits and fixed mantissa
+    thresholds, no libm); ZERO_LEVEL for 0, subnormals, Inf and NaN."""
+    bits = _float_bits(np.float64(x)) & 0x7FFFFFFFFFFFFFFF
+    exponent = bits >> 52
+    if exponent == 0 or exponent == _INFINITE_EXPONENT:
         return ZERO_LEVEL
-    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, mantissa in [0.5, 1)
-    mantissa *= 2.0
-    level = LEVELS_PER_OCTAVE * (exponent - 1)
-    for threshold in _QUARTER_OCTAVES:
-        if mantissa >= threshold:
-            level += 1
-    return level
+    mantissa = bits & _MANTISSA_MASK
+    return (LEVELS_PER_OCTAVE * (exponent - _EXPONENT_BIAS) + np.int64(mantissa >= _M1) + np.int64(mantissa >= _M2)
+            + np.int64(mantissa >= _M3))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -118,33 +139,117 @@ def scale_levels(values, rows, cols, row_levels, col_levels):
         col_levels[j] = ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
 
 
-@numba.njit(cache=True, nogil=True)
-def _bucket_of_level(level):
-    # magnitude_contexts' bucket: floor(log2 steps) - _SMALLEST_BUCKET_LOG2 + 1, clipped.
-    bucket = (level >> 2) - _SMALLEST_BUCKET_LOG2 + 1
-    return min(max(bucket, 0), N_MAGNITUDE_BUCKETS - 1)
+# Scale contexts are finer than the EMA's octaves: quarter-octave buckets of the fitted level,
+# from 2^-3.25 steps (bucket 0, also every zero row, column or prediction) to 2^12.5 steps.
+N_SCALE_BUCKETS = 64
+_SCALE_BUCKET_OF_LEVEL_0 = 13
+# Fitted weights are sixteenths: level = (w_scale S + w_ema P + offset) >> 4.
+WEIGHT_ONE = 16
+MAX_WEIGHT = 4 * WEIGHT_ONE
+MAX_OFFSET = 1 << 16
+
+
+_ZERO_TERM = -(1 << 40)  # a row or column term that clips every sum to bucket 0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fitted_bucket(scale_term, predicted_level, w_ema):
+    # scale_term = w_scale S + offset, already summed from its row and column parts.
+    if predicted_level == ZERO_LEVEL:
+        return 0
+    level = (scale_term + w_ema * predicted_level) >> 4
+    return min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
 
 
 @numba.njit(cache=True, nogil=True)
-def scale_contexts(row_levels, col_levels, eb, ema, mean, std, contexts):
-    """contexts[i] = bucket of the element's scale level in units of the step 2 eb; with a
-    state (ema non-empty), of the mean of that level and the predicted magnitude's level."""
+def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts):
+    """contexts[i] = quarter-octave bucket of the element's fitted level in steps (2 eb),
+    (w_scale S + w_ema P + offset) >> 4, where S is its row + column scale level and P the
+    level of its predicted magnitude (only with a state: ema non-empty)."""
     rows, cols = row_levels.size, col_levels.size
     inner = contexts.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
     inv_step = 1.0 / (2.0 * eb)
     with_prediction = ema.size > 0
+    # w_scale S + offset = row term + column term, each summed once instead of per element.
+    col_terms = np.empty(cols, np.int64)
+    for j in range(cols):
+        col_terms[j] = _ZERO_TERM if col_levels[j] == ZERO_LEVEL else w_scale * np.int64(col_levels[j])
+    for i in range(rows):
+        base = i * cols * inner
+        if row_levels[i] == ZERO_LEVEL:
+            contexts[base:base + cols * inner] = 0
+            continue
+        row_term = w_scale * (np.int64(row_levels[i]) - step_level) + offset
+        if inner == 1 and with_prediction:  # linear layers: one flat loop the compiler can unroll
+            for j in range(cols):
+                predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, base + j) * inv_step)
+                contexts[base + j] = _fitted_bucket(row_term + col_terms[j], predicted, w_ema)
+            continue
+        for j in range(cols):
+            term = row_term + col_terms[j]
+            start = base + j * inner
+            for k in range(start, start + inner):
+                predicted = np.int64(0)
+                if with_prediction:
+                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, k) * inv_step)
+                contexts[k] = _fitted_bucket(term, predicted, w_ema)
+
+
+@numba.njit(cache=True, nogil=True)
+def scale_fit_sums(values, row_levels, col_levels, eb, ema, mean, std, sums):
+    """Least-squares sums for the level of |x| in steps, T, against S and P (see
+    scale_contexts), over the elements where all three are defined: sums = n, S, P, T, SS,
+    PP, SP, ST, PT. Encoder only: the weights it yields are sent."""
+    rows, cols = row_levels.size, col_levels.size
+    inner = values.size // (rows * cols)
+    step_level = quarter_octave_level(2.0 * eb)
+    inv_step = 1.0 / (2.0 * eb)
+    with_prediction = ema.size > 0
     for i in range(rows):
         for j in range(cols):
-            level = np.int64(row_levels[i]) + np.int64(col_levels[j]) - step_level
-            zero = row_levels[i] == ZERO_LEVEL or col_levels[j] == ZERO_LEVEL
+            if row_levels[i] == ZERO_LEVEL or col_levels[j] == ZERO_LEVEL:
+                continue
+            s = np.float64(np.int64(row_levels[i]) + np.int64(col_levels[j]) - step_level)
             base = (i * cols + j) * inner
             for k in range(inner):
+                t = quarter_octave_level(abs(np.float64(values[base + k])) * inv_step)
+                if t == ZERO_LEVEL:
+                    continue
+                p = 0.0
                 if with_prediction:
                     predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, base + k) * inv_step)
-                    if zero or predicted == ZERO_LEVEL:
-                        contexts[base + k] = 0
-                    else:
-                        contexts[base + k] = _bucket_of_level((level + predicted) >> 1)
-                else:
-                    contexts[base + k] = 0 if zero else _bucket_of_level(level)
+                    if predicted == ZERO_LEVEL:
+                        continue
+                    p = np.float64(predicted)
+                sums[0] += 1.0
+                sums[1] += s
+                sums[2] += p
+                sums[3] += t
+                sums[4] += s * s
+                sums[5] += p * p
+                sums[6] += s * p
+                sums[7] += s * t
+                sums[8] += p * t
+
+
+def fitted_weights(sums: np.ndarray, with_prediction: bool) -> tuple[int, int, int]:
+    """(w_scale, w_ema, offset) in sixteenths from scale_fit_sums, by least squares; the plain
+    mean of S and P (or S alone) where the fit is degenerate."""
+    n, s, p, t, ss, pp, sp, st, pt = (float(v) for v in sums)
+    fallback = (WEIGHT_ONE // 2, WEIGHT_ONE // 2, 0) if with_prediction else (WEIGHT_ONE, 0, 0)
+    if with_prediction:
+        normal = np.array([[ss, sp, s], [sp, pp, p], [s, p, n]])
+        target = np.array([st, pt, t])
+    else:
+        normal = np.array([[ss, s], [s, n]])
+        target = np.array([st, t])
+    if n < 16 or not np.all(np.isfinite(normal)) or abs(np.linalg.det(normal)) < 1e-9 * max(1.0, np.abs(normal).max()) ** len(target):
+        return fallback
+    solution = np.linalg.solve(normal, target)
+    if not np.all(np.isfinite(solution)):
+        return fallback
+    w_scale = int(np.clip(round(solution[0] * WEIGHT_ONE), 0, MAX_WEIGHT))
+    w_ema = int(np.clip(round(solution[1] * WEIGHT_ONE), 0, MAX_WEIGHT)) if with_prediction else 0
+    offset = int(np.clip(round(solution[-1] * WEIGHT_ONE), -MAX_OFFSET, MAX_OFFSET))
+    return w_scale, w_ema, offset
