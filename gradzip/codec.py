@@ -54,6 +54,10 @@ MODES = ("abs", "rel")
 # EMA-predicted magnitude, this round's row and column scales, or both (docs/format.md).
 CONTEXT_SOURCES = ("none", "ema", "scale", "scale_ema")
 CODERS = ("rans", "huffman")
+# Where an `ema` record's shift takes its signs: the kernel bitmap and oscillation mode, or
+# each element's previous sign (with a fitted scale, at most this in magnitude).
+SHIFT_SIGNS = ("kernel", "previous")
+MAX_SHIFT_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -266,12 +270,14 @@ _PREDICTION_CHUNK = 1 << 16
 
 @dataclass
 class _EmaPrediction:
-    """sign x |M std + mean|, produced chunk by chunk (predict_magnitude, then the signs)."""
+    """sign x |M std + mean| (x scale), produced chunk by chunk (predict_magnitude, then the
+    signs, then the scale)."""
 
     ema: np.ndarray
     mean: float
     std: float
     signs: np.ndarray
+    scale: float = 1.0  # the fitted shift scale of `previous` signs; 1 for `kernel` signs
 
     def chunks(self):
         buffer = np.empty(min(_PREDICTION_CHUNK, self.ema.size), np.float64)
@@ -280,6 +286,8 @@ class _EmaPrediction:
             chunk = buffer[: stop - start]
             predict_magnitude(self.ema[start:stop], self.mean, self.std, chunk)
             chunk *= self.signs[start:stop]
+            if self.scale != 1.0:
+                chunk *= self.scale
             yield start, stop, chunk
 
 
@@ -346,7 +354,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
-    """(predictor, context source, merge, fit) of the smallest candidate on about
+    """(predictor, context source or shift signs, merge, fit) of the smallest candidate on about
     SAMPLE_ELEMENTS elements: every k-th row (or column, or element) of the tensor."""
     step = -(-values.size // SAMPLE_ELEMENTS)
     whole = None  # the side section that covers the unsampled axis whole (not scaled up)
@@ -377,13 +385,14 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     # The sample's tables weigh more than the whole tensor's: scale contexts try every merge
     # again on the whole tensor (with the sample's fit); other large tensors use no merge.
     fit = best.side_params.get("fit")
-    return best.predictor, best.side_params.get("contexts"), None if fit else 0, tuple(fit) if fit else None
+    variant = best.side_params.get("contexts", best.side_params.get("signs"))
+    return best.predictor, variant, None if fit else 0, tuple(fit) if fit else None
 
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both) and the EMA-shift candidate, where the shape and the state allow them;
-    with a recipe (predictor, context source, merge, fit), only that candidate (in every
+    with a recipe (predictor, context source or shift signs, merge, fit), only that candidate (in every
     merge if its merge is None), built with the plain codes oriented in place (nothing else
     uses them then)."""
     def wanted(predictor, source=None):
@@ -421,13 +430,35 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
                     continue
                 candidates += _scale_candidates(values, oriented, plain, scales, eb, ema, mean, std,
                                                 {**params, "contexts": source}, recipe)
-    if config.magnitude_prediction and config.sign_prediction and wanted("ema"):
+    if config.magnitude_prediction and config.sign_prediction and wanted("ema", "kernel"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
             shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, signs))
-            candidates.append(_Candidate("ema", shifted, {**side, **shift_params}, shift_sections, shifted.codes))
+            candidates.append(_Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections,
+                                         shifted.codes))
+    if config.magnitude_prediction and config.sign_prediction and wanted("ema", "previous"):
+        candidates += _trend_candidates(values, dtype, eb, previous, mean, std, side)
     return candidates
+
+
+def _trend_candidates(values, dtype, eb, previous, mean, std, side) -> list[_Candidate]:
+    """The EMA shift along every element's previous sign, scaled by the least-squares factor
+    (updates that persist across rounds, shrunk by how much they do), codes oriented by that
+    sign. Empty when the fit gives no usable scale."""
+    prediction = _EmaPrediction(previous.ema, mean, std, previous.sign)
+    cross = square = 0.0
+    for start, stop, chunk in prediction.chunks():
+        part = values[start:stop]
+        finite = np.isfinite(part)
+        cross += float(np.dot(chunk[finite], part[finite].astype(np.float64)))
+        square += float(np.dot(chunk, chunk))
+    scale = _rounded(cross / square) if square > 0 and math.isfinite(cross / square) else 0.0
+    if not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
+        return []
+    shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, previous.sign, scale))
+    orient_by_sign(shifted.codes, previous.sign)
+    return [_Candidate("ema", shifted, {**side, "signs": "previous", "shift_scale": scale}, [], shifted.codes)]
 
 
 def _scale_candidates(values, codes, plain, scales, eb, ema, mean, std, params, recipe) -> list[_Candidate]:
@@ -710,8 +741,16 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
     if predictor == "ema":
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-        prediction = _EmaPrediction(previous.ema, float(params["mean"]), float(params["std"]),
-                                    _decoded_signs(params, sections, shape, previous.sign))
+        mean, std, signs = float(params["mean"]), float(params["std"]), params["signs"]
+        if signs == "kernel":
+            prediction = _EmaPrediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
+        elif signs == "previous":
+            scale = params["shift_scale"]
+            if not isinstance(scale, float) or not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
+                raise CorruptStreamError("bad shift scale")
+            prediction, orient = _EmaPrediction(previous.ema, mean, std, previous.sign, scale), True
+        else:
+            raise CorruptStreamError("bad shift signs")
     elif predictor == "context":
         contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor != "none":

@@ -509,3 +509,20 @@ def test_large_tensors_choose_on_a_sample_and_stay_within_bound(gz, shape, dtype
         gz.assert_within_bound(tensors["w"], out["w"], 1e-2, "rel", f"round {r}")
     if len(shape) >= 2 and shape[0] >= 40:  # per-row scales: this round's scale contexts must win somewhere
         assert any(split_stream(b)[1][0][0]["params"].get("contexts", "").startswith("scale") for b in blobs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_persistent_updates_take_the_previous_sign_shift_through_the_sample(gz, dtype):
+    """A sampled choice of the previous-sign shift is rebuilt on the whole tensor (its scale
+    refitted there): bound and identical states as everywhere."""
+    rng = np.random.default_rng(21)
+    update = rng.laplace(size=300000)
+    rounds = []
+    for _ in range(4):
+        update = 0.85 * update + 0.5 * rng.laplace(size=update.size)
+        values = update.astype(np.float32)
+        rounds.append({"w": gz.bfloat16_from_float32(values) if dtype == "bfloat16" else values})
+    _, _, blobs, decoded = run_rounds(rounds, 1e-2, "rel")
+    for r, (tensors, out) in enumerate(zip(rounds, decoded)):
+        gz.assert_within_bound(tensors["w"], out["w"], 1e-2, "rel", f"round {r}")
+    assert any(split_stream(b)[1][0][0]["params"].get("signs") == "previous" for b in blobs)

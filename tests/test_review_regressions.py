@@ -168,3 +168,58 @@ def test_tampered_scale_context_records_are_a_corrupt_stream(tamper):
     tamper(records[0][0])
     with pytest.raises(gradzip.CorruptStreamError):
         gradzip.Decompressor().decompress(join_stream(header, records, trailer))
+
+
+def _persistent_rounds(count: int, persistence: float = 0.8):
+    """Updates that persist across rounds: each round keeps `persistence` of the last one and
+    adds fresh noise, so consecutive rounds correlate in value, not only in magnitude."""
+    rng = np.random.default_rng(11)
+    update = rng.normal(size=(64, 40))
+    rounds = []
+    for _ in range(count):
+        update = persistence * update + np.sqrt(1 - persistence**2) * rng.normal(size=update.shape)
+        rounds.append({"fc.weight": update.astype(np.float32)})
+    return rounds
+
+
+def test_shift_along_previous_signs_is_chosen_for_persistent_updates_and_round_trips(gz):
+    rounds = _persistent_rounds(5)
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    chosen = []
+    for tensors in rounds:
+        blob = compressor.compress(tensors)
+        out = decompressor.decompress(blob)
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
+        chosen.append(split_stream(blob)[1][0][0]["params"])
+    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+    trend = [p for p in chosen if p.get("signs") == "previous"]
+    assert trend, chosen
+    # The fitted scale shrinks the shift below 1 but keeps most of it: the EMA magnitude is a
+    # noisy stand-in for the previous value.
+    assert all(0.2 < p["shift_scale"] < 1.2 for p in trend), trend
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p.__setitem__("signs", "sideways"),
+    lambda p: p.pop("signs"),
+    lambda p: p.__setitem__("shift_scale", 0.0),
+    lambda p: p.__setitem__("shift_scale", 9.0),
+    lambda p: p.__setitem__("shift_scale", "0.5"),
+    lambda p: p.__setitem__("shift_scale", -1e300),
+    lambda p: p.pop("shift_scale"),
+    lambda p: p.__setitem__("shift_scale", round(p["shift_scale"] * 1.5, 6)),  # well-formed but not what was coded
+])
+def test_tampered_previous_sign_shift_is_a_corrupt_stream(tamper):
+    rounds = _persistent_rounds(5)
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    for tensors in rounds:
+        blob = compressor.compress(tensors)
+        header, records, trailer = split_stream(blob)
+        if records[0][0]["params"].get("signs") == "previous":
+            break
+        decompressor.decompress(blob)
+    else:
+        pytest.fail("no round chose the previous-sign shift")
+    tamper(records[0][0]["params"])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
