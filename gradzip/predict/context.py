@@ -181,10 +181,18 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
             contexts[base:base + cols * inner] = 0
             continue
         row_term = w_scale * (np.int64(row_levels[i]) - step_level) + offset
-        if inner == 1 and with_prediction:  # linear layers: one flat loop the compiler can unroll
+        if inner == 1 and with_prediction:
+            # Linear layers: one flat, branch-free loop the compiler vectorizes; the same
+            # arithmetic as quarter_octave_level and _fitted_bucket, spelled out.
             for j in range(cols):
-                predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, base + j) * inv_step)
-                contexts[base + j] = _fitted_bucket(row_term + col_terms[j], predicted, w_ema)
+                bits = _float_bits(_predicted_magnitude(ema, mean, std, base + j) * inv_step) & 0x7FFFFFFFFFFFFFFF
+                exponent = bits >> 52
+                mantissa = bits & _MANTISSA_MASK
+                predicted = (LEVELS_PER_OCTAVE * (exponent - _EXPONENT_BIAS) + np.int64(mantissa >= _M1)
+                             + np.int64(mantissa >= _M2) + np.int64(mantissa >= _M3))
+                level = (row_term + col_terms[j] + w_ema * predicted) >> 4
+                bucket = min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
+                contexts[base + j] = bucket if exponent != 0 and exponent != _INFINITE_EXPONENT else 0
             continue
         for j in range(cols):
             term = row_term + col_terms[j]
