@@ -113,10 +113,29 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     return fingerprint(parts).hex()
 
 
+# A tensor this small is coded in the calling thread: a worker's hand-off and the GIL cost
+# more than its kernels run (all threads ran small models at 0.6x of one thread before).
+THREADED_MIN_ELEMENTS = 1 << 16
+
+
+class _Inline:
+    """A call made in the consuming thread when its result is wanted, in a pool's queue."""
+
+    def __init__(self, function, item):
+        self.function, self.item = function, item
+
+    def result(self):
+        return self.function(self.item)
+
+    def cancel(self):
+        return True
+
+
 @contextmanager
-def ordered_map(function, items, threads: int):
+def ordered_map(function, items, threads: int, threaded=lambda item: True):
     """function over items on up to `threads` threads, as an iterator of results in order that
-    is valid inside the with block. At most 2 x threads items are in flight, so memory stays a
+    is valid inside the with block; items that are not `threaded` run in the consuming thread,
+    in turn, while the others run on. At most 2 x threads items are in flight, so memory stays a
     small multiple of the largest tensor. Leaving the block, by an exception or Ctrl-C too,
     cancels what is pending and waits for the running calls: no worker outlives the round (a
     generator left suspended would shut its pool down only when collected, at exit)."""
@@ -128,7 +147,7 @@ def ordered_map(function, items, threads: int):
 
     def results(pool):
         for item in items:
-            pending.append(pool.submit(function, item))
+            pending.append(pool.submit(function, item) if threaded(item) else _Inline(function, item))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -140,6 +159,14 @@ def ordered_map(function, items, threads: int):
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _record_elements(record: dict) -> int:
+    """Elements a tensor record claims, or 0 where its shape is malformed (decoding says why)."""
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return 0
+    return math.prod(shape)
 
 
 def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
@@ -230,7 +257,7 @@ class Compressor:
             _, name, array = item
             return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits)
 
-        with ordered_map(encode, large, self.threads) as encoded_tensors:
+        with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):
                 writer.record(encoded.record, encoded.payload)
                 if encoded.state is not None:
@@ -376,7 +403,8 @@ class Decompressor:
             record, payload = item
             return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]))
 
-        with ordered_map(decode, tensor_records(), self.threads) as decoded_tensors:
+        with ordered_map(decode, tensor_records(), self.threads,
+                         lambda item: _record_elements(item[0]) >= THREADED_MIN_ELEMENTS) as decoded_tensors:
             for record, payload_bytes, (array, state) in decoded_tensors:
                 name = record["name"]
                 arrays[name] = array
