@@ -29,7 +29,8 @@ from .floats import LOSSY_DTYPES
 from .metrics import measure, psnr
 from .predict.magnitude import DEFAULT_BETA
 from .predict.sign import DEFAULT_TAU
-from .state import PredictorState, TensorState, fingerprint, load_state, save_state
+from .checksum import fingerprint
+from .state import PredictorState, TensorState, load_state, save_state
 from .tensorio import READ_FORMATS, dtype_name, element_count, numpy_dtype
 
 

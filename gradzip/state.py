@@ -5,7 +5,7 @@ magnitudes (float32) and the sign of the last reconstruction (int8). The state i
 from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), the arrays back to back, then an 8-byte fingerprint (CRC-32, Adler-32) of everything before it.
+keys), the arrays back to back, then an 8-byte fingerprint (XXH64) of everything before it.
 """
 from __future__ import annotations
 
@@ -15,27 +15,18 @@ import json
 import os
 import struct
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .checksum import fingerprint
 from .errors import GradzipError, InputError
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32)
 _DIGEST_SIZE = 8
-
-
-def fingerprint(parts) -> bytes:
-    """CRC-32 and Adler-32 of the parts, 8 bytes: it names a state and catches damage to its
-    file, at several GB/s (states are model-sized, and this runs every round)."""
-    crc, adler = 0, 1
-    for part in parts:
-        crc, adler = zlib.crc32(part, crc), zlib.adler32(part, adler)
-    return struct.pack("<II", crc, adler)
 
 
 @dataclass
@@ -95,11 +86,11 @@ class PredictorState:
         if len(data) < fixed + _DIGEST_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
             raise GradzipError(f"{source}: not a gradzip state file")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+        version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
+        if version != STATE_VERSION:  # before the checksum, which older versions computed otherwise
+            raise GradzipError(f"{source}: state format version {version} is not supported (expected {STATE_VERSION})")
         if fingerprint([body]) != digest:
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
-        version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
-        if version != STATE_VERSION:
-            raise GradzipError(f"{source}: state format version {version} is not supported (expected {STATE_VERSION})")
         if header_len > len(body) - fixed:
             raise GradzipError(f"{source}: state header exceeds the file")
         try:
