@@ -187,7 +187,7 @@ def test_huge_shape_claim_is_rejected_without_allocating(streams, shape, method)
     payload = lossless.compress(b"\0" * 64)
     params = {} if method == "lossless" else {"eb": 0.1, "predictor": "none", "coder": "rans", "escaped": 0}
     record = {"name": "bomb", "dtype": "F64", "shape": shape, "method": method, "params": params,
-              "sections": [["data" if method == "lossless" else "codes", len(payload)]], "recon_xxh64": 0}
+              "sections": [["data" if method == "lossless" else "codes", len(payload)]], "recon_check": 0}
     bomb = build(fresh_header, [(record, payload)], dict(trailer, tensors=1))
     assert_rejected_without_allocating(bomb, before)
     assert_rejected_without_allocating(bomb, before, available=False)
@@ -200,12 +200,12 @@ def test_zstd_frame_claiming_a_huge_size_is_rejected_without_allocating(streams)
     for claimed in (2**40, 2**31, 8000):  # 8000 bytes is what the record needs (2000 float32)
         liar = b"\x28\xb5\x2f\xfd" + b"\xe0" + struct.pack("<Q", claimed) + b"\x01\x00\x00"
         record = {"name": "liar", "dtype": "F32", "shape": [2000], "method": "lossless", "params": {},
-                  "sections": [["data", len(liar)]], "recon_xxh64": 0}
+                  "sections": [["data", len(liar)]], "recon_check": 0}
         bomb = build(dict(header, tensor_count=len(records) + 1), [*records, (record, liar)],
                      dict(trailer, tensors=len(records) + 1))
         assert_rejected_without_allocating(bomb, before)
         bundle = {"method": "bundle", "members": [[len(records), "liar", "F32", [2000]]],
-                  "params": {"zstd": True, "raw_bytes": 8000}, "sections": [["data", len(liar)]], "recon_xxh64": 0}
+                  "params": {"zstd": True, "raw_bytes": 8000}, "sections": [["data", len(liar)]], "recon_check": 0}
         bomb = build(dict(header, tensor_count=len(records) + 1), [*records, (bundle, liar)],
                      dict(trailer, tensors=len(records) + 1))
         assert_rejected_without_allocating(bomb, before)
@@ -219,7 +219,7 @@ def test_bundle_claiming_huge_members_is_rejected_without_allocating(streams, sh
     n = int(np.prod(shape, dtype=object))
     for raw_bytes in (8 * n, 64):
         bundle = {"method": "bundle", "members": [[0, "bomb", "F64", shape]], "params": {"zstd": True, "raw_bytes": raw_bytes},
-                  "sections": [["data", len(payload)]], "recon_xxh64": 0}
+                  "sections": [["data", len(payload)]], "recon_check": 0}
         bomb = build(dict(header, tensor_count=1), [(bundle, payload)], dict(trailer, tensors=1))
         assert_rejected_without_allocating(bomb, before)
         assert_rejected_without_allocating(bomb, before, available=False)
@@ -275,7 +275,7 @@ def test_record_and_header_field_damage_with_valid_checksums_is_rejected(streams
     for key, value in [("shape", [len(payload)]), ("shape", [-1, 5]), ("shape", "big"), ("shape", [1.5]),
                        ("dtype", "F128"), ("dtype", "I32"), ("dtype", None), ("method", "magic"), ("name", 7),
                        ("sections", [["codes", len(payload) + 1]]), ("sections", []), ("sections", "x"),
-                       ("recon_xxh64", 0), ("params", {}), ("params", None),
+                       ("recon_check", 0), ("params", {}), ("params", None),
                        ("name", ["conv.weight"]), ("name", {"a": 1}), ("name", None)]:
         variants.append((f"record {key}={value!r}", header, [*records[:quantized], (dict(record, **{key: value}), payload), *records[quantized + 1:]], trailer))
     for key, value in [("eb", -1.0), ("eb", 0.0), ("eb", 1e308), ("eb", "x"), ("predictor", "oracle"),
