@@ -40,6 +40,7 @@ FRAME_DICTIONARY = (
     b'"sign_oriented":false,"contexts":"scale","fit":[16,0,-64],"context_merge":2,"escaped":0},"sections":[["codes",1],["row_scale",1],["col_scale",1]],'
     b'"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":1,'
     b'"predictor":"ema","coder":"rans","mean":0.001,"std":0.001,"signs":"previous","shift_scale":0.5,"escaped":0},'
+    b'"signs":"previous","shift_scale":0.5,"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":0,'
     b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"signs":"kernel","oscillation":0,'
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
     b'["escape_index",1],["escape_value",1],["padding",1]],"recon_check":1,"payload_bytes":1}'

@@ -115,7 +115,8 @@ def test_scale_contexts_are_chosen_for_outer_product_gradients_and_round_trip(gz
         out = decompressor.decompress(blob)
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", "fc.weight")
         record = split_stream(blob)[1][0][0]
-        assert record["params"]["predictor"] == "context" and record["params"]["contexts"].startswith("scale"), record["params"]
+        # Scale contexts, on the plain codes or under the previous-sign shift.
+        assert record["params"]["predictor"] in ("context", "ema") and record["params"]["contexts"].startswith("scale"), record["params"]
     assert compressor.state.to_bytes() == decompressor.state.to_bytes()
 
 
@@ -220,6 +221,54 @@ def test_tampered_previous_sign_shift_is_a_corrupt_stream(tamper):
         decompressor.decompress(blob)
     else:
         pytest.fail("no round chose the previous-sign shift")
+    tamper(records[0][0]["params"])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
+
+
+def _persistent_rank_one_rounds(count: int, persistence: float = 0.95):
+    """A linear layer late in training: fixed row and column scales, and updates that mostly
+    persist from round to round."""
+    rng = np.random.default_rng(12)
+    rows, cols = np.exp(rng.normal(0, 0.5, 192)), np.exp(rng.normal(0, 0.5, 180))
+    noise = rng.normal(size=(192, 180))
+    rounds = []
+    for _ in range(count):
+        noise = persistence * noise + np.sqrt(1 - persistence**2) * rng.normal(size=noise.shape)
+        rounds.append({"fc.weight": (np.outer(rows, cols) * noise).astype(np.float32)})
+    return rounds
+
+
+def _first_shift_with_contexts(compressor, decompressor, rounds):
+    for tensors in rounds:
+        blob = compressor.compress(tensors)
+        header, records, trailer = split_stream(blob)
+        params = records[0][0]["params"]
+        if params["predictor"] == "ema" and "contexts" in params:
+            return tensors, blob, (header, records, trailer)
+        decompressor.decompress(blob)
+    pytest.fail("no round chose the previous-sign shift under scale contexts")
+
+
+def test_shift_under_scale_contexts_is_chosen_for_persistent_rank_one_updates_and_round_trips(gz):
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    tensors, blob, (_, records, _) = _first_shift_with_contexts(compressor, decompressor, _persistent_rank_one_rounds(6))
+    params = records[0][0]["params"]
+    assert params["signs"] == "previous" and params["contexts"] == "scale_ema" and params["sign_oriented"] is True
+    out = decompressor.decompress(blob)
+    gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
+    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p.__setitem__("sign_oriented", False),
+    lambda p: p.__setitem__("signs", "kernel"),  # kernel signs never carry contexts
+    lambda p: p.__setitem__("contexts", "ema"),  # other contexts than the ones coded
+    lambda p: p.pop("fit"),
+])
+def test_tampered_shift_under_scale_contexts_is_a_corrupt_stream(tamper):
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    _, _, (header, records, trailer) = _first_shift_with_contexts(compressor, decompressor, _persistent_rank_one_rounds(6))
     tamper(records[0][0]["params"])
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
