@@ -5,7 +5,8 @@ Routing: tensors of at most `min_lossy_elements` elements share one bundle recor
 and carry no predictor state: there, float tensors are quantized at their own bound without
 prediction (unless `exact_small`) and the rest stored exactly. Larger non-float tensors are
 stored losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
-magnitude-and-sign prediction, and coding contexts (from the state, from this round's row and
+magnitude-and-sign prediction (signs from the kernel bitmap, or each element's previous sign
+with a fitted scale), and coding contexts (from the state, from this round's row and
 column scales, or both) and keeps the smallest, so prediction never makes a tensor worse; a
 large tensor makes that choice on a sample. Such tensors carry predictor state, which is
 advanced from the reconstruction only, identically in encoder and decoder.
@@ -314,9 +315,16 @@ class _Candidate:
     side_params: dict
     side_sections: list
     codes: np.ndarray  # what the entropy coder sees (possibly sign-oriented)
-    contexts: np.ndarray | None = None
-    n_contexts: int = 1
+    contexts: np.ndarray | None = None  # before merging: the merge is made when needed, so
+    n_contexts: int = 1                 # the candidates of each merge share one array
+    merge: int = 0
     coded: tuple | None = None  # (section, params, ideal bits) once entropy-coded
+
+    def coded_contexts(self) -> tuple[np.ndarray, int]:
+        """(contexts, n_contexts) as the entropy coder sees them."""
+        if self.contexts is None:
+            return np.zeros(self.codes.size, np.uint8), 1
+        return merged_contexts(self.contexts, self.merge, self.n_contexts) if self.merge else (self.contexts, self.n_contexts)
 
     def estimated_bytes(self, coder: str, itemsize: int) -> float:
         """Size estimate used to pick a candidate without entropy-coding every one (Huffman is
@@ -325,8 +333,7 @@ class _Candidate:
         if coder == "huffman":
             self.coded = _code(self.codes, coder, None, 1, False)
             return side + len(self.coded[0])
-        contexts = self.contexts if self.contexts is not None else np.zeros(self.codes.size, np.uint8)
-        return side + rans.estimated_bits(self.codes, contexts, self.n_contexts) / 8
+        return side + rans.estimated_bits(self.codes, *self.coded_contexts()) / 8
 
 
 def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal) -> Encoded:
@@ -347,7 +354,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
-    codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, best.contexts, best.n_contexts, measure_ideal)
+    codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal)
     params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
@@ -502,8 +509,8 @@ def _context_candidates(quantized, codes, contexts, params, side_sections, n, re
         merges = [0]
     candidates = []
     for merge in merges:
-        coarse, n_coarse = merged_contexts(contexts, merge, n_contexts) if merge else (contexts, n_contexts)
-        candidates.append(_Candidate(predictor, quantized, {**params, "context_merge": merge}, side_sections, codes, coarse, n_coarse))
+        candidates.append(_Candidate(predictor, quantized, {**params, "context_merge": merge}, side_sections, codes, contexts,
+                                     n_contexts, merge))
     return candidates
 
 
@@ -755,6 +762,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
         mean, std, signs = float(params["mean"]), float(params["std"]), params["signs"]
+        if signs not in SHIFT_SIGNS:
+            raise CorruptStreamError("bad shift signs")
         if signs == "kernel" and "contexts" not in params:
             prediction = _EmaPrediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
         elif signs == "previous":
