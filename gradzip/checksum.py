@@ -11,6 +11,7 @@ _P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _P3 = np.uint64(0x165667B19E3779F9)
 _P4 = np.uint64(0x85EBCA77C2B2AE63)
 _P5 = np.uint64(0x27D4EB2F165667C5)
+_SMALL_PART = 1 << 16
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -129,7 +130,16 @@ def xxh64(data, seed: int = 0) -> int:
 
 def fingerprint(parts) -> bytes:
     """8 bytes naming a sequence of byte strings: the XXH64 of their concatenation, little-endian."""
-    stream = Xxh64()
+    stream, small = Xxh64(), []
     for part in parts:
-        stream.update(part)
+        raw = _bytes_of(part)
+        if raw.size < _SMALL_PART:  # joined: an update costs more than copying a small part
+            small.append(raw.tobytes())
+            continue
+        if small:
+            stream.update(b"".join(small))
+            small = []
+        stream.update(raw)
+    if small:
+        stream.update(b"".join(small))
     return stream.digest().to_bytes(8, "little")

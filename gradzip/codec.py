@@ -20,7 +20,7 @@ from decimal import ROUND_DOWN, Decimal
 import numpy as np
 
 from . import lossless
-from .checksum import Xxh64, xxh64
+from .checksum import xxh64
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
@@ -623,11 +623,10 @@ def _bundle(members, quantized) -> EncodedBundle:
         all_codes = np.concatenate(codes)
         sections.append(("codes", rans.encode(all_codes, np.zeros(n_coded, np.uint8), 1)))
     sections = _padded(sections, len(raw) + n_coded)
-    recon_hash = Xxh64()
-    for _, name, array in members:
-        recon_hash.update(_little_endian_bytes(recons[name], dtype_name(array)))
+    # Members are small: one join and one hash beat a hash update per member.
+    recon_check = xxh64(b"".join(_little_endian_bytes(recons[name], dtype_name(array)) for _, name, array in members))
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw), "coded": n_coded},
-              "sections": [[section, len(data)] for section, data in sections], "recon_check": recon_hash.digest() & _RECON_CHECK_MASK}
+              "sections": [[section, len(data)] for section, data in sections], "recon_check": recon_check & _RECON_CHECK_MASK}
     return EncodedBundle(record, b"".join(data for _, data in sections), recons)
 
 
@@ -671,7 +670,7 @@ def _decode_bundle(record, payload):
     if len(raw) != raw_total:
         raise CorruptStreamError("payload size does not match the members")
     codes = rans.decode(sections["codes"], np.zeros(coded_total, np.uint8), 1) if coded_total else None
-    members, raw_offset, code_offset, recon_hash = [], 0, 0, Xxh64()
+    members, raw_offset, code_offset, recon_bytes = [], 0, 0, []
     for position, name, dtype, np_dtype, shape, n, eb in layout:
         if eb:
             recon = np.empty(n, compute_dtype(dtype))
@@ -682,9 +681,9 @@ def _decode_bundle(record, payload):
             nbytes = n * np_dtype.itemsize
             array = _from_little_endian(raw[raw_offset : raw_offset + nbytes], np_dtype, shape)
             raw_offset += nbytes
-        recon_hash.update(_little_endian_bytes(array, dtype))
+        recon_bytes.append(_little_endian_bytes(array, dtype))
         members.append((position, name, array))
-    if recon_hash.digest() & _RECON_CHECK_MASK != record["recon_check"]:
+    if xxh64(b"".join(recon_bytes)) & _RECON_CHECK_MASK != record["recon_check"]:
         raise CorruptStreamError("reconstruction checksum mismatch")
     return members
 

@@ -77,3 +77,12 @@ def test_one_flipped_bit_changes_the_digest():
         assert xxh64(bytes(data)) != whole
         data[position] ^= 0x10
 
+
+
+def test_fingerprint_joins_small_parts_without_changing_the_digest():
+    rng = np.random.default_rng(4)
+    sizes = [0, 3, 31, 4096, 70_000, 5, 65_535, 65_536, 200_001, 17]  # below and above the join threshold
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    whole = b"".join(p.tobytes() for p in parts)
+    assert fingerprint(parts) == xxh64(whole).to_bytes(8, "little")
+    assert fingerprint([bytes(p) for p in parts]) == fingerprint(parts)
