@@ -183,25 +183,29 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
         row_term = w_scale * (np.int64(row_levels[i]) - step_level) + offset
         if inner == 1 and with_prediction:
             # Linear layers: one flat, branch-free loop the compiler vectorizes; the same
-            # arithmetic as quarter_octave_level and _fitted_bucket, spelled out.
+            # arithmetic as quarter_octave_level and _fitted_bucket, spelled out. Row slices
+            # indexed from 0 spare every access numba's negative-index check (2x here).
+            ema_row = ema[base:base + cols]
+            contexts_row = contexts[base:base + cols]
             for j in range(cols):
-                bits = _float_bits(_predicted_magnitude(ema, mean, std, base + j) * inv_step) & 0x7FFFFFFFFFFFFFFF
+                bits = _float_bits(_predicted_magnitude(ema_row, mean, std, j) * inv_step) & 0x7FFFFFFFFFFFFFFF
                 exponent = bits >> 52
                 mantissa = bits & _MANTISSA_MASK
                 predicted = (LEVELS_PER_OCTAVE * (exponent - _EXPONENT_BIAS) + np.int64(mantissa >= _M1)
                              + np.int64(mantissa >= _M2) + np.int64(mantissa >= _M3))
                 level = (row_term + col_terms[j] + w_ema * predicted) >> 4
                 bucket = min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
-                contexts[base + j] = bucket if exponent != 0 and exponent != _INFINITE_EXPONENT else 0
+                contexts_row[j] = bucket if exponent != 0 and exponent != _INFINITE_EXPONENT else 0
             continue
         for j in range(cols):
             term = row_term + col_terms[j]
             start = base + j * inner
             for k in range(start, start + inner):
+                at = np.uint64(k)  # unsigned: no negative-index check
                 predicted = np.int64(0)
                 if with_prediction:
-                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, k) * inv_step)
-                contexts[k] = _fitted_bucket(term, predicted, w_ema)
+                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, at) * inv_step)
+                contexts[at] = _fitted_bucket(term, predicted, w_ema)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -221,12 +225,13 @@ def scale_fit_sums(values, row_levels, col_levels, eb, ema, mean, std, sums):
             s = np.float64(np.int64(row_levels[i]) + np.int64(col_levels[j]) - step_level)
             base = (i * cols + j) * inner
             for k in range(inner):
-                t = quarter_octave_level(abs(np.float64(values[base + k])) * inv_step)
+                at = np.uint64(base + k)  # unsigned: no negative-index check
+                t = quarter_octave_level(abs(np.float64(values[at])) * inv_step)
                 if t == ZERO_LEVEL:
                     continue
                 p = 0.0
                 if with_prediction:
-                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, base + k) * inv_step)
+                    predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, at) * inv_step)
                     if predicted == ZERO_LEVEL:
                         continue
                     p = np.float64(predicted)
