@@ -318,6 +318,7 @@ class _Candidate:
     contexts: np.ndarray | None = None  # before merging: the merge is made when needed, so
     n_contexts: int = 1                 # the candidates of each merge share one array
     merge: int = 0
+    merge_estimates: "_MergeEstimates | None" = None  # shared by the candidates of each merge
     coded: tuple | None = None  # (section, params, ideal bits) once entropy-coded
 
     def coded_contexts(self) -> tuple[np.ndarray, int]:
@@ -333,7 +334,22 @@ class _Candidate:
         if coder == "huffman":
             self.coded = _code(self.codes, coder, None, 1, False)
             return side + len(self.coded[0])
+        if self.merge_estimates is not None:
+            return side + self.merge_estimates.bits(self.merge) / 8
         return side + rans.estimated_bits(self.codes, *self.coded_contexts()) / 8
+
+
+class _MergeEstimates:
+    """The size estimate of every merge of one context array, from one pass on first use."""
+
+    def __init__(self, codes, contexts, n_contexts):
+        self.codes, self.contexts, self.n_contexts = codes, contexts, n_contexts
+        self._bits = None
+
+    def bits(self, merge: int) -> float:
+        if self._bits is None:
+            self._bits = rans.estimated_bits_by_merge(self.codes, self.contexts, self.n_contexts, MAX_MERGE_SHIFT)
+        return float(self._bits[merge])
 
 
 def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal) -> Encoded:
@@ -507,10 +523,11 @@ def _context_candidates(quantized, codes, contexts, params, side_sections, n, re
         merges = range(MAX_MERGE_SHIFT + 1)
     else:
         merges = [0]
+    estimates = _MergeEstimates(codes, contexts, n_contexts) if len(merges) > 1 else None
     candidates = []
     for merge in merges:
         candidates.append(_Candidate(predictor, quantized, {**params, "context_merge": merge}, side_sections, codes, contexts,
-                                     n_contexts, merge))
+                                     n_contexts, merge, estimates))
     return candidates
 
 

@@ -374,3 +374,14 @@ def _encoder_quotient_mismatches(bits, seed):
 @pytest.mark.parametrize("bits", range(3, rans.PROB_BITS + 1))
 def test_encoder_reciprocals_match_division(bits):
     assert _encoder_quotient_mismatches(bits, bits) == 0
+
+
+@pytest.mark.parametrize("n, n_contexts", [(1, 1), (777, 3), (5000, 12), (100_000, 64), (3000, 256)])
+def test_estimates_of_every_merge_from_one_histogram_equal_separate_estimates(n, n_contexts):
+    rng = np.random.default_rng(n)
+    codes = np.round(rng.laplace(size=n) * rng.exponential(5, n)).astype(np.int32)
+    contexts = rng.integers(0, n_contexts, n).astype(np.uint8)
+    by_merge = rans.estimated_bits_by_merge(codes, contexts, n_contexts, 2)
+    for shift in range(3):
+        merged = (contexts >> np.uint8(shift), ((n_contexts - 1) >> shift) + 1)
+        assert by_merge[shift] == rans.estimated_bits(codes, *merged), shift

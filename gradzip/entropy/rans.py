@@ -856,6 +856,20 @@ def _estimate_kernel(codes, contexts, n_contexts):
     return status, _histogram_ideal_bits(histogram) + _histogram_table_bits(histogram)
 
 
+@njit(cache=True, nogil=True)
+def _estimate_merges_kernel(codes, contexts, n_contexts, max_shift):
+    """(status, estimate of each merge 0..max_shift): contexts merged 2**shift at a time have
+    the histogram of the unmerged ones with groups of rows summed, so one pass serves all."""
+    status, histogram = _histogram(codes, contexts, n_contexts)
+    estimates = np.empty(max_shift + 1)
+    for shift in range(max_shift + 1):
+        merged = np.zeros((((n_contexts - 1) >> shift) + 1, histogram.shape[1]), np.int64)
+        for c in range(n_contexts):
+            merged[c >> shift] += histogram[c]
+        estimates[shift] = _histogram_ideal_bits(merged) + _histogram_table_bits(merged)
+    return status, estimates
+
+
 # ---- public API ----------------------------------------------------------------------
 
 
@@ -979,6 +993,16 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
     header, padding, and the final rANS states (8 bytes each; 4 states from 16384 elements
     on, else 1)."""
     return int(_measured(_table_bits_kernel, codes, contexts, n_contexts))
+
+
+def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, max_shift: int) -> np.ndarray:
+    """estimated_bits under contexts >> shift (n_contexts merged alike) for every shift in
+    0..max_shift, from one pass over the codes."""
+    codes = _check_codes(codes)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    status, estimates = _estimate_merges_kernel(codes, contexts, n_contexts, max_shift)
+    _check_status(status)
+    return estimates
 
 
 def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:

@@ -123,7 +123,7 @@ def scale_levels(values, rows, cols, row_levels, col_levels):
         for j in range(cols):
             base = (i * cols + j) * inner
             for k in range(inner):
-                v = abs(np.float64(values[base + k]))
+                v = abs(np.float64(values[np.uint64(base + k)]))  # unsigned: no negative-index check
                 if math.isfinite(v):
                     row_sum[i] += v
                     col_sum[j] += v
