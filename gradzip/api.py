@@ -256,7 +256,7 @@ class Compressor:
 
         def encode(item):
             _, name, array = item
-            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits)
+            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits, self.threads)
 
         with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):
@@ -402,7 +402,8 @@ class Decompressor:
 
         def decode(item):
             record, payload = item
-            return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]))
+            return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]),
+                                                       self.threads)
 
         with ordered_map(decode, tensor_records(), self.threads,
                          lambda item: _record_elements(item[0]) >= THREADED_MIN_ELEMENTS) as decoded_tensors:

@@ -190,10 +190,11 @@ class _Quantized:
 
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
-                  measure_ideal: bool = False) -> Encoded:
+                  measure_ideal: bool = False, threads: int = 1) -> Encoded:
     """Encode one tensor of one round against its previous state.
 
     measure_ideal: also compute the codes' ideal length under the coder's model (for reports).
+    threads: for the rANS segments of a large tensor (the bytes do not depend on it).
     """
     dtype = dtype_name(array)
     shape = tuple(int(s) for s in array.shape)
@@ -201,7 +202,7 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
         return _lossless(name, array, dtype, shape)
     values = widen(array, dtype)
     eb = absolute_bound(values, config)
-    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal)
+    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads)
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config)
     return encoded
 
@@ -352,7 +353,7 @@ class _MergeEstimates:
         return float(self._bits[merge])
 
 
-def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal) -> Encoded:
+def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads=1) -> Encoded:
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
     # A large tensor picks its candidate on a sample of its rows, then builds only that one:
@@ -365,12 +366,13 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     if not recipe or recipe[0] != "none":
         candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe)
     if not candidates:  # the sample's choice is not available on the whole tensor
-        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal)
+        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
-    codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal)
+    codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
+                                                            threads)
     params = {"eb": eb, "predictor": best.predictor, **coder_params, **best.side_params, "escaped": best.quantized.n_escaped}
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
@@ -566,7 +568,7 @@ def _sign_prediction(values, shape, tau, previous_sign):
     return signs, params, sections
 
 
-def _code(codes, coder, contexts, n_contexts, measure_ideal):
+def _code(codes, coder, contexts, n_contexts, measure_ideal, threads=1):
     """Entropy-code the quantization codes: (section bytes, params, ideal bits under the model or 0)."""
     if coder == "huffman":
         raw = huffman.encode(codes + RADIUS)
@@ -574,7 +576,7 @@ def _code(codes, coder, contexts, n_contexts, measure_ideal):
     if contexts is None:
         contexts = np.zeros(codes.size, np.uint8)
     ideal = rans.ideal_bits(codes, contexts, n_contexts) if measure_ideal else 0.0
-    return rans.encode(codes, contexts, n_contexts), {"coder": "rans"}, ideal
+    return rans.encode(codes, contexts, n_contexts, threads), {"coder": "rans"}, ideal
 
 
 def _escape_sections(array, dtype, quantized: _Quantized) -> list:
@@ -708,11 +710,12 @@ def _decode_bundle(record, payload):
 # ---------------------------------------------------------------- decoding
 
 
-def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: TensorState | None):
-    """Rebuild one tensor: (array, state after this round or None). Raises CorruptStreamError."""
+def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: TensorState | None, threads: int = 1):
+    """Rebuild one tensor: (array, state after this round or None); threads for the rANS
+    segments of a large tensor. Raises CorruptStreamError."""
     name = record.get("name", "?")
     try:
-        array, state = _decode(record, payload, config, previous)
+        array, state = _decode(record, payload, config, previous, threads)
     except CorruptStreamError as exc:
         raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
@@ -722,7 +725,7 @@ def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: T
     return array, state
 
 
-def _decode(record, payload, config, previous):
+def _decode(record, payload, config, previous, threads=1):
     dtype = record["dtype"]
     if not isinstance(record["name"], str) or not isinstance(dtype, str):
         raise CorruptStreamError("bad name or dtype")
@@ -740,7 +743,7 @@ def _decode(record, payload, config, previous):
     if method == "lossless":
         array = _from_little_endian(lossless.decompress(sections["data"], n * np_dtype.itemsize), np_dtype, shape)
     elif method == "quantized" and stateful:
-        array = _decode_quantized(params, sections, dtype, shape, n, config, previous)
+        array = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads)
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
     state = advance_state(previous, shape, dtype, widen(array, dtype), config) if stateful else None
@@ -767,7 +770,7 @@ def _split_sections(declared, payload) -> dict[str, memoryview]:
     return sections
 
 
-def _decode_quantized(params, sections, dtype, shape, n, config, previous):
+def _decode_quantized(params, sections, dtype, shape, n, config, previous, threads=1):
     eb = float(params["eb"])
     if not (eb > 0 and math.isfinite(eb)):
         raise CorruptStreamError("bad error bound")
@@ -798,7 +801,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous):
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
-    codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts)
+    codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
         orient_by_sign(codes, previous.sign)
     recon = np.empty(n, compute_dtype(dtype))
@@ -884,7 +887,7 @@ def _decoded_signs(params, sections, shape, previous_sign):
     return signs
 
 
-def _decode_codes(params, section, n, contexts, n_contexts):
+def _decode_codes(params, section, n, contexts, n_contexts, threads=1):
     coder = params["coder"]
     if coder == "huffman":
         if contexts is not None:
@@ -895,5 +898,5 @@ def _decode_codes(params, section, n, contexts, n_contexts):
         raw = lossless.decompress(section, declared)
         return huffman.decode(raw, n) - np.int32(RADIUS)
     if coder == "rans":
-        return rans.decode(section, contexts if contexts is not None else np.zeros(n, np.uint8), n_contexts)
+        return rans.decode(section, contexts if contexts is not None else np.zeros(n, np.uint8), n_contexts, threads)
     raise CorruptStreamError(f"unknown coder {coder!r}")

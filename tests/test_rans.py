@@ -385,3 +385,50 @@ def test_estimates_of_every_merge_from_one_histogram_equal_separate_estimates(n,
     for shift in range(3):
         merged = (contexts >> np.uint8(shift), ((n_contexts - 1) >> shift) + 1)
         assert by_merge[shift] == rans.estimated_bits(codes, *merged), shift
+
+
+# ---- segmented streams (SEGMENTED_FROM codes or more) ----------------------------------
+
+
+def segmented_case(n, n_contexts=5, seed=10):
+    rng = np.random.default_rng(seed)
+    contexts = rng.integers(0, n_contexts, n).astype(np.uint8)
+    codes = laplace_codes(rng, 4.0, n) * (1 + 3 * contexts.astype(np.int32))
+    codes[::1001] = rng.integers(-MAX_Q, MAX_Q, codes[::1001].size)
+    return codes, contexts
+
+
+@pytest.mark.parametrize("n", [rans.SEGMENTED_FROM - 1, rans.SEGMENTED_FROM, rans.SEGMENTED_FROM + 1,
+                               3 * rans.SEGMENT_ELEMENTS + 5, 4 * rans.SEGMENT_ELEMENTS + rans.FEW_ELEMENTS - 1])
+def test_segmented_streams_round_trip_with_the_same_bytes_on_any_thread_count(n):
+    codes, contexts = segmented_case(n)
+    data = round_trip(codes, contexts, 5)
+    assert rans.encode(codes, contexts, 5, threads=2) == rans.encode(codes, contexts, 5, threads=3) == data
+    for threads in (2, 3):
+        np.testing.assert_array_equal(rans.decode(data, contexts, 5, threads=threads), codes)
+    # what segmenting costs: a directory and the final states of each segment
+    unsegmented = len(rans.encode(codes[: rans.SEGMENTED_FROM - 1], contexts[: rans.SEGMENTED_FROM - 1], 5))
+    if n >= rans.SEGMENTED_FROM:
+        assert len(data) < unsegmented * n / (rans.SEGMENTED_FROM - 1) * 1.002
+
+
+def test_damaged_segmented_streams():
+    """Damage to the tables, the segment directory, the extra bits or any segment's rANS
+    words ends in CorruptStreamError or a well-formed array, on one thread or several."""
+    codes, contexts = segmented_case(2 * rans.SEGMENT_ELEMENTS + 777, seed=11)
+    data = round_trip(codes, contexts, 5)
+    rng = np.random.default_rng(12)
+    for length in list(range(0, 80)) + list(rng.integers(80, len(data), 40)) + list(range(len(data) - 20, len(data))):
+        decode_or_corrupt(data[:length], contexts, 5)
+    for index in list(range(0, 60)) + list(rng.integers(60, len(data), 200)):
+        damaged = bytearray(data)
+        damaged[index] ^= int(rng.integers(1, 256))
+        try:
+            decoded = rans.decode(bytes(damaged), contexts, 5, threads=2)
+        except CorruptStreamError:
+            continue
+        assert decoded.dtype == np.int32 and decoded.shape == contexts.shape
+    decode_or_corrupt(data + b"\x00\x00\x00\x00", contexts, 5)
+    decode_or_corrupt(data, contexts[:-1], 5)
+    decode_or_corrupt(data, np.concatenate([contexts, contexts[: rans.SEGMENT_ELEMENTS]]), 5)
+    decode_or_corrupt(data, np.zeros_like(contexts), 5)
