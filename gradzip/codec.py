@@ -26,9 +26,9 @@ from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
                               magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums, scale_levels)
-from .predict.magnitude import DEFAULT_BETA, magnitude_stats, predict_magnitude, update_ema
+from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
-from .quantize import RADIUS, dequantize, finite_range, quantize
+from .quantize import RADIUS, dequantize, dequantize_shifted, finite_range, quantize, quantize_shifted, shift_fit_sums
 from .state import TensorState
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -253,9 +253,8 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
     if isinstance(prediction, _EmaPrediction):
-        n_escaped = 0
-        for start, stop, chunk in prediction.chunks():
-            n_escaped += quantize(values[start:stop], chunk, eb, codes[start:stop], recon[start:stop], escaped[start:stop])
+        n_escaped = quantize_shifted(values, prediction.ema, prediction.mean, prediction.std, prediction.signs,
+                                     prediction.scale, eb, codes, recon, escaped)
     else:
         n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
     if dtype in ("F16", "BF16"):
@@ -271,31 +270,16 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped)
 
 
-# The EMA-shift prediction is built this many elements at a time, never model-sized.
-_PREDICTION_CHUNK = 1 << 16
-
-
 @dataclass
 class _EmaPrediction:
-    """sign x |M std + mean| (x scale), produced chunk by chunk (predict_magnitude, then the
-    signs, then the scale)."""
+    """sign x |M std + mean| (x scale): the quantizer computes it element by element, so no
+    model-sized prediction buffer exists."""
 
     ema: np.ndarray
     mean: float
     std: float
     signs: np.ndarray
     scale: float = 1.0  # the fitted shift scale of `previous` signs; 1 for `kernel` signs
-
-    def chunks(self):
-        buffer = np.empty(min(_PREDICTION_CHUNK, self.ema.size), np.float64)
-        for start in range(0, self.ema.size, _PREDICTION_CHUNK):
-            stop = min(start + _PREDICTION_CHUNK, self.ema.size)
-            chunk = buffer[: stop - start]
-            predict_magnitude(self.ema[start:stop], self.mean, self.std, chunk)
-            chunk *= self.signs[start:stop]
-            if self.scale != 1.0:
-                chunk *= self.scale
-            yield start, stop, chunk
 
 
 def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
@@ -484,13 +468,7 @@ def _trend_candidates(values, dtype, eb, previous, mean, std, side) -> list[_Can
     """The EMA shift along every element's previous sign, scaled by the least-squares factor
     (updates that persist across rounds, shrunk by how much they do), codes oriented by that
     sign. Empty when the fit gives no usable scale."""
-    prediction = _EmaPrediction(previous.ema, mean, std, previous.sign)
-    cross = square = 0.0
-    for start, stop, chunk in prediction.chunks():
-        part = values[start:stop]
-        finite = np.isfinite(part)
-        cross += float(np.dot(chunk[finite], part[finite].astype(np.float64)))
-        square += float(np.dot(chunk, chunk))
+    cross, square = shift_fit_sums(values, previous.ema, mean, std, previous.sign)
     scale = _rounded(cross / square) if square > 0 and math.isfinite(cross / square) else 0.0
     if not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
         return []
@@ -806,8 +784,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         orient_by_sign(codes, previous.sign)
     recon = np.empty(n, compute_dtype(dtype))
     if isinstance(prediction, _EmaPrediction):
-        for start, stop, chunk in prediction.chunks():
-            dequantize(codes[start:stop], chunk, eb, recon[start:stop])
+        dequantize_shifted(codes, prediction.ema, prediction.mean, prediction.std, prediction.signs, prediction.scale, eb,
+                           recon)
     else:
         dequantize(codes, prediction, eb, recon)
     n_escaped = params["escaped"]

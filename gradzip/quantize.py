@@ -27,6 +27,36 @@ def _reconstruct(p, two_eb, q):
     return p + two_eb * q
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shift_at(ema, mean, std, signs, scale, i):
+    # The EMA shift sign x |M std + mean| (x scale), element by element: the same float64
+    # operations in the same order as codec's description of it, so no buffer is needed.
+    p = abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
+    return p * scale if scale != 1.0 else p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _quantize_element(values, i, p, eb, two_eb, codes, recon, escaped):
+    """Quantize element i against prediction p; 1 if it is escaped, else 0."""
+    x = np.float64(values[i])
+    scaled = (x - p) / two_eb
+    negative_zero = x == 0.0 and math.copysign(1.0, x) < 0.0
+    if math.isfinite(scaled) and abs(scaled) < RADIUS - 1 and not negative_zero:
+        q = math.floor(scaled + 0.5)
+        r = recon.dtype.type(_reconstruct(p, two_eb, q))
+        if abs(x - np.float64(r)) <= eb:
+            codes[i] = np.int32(q)
+            if recon.size:
+                recon[i] = r
+            escaped[i] = False
+            return 0
+    codes[i] = 0
+    if recon.size:
+        recon[i] = values[i]
+    escaped[i] = True
+    return 1
+
+
 @numba.njit(cache=True, nogil=True)
 def quantize(values, prediction, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
@@ -37,24 +67,18 @@ def quantize(values, prediction, eb, codes, recon, escaped):
     two_eb = 2.0 * eb
     n_escaped = 0
     for i in range(values.size):
-        x = np.float64(values[i])
-        p = _prediction_at(prediction, i)
-        scaled = (x - p) / two_eb
-        negative_zero = x == 0.0 and math.copysign(1.0, x) < 0.0
-        if math.isfinite(scaled) and abs(scaled) < RADIUS - 1 and not negative_zero:
-            q = math.floor(scaled + 0.5)
-            r = recon.dtype.type(_reconstruct(p, two_eb, q))
-            if abs(x - np.float64(r)) <= eb:
-                codes[i] = np.int32(q)
-                if recon.size:
-                    recon[i] = r
-                escaped[i] = False
-                continue
-        codes[i] = 0
-        if recon.size:
-            recon[i] = values[i]
-        escaped[i] = True
-        n_escaped += 1
+        n_escaped += _quantize_element(values, i, _prediction_at(prediction, i), eb, two_eb, codes, recon, escaped)
+    return n_escaped
+
+
+@numba.njit(cache=True, nogil=True)
+def quantize_shifted(values, ema, mean, std, signs, scale, eb, codes, recon, escaped):
+    """quantize against the EMA shift (signs int8, scale 1 for none), computed in place."""
+    two_eb = 2.0 * eb
+    n_escaped = 0
+    for i in range(values.size):
+        n_escaped += _quantize_element(values, i, _shift_at(ema, mean, std, signs, scale, i), eb, two_eb, codes, recon,
+                                       escaped)
     return n_escaped
 
 
@@ -64,6 +88,29 @@ def dequantize(codes, prediction, eb, recon):
     two_eb = 2.0 * eb
     for i in range(codes.size):
         recon[i] = recon.dtype.type(_reconstruct(_prediction_at(prediction, i), two_eb, np.float64(codes[i])))
+
+
+@numba.njit(cache=True, nogil=True)
+def dequantize_shifted(codes, ema, mean, std, signs, scale, eb, recon):
+    """dequantize against the EMA shift, as quantize_shifted."""
+    two_eb = 2.0 * eb
+    for i in range(codes.size):
+        recon[i] = recon.dtype.type(_reconstruct(_shift_at(ema, mean, std, signs, scale, i), two_eb, np.float64(codes[i])))
+
+
+@numba.njit(cache=True, nogil=True)
+def shift_fit_sums(values, ema, mean, std, signs):
+    """(sum p x, sum p^2) of the unscaled EMA shift p over the finite elements: the least-
+    squares scale of the shift is their ratio (encoder only)."""
+    cross = 0.0
+    square = 0.0
+    for i in range(values.size):
+        p = _shift_at(ema, mean, std, signs, 1.0, i)
+        x = np.float64(values[i])
+        if math.isfinite(x):
+            cross += p * x
+        square += p * p
+    return cross, square
 
 
 @numba.njit(cache=True, nogil=True)

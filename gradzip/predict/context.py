@@ -23,7 +23,7 @@ _SMALLEST_BUCKET_LOG2 = -3
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _predicted_magnitude(ema, mean, std, i):
-    # |M std + mean|, as predict.magnitude.predict_magnitude, computed where it is used so no
+    # |M std + mean|, the magnitude predictor (as quantize._shift_at), computed where it is used so no
     # model-sized float64 buffer is needed (encoder and decoder both run these kernels).
     return abs(np.float64(ema[i]) * std + mean)
 

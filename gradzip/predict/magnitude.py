@@ -92,10 +92,3 @@ def update_ema(ema, recon, beta, first_round):
             ema[i] = np.float32(z)
         else:
             ema[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
-
-
-@numba.njit(cache=True, nogil=True)
-def predict_magnitude(ema, mean, std, out):
-    """Predicted magnitudes |M * std + mean| into out (float64)."""
-    for i in range(ema.size):
-        out[i] = abs(np.float64(ema[i]) * std + mean)
