@@ -36,25 +36,17 @@ def _shift_at(ema, mean, std, signs, scale, i):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _quantize_element(values, i, p, eb, two_eb, codes, recon, escaped):
-    """Quantize element i against prediction p; 1 if it is escaped, else 0."""
-    x = np.float64(values[i])
+def _code_and_recon(x, p, eb, two_eb, recon_type):
+    """(code, reconstruction, True) for x against prediction p, or (0, 0, False) when x must
+    be escaped."""
     scaled = (x - p) / two_eb
     negative_zero = x == 0.0 and math.copysign(1.0, x) < 0.0
     if math.isfinite(scaled) and abs(scaled) < RADIUS - 1 and not negative_zero:
         q = math.floor(scaled + 0.5)
-        r = recon.dtype.type(_reconstruct(p, two_eb, q))
+        r = recon_type(_reconstruct(p, two_eb, q))
         if abs(x - np.float64(r)) <= eb:
-            codes[i] = np.int32(q)
-            if recon.size:
-                recon[i] = r
-            escaped[i] = False
-            return 0
-    codes[i] = 0
-    if recon.size:
-        recon[i] = values[i]
-    escaped[i] = True
-    return 1
+            return np.int32(q), r, True
+    return np.int32(0), recon_type(0.0), False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -66,8 +58,14 @@ def quantize(values, prediction, eb, codes, recon, escaped):
     """
     two_eb = 2.0 * eb
     n_escaped = 0
+    keep = recon.size > 0
     for i in range(values.size):
-        n_escaped += _quantize_element(values, i, _prediction_at(prediction, i), eb, two_eb, codes, recon, escaped)
+        q, r, ok = _code_and_recon(np.float64(values[i]), _prediction_at(prediction, i), eb, two_eb, recon.dtype.type)
+        codes[i] = q
+        escaped[i] = not ok
+        n_escaped += not ok
+        if keep:
+            recon[i] = r if ok else values[i]
     return n_escaped
 
 
@@ -76,9 +74,15 @@ def quantize_shifted(values, ema, mean, std, signs, scale, eb, codes, recon, esc
     """quantize against the EMA shift (signs int8, scale 1 for none), computed in place."""
     two_eb = 2.0 * eb
     n_escaped = 0
+    keep = recon.size > 0
     for i in range(values.size):
-        n_escaped += _quantize_element(values, i, _shift_at(ema, mean, std, signs, scale, i), eb, two_eb, codes, recon,
-                                       escaped)
+        q, r, ok = _code_and_recon(np.float64(values[i]), _shift_at(ema, mean, std, signs, scale, i), eb, two_eb,
+                                   recon.dtype.type)
+        codes[i] = q
+        escaped[i] = not ok
+        n_escaped += not ok
+        if keep:
+            recon[i] = r if ok else values[i]
     return n_escaped
 
 
