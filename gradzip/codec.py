@@ -184,9 +184,11 @@ class Encoded:
 @dataclass
 class _Quantized:
     codes: np.ndarray  # int32
-    recon: np.ndarray  # widened reconstruction, exactly as the decoder rebuilds it
+    recon: np.ndarray | None  # widened reconstruction, exactly as the decoder rebuilds it (None: deferred)
     escaped: np.ndarray  # bool
     n_escaped: int
+    prediction: "_EmaPrediction | None" = None
+    oriented_by: np.ndarray | None = None  # the signs the codes were multiplied by, in place
 
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
@@ -244,12 +246,12 @@ def _recon_hash(recon: np.ndarray, dtype: str) -> int:
 
 
 def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
-    """prediction: _NO_PREDICTION or an _EmaPrediction. keep_recon=False (F32/F64 without
-    prediction only): recon is None until _reconstructed rebuilds it, so a large tensor's
-    reconstruction is not held while its codes are coded."""
+    """prediction: _NO_PREDICTION or an _EmaPrediction. keep_recon=False (F32/F64 only):
+    recon is None until _reconstructed rebuilds it, so a large tensor's reconstruction is not
+    held while its codes are coded."""
     n = values.size
     codes = np.empty(n, np.int32)
-    keep_recon = keep_recon or dtype in ("F16", "BF16") or isinstance(prediction, _EmaPrediction)
+    keep_recon = keep_recon or dtype in ("F16", "BF16")
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
     if isinstance(prediction, _EmaPrediction):
@@ -267,7 +269,8 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
             codes[over] = 0
             recon[over] = values[over]
             n_escaped += int(over.sum())
-    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped)
+    shift = prediction if isinstance(prediction, _EmaPrediction) else None
+    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, shift)
 
 
 @dataclass
@@ -284,9 +287,17 @@ class _EmaPrediction:
 
 def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
     """The reconstruction a keep_recon=False quantization would have stored (the same
-    expression as quantize's, then the escaped values): quantized.codes must be the plain codes."""
+    expression as quantize's, then the escaped values). Undoes an in-place orientation of the
+    codes first: call it once the codes are entropy-coded."""
+    if quantized.oriented_by is not None:
+        orient_by_sign(quantized.codes, quantized.oriented_by)
+        quantized.oriented_by = None
     recon = np.empty(values.size, compute_dtype(dtype))
-    dequantize(quantized.codes, _NO_PREDICTION, eb, recon)
+    shift = quantized.prediction
+    if shift is None:
+        dequantize(quantized.codes, _NO_PREDICTION, eb, recon)
+    else:
+        dequantize_shifted(quantized.codes, shift.ema, shift.mean, shift.std, shift.signs, shift.scale, eb, recon)
     recon[quantized.escaped] = values[quantized.escaped]
     return recon
 
@@ -361,8 +372,6 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
     if recon is None:
-        if best.codes is best.quantized.codes and best.side_params.get("sign_oriented"):
-            orient_by_sign(best.quantized.codes, previous.sign)  # undo the in-place orientation
         recon = _reconstructed(values, dtype, eb, best.quantized)
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
@@ -430,6 +439,8 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         oriented = plain.codes if recipe else plain.codes.copy()
         if config.sign_prediction:
             orient_by_sign(oriented, previous.sign)
+            if oriented is plain.codes:
+                plain.oriented_by = previous.sign
         params = {**side, "sign_oriented": config.sign_prediction}
         own = "ema" if config.magnitude_prediction else "none"
         if wanted("context", own):
@@ -448,11 +459,11 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, signs))
+            shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, signs), keep_recon=recipe is None)
             candidates.append(_Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections,
                                          shifted.codes))
     if config.magnitude_prediction and config.sign_prediction and (wanted("ema", "previous") or wanted("ema", "scale_ema")):
-        trend = _trend_candidates(values, dtype, eb, previous, mean, std, side)
+        trend = _trend_candidates(values, dtype, eb, previous, mean, std, side, keep_recon=recipe is None)
         if wanted("ema", "previous"):
             candidates += trend
         if trend and scales is not None and wanted("ema", "scale_ema"):
@@ -464,7 +475,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     return candidates
 
 
-def _trend_candidates(values, dtype, eb, previous, mean, std, side) -> list[_Candidate]:
+def _trend_candidates(values, dtype, eb, previous, mean, std, side, keep_recon=True) -> list[_Candidate]:
     """The EMA shift along every element's previous sign, scaled by the least-squares factor
     (updates that persist across rounds, shrunk by how much they do), codes oriented by that
     sign. Empty when the fit gives no usable scale."""
@@ -472,8 +483,9 @@ def _trend_candidates(values, dtype, eb, previous, mean, std, side) -> list[_Can
     scale = _rounded(cross / square) if square > 0 and math.isfinite(cross / square) else 0.0
     if not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
         return []
-    shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, previous.sign, scale))
+    shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, previous.sign, scale), keep_recon)
     orient_by_sign(shifted.codes, previous.sign)
+    shifted.oriented_by = previous.sign
     return [_Candidate("ema", shifted, {**side, "signs": "previous", "shift_scale": scale}, [], shifted.codes)]
 
 

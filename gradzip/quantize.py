@@ -29,8 +29,8 @@ def _reconstruct(p, two_eb, q):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _shift_at(ema, mean, std, signs, scale, i):
-    # The EMA shift sign x |M std + mean| (x scale), element by element: the same float64
-    # operations in the same order as codec's description of it, so no buffer is needed.
+    # The EMA shift sign x |M std + mean| (x scale), element by element in float64, in the
+    # order docs/format.md gives: both sides compute it alike, and no buffer is needed.
     p = abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
     return p * scale if scale != 1.0 else p
 

@@ -1020,7 +1020,7 @@ def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
         if n_acc:  # the pending bits, zero-padded to a word
             extra[n_words] = acc
             n_words += 1
-        return status, histogram, extra[:n_words]
+        return status, histogram, extra[:n_words].copy()  # frees the worst-case buffer
 
     segments = _segments(codes.size)
     tokenized = _each(tokenize, segments, threads)
