@@ -511,16 +511,19 @@ def test_large_tensors_choose_on_a_sample_and_stay_within_bound(gz, shape, dtype
         assert any(split_stream(b)[1][0][0]["params"].get("contexts", "").startswith("scale") for b in blobs)
 
 
+@pytest.mark.parametrize("shape", [(300000,), (600, 1000)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_large_persistent_updates_take_the_previous_sign_shift_through_the_sample(gz, dtype):
-    """A sampled choice of the previous-sign shift is rebuilt on the whole tensor (its scale
-    refitted there): bound and identical states as everywhere."""
+def test_large_persistent_updates_take_the_previous_sign_shift_through_the_sample(gz, dtype, shape):
+    """A sampled choice of the previous-sign shift (with or without scale contexts) is rebuilt
+    on the whole tensor, its scale refitted there and its reconstruction rebuilt after coding
+    (F32): bound and identical states as everywhere. (600, 1000) also has rANS segments."""
     rng = np.random.default_rng(21)
-    update = rng.laplace(size=300000)
+    scale = np.exp(rng.normal(0, 0.5, shape[0])).reshape((-1,) + (1,) * (len(shape) - 1))
+    update = rng.laplace(size=shape)
     rounds = []
     for _ in range(4):
-        update = 0.85 * update + 0.5 * rng.laplace(size=update.size)
-        values = update.astype(np.float32)
+        update = 0.85 * update + 0.5 * rng.laplace(size=shape)
+        values = (scale * update).astype(np.float32)
         rounds.append({"w": gz.bfloat16_from_float32(values) if dtype == "bfloat16" else values})
     _, _, blobs, decoded = run_rounds(rounds, 1e-2, "rel")
     for r, (tensors, out) in enumerate(zip(rounds, decoded)):
