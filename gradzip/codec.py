@@ -28,7 +28,7 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums, scale_levels)
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
-from .quantize import RADIUS, dequantize, dequantize_shifted, finite_range, quantize, quantize_shifted, shift_fit_sums
+from .quantize import RADIUS, dequantize, finite_range, quantize, shift_fit_sums
 from .state import TensorState
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -39,7 +39,6 @@ MIN_LOSSY_ELEMENTS = 1024
 MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 10
 # Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
 _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
-_NO_PREDICTION = np.empty(0, np.float64)
 _NO_STATE = np.empty(0, np.float32)  # an EMA array for "no state": scale contexts without prediction
 # Larger tensors amortize a table per bucket; only smaller ones try merged buckets.
 _MERGE_TRIAL_ELEMENTS = 1 << 17
@@ -187,7 +186,7 @@ class _Quantized:
     recon: np.ndarray | None  # widened reconstruction, exactly as the decoder rebuilds it (None: deferred)
     escaped: np.ndarray  # bool
     n_escaped: int
-    prediction: "_EmaPrediction | None" = None
+    prediction: "_EmaPrediction"  # what the codes are residuals of
     oriented_by: np.ndarray | None = None  # the signs the codes were multiplied by, in place
 
 
@@ -246,7 +245,7 @@ def _recon_hash(recon: np.ndarray, dtype: str) -> int:
 
 
 def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
-    """prediction: _NO_PREDICTION or an _EmaPrediction. keep_recon=False (F32/F64 only):
+    """prediction: _NO_PREDICTION or an EMA shift. keep_recon=False (F32/F64 only):
     recon is None until _reconstructed rebuilds it, so a large tensor's reconstruction is not
     held while its codes are coded."""
     n = values.size
@@ -254,11 +253,7 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
     keep_recon = keep_recon or dtype in ("F16", "BF16")
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
-    if isinstance(prediction, _EmaPrediction):
-        n_escaped = quantize_shifted(values, prediction.ema, prediction.mean, prediction.std, prediction.signs,
-                                     prediction.scale, eb, codes, recon, escaped)
-    else:
-        n_escaped = quantize(values, prediction, eb, codes, recon, escaped)
+    n_escaped = quantize(values, *prediction.kernel_args(), eb, codes, recon, escaped)
     if dtype in ("F16", "BF16"):
         # The bound must hold after the cast back, so check again in the narrow dtype.
         recon = widen(narrow(recon, dtype), dtype).copy()
@@ -269,20 +264,25 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
             codes[over] = 0
             recon[over] = values[over]
             n_escaped += int(over.sum())
-    shift = prediction if isinstance(prediction, _EmaPrediction) else None
-    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, shift)
+    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _EmaPrediction:
-    """sign x |M std + mean| (x scale): the quantizer computes it element by element, so no
-    model-sized prediction buffer exists."""
+    """sign x |M std + mean| (x scale), or 0 where ema is empty (_NO_PREDICTION): the
+    quantizer computes it element by element, so no model-sized prediction buffer exists."""
 
     ema: np.ndarray
     mean: float
     std: float
     signs: np.ndarray
     scale: float = 1.0  # the fitted shift scale of `previous` signs; 1 for `kernel` signs
+
+    def kernel_args(self) -> tuple:
+        return self.ema, self.mean, self.std, self.signs, self.scale
+
+
+_NO_PREDICTION = _EmaPrediction(np.empty(0, np.float32), 0.0, 0.0, np.empty(0, np.int8))
 
 
 def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
@@ -293,11 +293,7 @@ def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
         orient_by_sign(quantized.codes, quantized.oriented_by)
         quantized.oriented_by = None
     recon = np.empty(values.size, compute_dtype(dtype))
-    shift = quantized.prediction
-    if shift is None:
-        dequantize(quantized.codes, _NO_PREDICTION, eb, recon)
-    else:
-        dequantize_shifted(quantized.codes, shift.ema, shift.mean, shift.std, shift.signs, shift.scale, eb, recon)
+    dequantize(quantized.codes, *quantized.prediction.kernel_args(), eb, recon)
     recon[quantized.escaped] = values[quantized.escaped]
     return recon
 
@@ -683,7 +679,7 @@ def _decode_bundle(record, payload):
     for position, name, dtype, np_dtype, shape, n, eb in layout:
         if eb:
             recon = np.empty(n, compute_dtype(dtype))
-            dequantize(codes[code_offset : code_offset + n], _NO_PREDICTION, eb, recon)
+            dequantize(codes[code_offset : code_offset + n], *_NO_PREDICTION.kernel_args(), eb, recon)
             array = narrow(recon, dtype).reshape(shape)
             code_offset += n
         else:
@@ -795,11 +791,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if orient:
         orient_by_sign(codes, previous.sign)
     recon = np.empty(n, compute_dtype(dtype))
-    if isinstance(prediction, _EmaPrediction):
-        dequantize_shifted(codes, prediction.ema, prediction.mean, prediction.std, prediction.signs, prediction.scale, eb,
-                           recon)
-    else:
-        dequantize(codes, prediction, eb, recon)
+    dequantize(codes, *prediction.kernel_args(), eb, recon)
     n_escaped = params["escaped"]
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")

@@ -17,20 +17,17 @@ RADIUS = 1 << 15
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _prediction_at(prediction, i):
-    # An empty prediction array means "predict zero" and saves an n-element buffer.
-    return prediction[i] if prediction.size else 0.0
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def _reconstruct(p, two_eb, q):
     return p + two_eb * q
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _shift_at(ema, mean, std, signs, scale, i):
-    # The EMA shift sign x |M std + mean| (x scale), element by element in float64, in the
-    # order docs/format.md gives: both sides compute it alike, and no buffer is needed.
+    # The prediction: 0 where ema is empty, else the EMA shift sign x |M std + mean| (x scale),
+    # element by element in float64, in the order docs/format.md gives, so both sides compute
+    # it alike and no prediction buffer is needed.
+    if ema.size == 0:
+        return 0.0
     p = abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
     return p * scale if scale != 1.0 else p
 
@@ -50,28 +47,13 @@ def _code_and_recon(x, p, eb, two_eb, recon_type):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize(values, prediction, eb, codes, recon, escaped):
+def quantize(values, ema, mean, std, signs, scale, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
-    values: float32/float64, 1-D. prediction: float64, 1-D, or empty for zero. recon may be
-    empty: the bound is checked all the same, and dequantize rebuilds the same values later.
+    values: float32/float64, 1-D. The prediction is 0 (ema empty) or the EMA shift (ema
+    float32, signs int8, scale 1 for none). recon may be empty: the bound is checked all the
+    same, and dequantize rebuilds the same values later.
     """
-    two_eb = 2.0 * eb
-    n_escaped = 0
-    keep = recon.size > 0
-    for i in range(values.size):
-        q, r, ok = _code_and_recon(np.float64(values[i]), _prediction_at(prediction, i), eb, two_eb, recon.dtype.type)
-        codes[i] = q
-        escaped[i] = not ok
-        n_escaped += not ok
-        if keep:
-            recon[i] = r if ok else values[i]
-    return n_escaped
-
-
-@numba.njit(cache=True, nogil=True)
-def quantize_shifted(values, ema, mean, std, signs, scale, eb, codes, recon, escaped):
-    """quantize against the EMA shift (signs int8, scale 1 for none), computed in place."""
     two_eb = 2.0 * eb
     n_escaped = 0
     keep = recon.size > 0
@@ -87,16 +69,9 @@ def quantize_shifted(values, ema, mean, std, signs, scale, eb, codes, recon, esc
 
 
 @numba.njit(cache=True, nogil=True)
-def dequantize(codes, prediction, eb, recon):
-    """Rebuild x' = p + 2 eb q into recon (any float dtype); escaped slots are overwritten later."""
-    two_eb = 2.0 * eb
-    for i in range(codes.size):
-        recon[i] = recon.dtype.type(_reconstruct(_prediction_at(prediction, i), two_eb, np.float64(codes[i])))
-
-
-@numba.njit(cache=True, nogil=True)
-def dequantize_shifted(codes, ema, mean, std, signs, scale, eb, recon):
-    """dequantize against the EMA shift, as quantize_shifted."""
+def dequantize(codes, ema, mean, std, signs, scale, eb, recon):
+    """Rebuild x' = p + 2 eb q into recon (any float dtype), p as in quantize; escaped slots
+    are overwritten later."""
     two_eb = 2.0 * eb
     for i in range(codes.size):
         recon[i] = recon.dtype.type(_reconstruct(_shift_at(ema, mean, std, signs, scale, i), two_eb, np.float64(codes[i])))
