@@ -54,6 +54,7 @@ class TensorReport:
     max_abs_error: float | None = None  # known on the compressor side only
     sum_squared_error: float | None = None
     value_range: float | None = None
+    variant: str = ""  # which signs and contexts the predictor used, e.g. "previous,scale_ema"
 
     @property
     def elements(self) -> int:
@@ -325,7 +326,12 @@ def _report(encoded, original, with_errors: bool) -> TensorReport:
         original_bytes=original.nbytes, compressed_bytes=len(encoded.payload), escaped=params.get("escaped", 0),
         ideal_code_bits=encoded.ideal_code_bits, max_abs_error=figures.max_abs_error if figures else None,
         sum_squared_error=figures.sum_squared_error if figures else None,
-        value_range=figures.value_range if figures else None)
+        value_range=figures.value_range if figures else None, variant=_variant(params))
+
+
+def _variant(params: dict) -> str:
+    """The signs and contexts a quantized record's predictor used, for reports."""
+    return ",".join(str(params[key]) for key in ("signs", "contexts") if key in params)
 
 
 class _CountingWriter:
@@ -472,7 +478,7 @@ def _record_report(record: dict, payload_bytes: int) -> TensorReport:
             name=record["name"], shape=shape, dtype=dtype, method=record["method"],
             predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),
             original_bytes=n * numpy_dtype(dtype).itemsize, compressed_bytes=payload_bytes,
-            escaped=params.get("escaped", 0), ideal_code_bits=0.0)
+            escaped=params.get("escaped", 0), ideal_code_bits=0.0, variant=_variant(params))
     except (KeyError, TypeError, ValueError, AttributeError, InputError):
         raise CorruptStreamError(f"tensor {record.get('name', '?')!r}: malformed record") from None
 

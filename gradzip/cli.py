@@ -315,7 +315,7 @@ def stats(stream, original, state_path, as_json):
 
 def _tensor_json(t, fig) -> dict:
     row = {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "method": t.method, "predictor": t.predictor,
-           "coder": t.coder, "eb": t.eb, "original_bytes": t.original_bytes, "compressed_bytes": t.compressed_bytes,
+           "variant": t.variant, "coder": t.coder, "eb": t.eb, "original_bytes": t.original_bytes, "compressed_bytes": t.compressed_bytes,
            "bits_per_value": 8 * t.compressed_bytes / t.elements if t.elements else 0.0,
            "ratio": t.original_bytes / t.compressed_bytes if t.compressed_bytes else None, "escaped": t.escaped}
     if fig is not None:
@@ -378,7 +378,8 @@ def _print_stats_table(label, report, rows, total, with_errors: bool) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column in ("tensor", "method", "dtype") else "right")
     for row in rows:
-        method = row["method"] if row["method"] == "lossless" else f"{row['predictor']}+{row['coder']}"
+        predictor = f"{row['predictor']}/{row['variant']}" if row["variant"] else row["predictor"]
+        method = row["method"] if row["method"] == "lossless" else f"{predictor}+{row['coder']}"
         cells = [row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], method,
                  f"{row['eb']:.3g}" if row["eb"] else "exact", f"{row['bits_per_value']:.2f}",
                  f"{row['ratio']:.2f}x" if row["ratio"] else "-"]

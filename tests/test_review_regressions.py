@@ -193,6 +193,10 @@ def test_shift_along_previous_signs_is_chosen_for_persistent_updates_and_round_t
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
         chosen.append(split_stream(blob)[1][0][0]["params"])
     assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+    # Reports (gradzip stats) name the variant, not only the predictor.
+    report = gradzip.api.describe_stream(io.BytesIO(blob), len(blob))
+    expected = ",".join(chosen[-1][key] for key in ("signs", "contexts") if key in chosen[-1])
+    assert report.tensors[0].variant == expected
     trend = [p for p in chosen if p.get("signs") == "previous"]
     assert trend, chosen
     # The fitted scale shrinks the shift below 1 but keeps most of it: the EMA magnitude is a
