@@ -907,13 +907,6 @@ def _table_bits_kernel(codes, contexts, n_contexts):
 
 
 @njit(cache=True, nogil=True)
-def _estimate_kernel(codes, contexts, n_contexts):
-    """(status, ideal payload bits + table bits) from one tokenizing pass."""
-    status, histogram = _histogram(codes, contexts, n_contexts)
-    return status, _histogram_ideal_bits(histogram) + _histogram_table_bits(histogram)
-
-
-@njit(cache=True, nogil=True)
 def _estimate_merges_kernel(codes, contexts, n_contexts, max_shift):
     """(status, estimate of each merge 0..max_shift): contexts merged 2**shift at a time have
     the histogram of the unmerged ones with groups of rows summed, so one pass serves all."""
@@ -1156,14 +1149,10 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
 def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, max_shift: int) -> np.ndarray:
     """estimated_bits under contexts >> shift (n_contexts merged alike) for every shift in
     0..max_shift, from one pass over the codes."""
-    codes = _check_codes(codes)
-    contexts = _check_contexts(contexts, n_contexts, codes.size)
-    status, estimates = _estimate_merges_kernel(codes, contexts, n_contexts, max_shift)
-    _check_status(status)
-    return estimates
+    return _measured(lambda c, x, n: _estimate_merges_kernel(c, x, n, max_shift), codes, contexts, n_contexts)
 
 
 def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
     """ideal_bits + table_bits in one pass: what encode's output will take at most, give or
     take the few bytes of header and final states."""
-    return float(_measured(_estimate_kernel, codes, contexts, n_contexts))
+    return float(estimated_bits_by_merge(codes, contexts, n_contexts, 0)[0])

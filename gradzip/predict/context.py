@@ -182,20 +182,13 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
             continue
         row_term = w_scale * (np.int64(row_levels[i]) - step_level) + offset
         if inner == 1 and with_prediction:
-            # Linear layers: one flat, branch-free loop the compiler vectorizes; the same
-            # arithmetic as quarter_octave_level and _fitted_bucket, spelled out. Row slices
-            # indexed from 0 spare every access numba's negative-index check (2x here).
+            # Linear layers: one flat loop over row slices indexed from 0, which spares every
+            # access numba's negative-index check (2x here).
             ema_row = ema[base:base + cols]
             contexts_row = contexts[base:base + cols]
             for j in range(cols):
-                bits = _float_bits(_predicted_magnitude(ema_row, mean, std, j) * inv_step) & 0x7FFFFFFFFFFFFFFF
-                exponent = bits >> 52
-                mantissa = bits & _MANTISSA_MASK
-                predicted = (LEVELS_PER_OCTAVE * (exponent - _EXPONENT_BIAS) + np.int64(mantissa >= _M1)
-                             + np.int64(mantissa >= _M2) + np.int64(mantissa >= _M3))
-                level = (row_term + col_terms[j] + w_ema * predicted) >> 4
-                bucket = min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
-                contexts_row[j] = bucket if exponent != 0 and exponent != _INFINITE_EXPONENT else 0
+                predicted = quarter_octave_level(_predicted_magnitude(ema_row, mean, std, j) * inv_step)
+                contexts_row[j] = _fitted_bucket(row_term + col_terms[j], predicted, w_ema)
             continue
         for j in range(cols):
             term = row_term + col_terms[j]
