@@ -1116,8 +1116,7 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, thre
     if rans_start > raw.size or (raw.size - rans_start) % 4:
         raise CorruptStreamError("section lengths do not match the data size")
     # copies: aligned native-endian arrays for the kernels, the bit section with 4 zero pads
-    bit_words = np.zeros(n_bit_words + 4, np.uint32)
-    bit_words[:n_bit_words] = raw[offset:rans_start].view("<u4")
+    bit_words = _padded_words(raw[offset:rans_start])
     rans_words = raw[rans_start:].view("<u4").astype(np.uint32)
     _check_status(_decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes))
     return codes
