@@ -14,7 +14,7 @@ advanced from the reconstruction only, identically in encoder and decoder.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from decimal import ROUND_DOWN, Decimal
 
 import numpy as np
@@ -26,9 +26,10 @@ from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
                               magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums, scale_levels)
+from .predict.linear import MAX_LINEAR_WEIGHT, fitted_linear_weights, linear_fit_sums, linear_signs
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
-from .quantize import RADIUS, dequantize, finite_range, quantize, shift_fit_sums
+from .quantize import RADIUS, dequantize, finite_range, quantize
 from .state import TensorState
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -54,10 +55,6 @@ MODES = ("abs", "rel")
 # EMA-predicted magnitude, this round's row and column scales, or both (docs/format.md).
 CONTEXT_SOURCES = ("none", "ema", "scale", "scale_ema")
 CODERS = ("rans", "huffman")
-# Where an `ema` record's shift takes its signs: the kernel bitmap and oscillation mode, or
-# each element's previous sign (with a fitted scale, at most this in magnitude).
-SHIFT_SIGNS = ("kernel", "previous")
-MAX_SHIFT_SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -159,11 +156,15 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     """A new TensorState after this round's reconstruction (recon: flat float32/float64)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
-    # signs_of overwrites every sign, so only the EMA needs the previous values.
+    # signs_of overwrites every sign, so only the EMA needs the previous values; states are
+    # not modified once built, so the new one shares the old one's last reconstruction.
     state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
-        previous.shape, dtype, previous.rounds, previous.ema.copy(), np.empty_like(previous.sign))
+        previous.shape, dtype, previous.rounds, previous.ema.copy(), np.empty_like(previous.sign),
+        np.empty_like(previous.last), previous.last)
     update_ema(state.ema, recon, config.beta, state.rounds == 0)
     signs_of(recon, state.sign)
+    with np.errstate(over="ignore"):  # an F64 value beyond float32 is kept as inf: its prediction escapes
+        state.last[:] = recon
     state.rounds += 1
     return state
 
@@ -186,7 +187,7 @@ class _Quantized:
     recon: np.ndarray | None  # widened reconstruction, exactly as the decoder rebuilds it (None: deferred)
     escaped: np.ndarray  # bool
     n_escaped: int
-    prediction: "_EmaPrediction"  # what the codes are residuals of
+    prediction: "_Prediction"  # what the codes are residuals of
     oriented_by: np.ndarray | None = None  # the signs the codes were multiplied by, in place
 
 
@@ -267,22 +268,33 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
 
 
+_NO_HISTORY = np.empty(0, np.float32)
+
+
 @dataclass(frozen=True)
-class _EmaPrediction:
-    """sign x |M std + mean| (x scale), or 0 where ema is empty (_NO_PREDICTION): the
-    quantizer computes it element by element, so no model-sized prediction buffer exists."""
+class _Prediction:
+    """w_last r[t-1] + w_second r[t-2] where `last` is not empty (linear), else
+    sign x |M std + mean| (EMA shift), or 0 where ema is empty too (_NO_PREDICTION):
+    the quantizer computes it element by element, so no model-sized prediction buffer exists."""
 
     ema: np.ndarray
     mean: float
     std: float
     signs: np.ndarray
-    scale: float = 1.0  # the fitted shift scale of `previous` signs; 1 for `kernel` signs
+    last: np.ndarray = field(default_factory=lambda: _NO_HISTORY)
+    second_last: np.ndarray = field(default_factory=lambda: _NO_HISTORY)
+    weights: tuple[float, float] = (0.0, 0.0)
+
+    @classmethod
+    def linear(cls, previous: TensorState, weights: tuple[float, float]) -> "_Prediction":
+        return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, weights)
 
     def kernel_args(self) -> tuple:
-        return self.ema, self.mean, self.std, self.signs, self.scale
+        return self.ema, self.mean, self.std, self.signs, self.last, self.second_last, *self.weights
 
 
-_NO_PREDICTION = _EmaPrediction(np.empty(0, np.float32), 0.0, 0.0, np.empty(0, np.int8))
+_NO_SIGNS = np.empty(0, np.int8)
+_NO_PREDICTION = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS)
 
 
 def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
@@ -350,7 +362,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     # A large tensor picks its candidate on a sample of its rows, then builds only that one:
     # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
     recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
-    plain = None if recipe and recipe[0] == "ema" else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe)
+    plain = None if recipe and recipe[0] in ("ema", "linear") else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe)
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
@@ -392,7 +404,8 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     sample = take(values)
     sample_previous = None
     if _has_history(previous, shape, dtype):
-        sample_previous = TensorState(sample_shape, dtype, previous.rounds, take(previous.ema), take(previous.sign))
+        sample_previous = TensorState(sample_shape, dtype, previous.rounds, take(previous.ema), take(previous.sign),
+                                      take(previous.last), take(previous.second_last))
     plain = _quantize(sample, dtype, eb, _NO_PREDICTION)
     candidates = [_Candidate("none", plain, {}, [], plain.codes)]
     candidates += _predicted_candidates(sample, dtype, sample_shape, eb, config, sample_previous, plain, None)
@@ -455,34 +468,37 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, signs), keep_recon=recipe is None)
+            shifted = _quantize(values, dtype, eb, _Prediction(previous.ema, mean, std, signs), keep_recon=recipe is None)
             candidates.append(_Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections,
                                          shifted.codes))
-    if config.magnitude_prediction and config.sign_prediction and (wanted("ema", "previous") or wanted("ema", "scale_ema")):
-        trend = _trend_candidates(values, dtype, eb, previous, mean, std, side, keep_recon=recipe is None)
-        if wanted("ema", "previous"):
-            candidates += trend
-        if trend and scales is not None and wanted("ema", "scale_ema"):
-            # Late in training updates persist so strongly that the shift pays even on top
-            # of the scale contexts (up to 14% of a round of the 1M-element FC layer).
-            candidates += _scale_candidates(values, trend[0].codes, trend[0].quantized, scales, eb, previous.ema, mean, std,
-                                            {**trend[0].side_params, "sign_oriented": True, "contexts": "scale_ema"}, recipe,
-                                            predictor="ema")
+    if config.magnitude_prediction and config.sign_prediction and (wanted("linear") or wanted("linear", "scale_ema")):
+        linear = _linear_candidates(values, dtype, eb, previous, keep_recon=recipe is None)
+        if wanted("linear"):
+            candidates += linear
+        if linear and scales is not None and wanted("linear", "scale_ema"):
+            # Late in training updates persist so strongly that the prediction pays even on
+            # top of the scale contexts (the 1M-element FC layer).
+            candidates += _scale_candidates(values, linear[0].codes, linear[0].quantized, scales, eb, previous.ema, mean, std,
+                                            {**side, **linear[0].side_params, "sign_oriented": True, "contexts": "scale_ema"},
+                                            recipe, predictor="linear")
     return candidates
 
 
-def _trend_candidates(values, dtype, eb, previous, mean, std, side, keep_recon=True) -> list[_Candidate]:
-    """The EMA shift along every element's previous sign, scaled by the least-squares factor
-    (updates that persist across rounds, shrunk by how much they do), codes oriented by that
-    sign. Empty when the fit gives no usable scale."""
-    cross, square = shift_fit_sums(values, previous.ema, mean, std, previous.sign)
-    scale = _rounded(cross / square) if square > 0 and math.isfinite(cross / square) else 0.0
-    if not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
+def _linear_candidates(values, dtype, eb, previous, keep_recon=True) -> list[_Candidate]:
+    """The last two reconstructions weighted by least squares, codes oriented by the
+    prediction's sign. Empty when the fit gives no usable weights."""
+    sums = np.zeros(5)
+    linear_fit_sums(values, previous.last, previous.second_last, sums)
+    weights = fitted_linear_weights(sums, previous.rounds >= 2)
+    if weights is None:
         return []
-    shifted = _quantize(values, dtype, eb, _EmaPrediction(previous.ema, mean, std, previous.sign, scale), keep_recon)
-    orient_by_sign(shifted.codes, previous.sign)
-    shifted.oriented_by = previous.sign
-    return [_Candidate("ema", shifted, {**side, "signs": "previous", "shift_scale": scale}, [], shifted.codes)]
+    weights = (_rounded(weights[0]), _rounded(weights[1]))
+    quantized = _quantize(values, dtype, eb, _Prediction.linear(previous, weights), keep_recon)
+    signs = np.empty(values.size, np.int8)
+    linear_signs(previous.last, previous.second_last, *weights, signs)
+    orient_by_sign(quantized.codes, signs)
+    quantized.oriented_by = signs
+    return [_Candidate("linear", quantized, {"weights": list(weights)}, [], quantized.codes)]
 
 
 def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, params, recipe, predictor="context") -> list[_Candidate]:
@@ -763,25 +779,28 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     predictor = params["predictor"]
     prediction = _NO_PREDICTION
     contexts, n_contexts, orient = None, 1, False
-    if predictor == "ema":
+    orient_signs = previous.sign if previous is not None else None
+    if predictor == "linear":
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-        mean, std, signs = float(params["mean"]), float(params["std"]), params["signs"]
-        if signs not in SHIFT_SIGNS:
+        weights = params["weights"]
+        if (not isinstance(weights, list) or len(weights) != 2 or not all(isinstance(w, float) for w in weights)
+                or not all(abs(w) <= MAX_LINEAR_WEIGHT for w in weights) or weights[0] == 0.0):
+            raise CorruptStreamError("bad linear weights")
+        prediction, orient = _Prediction.linear(previous, (weights[0], weights[1])), True
+        orient_signs = np.empty(n, np.int8)
+        linear_signs(previous.last, previous.second_last, weights[0], weights[1], orient_signs)
+        if "contexts" in params:  # coded under contexts, as a `context` record's
+            contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
+            if not oriented:
+                raise CorruptStreamError("a linear prediction orients its codes")
+    elif predictor == "ema":
+        if not _has_history(previous, shape, dtype):
+            raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
+        mean, std = float(params["mean"]), float(params["std"])
+        if params["signs"] != "kernel" or "contexts" in params:
             raise CorruptStreamError("bad shift signs")
-        if signs == "kernel" and "contexts" not in params:
-            prediction = _EmaPrediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
-        elif signs == "previous":
-            scale = params["shift_scale"]
-            if not isinstance(scale, float) or not 0.0 < abs(scale) <= MAX_SHIFT_SCALE:
-                raise CorruptStreamError("bad shift scale")
-            prediction, orient = _EmaPrediction(previous.ema, mean, std, previous.sign, scale), True
-            if "contexts" in params:  # the shifted codes coded under contexts, as a `context` record's
-                contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
-                if not oriented:
-                    raise CorruptStreamError("a previous-sign shift orients its codes")
-        else:
-            raise CorruptStreamError("bad shift signs")
+        prediction = _Prediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
     elif predictor == "context":
         contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor != "none":
@@ -789,7 +808,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
 
     codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
-        orient_by_sign(codes, previous.sign)
+        orient_by_sign(codes, orient_signs)
     recon = np.empty(n, compute_dtype(dtype))
     dequantize(codes, *prediction.kernel_args(), eb, recon)
     n_escaped = params["escaped"]

@@ -23,7 +23,7 @@ import zstandard
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 3  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums
+FORMAT_VERSION = 4  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
@@ -39,8 +39,8 @@ FRAME_DICTIONARY = (
     b'"sign_oriented":true,"contexts":"ema","context_merge":0,"escaped":0},"sections":[["codes",1]],'
     b'"sign_oriented":false,"contexts":"scale","fit":[16,0,-64],"context_merge":2,"escaped":0},"sections":[["codes",1],["row_scale",1],["col_scale",1]],'
     b'"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":1,'
-    b'"predictor":"ema","coder":"rans","mean":0.001,"std":0.001,"signs":"previous","shift_scale":0.5,"escaped":0},'
-    b'"signs":"previous","shift_scale":0.5,"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":0,'
+    b'"predictor":"linear","coder":"rans","weights":[0.5,-0.1],"escaped":0},'
+    b'"predictor":"linear","coder":"rans","mean":0.001,"std":0.001,"weights":[0.5,0.1],"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":0,'
     b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"signs":"kernel","oscillation":0,'
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
     b'["escape_index",1],["escape_value",1],["padding",1]],"recon_check":1,"payload_bytes":1}'

@@ -12,6 +12,8 @@ import math
 import numba
 import numpy as np
 
+from .predict.linear import linear_at
+
 # Codes live in (-RADIUS, RADIUS); larger residuals are escaped. 2**15 as in SZ3.
 RADIUS = 1 << 15
 
@@ -22,14 +24,8 @@ def _reconstruct(p, two_eb, q):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _shift_at(ema, mean, std, signs, scale, i):
-    # The prediction: 0 where ema is empty, else the EMA shift sign x |M std + mean| (x scale),
-    # element by element in float64, in the order docs/format.md gives, so both sides compute
-    # it alike and no prediction buffer is needed.
-    if ema.size == 0:
-        return 0.0
-    p = abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
-    return p * scale if scale != 1.0 else p
+def _ema_shift_at(ema, mean, std, signs, i):
+    return abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -47,19 +43,29 @@ def _code_and_recon(x, p, eb, two_eb, recon_type):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize(values, ema, mean, std, signs, scale, eb, codes, recon, escaped):
+def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
-    values: float32/float64, 1-D. The prediction is 0 (ema empty) or the EMA shift (ema
-    float32, signs int8, scale 1 for none). recon may be empty: the bound is checked all the
-    same, and dequantize rebuilds the same values later.
+    values: float32/float64, 1-D. The prediction p, element by element in float64 in the
+    order docs/format.md gives (so both sides compute it alike, with no prediction buffer):
+    linear, w_last last + w_second second_last, where last is not empty; else 0 where ema is
+    empty; else the EMA shift signs x |ema std + mean|. recon may be
+    empty: the bound is checked all the same, and dequantize rebuilds the same values later.
     """
     two_eb = 2.0 * eb
     n_escaped = 0
     keep = recon.size > 0
+    linear, none = last.size > 0, ema.size == 0
     for i in range(values.size):
-        q, r, ok = _code_and_recon(np.float64(values[i]), _shift_at(ema, mean, std, signs, scale, i), eb, two_eb,
-                                   recon.dtype.type)
+        # Spelled out in both kernels: moved into a helper function (inlined or not), this
+        # choice made the loop 20x slower under numba 0.68.
+        if linear:
+            p = linear_at(last, second_last, w_last, w_second, i)
+        elif none:
+            p = 0.0
+        else:
+            p = _ema_shift_at(ema, mean, std, signs, i)
+        q, r, ok = _code_and_recon(np.float64(values[i]), p, eb, two_eb, recon.dtype.type)
         codes[i] = q
         escaped[i] = not ok
         n_escaped += not ok
@@ -69,27 +75,19 @@ def quantize(values, ema, mean, std, signs, scale, eb, codes, recon, escaped):
 
 
 @numba.njit(cache=True, nogil=True)
-def dequantize(codes, ema, mean, std, signs, scale, eb, recon):
+def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, eb, recon):
     """Rebuild x' = p + 2 eb q into recon (any float dtype), p as in quantize; escaped slots
     are overwritten later."""
     two_eb = 2.0 * eb
+    linear, none = last.size > 0, ema.size == 0
     for i in range(codes.size):
-        recon[i] = recon.dtype.type(_reconstruct(_shift_at(ema, mean, std, signs, scale, i), two_eb, np.float64(codes[i])))
-
-
-@numba.njit(cache=True, nogil=True)
-def shift_fit_sums(values, ema, mean, std, signs):
-    """(sum p x, sum p^2) of the unscaled EMA shift p over the finite elements: the least-
-    squares scale of the shift is their ratio (encoder only)."""
-    cross = 0.0
-    square = 0.0
-    for i in range(values.size):
-        p = _shift_at(ema, mean, std, signs, 1.0, i)
-        x = np.float64(values[i])
-        if math.isfinite(x):
-            cross += p * x
-        square += p * p
-    return cross, square
+        if linear:
+            p = linear_at(last, second_last, w_last, w_second, i)
+        elif none:
+            p = 0.0
+        else:
+            p = _ema_shift_at(ema, mean, std, signs, i)
+        recon[i] = recon.dtype.type(_reconstruct(p, two_eb, np.float64(codes[i])))
 
 
 @numba.njit(cache=True, nogil=True)

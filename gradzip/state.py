@@ -1,11 +1,12 @@
 """Predictor state: what the encoder and decoder carry from one round to the next.
 
 Per tensor: its shape and dtype, how many rounds it has been seen, the EMA of normalized
-magnitudes (float32) and the sign of the last reconstruction (int8). The state is updated only
+magnitudes (float32), the sign of the last reconstruction (int8), and the last two
+reconstructions (float32; zeros before the tensor has that many rounds). The state is updated only
 from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), the arrays back to back, then an 8-byte fingerprint (XXH64) of everything before it.
+keys), per tensor its four arrays back to back (13 bytes per element), then an 8-byte fingerprint (XXH64) of everything before it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from .errors import GradzipError, InputError
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
-STATE_VERSION = 2  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32)
+STATE_VERSION = 3  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions
+_BYTES_PER_ELEMENT = 13  # ema f32, sign i8, last f32, second_last f32
 _DIGEST_SIZE = 8
 
 
@@ -36,11 +38,14 @@ class TensorState:
     rounds: int
     ema: np.ndarray  # float32, flat
     sign: np.ndarray  # int8, flat
+    last: np.ndarray  # float32, flat: the last round's reconstruction
+    second_last: np.ndarray  # float32, flat: the one before
 
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
         n = element_count(shape)
-        return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32), np.zeros(n, np.int8))
+        return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32), np.zeros(n, np.int8), np.zeros(n, np.float32),
+                   np.zeros(n, np.float32))
 
 
 @dataclass
@@ -56,10 +61,10 @@ class PredictorState:
         offset = 0
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            arrays += [_little_endian(t.ema), _little_endian(t.sign)]
+            arrays += [_little_endian(t.ema), _little_endian(t.sign), _little_endian(t.last), _little_endian(t.second_last)]
             entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
                             "offset": offset, "elements": int(t.ema.size)})
-            offset += t.ema.size * 5
+            offset += t.ema.size * _BYTES_PER_ELEMENT
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
         return [STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header, *arrays]
@@ -99,14 +104,17 @@ class PredictorState:
             state = cls(round=int(header["round"]), last_input_digest=str(header["last_input_digest"]))
             for entry in header["tensors"]:
                 n, offset = int(entry["elements"]), int(entry["offset"])
-                if n < 0 or offset < 0 or offset + 5 * n > len(arrays):
+                if n < 0 or offset < 0 or offset + _BYTES_PER_ELEMENT * n > len(arrays):
                     raise ValueError("array outside the file")
                 ema = np.frombuffer(arrays[offset : offset + 4 * n], "<f4").astype(np.float32)
                 sign = np.frombuffer(arrays[offset + 4 * n : offset + 5 * n], np.int8).copy()
+                last = np.frombuffer(arrays[offset + 5 * n : offset + 9 * n], "<f4").astype(np.float32)
+                second_last = np.frombuffer(arrays[offset + 9 * n : offset + 13 * n], "<f4").astype(np.float32)
                 shape = tuple(int(s) for s in entry["shape"])
                 if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
-                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema, sign)
+                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema, sign, last,
+                                                               second_last)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
         return state

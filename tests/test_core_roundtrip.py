@@ -513,9 +513,9 @@ def test_large_tensors_choose_on_a_sample_and_stay_within_bound(gz, shape, dtype
 
 @pytest.mark.parametrize("shape", [(300000,), (600, 1000)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_large_persistent_updates_take_the_previous_sign_shift_through_the_sample(gz, dtype, shape):
-    """A sampled choice of the previous-sign shift (with or without scale contexts) is rebuilt
-    on the whole tensor, its scale refitted there and its reconstruction rebuilt after coding
+def test_large_persistent_updates_take_the_linear_prediction_through_the_sample(gz, dtype, shape):
+    """A sampled choice of the linear prediction (with or without scale contexts) is rebuilt
+    on the whole tensor, its weights refitted there and its reconstruction rebuilt after coding
     (F32): bound and identical states as everywhere. (600, 1000) also has rANS segments."""
     rng = np.random.default_rng(21)
     scale = np.exp(rng.normal(0, 0.5, shape[0])).reshape((-1,) + (1,) * (len(shape) - 1))
@@ -528,4 +528,4 @@ def test_large_persistent_updates_take_the_previous_sign_shift_through_the_sampl
     _, _, blobs, decoded = run_rounds(rounds, 1e-2, "rel")
     for r, (tensors, out) in enumerate(zip(rounds, decoded)):
         gz.assert_within_bound(tensors["w"], out["w"], 1e-2, "rel", f"round {r}")
-    assert any(split_stream(b)[1][0][0]["params"].get("signs") == "previous" for b in blobs)
+    assert any(split_stream(b)[1][0][0]["params"]["predictor"] == "linear" for b in blobs)

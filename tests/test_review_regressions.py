@@ -115,8 +115,8 @@ def test_scale_contexts_are_chosen_for_outer_product_gradients_and_round_trip(gz
         out = decompressor.decompress(blob)
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", "fc.weight")
         record = split_stream(blob)[1][0][0]
-        # Scale contexts, on the plain codes or under the previous-sign shift.
-        assert record["params"]["predictor"] in ("context", "ema") and record["params"]["contexts"].startswith("scale"), record["params"]
+        # Scale contexts, on the plain codes or under the linear prediction.
+        assert record["params"]["predictor"] in ("context", "linear") and record["params"]["contexts"].startswith("scale"), record["params"]
     assert compressor.state.to_bytes() == decompressor.state.to_bytes()
 
 
@@ -183,7 +183,7 @@ def _persistent_rounds(count: int, persistence: float = 0.8):
     return rounds
 
 
-def test_shift_along_previous_signs_is_chosen_for_persistent_updates_and_round_trips(gz):
+def test_linear_prediction_is_chosen_for_persistent_updates_and_round_trips(gz):
     rounds = _persistent_rounds(5)
     compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
     chosen = []
@@ -192,39 +192,40 @@ def test_shift_along_previous_signs_is_chosen_for_persistent_updates_and_round_t
         out = decompressor.decompress(blob)
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
         chosen.append(split_stream(blob)[1][0][0]["params"])
-    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+        assert compressor.state.to_bytes() == decompressor.state.to_bytes()
     # Reports (gradzip stats) name the variant, not only the predictor.
     report = gradzip.api.describe_stream(io.BytesIO(blob), len(blob))
     expected = ",".join(chosen[-1][key] for key in ("signs", "contexts") if key in chosen[-1])
     assert report.tensors[0].variant == expected
-    trend = [p for p in chosen if p.get("signs") == "previous"]
-    assert trend, chosen
-    # The fitted scale shrinks the shift below 1 but keeps most of it: the EMA magnitude is a
-    # noisy stand-in for the previous value.
-    assert all(0.2 < p["shift_scale"] < 1.2 for p in trend), trend
+    linear = [p for p in chosen if p["predictor"] == "linear"]
+    assert len(linear) >= 3, chosen
+    # Each round keeps 0.8 of the last one: the fit finds that weight on the last round and
+    # next to nothing on the one before it.
+    assert all(0.6 < p["weights"][0] < 1.0 and abs(p["weights"][1]) < 0.2 for p in linear), linear
+    assert linear[0]["weights"][1] == 0.0 or len(chosen) - len(linear) < 2  # one round of history: w_last only
 
 
 @pytest.mark.parametrize("tamper", [
-    lambda p: p.__setitem__("signs", "sideways"),
-    lambda p: p.pop("signs"),
-    lambda p: p.__setitem__("shift_scale", 0.0),
-    lambda p: p.__setitem__("shift_scale", 9.0),
-    lambda p: p.__setitem__("shift_scale", "0.5"),
-    lambda p: p.__setitem__("shift_scale", -1e300),
-    lambda p: p.pop("shift_scale"),
-    lambda p: p.__setitem__("shift_scale", round(p["shift_scale"] * 1.5, 6)),  # well-formed but not what was coded
+    lambda p: p.__setitem__("weights", [0.0, 0.1]),
+    lambda p: p.__setitem__("weights", [9.0, 0.0]),
+    lambda p: p.__setitem__("weights", ["0.5", 0.0]),
+    lambda p: p.__setitem__("weights", [p["weights"][0], -1e300]),
+    lambda p: p.__setitem__("weights", [0.5]),
+    lambda p: p.__setitem__("weights", 0.5),
+    lambda p: p.pop("weights"),
+    lambda p: p.__setitem__("weights", [round(p["weights"][0] * 1.5, 6), p["weights"][1]]),  # well-formed but not what was coded
 ])
-def test_tampered_previous_sign_shift_is_a_corrupt_stream(tamper):
+def test_tampered_linear_prediction_is_a_corrupt_stream(tamper):
     rounds = _persistent_rounds(5)
     compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
     for tensors in rounds:
         blob = compressor.compress(tensors)
         header, records, trailer = split_stream(blob)
-        if records[0][0]["params"].get("signs") == "previous":
+        if records[0][0]["params"]["predictor"] == "linear":
             break
         decompressor.decompress(blob)
     else:
-        pytest.fail("no round chose the previous-sign shift")
+        pytest.fail("no round chose the linear prediction")
     tamper(records[0][0]["params"])
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
@@ -248,17 +249,17 @@ def _first_shift_with_contexts(compressor, decompressor, rounds):
         blob = compressor.compress(tensors)
         header, records, trailer = split_stream(blob)
         params = records[0][0]["params"]
-        if params["predictor"] == "ema" and "contexts" in params:
+        if params["predictor"] == "linear" and "contexts" in params:
             return tensors, blob, (header, records, trailer)
         decompressor.decompress(blob)
-    pytest.fail("no round chose the previous-sign shift under scale contexts")
+    pytest.fail("no round chose the linear prediction under scale contexts")
 
 
-def test_shift_under_scale_contexts_is_chosen_for_persistent_rank_one_updates_and_round_trips(gz):
+def test_linear_prediction_under_scale_contexts_is_chosen_for_persistent_rank_one_updates_and_round_trips(gz):
     compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
     tensors, blob, (_, records, _) = _first_shift_with_contexts(compressor, decompressor, _persistent_rank_one_rounds(6))
     params = records[0][0]["params"]
-    assert params["signs"] == "previous" and params["contexts"] == "scale_ema" and params["sign_oriented"] is True
+    assert params["contexts"] == "scale_ema" and params["sign_oriented"] is True and len(params["weights"]) == 2
     out = decompressor.decompress(blob)
     gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
     assert compressor.state.to_bytes() == decompressor.state.to_bytes()
@@ -266,13 +267,41 @@ def test_shift_under_scale_contexts_is_chosen_for_persistent_rank_one_updates_an
 
 @pytest.mark.parametrize("tamper", [
     lambda p: p.__setitem__("sign_oriented", False),
-    lambda p: p.__setitem__("signs", "kernel"),  # kernel signs never carry contexts
+    lambda p: p.__setitem__("predictor", "ema"),  # EMA shifts never carry contexts
     lambda p: p.__setitem__("contexts", "ema"),  # other contexts than the ones coded
     lambda p: p.pop("fit"),
 ])
-def test_tampered_shift_under_scale_contexts_is_a_corrupt_stream(tamper):
+def test_tampered_linear_prediction_under_scale_contexts_is_a_corrupt_stream(tamper):
     compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
     _, _, (header, records, trailer) = _first_shift_with_contexts(compressor, decompressor, _persistent_rank_one_rounds(6))
     tamper(records[0][0]["params"])
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
+
+
+def test_linear_fit_recovers_the_weights_of_a_two_round_recurrence():
+    from gradzip.predict.linear import fitted_linear_weights, linear_fit_sums
+    rng = np.random.default_rng(13)
+    second, last = rng.normal(size=(2, 50000)).astype(np.float32)
+    values = (0.7 * last - 0.25 * second + 0.1 * rng.normal(size=50000)).astype(np.float32)
+    values[:3] = [np.nan, np.inf, -np.inf]  # left out of the sums
+    sums = np.zeros(5)
+    linear_fit_sums(values, last, second, sums)
+    w_last, w_second = fitted_linear_weights(sums, two_rounds=True)
+    assert abs(w_last - 0.7) < 0.01 and abs(w_second + 0.25) < 0.01
+    assert fitted_linear_weights(sums, two_rounds=False)[1] == 0.0  # one round of history: w_last only
+    assert fitted_linear_weights(np.zeros(5), two_rounds=True) is None  # no history to weigh
+    collinear = np.zeros(5)
+    linear_fit_sums(values, last, last, collinear)
+    assert fitted_linear_weights(collinear, two_rounds=True)[1] == 0.0
+
+
+def test_state_keeps_the_last_two_reconstructions(gz):
+    rounds = _persistent_rounds(3)
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    outputs = []
+    for tensors in rounds:
+        outputs.append(decompressor.decompress(compressor.compress(tensors))["fc.weight"].reshape(-1))
+    state = gradzip.state.PredictorState.from_bytes(decompressor.state.to_bytes())
+    np.testing.assert_array_equal(state.tensors["fc.weight"].last, outputs[-1])
+    np.testing.assert_array_equal(state.tensors["fc.weight"].second_last, outputs[-2])

@@ -383,7 +383,8 @@ def _gradzip_figures(described: list[dict], session) -> dict:
             "predictors": predictors, "coders": coders,
             "container_bytes": sum(d["container_bytes"] for d in described),
             "escaped": sum(d["escaped"] for d in described),
-            "state_bytes": sum(t.ema.nbytes + t.sign.nbytes for t in state.tensors.values())}
+            "state_bytes": sum(t.ema.nbytes + t.sign.nbytes + t.last.nbytes + t.second_last.nbytes
+                               for t in state.tensors.values())}
 
 
 def _num(value):
