@@ -330,8 +330,9 @@ def _report(encoded, original, with_errors: bool) -> TensorReport:
 
 
 def _variant(params: dict) -> str:
-    """The signs and contexts a quantized record's predictor used, for reports."""
-    return ",".join(str(params[key]) for key in ("signs", "contexts") if key in params)
+    """The weights, signs and contexts a quantized record's predictor used, for reports."""
+    rows = ["rows"] if params.get("weights") == "rows" else []
+    return ",".join(rows + [str(params[key]) for key in ("signs", "contexts") if key in params])
 
 
 class _CountingWriter:

@@ -43,12 +43,13 @@ def _code_and_recon(x, p, eb, two_eb, recon_type):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, eb, codes, recon, escaped):
+def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, eb, codes, recon, escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
     values: float32/float64, 1-D. The prediction p, element by element in float64 in the
     order docs/format.md gives (so both sides compute it alike, with no prediction buffer):
-    linear, w_last last + w_second second_last, where last is not empty; else 0 where ema is
+    linear, w_last[row] last + w_second[row] second_last (rows of row_length elements), where
+    last is not empty; else 0 where ema is
     empty; else the EMA shift signs x |ema std + mean|. recon may be
     empty: the bound is checked all the same, and dequantize rebuilds the same values later.
     """
@@ -56,11 +57,16 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     n_escaped = 0
     keep = recon.size > 0
     linear, none = last.size > 0, ema.size == 0
+    row = 0
+    row_end = row_length
     for i in range(values.size):
         # Spelled out in both kernels: moved into a helper function (inlined or not), this
         # choice made the loop 20x slower under numba 0.68.
         if linear:
-            p = linear_at(last, second_last, w_last, w_second, i)
+            if i == row_end:
+                row += 1
+                row_end += row_length
+            p = linear_at(last, second_last, w_last, w_second, row, i)
         elif none:
             p = 0.0
         else:
@@ -75,14 +81,19 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
 
 
 @numba.njit(cache=True, nogil=True)
-def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, eb, recon):
+def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, eb, recon):
     """Rebuild x' = p + 2 eb q into recon (any float dtype), p as in quantize; escaped slots
     are overwritten later."""
     two_eb = 2.0 * eb
     linear, none = last.size > 0, ema.size == 0
+    row = 0
+    row_end = row_length
     for i in range(codes.size):
         if linear:
-            p = linear_at(last, second_last, w_last, w_second, i)
+            if i == row_end:
+                row += 1
+                row_end += row_length
+            p = linear_at(last, second_last, w_last, w_second, row, i)
         elif none:
             p = 0.0
         else:

@@ -195,12 +195,14 @@ def test_linear_prediction_is_chosen_for_persistent_updates_and_round_trips(gz):
         assert compressor.state.to_bytes() == decompressor.state.to_bytes()
     # Reports (gradzip stats) name the variant, not only the predictor.
     report = gradzip.api.describe_stream(io.BytesIO(blob), len(blob))
-    expected = ",".join(chosen[-1][key] for key in ("signs", "contexts") if key in chosen[-1])
+    expected = ",".join((["rows"] if chosen[-1].get("weights") == "rows" else [])
+                        + [chosen[-1][key] for key in ("signs", "contexts") if key in chosen[-1]])
     assert report.tensors[0].variant == expected
     linear = [p for p in chosen if p["predictor"] == "linear"]
     assert len(linear) >= 3, chosen
-    # Each round keeps 0.8 of the last one: the fit finds that weight on the last round and
-    # next to nothing on the one before it.
+    # Every row keeps 0.8 of the last round: one pair of weights in all says it as well as one
+    # per row, and the fit finds that weight on the last round and next to nothing before it.
+    assert all(p["weights"] != "rows" for p in linear), linear
     assert all(0.6 < p["weights"][0] < 1.0 and abs(p["weights"][1]) < 0.2 for p in linear), linear
     assert linear[0]["weights"][1] == 0.0 or len(chosen) - len(linear) < 2  # one round of history: w_last only
 
@@ -280,20 +282,73 @@ def test_tampered_linear_prediction_under_scale_contexts_is_a_corrupt_stream(tam
 
 
 def test_linear_fit_recovers_the_weights_of_a_two_round_recurrence():
-    from gradzip.predict.linear import fitted_linear_weights, linear_fit_sums
+    from gradzip.predict.linear import fitted_linear_weights, fitted_row_weights, linear_fit_sums, row_weights_as_floats
     rng = np.random.default_rng(13)
     second, last = rng.normal(size=(2, 50000)).astype(np.float32)
     values = (0.7 * last - 0.25 * second + 0.1 * rng.normal(size=50000)).astype(np.float32)
     values[:3] = [np.nan, np.inf, -np.inf]  # left out of the sums
-    sums = np.zeros(5)
-    linear_fit_sums(values, last, second, sums)
-    w_last, w_second = fitted_linear_weights(sums, two_rounds=True)
+    sums = np.zeros((1, 5))
+    linear_fit_sums(values, last, second, values.size, sums)
+    w_last, w_second = fitted_linear_weights(sums[0], two_rounds=True)
     assert abs(w_last - 0.7) < 0.01 and abs(w_second + 0.25) < 0.01
-    assert fitted_linear_weights(sums, two_rounds=False)[1] == 0.0  # one round of history: w_last only
+    assert fitted_linear_weights(sums[0], two_rounds=False)[1] == 0.0  # one round of history: w_last only
     assert fitted_linear_weights(np.zeros(5), two_rounds=True) is None  # no history to weigh
-    collinear = np.zeros(5)
-    linear_fit_sums(values, last, last, collinear)
-    assert fitted_linear_weights(collinear, two_rounds=True)[1] == 0.0
+    collinear = np.zeros((1, 5))
+    linear_fit_sums(values, last, last, values.size, collinear)
+    assert fitted_linear_weights(collinear[0], two_rounds=True)[1] == 0.0
+    # Per row: each of 100 rows of 500 keeps its own share of the last round.
+    persistence = np.linspace(-0.5, 1.5, 100)
+    values = (np.repeat(persistence, 500) * last + 0.1 * rng.normal(size=50000)).astype(np.float32)
+    rows = np.zeros((100, 5))
+    linear_fit_sums(values, last, second, 500, rows)
+    w_last, w_second = row_weights_as_floats(fitted_row_weights(rows, two_rounds=True))
+    assert np.abs(w_last - persistence).max() < 0.03 and np.abs(w_second).max() < 0.03
+
+
+def test_rows_that_persist_differently_get_weights_of_their_own(gz):
+    """An FC layer whose output neurons keep different shares of their last update: one
+    weight pair per row wins, and the stream round-trips within the bound."""
+    rng = np.random.default_rng(17)
+    persistence = rng.choice([0.0, 0.95], size=(48, 1))  # dead and persistent neurons
+    update = rng.normal(size=(48, 2000))
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    chosen = []
+    for _ in range(4):
+        update = persistence * update + np.sqrt(1 - persistence**2) * rng.normal(size=update.shape)
+        tensors = {"fc.weight": update.astype(np.float32)}
+        blob = compressor.compress(tensors)
+        out = decompressor.decompress(blob)
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-2, "rel", "fc.weight")
+        chosen.append(split_stream(blob)[1][0][0])
+    assert compressor.state.to_bytes() == decompressor.state.to_bytes()
+    assert chosen[-1]["params"]["weights"] == "rows", chosen[-1]
+    assert "row_weights" in dict(chosen[-1]["sections"])
+    report = gradzip.api.describe_stream(io.BytesIO(blob), len(blob))
+    assert report.tensors[0].variant.startswith("rows")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r["params"].__setitem__("weights", "columns"),
+    lambda r: r.__setitem__("sections", [[n, l] for n, l in r["sections"] if n != "row_weights"] + [["row_weights", 0]]),
+    lambda r: r.__setitem__("shape", [48 * 2000]),  # row weights need rows
+])
+def test_tampered_row_weights_are_a_corrupt_stream(tamper):
+    rng = np.random.default_rng(17)
+    persistence = rng.choice([0.0, 0.95], size=(48, 1))  # dead and persistent neurons
+    update = rng.normal(size=(48, 2000))
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor()
+    for _ in range(4):
+        update = persistence * update + np.sqrt(1 - persistence**2) * rng.normal(size=update.shape)
+        blob = compressor.compress({"fc.weight": update.astype(np.float32)})
+        header, records, trailer = split_stream(blob)
+        if records[0][0]["params"].get("weights") == "rows":
+            break
+        decompressor.decompress(blob)
+    else:
+        pytest.fail("no round chose row weights")
+    tamper(records[0][0])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
 
 
 def test_state_keeps_the_last_two_reconstructions(gz):
