@@ -109,6 +109,14 @@ def quarter_octave_level(x):
 
 
 @numba.njit(cache=True, nogil=True)
+def residual_magnitudes(codes, step, out):
+    """|q| x step as float32: what scale_levels and scale_fit_sums take for a predicted
+    tensor, whose coding contexts should follow the residual, not the value (encoder only)."""
+    for i in range(codes.size):
+        out[i] = np.float32(abs(np.float64(codes[i])) * step)
+
+
+@numba.njit(cache=True, nogil=True)
 def scale_levels(values, rows, cols, row_levels, col_levels):
     """Quarter-octave levels of each row's and column's mean |x| (finite elements), the
     columns relative to the whole tensor's mean, so row + column is the element's level."""
