@@ -1,13 +1,17 @@
 """The .grz container: a sequential stream of checksummed frames (see docs/format.md).
 
-    stream  := MAGIC u16:version frame(header) { frame(record) payload u32:crc32(payload) }* frame(end)
-    frame   := u32:length zstd(JSON, FRAME_DICTIONARY) u32:crc32(compressed JSON)
+    stream  := MAGIC u16:version frame(header) u32:crc32
+               { frame(record) payload u32:crc32(frame bytes + payload) }* frame(end) u32:crc32
+    frame   := varint:length bytes
 
-Frames are JSON for readability, compressed with a fixed raw-content zstd dictionary of the
-keys and values they repeat, so a tensor record costs tens of bytes rather than hundreds.
+Frames are JSON for readability. The bytes of all of a stream's frames, in order, form one
+zstd frame over a fixed raw-content dictionary of the keys and values they repeat, flushed at
+every frame's end: each frame decodes to its JSON given the frames before it, and a record
+costs what is new in it (a name, some numbers), not its keys again.
 
-Every length is checked against hard limits before it is trusted, and payloads are read in
-chunks, so a damaged length fails at end of input instead of allocating what it claims.
+Every length is checked against hard limits before it is trusted, frames are decompressed in
+small steps against an output limit, and payloads are read in chunks, so a damaged length
+fails at end of input instead of allocating what it claims.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import zstandard
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 4  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift
+FORMAT_VERSION = 4  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
+_INFLATE_STEP = 64  # compressed bytes per decompression step: a zstd block can inflate 4 bytes to 128 KiB
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
     b'{"kind":"header","round":0,"state_digest":"","input_digest":"","codec":{"error_bound":0.001,'
@@ -32,10 +37,10 @@ FRAME_DICTIONARY = (
     b'"coder":"rans","min_lossy_elements":1024,"exact_small":false},"source_format":"safetensors","metadata":{},"tensor_count":1,'
     b'"created_by":"gradzip 0.1.0"}{"kind":"end","tensors":1,"state_digest":""}'
     b'{"kind":"tensor","name":"weight","dtype":"F32","shape":[1],"method":"lossless","params":{},'
-    b'"sections":[["data",1]],"recon_check":1,"payload_bytes":1}'
+    b'"sections":[["data",1]],"recon_check":1}'
     b'{"kind":"tensor","name":"conv.weight","dtype":"F32","shape":[1,1,3,3],"method":"quantized",'
     b'"params":{"eb":0.001,"predictor":"none","coder":"rans","escaped":0},"sections":[["codes",1]],'
-    b'"recon_check":1,"payload_bytes":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
+    b'"recon_check":1}"predictor":"context","coder":"rans","mean":0.001,"std":0.001,'
     b'"sign_oriented":true,"contexts":"ema","context_merge":0,"escaped":0},"sections":[["codes",1]],'
     b'"sign_oriented":false,"contexts":"scale","fit":[16,0,-64],"context_merge":2,"escaped":0},"sections":[["codes",1],["row_scale",1],["col_scale",1]],'
     b'"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":1,'
@@ -43,23 +48,23 @@ FRAME_DICTIONARY = (
     b'"predictor":"linear","coder":"rans","mean":0.001,"std":0.001,"weights":[0.5,0.1],"sign_oriented":true,"contexts":"scale_ema","fit":[8,8,-32],"context_merge":0,'
     b'"predictor":"ema","coder":"huffman","huffman_bytes":1,"mean":0.001,"std":0.001,"signs":"kernel","oscillation":0,'
     b'"kernel_size":9,"kernel_bitmap_bytes":1,"escaped":1},"sections":[["codes",1],["kernel_bitmap",1],'
-    b'["escape_index",1],["escape_value",1],["padding",1]],"recon_check":1,"payload_bytes":1}'
+    b'["escape_index",1],["escape_value",1],["padding",1]],"recon_check":1}'
     b'"dtype":"BF16","dtype":"F16","dtype":"F64","dtype":"I64","npz","npy",".bias",".weight"'
     b'{"kind":"tensor","method":"bundle","members":[[0,"bn.bias","F32",[16],0.001],[1,"bn.num_batches_tracked","I64",[],0.0]],'
-    b'"params":{"zstd":false,"raw_bytes":8,"coded":16},"sections":[["data",8],["codes",1]],"recon_check":1,"payload_bytes":1}'
+    b'"params":{"zstd":false,"raw_bytes":8,"coded":16},"sections":[["data",8],["codes",1]],"recon_check":1}'
     b'.running_mean",".running_var","norm.weight","norm.bias"'
 )
 _FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-_FRAME_LEVEL = 9
+_FRAME_LEVEL = 19  # frames are a few hundred bytes: the strongest level costs 0.1 ms per stream
+_FRAME_DICT.precompute_compress(level=_FRAME_LEVEL)  # else each stream would rebuild it (1 ms)
 _per_thread = threading.local()
 
 
 def _frame_compressor() -> zstandard.ZstdCompressor:
-    """One per thread: loading the dictionary costs milliseconds, and zstd contexts are not
-    safe to share between threads."""
+    """One per thread: zstd contexts are not safe to share between threads."""
     if not hasattr(_per_thread, "compressor"):
         _per_thread.compressor = zstandard.ZstdCompressor(
-            level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=True, write_checksum=False, write_dict_id=False)
+            dict_data=_FRAME_DICT, write_content_size=False, write_checksum=False, write_dict_id=False)
     return _per_thread.compressor
 
 
@@ -71,29 +76,62 @@ MAX_PAYLOAD_BYTES = 1 << 40
 _READ_CHUNK = 1 << 24
 
 
-def _crc(data: bytes) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def _crc(data: bytes, start: int = 0) -> int:
+    return zlib.crc32(data, start) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def payload_size(record: dict) -> int:
+    """The payload length a record declares: the sum of its section lengths."""
+    sections = record.get("sections")
+    if not isinstance(sections, list) or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] >= 0
+            for s in sections):
+        raise CorruptStreamError("bad section table")
+    size = sum(s[1] for s in sections)
+    if size > MAX_PAYLOAD_BYTES:
+        raise CorruptStreamError("bad payload length")
+    return size
 
 
 class StreamWriter:
+    """Writes one stream: header, records, end, in that order (the frames share one zstd
+    stream, so a writer is used from one thread at a time, like the file it writes)."""
+
     def __init__(self, out: BinaryIO):
         self._out = out
+        self._zstd = _frame_compressor().compressobj()
 
-    def _frame(self, obj: dict) -> None:
-        data = _frame_compressor().compress(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode())
-        self._out.write(struct.pack("<I", len(data)) + data + struct.pack("<I", _crc(data)))
+    def _frame(self, obj: dict, last: bool = False) -> bytes:
+        data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        flush = zstandard.COMPRESSOBJ_FLUSH_FINISH if last else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        compressed = self._zstd.compress(data) + self._zstd.flush(flush)
+        return _varint(len(compressed)) + compressed
 
     def header(self, header: dict) -> None:
-        self._out.write(MAGIC + struct.pack("<H", FORMAT_VERSION))
-        self._frame({"kind": "header", **header})
+        frame = self._frame({"kind": "header", **header})
+        self._out.write(MAGIC + struct.pack("<H", FORMAT_VERSION) + frame + struct.pack("<I", _crc(frame)))
 
     def record(self, record: dict, payload: bytes) -> None:
-        self._frame({"kind": "tensor", **record, "payload_bytes": len(payload)})
+        # The payload's length is not written: a reader takes the sum of the sections, so
+        # a record whose sections do not add up to its payload (tests write such) fails there.
+        frame = self._frame({"kind": "tensor", **record})
+        self._out.write(frame)
         self._out.write(payload)
-        self._out.write(struct.pack("<I", _crc(payload)))
+        self._out.write(struct.pack("<I", _crc(payload, _crc(frame))))
 
     def end(self, trailer: dict) -> None:
-        self._frame({"kind": "end", **trailer})
+        frame = self._frame({"kind": "end", **trailer}, last=True)
+        self._out.write(frame + struct.pack("<I", _crc(frame)))
 
 
 class StreamReader:
@@ -103,6 +141,7 @@ class StreamReader:
         self._in = source
         self._available = available  # bytes left, when known (guards against huge claims)
         self.bytes_read = 0
+        self._zstd = _frame_decompressor().decompressobj()
 
     def _read(self, n: int, what: str) -> bytes:
         if self._available is not None:
@@ -120,23 +159,43 @@ class StreamReader:
         self.bytes_read += n
         return b"".join(chunks)
 
-    def _frame(self, expected_kind: tuple[str, ...]) -> dict:
-        (length,) = struct.unpack("<I", self._read(4, "frame length"))
+    def _varint(self, what: str) -> int:
+        value = 0
+        for shift in range(0, 35, 7):
+            (byte,) = self._read(1, what)
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+        raise CorruptStreamError(f"bad {what}")
+
+    def _frame(self, expected_kind: tuple[str, ...]) -> tuple[dict, bytes]:
+        """(the frame's JSON object, its bytes as stored, for the checksum)."""
+        length = self._varint("frame length")
         if length > MAX_FRAME_BYTES:
             raise CorruptStreamError(f"frame length {length} exceeds the limit")
         data = self._read(length, "frame")
-        (crc,) = struct.unpack("<I", self._read(4, "frame checksum"))
-        if _crc(data) != crc:
-            raise CorruptStreamError("frame checksum mismatch")
+        pieces = []
+        size = 0
         try:
-            obj = json.loads(_frame_decompressor().decompress(data, max_output_size=MAX_FRAME_BYTES))
+            for at in range(0, length, _INFLATE_STEP):
+                piece = self._zstd.decompress(data[at : at + _INFLATE_STEP])
+                size += len(piece)
+                if size > MAX_FRAME_BYTES:
+                    raise CorruptStreamError("frame inflates beyond the limit")
+                pieces.append(piece)
+            obj = json.loads(b"".join(pieces))
         except zstandard.ZstdError:
-            raise CorruptStreamError("frame is not a valid zstd frame") from None
+            raise CorruptStreamError("frame is not valid zstd data") from None
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise CorruptStreamError("frame is not valid JSON") from None
         if not isinstance(obj, dict) or obj.get("kind") not in expected_kind:
             raise CorruptStreamError(f"expected a {' or '.join(expected_kind)} frame")
-        return obj
+        return obj, _varint(length) + data
+
+    def _check(self, crc: int, what: str) -> None:
+        (stored,) = struct.unpack("<I", self._read(4, f"{what} checksum"))
+        if stored != crc:
+            raise CorruptStreamError(f"{what} checksum mismatch")
 
     def header(self) -> dict:
         try:
@@ -148,23 +207,22 @@ class StreamReader:
         (version,) = struct.unpack("<H", self._read(2, "format version"))
         if version != FORMAT_VERSION:
             raise CorruptStreamError(f"format version {version} is not supported (this gradzip reads {FORMAT_VERSION})")
-        return self._frame(("header",))
+        header, frame = self._frame(("header",))
+        self._check(_crc(frame), "header frame")
+        return header
 
     def records(self) -> Iterator[tuple[dict, bytes]]:
         """Yield (record, payload) per tensor; the end frame is left in self.trailer."""
         while True:
-            frame = self._frame(("tensor", "end"))
-            if frame["kind"] == "end":
-                self.trailer = frame
+            record, frame = self._frame(("tensor", "end"))
+            if record["kind"] == "end":
+                self._check(_crc(frame), "end frame")
+                self.trailer = record
                 return
-            size = frame.get("payload_bytes")
-            if not isinstance(size, int) or not 0 <= size <= MAX_PAYLOAD_BYTES:
-                raise CorruptStreamError("bad payload length")
-            payload = self._read(size, f"payload of {frame.get('name', '?')!r}")
-            (crc,) = struct.unpack("<I", self._read(4, "payload checksum"))
-            if _crc(payload) != crc:
-                raise CorruptStreamError(f"payload checksum mismatch in tensor {frame.get('name', '?')!r}")
-            yield frame, payload
+            name = record.get("name", "?")
+            payload = self._read(payload_size(record), f"payload of {name!r}")
+            self._check(_crc(payload, _crc(frame)), f"tensor {name!r}")
+            yield record, payload
 
     def expect_end_of_input(self) -> None:
         if self._in.read(1):

@@ -6,9 +6,10 @@ import zlib
 
 import numpy as np
 import pytest
+import zstandard
 
 import gradzip
-from gradzip.container import FORMAT_VERSION, MAGIC, _frame_compressor, join_stream, split_stream
+from gradzip.container import FORMAT_VERSION, MAGIC, _frame_compressor, _varint, join_stream, split_stream
 from gradzip.tensorio import as_bfloat16
 
 
@@ -50,8 +51,31 @@ def test_header_with_non_string_metadata_is_a_corrupt_stream():
 
 def test_deeply_nested_frame_json_is_a_corrupt_stream():
     nested = (b"[" * 100_000) + (b"]" * 100_000)
-    frame = _frame_compressor().compress(nested)
-    blob = MAGIC + struct.pack("<H", FORMAT_VERSION) + struct.pack("<I", len(frame)) + frame + struct.pack("<I", zlib.crc32(frame))
+    zstd = _frame_compressor().compressobj()
+    frame = zstd.compress(nested) + zstd.flush()
+    frame = _varint(len(frame)) + frame
+    blob = MAGIC + struct.pack("<H", FORMAT_VERSION) + frame + struct.pack("<I", zlib.crc32(frame))
+    with pytest.raises(gradzip.CorruptStreamError, match="JSON"):
+        gradzip.Decompressor().decompress(blob)
+
+
+def test_frame_that_inflates_beyond_the_limit_is_rejected_without_allocating():
+    """A header frame of RLE blocks (4 bytes each inflate to 128 KiB) is cut off at the limit."""
+    import tracemalloc
+    zstd = _frame_compressor().compressobj()
+    start = zstd.compress(b"{") + zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)  # frame header + one block
+    rle_block = (((128 * 1024) << 3) | (1 << 1)).to_bytes(3, "little") + b" "  # not last, RLE, 128 KiB of spaces
+    frame = start + rle_block * 4000  # 500 MiB once inflated
+    frame = _varint(len(frame)) + frame
+    blob = MAGIC + struct.pack("<H", FORMAT_VERSION) + frame + struct.pack("<I", zlib.crc32(frame))
+    tracemalloc.start()
+    try:
+        with pytest.raises(gradzip.CorruptStreamError, match="limit"):
+            gradzip.Decompressor().decompress(blob)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 * 1024
     with pytest.raises(gradzip.CorruptStreamError):
         gradzip.Decompressor().decompress(blob)
 

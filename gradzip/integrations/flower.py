@@ -227,7 +227,9 @@ class GradzipMod:
                 wire += len(payloads[name])
             else:
                 new_record[name] = array
-        names = [name for name in record.keys() if name in payloads]
+        # In the stream's order: its record frames share one zstd stream, so the server must
+        # join the parts in that order.
+        names = list(payloads)
         delta_names = [name for name in names if name in bases]
         fields.update({f"{key}/names": names, f"{key}/base": arrays_digest({n: bases[n] for n in delta_names})})
         if delta_names:  # Flower refuses empty lists in a ConfigRecord
