@@ -5,9 +5,9 @@ Routing: tensors of at most `min_lossy_elements` elements share one bundle recor
 and carry no predictor state: there, float tensors are quantized at their own bound without
 prediction (unless `exact_small`) and the rest stored exactly. Larger non-float tensors are
 stored losslessly (zstd). Every other tensor is quantized; the encoder tries no prediction, the EMA
-magnitude-and-sign prediction (signs from the kernel bitmap, or each element's previous sign
-with a fitted scale), and coding contexts (from the state, from this round's row and
-column scales, or both) and keeps the smallest, so prediction never makes a tensor worse; a
+magnitude-and-sign prediction (signs from the kernel bitmap), the linear prediction from the
+last two reconstructions (weighted in all or per row), and coding contexts (from the state,
+from this round's row and column scales, or both) and keeps the smallest, so prediction never makes a tensor worse; a
 large tensor makes that choice on a sample. Such tensors carry predictor state, which is
 advanced from the reconstruction only, identically in encoder and decoder.
 """
@@ -394,8 +394,9 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
-    """(predictor, context source or shift signs, merge, fit) of the smallest candidate on about
-    SAMPLE_ELEMENTS elements: every k-th row (or column, or element) of the tensor."""
+    """(predictor, variant, merge, fit) of the smallest candidate on about SAMPLE_ELEMENTS
+    elements: every k-th row (or column, or element) of the tensor. The variant is the context
+    source or shift signs, prefixed by "rows," for linear weights per row."""
     step = -(-values.size // SAMPLE_ELEMENTS)
     whole = None  # the side section that covers the unsampled axis whole (not scaled up)
     if len(shape) >= 2 and shape[0] // step >= 8:
@@ -434,10 +435,10 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
-    state, or both) and the EMA-shift candidate, where the shape and the state allow them;
-    with a recipe (predictor, context source or shift signs, merge, fit), only that candidate (in every
-    merge if its merge is None), built with the plain codes oriented in place (nothing else
-    uses them then)."""
+    state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
+    contexts), where the shape and the state allow them; with a recipe (predictor, variant,
+    merge, fit), only that candidate (in every merge if its merge is None), built with the
+    plain codes oriented in place (nothing else uses them then)."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -492,16 +493,15 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
                 candidates += linear
             if linear and scales is not None and wanted("linear", scale_variant):
                 # Late in training updates persist so strongly that the prediction pays even
-                # on top of the scale contexts (the 1M-element FC layer).
-                # Row and column scales of the residual, not of the values: where rows persist
-                # to different degrees, the residual's scale differs from the value's (3.0-3.4%
-                # of the cnn5fc streams at rel 1e-3).
+                # on top of the scale contexts (the 1M-element FC layer). The row and column
+                # scales are the residual's: a row that persists has a small residual however
+                # large its values (3.0-3.4% of the cnn5fc streams at rel 1e-3).
                 residual = np.empty(values.size, np.float32)
                 residual_magnitudes(linear[0].codes, 2.0 * eb, residual)
+                params = {**side, **linear[0].side_params, "sign_oriented": True, "contexts": "scale_ema"}
                 candidates += _scale_candidates(residual, linear[0].codes, linear[0].quantized, _scale_side(residual, shape), eb,
-                                                previous.ema, mean, std, {**side, **linear[0].side_params, "sign_oriented": True,
-                                                      "contexts": "scale_ema"}, recipe,
-                                                predictor="linear", extra_sections=linear[0].side_sections)
+                                                previous.ema, mean, std, params, recipe, predictor="linear",
+                                                extra_sections=linear[0].side_sections)
     return candidates
 
 
@@ -547,8 +547,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
     contexts = np.zeros(values.size, np.uint8)
     scale_contexts(scales[0], scales[1], eb, ema, mean, std, *weights, contexts)
     return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales[2]],
-                               values.size,
-                               recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
+                               values.size, recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
 
 
 def _context_candidates(quantized, codes, contexts, params, side_sections, n, recipe, n_contexts=N_MAGNITUDE_BUCKETS,
