@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import threading
 import zlib
 from typing import BinaryIO, Iterator
 
@@ -57,21 +56,19 @@ FRAME_DICTIONARY = (
 _FRAME_DICT = zstandard.ZstdCompressionDict(FRAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 _FRAME_LEVEL = 19  # frames are a few hundred bytes: the strongest level costs 0.1 ms per stream
 _FRAME_DICT.precompute_compress(level=_FRAME_LEVEL)  # else each stream would rebuild it (1 ms)
-_per_thread = threading.local()
 
 
 def _frame_compressor() -> zstandard.ZstdCompressor:
-    """One per thread: zstd contexts are not safe to share between threads."""
-    if not hasattr(_per_thread, "compressor"):
-        _per_thread.compressor = zstandard.ZstdCompressor(
-            dict_data=_FRAME_DICT, write_content_size=False, write_checksum=False, write_dict_id=False)
-    return _per_thread.compressor
+    """A fresh one per stream (26 us with the precomputed dictionary): a stream's frames are
+    one zstd stream, and two streams must never share a compression context."""
+    return zstandard.ZstdCompressor(level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=False,
+                                    write_checksum=False, write_dict_id=False)
 
 
 def _frame_decompressor() -> zstandard.ZstdDecompressor:
-    if not hasattr(_per_thread, "decompressor"):
-        _per_thread.decompressor = zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
-    return _per_thread.decompressor
+    return zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
+
+
 MAX_PAYLOAD_BYTES = 1 << 40
 _READ_CHUNK = 1 << 24
 
@@ -104,7 +101,7 @@ def payload_size(record: dict) -> int:
 
 
 class StreamWriter:
-    """Writes one stream: header, records, end, in that order (the frames share one zstd
+    """Writes one stream: header, records, end, in that order (the frames are one zstd
     stream, so a writer is used from one thread at a time, like the file it writes)."""
 
     def __init__(self, out: BinaryIO):
