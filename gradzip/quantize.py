@@ -100,7 +100,8 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
             a, b = w_last[row], w_second[row]
             start = row * row_length
             end = min(codes.size, start + row_length)
-            codes_row, last_row, second_row, recon_row = codes[start:end], last[start:end], second_last[start:end], recon[start:end]
+            codes_row, recon_row = codes[start:end], recon[start:end]
+            last_row, second_row = last[start:end], second_last[start:end]
             for j in range(end - start):
                 p = a * np.float64(last_row[j]) + b * np.float64(second_row[j])
                 q = np.float64(codes_row[j])

@@ -2,11 +2,12 @@
 
 Per tensor: its shape and dtype, how many rounds it has been seen, the EMA of normalized
 magnitudes (float32), the sign of the last reconstruction (int8), and the last two
-reconstructions (float32; zeros before the tensor has that many rounds). The state is updated only
-from reconstructed values, so compressor and decompressor hold byte-identical states.
+reconstructions (float32; zeros before the tensor has that many rounds). The state is updated
+only from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), per tensor its four arrays back to back (13 bytes per element), then an 8-byte fingerprint (XXH64) of everything before it.
+keys), per tensor its four arrays back to back (13 bytes per element), then an 8-byte
+fingerprint (XXH64) of everything before it.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ class PredictorState:
                 shape = tuple(int(s) for s in entry["shape"])
                 if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
-                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema, sign, last,
-                                                               second_last)
+                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
+                                                               sign, last, second_last)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
         return state

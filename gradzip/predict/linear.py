@@ -1,12 +1,12 @@
 """Linear predictor: this round's values from the last two rounds' reconstructions.
 
 p = w_last * r[t-1] + w_second * r[t-2], element by element in float64 (in the quantizer's
-kernels, which also orient the codes by the sign of p), with the two weights
-fitted by least squares per tensor and round and sent as side information, either one pair
-for the whole tensor or one pair per row (axis 0: an output neuron or channel, whose updates
-persist to their own degree). Where updates persist (an FC layer late in training) w_last
-approaches 1; a negative w_second picks up updates that turn back. The reconstructions are kept in the state as float32, so both sides
-predict from the same numbers whatever the tensor's dtype.
+kernels, which also orient the codes by the sign of p), with the two weights fitted by least
+squares per tensor and round and sent as side information, either one pair for the whole
+tensor or one pair per row (axis 0: an output neuron or channel, whose updates persist to
+their own degree). Where updates persist (an FC layer late in training) w_last approaches 1;
+a negative w_second picks up updates that turn back. The reconstructions are kept in the
+state as float32, so both sides predict from the same numbers whatever the tensor's dtype.
 """
 from __future__ import annotations
 
