@@ -42,7 +42,7 @@ MIN_LOSSY_ELEMENTS = 1024
 MAX_ELEMENTS_PER_PAYLOAD_BYTE = 1 << 10
 # Beyond this share of escaped elements the bound is below the data's resolution: store exactly.
 _ESCAPE_SHARE_FOR_LOSSLESS = 0.25
-_NO_STATE = np.empty(0, np.float32)  # an EMA array for "no state": scale contexts without prediction
+_NO_STATE = np.empty(0, np.float32)  # an EMA (or reconstruction) array for "no state"
 # Larger tensors amortize a table per bucket; only smaller ones try merged buckets.
 _MERGE_TRIAL_ELEMENTS = 1 << 17
 # Smaller tensors do not try scale contexts: on the corpus they changed the ratio by 0.001%
@@ -270,9 +270,6 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
 
 
-_NO_HISTORY = np.empty(0, np.float32)
-
-
 @dataclass(frozen=True)
 class _Prediction:
     """w_last r[t-1] + w_second r[t-2] where `last` is not empty (linear; one weight pair per
@@ -284,8 +281,8 @@ class _Prediction:
     mean: float
     std: float
     signs: np.ndarray
-    last: np.ndarray = field(default_factory=lambda: _NO_HISTORY)
-    second_last: np.ndarray = field(default_factory=lambda: _NO_HISTORY)
+    last: np.ndarray = field(default_factory=lambda: _NO_STATE)
+    second_last: np.ndarray = field(default_factory=lambda: _NO_STATE)
     w_last: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)  # float64, one per row
     w_second: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)
     row_length: int = 1

@@ -12,7 +12,6 @@ import math
 import numba
 import numpy as np
 
-
 # Codes live in (-RADIUS, RADIUS); larger residuals are escaped. 2**15 as in SZ3.
 RADIUS = 1 << 15
 
