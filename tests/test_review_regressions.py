@@ -1,6 +1,5 @@
 """Regressions for problems found in code review; each failed before its fix."""
 import io
-import json
 import struct
 import zlib
 
