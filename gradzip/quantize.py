@@ -22,6 +22,12 @@ def _reconstruct(p, two_eb, q):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _linear_at(w_last, w_second, last_value, second_value):
+    # Scalars only: the one spelling of the linear prediction, shared by both kernels.
+    return w_last * np.float64(last_value) + w_second * np.float64(second_value)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _ema_shift_at(ema, mean, std, signs, i):
     return abs(np.float64(ema[i]) * std + mean) * np.float64(signs[i])
 
@@ -55,8 +61,9 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     n_escaped = 0
     keep = recon.size > 0
     recon_type = recon.dtype.type
-    # The loops are spelled out per kind of prediction: with the prediction or the element's
-    # work in a helper function (inlined or not), numba 0.68 made them up to 20x slower.
+    # The loops are spelled out per kind of prediction: with the choice of prediction or the
+    # element's work (arrays and all) in a helper function, numba 0.68 made them up to 20x
+    # slower; the scalar _linear_at costs nothing.
     # Rows are taken as slices: indexing from a computed start costs numba's negative-index
     # checks, which kept the loop from vectorizing (4x slower).
     if last.size > 0:
@@ -68,7 +75,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
             codes_row, escaped_row = codes[start:end], escaped[start:end]
             recon_row = recon[start:end] if keep else recon
             for j in range(end - start):
-                p = a * np.float64(last_row[j]) + b * np.float64(second_row[j])
+                p = _linear_at(a, b, last_row[j], second_row[j])
                 q, r, ok = _code_and_recon(np.float64(x_row[j]), p, eb, two_eb, recon_type)
                 codes_row[j] = -q if p < 0.0 else q
                 escaped_row[j] = not ok
@@ -102,7 +109,7 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
             codes_row, recon_row = codes[start:end], recon[start:end]
             last_row, second_row = last[start:end], second_last[start:end]
             for j in range(end - start):
-                p = a * np.float64(last_row[j]) + b * np.float64(second_row[j])
+                p = _linear_at(a, b, last_row[j], second_row[j])
                 q = np.float64(codes_row[j])
                 recon_row[j] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
         return
