@@ -29,6 +29,8 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
                              row_weights_as_floats)
+from .predict.lowrank import MAX_RANK, factor_contexts, fit_low_rank, low_rank_offset
+from .predict.lowrank import eligible as low_rank_eligible
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
 from .quantize import RADIUS, dequantize, finite_range, quantize
@@ -286,16 +288,25 @@ class _Prediction:
     w_last: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)  # float64, one per row
     w_second: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)
     row_length: int = 1
+    offset: np.ndarray = field(default_factory=lambda: _NO_STATE)  # float32: the low-rank part, added to a linear prediction
 
     @classmethod
-    def linear(cls, previous: TensorState, w_last: np.ndarray, w_second: np.ndarray) -> "_Prediction":
+    def linear(cls, previous: TensorState, w_last: np.ndarray, w_second: np.ndarray,
+               offset: np.ndarray = _NO_STATE) -> "_Prediction":
         """One weight pair for the whole tensor (arrays of 1) or one per row of axis 0."""
         return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, w_last, w_second,
-                   previous.last.size // w_last.size)
+                   previous.last.size // w_last.size, offset)
+
+    def linear_values(self) -> np.ndarray:
+        """Encoder only: the linear prediction without the offset, as float32 (close to, not
+        exactly, the kernels' float64 values: for fitting the low-rank part)."""
+        rows = self.w_last.size
+        last, second = self.last.reshape(rows, -1), self.second_last.reshape(rows, -1)
+        return (last * self.w_last.astype(np.float32)[:, None] + second * self.w_second.astype(np.float32)[:, None]).reshape(-1)
 
     def kernel_args(self) -> tuple:
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
-                self.row_length)
+                self.row_length, self.offset)
 
 
 _NO_SIGNS = np.empty(0, np.int8)
@@ -378,6 +389,8 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    if best.predictor == "linear" and config.coder == "rans" and low_rank_eligible(shape):
+        best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads)
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
@@ -388,6 +401,33 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     if recon is None:
         recon = _reconstructed(values, dtype, eb, best.quantized)
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
+
+
+def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads) -> _Candidate:
+    """The best linear candidate, or the same recipe with the low-rank part of its residual
+    added to the prediction where that is smaller (the factors' section included)."""
+    rows = shape[0]
+    residual = (values - best.quantized.prediction.linear_values()).reshape(rows, -1)
+    factors = fit_low_rank(residual.astype(np.float32, copy=False), eb, rans.estimated_bits)
+    del residual
+    if factors is None:
+        return best
+    left, right, step = factors
+    rank = left.shape[0]
+    offset = np.empty(values.size, np.float32)
+    low_rank_offset(left, right, step, offset)
+    factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
+    section = rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads)
+    low_rank = (offset, {"rank": rank, "rank_step": step}, [("low_rank", section)])
+    variant = best.side_params.get("contexts")
+    if best.side_params.get("weights") == "rows":
+        variant = "rows" + (f",{variant}" if variant else "")
+    recipe = ("linear", variant, None if variant and variant.endswith("scale_ema") else 0, None)
+    candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
+    if not candidates:
+        return best
+    challenger = min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    return challenger if challenger.estimated_bytes(config.coder, itemsize) < best.estimated_bytes(config.coder, itemsize) else best
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
@@ -430,12 +470,13 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     return best.predictor, variant, None if fit else 0, tuple(fit) if fit else None
 
 
-def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None) -> list[_Candidate]:
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
-    plain codes oriented in place (nothing else uses them then)."""
+    plain codes oriented in place (nothing else uses them then). low_rank: (offset, params,
+    sections) of a low-rank part added to the linear prediction."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -485,7 +526,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
             plain_variant, scale_variant = ("rows", "rows,scale_ema") if by_row else (None, "scale_ema")
             if not (wanted("linear", plain_variant) or (scales is not None and wanted("linear", scale_variant))):
                 continue
-            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=recipe is None)
+            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=recipe is None, low_rank=low_rank)
             if wanted("linear", plain_variant):
                 candidates += linear
             if linear and scales is not None and wanted("linear", scale_variant):
@@ -509,7 +550,7 @@ def _rows_weighted(shape) -> bool:
     return len(shape) >= 2 and shape[0] >= 2 and element_count(shape) // shape[0] >= MIN_ROW_ELEMENTS
 
 
-def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True) -> list[_Candidate]:
+def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low_rank=None) -> list[_Candidate]:
     """The last two reconstructions weighted by least squares (in all or per row), codes
     oriented by the prediction's sign. Empty when the fit gives no usable weights."""
     rows = previous.shape[0] if by_row else 1
@@ -525,7 +566,10 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True) -> 
             return []
         params, sections = {"weights": [_rounded(fit[0]), _rounded(fit[1])]}, []
         w_last, w_second = np.array(params["weights"][:1]), np.array(params["weights"][1:])
-    prediction = _Prediction.linear(previous, w_last, w_second)
+    offset = _NO_STATE
+    if low_rank is not None:
+        offset, params, sections = low_rank[0], {**params, **low_rank[1]}, sections + low_rank[2]
+    prediction = _Prediction.linear(previous, w_last, w_second, offset)
     quantized = _quantize(values, dtype, eb, prediction, keep_recon)  # codes oriented by the kernel
     return [_Candidate("linear", quantized, params, sections, quantized.codes)]
 
@@ -824,7 +868,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
             w_last, w_second = np.array(weights[:1]), np.array(weights[1:])
         else:
             raise CorruptStreamError("bad linear weights")
-        prediction = _Prediction.linear(previous, w_last, w_second)  # dequantize orients the codes back
+        offset = _decoded_low_rank(params, sections, shape, threads) if "rank" in params else _NO_STATE
+        prediction = _Prediction.linear(previous, w_last, w_second, offset)  # dequantize orients the codes back
         if "contexts" in params:  # coded under contexts, as a `context` record's
             contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
             if not oriented:
@@ -858,6 +903,22 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         exact = as_bfloat16(exact) if dtype == "BF16" else exact
         recon[index.astype(np.int64)] = widen(exact, dtype)
     return narrow(recon, dtype).reshape(shape)
+
+
+def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
+    """The low-rank offset of a linear record (float32, flat), as the encoder added it."""
+    rank, step = params["rank"], params["rank_step"]
+    if (not low_rank_eligible(shape) or not isinstance(rank, int) or isinstance(rank, bool)
+            or not 1 <= rank <= min(MAX_RANK, shape[0], element_count(shape) // shape[0])):
+        raise CorruptStreamError("bad low-rank rank")
+    if not isinstance(step, float) or not (step > 0 and math.isfinite(step)):
+        raise CorruptStreamError("bad low-rank step")
+    rows = shape[0]
+    cols = element_count(shape) // rows
+    codes = rans.decode(sections["low_rank"], factor_contexts(rank, rows, cols), rank, threads).astype(np.float64)
+    offset = np.empty(rows * cols, np.float32)
+    low_rank_offset(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step, offset)
+    return offset
 
 
 def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):

@@ -47,13 +47,15 @@ def _code_and_recon(x, p, eb, two_eb, recon_type):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, eb, codes, recon, escaped):
+def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes, recon,
+             escaped):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
 
     values: float32/float64, 1-D. The prediction p, element by element in float64 in the
     order docs/format.md gives (so both sides compute it alike, with no prediction buffer):
     where last is not empty, linear: w_last[row] last + w_second[row] second_last (rows of
-    row_length elements), and the codes are multiplied by the sign of p (-1 where p < 0);
+    row_length elements), plus offset (float32, the low-rank part) where offset is not
+    empty, and the codes are multiplied by the sign of p (-1 where p < 0);
     else 0 where ema is empty; else the EMA shift signs x |ema std + mean|. recon may be
     empty: the bound is checked all the same, and dequantize rebuilds the same values later.
     """
@@ -67,6 +69,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     # Rows are taken as slices: indexing from a computed start costs numba's negative-index
     # checks, which kept the loop from vectorizing (4x slower).
     if last.size > 0:
+        with_offset = offset.size > 0
         for row in range(w_last.size):
             a, b = w_last[row], w_second[row]
             start = row * row_length
@@ -74,8 +77,11 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
             x_row, last_row, second_row = values[start:end], last[start:end], second_last[start:end]
             codes_row, escaped_row = codes[start:end], escaped[start:end]
             recon_row = recon[start:end] if keep else recon
+            offset_row = offset[start:end] if with_offset else offset
             for j in range(end - start):
                 p = _linear_at(a, b, last_row[j], second_row[j])
+                if with_offset:
+                    p += np.float64(offset_row[j])
                 q, r, ok = _code_and_recon(np.float64(x_row[j]), p, eb, two_eb, recon_type)
                 codes_row[j] = -q if p < 0.0 else q
                 escaped_row[j] = not ok
@@ -96,20 +102,24 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
 
 
 @numba.njit(cache=True, nogil=True)
-def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, eb, recon):
+def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon):
     """Rebuild x' = p + 2 eb q into recon (any float dtype), p as in quantize (linear codes
     multiplied back by the sign of p); escaped slots are overwritten later."""
     two_eb = 2.0 * eb
     recon_type = recon.dtype.type
     if last.size > 0:
+        with_offset = offset.size > 0
         for row in range(w_last.size):
             a, b = w_last[row], w_second[row]
             start = row * row_length
             end = min(codes.size, start + row_length)
             codes_row, recon_row = codes[start:end], recon[start:end]
             last_row, second_row = last[start:end], second_last[start:end]
+            offset_row = offset[start:end] if with_offset else offset
             for j in range(end - start):
                 p = _linear_at(a, b, last_row[j], second_row[j])
+                if with_offset:
+                    p += np.float64(offset_row[j])
                 q = np.float64(codes_row[j])
                 recon_row[j] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
         return

@@ -1,0 +1,114 @@
+"""Low-rank predictor: the part of a layer's residual that is a sum of a few outer products.
+
+A linear or conv layer's gradient is a sum of outer products (output deltas times inputs),
+so after a few local steps its update, and what the linear prediction leaves of it, is close
+to low rank: on the corpus's 256 x 4096 FC layer 16 components hold 98-99% of the residual's
+energy. The encoder finds the leading components of the residual (viewed as rows of axis 0
+by the rest) and sends them as integer factors, left (rank x rows) and right (rank x
+columns), in units of `step`; both sides add
+
+    offset[i, j] = float32(step**2 * sum_c left[c, i] * right[c, j])
+
+to the prediction. The sum is of integers below 2**53 in float64, so it is exact whatever
+the order, and both sides get the same float32 offset on any machine.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+MAX_RANK = 32
+RANKS = (2, 4, 8, 16, 24, 32)  # tried in turn by the encoder's estimate
+# Both sides of the 2-D view must be at least this long: on the corpus only the large FC
+# layer pays for its factors; conv and transformer layers lose at every rank.
+MIN_SIDE = 64
+MIN_ELEMENTS = 1 << 16
+_FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below the quantizer's radius)
+_SAMPLE_ROWS = 48  # rows of the residual the rank estimate is made on
+_OVERSAMPLE = 8  # extra random directions of the range finder
+
+
+def eligible(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor's 2-D view (axis 0 by the rest) is large enough to try."""
+    if len(shape) < 2 or shape[0] < MIN_SIDE:
+        return False
+    size = math.prod(shape)
+    return size >= MIN_ELEMENTS and size // shape[0] >= MIN_SIDE
+
+
+@numba.njit(cache=True, nogil=True)
+def low_rank_offset(left, right, step, out):
+    """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see above).
+    left, right: float64 arrays of integers (rank x rows, rank x columns)."""
+    rank, rows = left.shape
+    cols = right.shape[1]
+    step_squared = step * step
+    acc = np.empty(cols, np.float64)
+    for i in range(rows):
+        acc[:] = 0.0
+        for c in range(rank):
+            a = left[c, i]
+            if a != 0.0:
+                right_c = right[c]
+                for j in range(cols):
+                    acc[j] += a * right_c[j]
+        out_row = out[i * cols : (i + 1) * cols]
+        for j in range(cols):
+            out_row[j] = np.float32(acc[j] * step_squared)
+
+
+def factor_contexts(rank: int, rows: int, cols: int) -> np.ndarray:
+    """The coding context of each factor code: its component (one table per component, whose
+    magnitudes fall with its index). Codes are left's rows then right's, component-major."""
+    return np.concatenate([np.repeat(np.arange(rank, dtype=np.uint8), rows),
+                           np.repeat(np.arange(rank, dtype=np.uint8), cols)])
+
+
+def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """Encoder only: (left, right, step) integer factors of the residual (rows x columns,
+    float32) worth sending, or None. The rank is the one whose estimated size (a sample of the
+    residual's codes plus the factors) is smallest; the step puts the offset's rounding error
+    near eb / 2. estimated_bits(codes, contexts, n_contexts) is the coder's size estimate.
+    The factorization is a randomized range finder with one power iteration: any
+    factorization is valid, since the factors are sent."""
+    rows, cols = residual.shape
+    top = min(MAX_RANK, rows // 4, cols // 4)
+    if top < RANKS[0] or not np.isfinite(residual).all():
+        return None
+    directions = np.random.default_rng(0).standard_normal((cols, top + _OVERSAMPLE)).astype(np.float32)
+    basis = np.linalg.qr(residual @ directions)[0]
+    basis = np.linalg.qr(residual @ (residual.T @ basis))[0]
+    small_u, singular, vt = np.linalg.svd(basis.T @ residual, full_matrices=False)
+    u = basis @ small_u
+    balance = (rows / cols) ** 0.25  # equal spread of the left and right entries
+    sample = np.arange(0, rows, max(1, rows // _SAMPLE_ROWS))
+    two_eb = 2.0 * eb
+    scale = len(sample) / rows
+    best_bits = estimated_bits(_codes_of(residual[sample], two_eb), np.zeros(len(sample) * cols, np.uint8), 1) / scale
+    best = None
+    for rank in (r for r in RANKS if r <= top):
+        root = np.sqrt(singular[:rank])
+        left = (u[:, :rank] * (root * balance)).T.astype(np.float64)
+        right = (vt[:rank] * (root / balance)[:, None]).astype(np.float64)
+        spread = math.sqrt(float(np.mean(left * left))) + math.sqrt(float(np.mean(right * right)))
+        if not spread > 0:
+            return None
+        step = eb / math.sqrt(rank) / spread
+        while max(np.abs(left).max(), np.abs(right).max()) / step >= _FACTOR_LIMIT:
+            step *= 2.0
+        step = float(f"{step:.6g}")
+        q_left, q_right = np.rint(left / step), np.rint(right / step)
+        offset = ((q_left[:, sample] * step).T @ (q_right * step)).astype(np.float32)
+        codes = _codes_of(residual[sample] - offset, two_eb)
+        factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
+        bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
+                + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
+        if bits < best_bits:
+            best_bits, best = bits, (q_left, q_right, step)
+    return best
+
+
+def _codes_of(residual: np.ndarray, two_eb: float) -> np.ndarray:
+    return np.clip(np.rint(residual.ravel() / two_eb), -_FACTOR_LIMIT, _FACTOR_LIMIT).astype(np.int32)

@@ -1,0 +1,144 @@
+"""The low-rank part of a linear prediction: chosen where a layer's updates are close to low
+rank, exact on both sides, within the bound in every dtype, and refused when tampered with."""
+import numpy as np
+import pytest
+
+import gradzip
+from gradzip.container import join_stream, split_stream
+from gradzip.predict.lowrank import MAX_RANK, eligible, factor_contexts, low_rank_offset
+
+from test_core_roundtrip import run_rounds
+
+
+def _low_rank_rounds(shape, count=5, rank=6, noise=0.05, seed=31, dtype="float32", gz=None):
+    """An FC layer's updates: a persistent part plus, every round, a fresh rank-`rank` part
+    (new outer products of deltas and inputs) and a little full-rank noise."""
+    rng = np.random.default_rng(seed)
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    update = np.zeros((rows, cols))
+    rounds = []
+    for _ in range(count):
+        fresh = rng.normal(size=(rows, rank)) @ rng.normal(size=(rank, cols)) / np.sqrt(rank)
+        update = 0.8 * update + fresh + noise * rng.normal(size=(rows, cols))
+        values = update.reshape(shape).astype(np.float32)
+        if dtype == "bfloat16":
+            values = gz.bfloat16_from_float32(values)
+        elif dtype == "float16":
+            values = values.astype(np.float16)
+        rounds.append({"fc.weight": values})
+    return rounds
+
+
+@pytest.mark.parametrize("eb", [1e-2, 1e-3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(96, 2048), (600, 1000), (64, 16, 8, 8)])
+def test_low_rank_part_is_chosen_for_low_rank_updates_and_round_trips(gz, shape, dtype, eb):
+    """(600, 1000) goes through the sampled choice and rANS segments; (64, 16, 8, 8) is a
+    conv layer viewed as 64 rows of 1024."""
+    rounds = _low_rank_rounds(shape, dtype=dtype, gz=gz)
+    _, _, blobs, decoded = run_rounds(rounds, eb, "rel")  # also checks the two states agree
+    for r, (tensors, out) in enumerate(zip(rounds, decoded)):
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], eb, "rel", f"round {r}")
+    params = [split_stream(b)[1][0][0]["params"] for b in blobs]
+    low_rank = [p for p in params if "rank" in p]
+    assert len(low_rank) >= 3, params  # every round with history
+    assert all(p["predictor"] == "linear" and 1 <= p["rank"] <= MAX_RANK for p in low_rank)
+    assert all(dict(split_stream(b)[1][0][0]["sections"]).get("low_rank", 0) > 0 for b in blobs[1:])
+
+
+def test_low_rank_part_makes_low_rank_updates_smaller():
+    """Against the same stream without it (the factors are on the encoder's side only, so a
+    stream can be rebuilt without them by turning the tensor into a 1-D one of the same size)."""
+    rounds = _low_rank_rounds((96, 2048), count=4)
+    flat = [{"fc.weight": t["fc.weight"].reshape(-1)} for t in rounds]
+    with_rank = sum(len(b) for b in run_rounds(rounds, 1e-3, "rel")[2])
+    without = sum(len(b) for b in run_rounds(flat, 1e-3, "rel")[2])
+    assert with_rank < 0.8 * without, (with_rank, without)
+
+
+def test_full_rank_noise_gets_no_low_rank_part():
+    rng = np.random.default_rng(5)
+    update = rng.normal(size=(128, 1024))
+    rounds = []
+    for _ in range(4):
+        update = 0.9 * update + 0.4 * rng.normal(size=update.shape)
+        rounds.append({"fc.weight": update.astype(np.float32)})
+    blobs = run_rounds(rounds, 1e-3, "rel")[2]
+    assert not any("rank" in split_stream(b)[1][0][0]["params"] for b in blobs)
+
+
+def test_only_large_two_sided_views_are_eligible():
+    assert eligible((256, 4096)) and eligible((64, 32, 5, 5)[:1] + (1024,))
+    assert not eligible((32, 4096))  # too few rows
+    assert not eligible((4096, 32))  # too few columns
+    assert not eligible((200, 200))  # too few elements
+    assert not eligible((1 << 20,))  # no rows at all
+
+
+def test_low_rank_offset_is_the_exact_integer_product():
+    rng = np.random.default_rng(3)
+    rank, rows, cols = 7, 70, 130
+    left = rng.integers(-30000, 30000, size=(rank, rows))
+    right = rng.integers(-30000, 30000, size=(rank, cols))
+    step = 3.7e-6
+    out = np.empty(rows * cols, np.float32)
+    low_rank_offset(left.astype(np.float64), right.astype(np.float64), step, out)
+    exact = (left.T.astype(np.int64) @ right.astype(np.int64)).astype(np.float64) * (step * step)
+    assert np.array_equal(out, exact.astype(np.float32).reshape(-1))
+    contexts = factor_contexts(rank, rows, cols)
+    assert contexts.size == rank * (rows + cols) and contexts.max() == rank - 1
+
+
+def _first_low_rank_round():
+    decompressor = gradzip.Decompressor()
+    compressor = gradzip.Compressor(1e-2)
+    for tensors in _low_rank_rounds((96, 2048)):
+        blob = compressor.compress(tensors)
+        header, records, trailer = split_stream(blob)
+        if "rank" in records[0][0]["params"]:
+            return decompressor, header, records, trailer
+        decompressor.decompress(blob)
+    pytest.fail("no round chose a low-rank part")
+
+
+def _flip_factor_byte(record, payload):
+    start = 0
+    for name, length in record["sections"]:
+        if name == "low_rank":
+            middle = start + length // 2
+            return record, payload[:middle] + bytes([payload[middle] ^ 0x10]) + payload[middle + 1:]
+        start += length
+    raise AssertionError("no low_rank section")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p.__setitem__("rank", 0),
+    lambda p: p.__setitem__("rank", MAX_RANK + 1),
+    lambda p: p.__setitem__("rank", "4"),
+    lambda p: p.__setitem__("rank", True),
+    lambda p: p.__setitem__("rank", p["rank"] + 1),  # well-formed, but not what was coded
+    lambda p: p.__setitem__("rank_step", -p["rank_step"]),
+    lambda p: p.__setitem__("rank_step", 0.0),
+    lambda p: p.__setitem__("rank_step", 1),
+    lambda p: p.__setitem__("rank_step", p["rank_step"] * 1.5),
+    lambda p: p.pop("rank_step"),
+])
+def test_tampered_low_rank_parameters_are_a_corrupt_stream(tamper):
+    decompressor, header, records, trailer = _first_low_rank_round()
+    tamper(records[0][0]["params"])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r, p: (r, p) if r.__setitem__("shape", [96 * 2048]) is None else None,  # a low-rank part needs rows
+    lambda r, p: (r, p) if r.__setitem__("shape", [32, 6144]) is None else None,  # too few rows to be eligible
+    lambda r, p: (r, p) if r.__setitem__("sections", [[("row_scale" if n == "low_rank" else n), l]
+                                                      for n, l in r["sections"]]) is None else None,
+    _flip_factor_byte,
+])
+def test_tampered_low_rank_record_or_factors_are_a_corrupt_stream(tamper):
+    decompressor, header, records, trailer = _first_low_rank_round()
+    records[0] = tamper(*records[0])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
