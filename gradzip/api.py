@@ -332,7 +332,8 @@ def _report(encoded, original, with_errors: bool) -> TensorReport:
 def _variant(params: dict) -> str:
     """The weights, signs and contexts a quantized record's predictor used, for reports."""
     rows = ["rows"] if params.get("weights") == "rows" else []
-    return ",".join(rows + [str(params[key]) for key in ("signs", "contexts") if key in params])
+    rank = [f"rank{params['rank']}"] if "rank" in params else []
+    return ",".join(rows + rank + [str(params[key]) for key in ("signs", "contexts") if key in params])
 
 
 class _CountingWriter:

@@ -389,7 +389,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    if best.predictor == "linear" and config.coder == "rans" and low_rank_eligible(shape):
+    if config.coder == "rans" and low_rank_eligible(shape):
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads)
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
@@ -404,11 +404,13 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
 
 
 def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads) -> _Candidate:
-    """The best linear candidate, or the same recipe with the low-rank part of its residual
-    added to the prediction where that is smaller (the factors' section included)."""
+    """The best candidate, or one with a low-rank part where that is smaller (the factors'
+    section included): added to a linear best's prediction (same recipe, fit and merge), else
+    the whole prediction (predictor `low_rank`, plain or under the residual's scale contexts)."""
     rows = shape[0]
-    residual = (values - best.quantized.prediction.linear_values()).reshape(rows, -1)
-    factors = fit_low_rank(residual.astype(np.float32, copy=False), eb, rans.estimated_bits)
+    linear = best.predictor == "linear"
+    residual = values - best.quantized.prediction.linear_values() if linear else values
+    factors = fit_low_rank(residual.reshape(rows, -1).astype(np.float32, copy=False), eb, rans.estimated_bits)
     del residual
     if factors is None:
         return best
@@ -417,13 +419,25 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     offset = np.empty(values.size, np.float32)
     low_rank_offset(left, right, step, offset)
     factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
-    section = rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads)
-    low_rank = (offset, {"rank": rank, "rank_step": step}, [("low_rank", section)])
-    variant = best.side_params.get("contexts")
-    if best.side_params.get("weights") == "rows":
-        variant = "rows" + (f",{variant}" if variant else "")
-    recipe = ("linear", variant, None if variant and variant.endswith("scale_ema") else 0, None)
-    candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
+    params = {"rank": rank, "rank_step": step}
+    sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads))]
+    if linear:
+        variant = best.side_params.get("contexts")
+        if best.side_params.get("weights") == "rows":
+            variant = "rows" + (f",{variant}" if variant else "")
+        fit = best.side_params.get("fit")
+        recipe = ("linear", variant, best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
+        candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, (offset, params, sections))
+    else:
+        quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
+        candidates = [_Candidate("low_rank", quantized, params, sections, quantized.codes)]
+        magnitudes = np.empty(values.size, np.float32)
+        residual_magnitudes(quantized.codes, 2.0 * eb, magnitudes)
+        scales = _scale_side(magnitudes, shape)
+        if scales is not None:
+            candidates += _scale_candidates(magnitudes, quantized.codes, quantized, scales, eb, _NO_STATE, 0.0, 0.0,
+                                            {**params, "contexts": "scale", "sign_oriented": False}, None,
+                                            predictor="low_rank", extra_sections=sections)
     if not candidates:
         return best
     challenger = min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
@@ -881,6 +895,12 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         if params["signs"] != "kernel" or "contexts" in params:
             raise CorruptStreamError("bad shift signs")
         prediction = _Prediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
+    elif predictor == "low_rank":
+        prediction = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=_decoded_low_rank(params, sections, shape, threads))
+        if "contexts" in params:  # the residual's scales; codes oriented by the offset's sign, not the previous one
+            if params["contexts"] != "scale" or params["sign_oriented"] is not False:
+                raise CorruptStreamError("bad low-rank contexts")
+            contexts, n_contexts, _ = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor == "context":
         contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
     elif predictor != "none":

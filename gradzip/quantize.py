@@ -56,8 +56,9 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     where last is not empty, linear: w_last[row] last + w_second[row] second_last (rows of
     row_length elements), plus offset (float32, the low-rank part) where offset is not
     empty, and the codes are multiplied by the sign of p (-1 where p < 0);
-    else 0 where ema is empty; else the EMA shift signs x |ema std + mean|. recon may be
-    empty: the bound is checked all the same, and dequantize rebuilds the same values later.
+    else the offset alone where it is not empty (codes oriented alike); else 0 where ema is
+    empty; else the EMA shift signs x |ema std + mean|. recon may be empty: the bound is
+    checked all the same, and dequantize rebuilds the same values later.
     """
     two_eb = 2.0 * eb
     n_escaped = 0
@@ -88,6 +89,16 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
                 n_escaped += not ok
                 if keep:
                     recon_row[j] = r if ok else x_row[j]
+        return n_escaped
+    if offset.size > 0:  # low rank alone: the offset, codes oriented by its sign as the linear ones
+        for i in range(values.size):
+            p = np.float64(offset[i])
+            q, r, ok = _code_and_recon(np.float64(values[i]), p, eb, two_eb, recon_type)
+            codes[i] = -q if p < 0.0 else q
+            escaped[i] = not ok
+            n_escaped += not ok
+            if keep:
+                recon[i] = r if ok else values[i]
         return n_escaped
     none = ema.size == 0
     for i in range(values.size):
@@ -122,6 +133,12 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
                     p += np.float64(offset_row[j])
                 q = np.float64(codes_row[j])
                 recon_row[j] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
+        return
+    if offset.size > 0:
+        for i in range(codes.size):
+            p = np.float64(offset[i])
+            q = np.float64(codes[i])
+            recon[i] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
         return
     none = ema.size == 0
     for i in range(codes.size):

@@ -54,13 +54,17 @@ def corpus(gz):
     rng = np.random.default_rng(51)
     conv = rng.normal(size=(8, 16, 3, 3)) * np.sign(rng.normal(size=(8, 16, 1, 1)))
     plain = []
+    low_rank = np.zeros((64, 1024))
     for r in range(3):
+        # lowrank: an FC layer's updates, a few outer products a round (the low-rank part's case)
+        low_rank = 0.7 * low_rank + rng.normal(size=(64, 3)) @ rng.normal(size=(3, 1024)) + 0.05 * rng.normal(size=(64, 1024))
         # kconv: persistent magnitudes, each kernel's sign drawn afresh (the EMA shift's case)
         kernel_signs = np.sign(rng.normal(size=(8, 16, 1, 1)))
         plain.append({"conv": (conv * (1 + 0.1 * r) + 0.05 * rng.normal(size=conv.shape)).astype(np.float32),
                       "kconv": (np.abs(conv) * kernel_signs * (1 + 0.05 * rng.normal(size=conv.shape))).astype(np.float32),
                       "fc": rng.laplace(size=(30, 40)).astype(np.float32), "bias": rng.normal(size=10).astype(np.float32),
-                      "count": np.array(r, np.int64), "mask": rng.random(1500) < 0.5})
+                      "count": np.array(r, np.int64), "mask": rng.random(1500) < 0.5,
+                      "lowrank": low_rank.astype(np.float32)})
     special = []
     for r in range(2):
         half = rng.normal(size=1100).astype(np.float16)
@@ -81,7 +85,7 @@ def corpus(gz):
             coders.add(t.coder)
             predictors.add(t.predictor)
     assert {"huffman", "rans", "zstd"} <= coders, coders
-    assert {"none", "ema", "linear"} <= predictors, predictors
+    assert {"none", "ema", "linear", "low_rank"} <= predictors, predictors
     return streams
 
 

@@ -40,10 +40,10 @@ def test_low_rank_part_is_chosen_for_low_rank_updates_and_round_trips(gz, shape,
     for r, (tensors, out) in enumerate(zip(rounds, decoded)):
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], eb, "rel", f"round {r}")
     params = [split_stream(b)[1][0][0]["params"] for b in blobs]
-    low_rank = [p for p in params if "rank" in p]
-    assert len(low_rank) >= 3, params  # every round with history
-    assert all(p["predictor"] == "linear" and 1 <= p["rank"] <= MAX_RANK for p in low_rank)
-    assert all(dict(split_stream(b)[1][0][0]["sections"]).get("low_rank", 0) > 0 for b in blobs[1:])
+    assert all(1 <= p.get("rank", 0) <= MAX_RANK for p in params), params  # every round
+    assert params[0]["predictor"] == "low_rank"  # no history: the low-rank part is the whole prediction
+    assert all(p["predictor"] == "linear" for p in params[2:]), params  # on top of the linear one
+    assert all(dict(split_stream(b)[1][0][0]["sections"]).get("low_rank", 0) > 0 for b in blobs)
 
 
 def test_low_rank_part_makes_low_rank_updates_smaller():
@@ -89,16 +89,16 @@ def test_low_rank_offset_is_the_exact_integer_product():
     assert contexts.size == rank * (rows + cols) and contexts.max() == rank - 1
 
 
-def _first_low_rank_round():
+def _first_low_rank_round(predictor="linear"):
     decompressor = gradzip.Decompressor()
     compressor = gradzip.Compressor(1e-2)
     for tensors in _low_rank_rounds((96, 2048)):
         blob = compressor.compress(tensors)
         header, records, trailer = split_stream(blob)
-        if "rank" in records[0][0]["params"]:
+        if "rank" in records[0][0]["params"] and records[0][0]["params"]["predictor"] == predictor:
             return decompressor, header, records, trailer
         decompressor.decompress(blob)
-    pytest.fail("no round chose a low-rank part")
+    pytest.fail(f"no round chose a low-rank part with the {predictor} predictor")
 
 
 def _flip_factor_byte(record, payload):
@@ -123,8 +123,9 @@ def _flip_factor_byte(record, payload):
     lambda p: p.__setitem__("rank_step", p["rank_step"] * 1.5),
     lambda p: p.pop("rank_step"),
 ])
-def test_tampered_low_rank_parameters_are_a_corrupt_stream(tamper):
-    decompressor, header, records, trailer = _first_low_rank_round()
+@pytest.mark.parametrize("predictor", ["linear", "low_rank"])
+def test_tampered_low_rank_parameters_are_a_corrupt_stream(tamper, predictor):
+    decompressor, header, records, trailer = _first_low_rank_round(predictor)
     tamper(records[0][0]["params"])
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
@@ -142,3 +143,30 @@ def test_tampered_low_rank_record_or_factors_are_a_corrupt_stream(tamper):
     records[0] = tamper(*records[0])
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p.pop("rank"),  # the offset is the whole prediction: it cannot be missing
+    lambda p: p.__setitem__("contexts", "scale_ema"),  # a low-rank record's contexts are the residual's scales
+    lambda p: p.update(contexts="scale", sign_oriented=True),  # oriented by the offset, not the previous signs
+    lambda p: p.__setitem__("predictor", "context"),  # the same codes without the offset
+])
+def test_tampered_low_rank_alone_is_a_corrupt_stream(tamper):
+    decompressor, header, records, trailer = _first_low_rank_round("low_rank")
+    tamper(records[0][0]["params"])
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("eb", [1e-2, 1e-3])
+def test_low_rank_alone_under_the_residuals_scale_contexts_round_trips(gz, eb):
+    """A first round with rows and columns of very different scales: the offset is the whole
+    prediction, and the codes are coded under the scales of what it leaves."""
+    rng = np.random.default_rng(4)
+    low_rank = rng.normal(size=(128, 4)) @ rng.normal(size=(4, 2048))
+    scales = np.exp(rng.normal(0, 1.5, (128, 1))) * np.exp(rng.normal(0, 1.0, (1, 2048)))
+    tensors = {"fc.weight": (low_rank + 0.05 * rng.normal(size=low_rank.shape) * scales).astype(np.float32)}
+    _, _, blobs, decoded = run_rounds([tensors], eb, "rel")
+    gz.assert_within_bound(tensors["fc.weight"], decoded[0]["fc.weight"], eb, "rel", "fc.weight")
+    params = split_stream(blobs[0])[1][0][0]["params"]
+    assert params["predictor"] == "low_rank" and params["contexts"] == "scale" and params["sign_oriented"] is False

@@ -19,14 +19,14 @@ import math
 import numba
 import numpy as np
 
-MAX_RANK = 32
-RANKS = (2, 4, 8, 16, 24, 32)  # tried in turn by the encoder's estimate
+MAX_RANK = 64
+RANKS = (4, 8, 16, 32, 48, 64)  # tried in turn by the encoder's estimate
 # Both sides of the 2-D view must be at least this long: on the corpus only the large FC
 # layer pays for its factors; conv and transformer layers lose at every rank.
 MIN_SIDE = 64
 MIN_ELEMENTS = 1 << 16
 _FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below the quantizer's radius)
-_SAMPLE_ROWS = 48  # rows of the residual the rank estimate is made on
+_SAMPLE_ROWS = 32  # rows of the residual the rank estimate is made on
 _OVERSAMPLE = 8  # extra random directions of the range finder
 
 
@@ -71,30 +71,34 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     float32) worth sending, or None. The rank is the one whose estimated size (a sample of the
     residual's codes plus the factors) is smallest; the step puts the offset's rounding error
     near eb / 2. estimated_bits(codes, contexts, n_contexts) is the coder's size estimate.
-    The factorization is a randomized range finder with one power iteration: any
-    factorization is valid, since the factors are sent."""
+    The factorization is a randomized range finder with one power iteration, then the
+    eigenvectors of a small Gram matrix: any factorization is valid, since the factors are sent."""
     rows, cols = residual.shape
     top = min(MAX_RANK, rows // 4, cols // 4)
     if top < RANKS[0] or not np.isfinite(residual).all():
         return None
     directions = np.random.default_rng(0).standard_normal((cols, top + _OVERSAMPLE)).astype(np.float32)
     basis = np.linalg.qr(residual @ directions)[0]
-    basis = np.linalg.qr(residual @ (residual.T @ basis))[0]
-    small_u, singular, vt = np.linalg.svd(basis.T @ residual, full_matrices=False)
-    u = basis @ small_u
-    balance = (rows / cols) ** 0.25  # equal spread of the left and right entries
+    basis = np.linalg.qr(residual @ (residual.T @ basis))[0]  # measured: 11% smaller cnn5fc streams; a second: +-1.6%
+    projected = (basis.T @ residual).astype(np.float64)  # (top + oversample) x cols
+    energy, vectors = np.linalg.eigh(projected @ projected.T)
+    energy, vectors = energy[::-1][:top], vectors[:, ::-1][:, :top]
+    if not energy[0] > 0:
+        return None
+    energy = np.maximum(energy, energy[0] * 1e-12)
+    # left = U sqrt(s), right = sqrt(s) V^T with U = basis W, V^T = W^T projected / s; the
+    # balance spreads the left and right entries alike.
+    balance = (rows / cols) ** 0.25
+    left_all = ((basis.astype(np.float64) @ vectors) * (energy ** 0.25 * balance)).T
+    right_all = (vectors.T @ projected) / (energy ** 0.25 * balance)[:, None]
     sample = np.arange(0, rows, max(1, rows // _SAMPLE_ROWS))
     two_eb = 2.0 * eb
     scale = len(sample) / rows
     best_bits = estimated_bits(_codes_of(residual[sample], two_eb), np.zeros(len(sample) * cols, np.uint8), 1) / scale
     best = None
     for rank in (r for r in RANKS if r <= top):
-        root = np.sqrt(singular[:rank])
-        left = (u[:, :rank] * (root * balance)).T.astype(np.float64)
-        right = (vt[:rank] * (root / balance)[:, None]).astype(np.float64)
+        left, right = left_all[:rank], right_all[:rank]
         spread = math.sqrt(float(np.mean(left * left))) + math.sqrt(float(np.mean(right * right)))
-        if not spread > 0:
-            return None
         step = eb / math.sqrt(rank) / spread
         while max(np.abs(left).max(), np.abs(right).max()) / step >= _FACTOR_LIMIT:
             step *= 2.0
