@@ -28,8 +28,8 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               magnitude_contexts, merged_contexts, orient_by_sign, residual_magnitudes, scale_contexts, scale_fit_sums,
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
-                             row_weights_as_floats)
-from .predict.lowrank import MAX_RANK, factor_contexts, fit_low_rank, low_rank_offset
+                             linear_residual, row_weights_as_floats)
+from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, factor_contexts, fit_low_rank, low_rank_offset
 from .predict.lowrank import eligible as low_rank_eligible
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
@@ -297,13 +297,6 @@ class _Prediction:
         return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, w_last, w_second,
                    previous.last.size // w_last.size, offset)
 
-    def linear_values(self) -> np.ndarray:
-        """Encoder only: the linear prediction without the offset, as float32 (close to, not
-        exactly, the kernels' float64 values: for fitting the low-rank part)."""
-        rows = self.w_last.size
-        last, second = self.last.reshape(rows, -1), self.second_last.reshape(rows, -1)
-        return (last * self.w_last.astype(np.float32)[:, None] + second * self.w_second.astype(np.float32)[:, None]).reshape(-1)
-
     def kernel_args(self) -> tuple:
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
                 self.row_length, self.offset)
@@ -383,13 +376,17 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
+    # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
+    # one candidate's arrays); elsewhere the part is tried after the choice, below.
+    low_rank_inside = bool(recipe) and recipe[0] == "linear" and config.coder == "rans" and low_rank_eligible(shape)
     if not recipe or recipe[0] != "none":
-        candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe)
+        candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe,
+                                            _FIT_LOW_RANK if low_rank_inside else None)
     if not candidates:  # the sample's choice is not available on the whole tensor
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    if config.coder == "rans" and low_rank_eligible(shape):
+    if config.coder == "rans" and low_rank_eligible(shape) and not low_rank_inside:
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads)
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
@@ -407,27 +404,18 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     """The best candidate, or one with a low-rank part where that is smaller (the factors'
     section included): added to a linear best's prediction (same recipe, fit and merge), else
     the whole prediction (predictor `low_rank`, plain or under the residual's scale contexts)."""
-    rows = shape[0]
     linear = best.predictor == "linear"
-    residual = values - best.quantized.prediction.linear_values() if linear else values
-    factors = fit_low_rank(residual.reshape(rows, -1).astype(np.float32, copy=False), eb, rans.estimated_bits)
-    del residual
-    if factors is None:
+    low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction if linear else None, threads)
+    if low_rank is None:
         return best
-    left, right, step = factors
-    rank = left.shape[0]
-    offset = np.empty(values.size, np.float32)
-    low_rank_offset(left, right, step, offset)
-    factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
-    params = {"rank": rank, "rank_step": step}
-    sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads))]
+    offset, params, sections = low_rank
     if linear:
         variant = best.side_params.get("contexts")
         if best.side_params.get("weights") == "rows":
             variant = "rows" + (f",{variant}" if variant else "")
         fit = best.side_params.get("fit")
         recipe = ("linear", variant, best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
-        candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, (offset, params, sections))
+        candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
     else:
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
         candidates = [_Candidate("low_rank", quantized, params, sections, quantized.codes)]
@@ -442,6 +430,31 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
         return best
     challenger = min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
     return challenger if challenger.estimated_bytes(config.coder, itemsize) < best.estimated_bytes(config.coder, itemsize) else best
+
+
+_FIT_LOW_RANK = "fit"  # for _linear_candidates: fit a low-rank part to its own residual
+
+
+def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):
+    """(offset, params, sections) of the low-rank part of what the linear prediction (or
+    none) leaves of values, or None where the factors would not pay for themselves."""
+    rows = shape[0]
+    if linear is None:
+        residual = values.astype(np.float32, copy=False)
+    else:
+        residual = np.empty(values.size, np.float32)
+        linear_residual(values, linear.last, linear.second_last, linear.w_last, linear.w_second, linear.row_length, residual)
+    factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits)
+    del residual
+    if factors is None:
+        return None
+    left, right, step = factors
+    rank = left.shape[0]
+    offset = np.empty(values.size, np.float32)
+    low_rank_offset(left, right, step, offset)
+    factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
+    sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads))]
+    return offset, {"rank": rank, "rank_step": step}, sections
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
@@ -490,7 +503,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
     plain codes oriented in place (nothing else uses them then). low_rank: (offset, params,
-    sections) of a low-rank part added to the linear prediction."""
+    sections) of a low-rank part added to the linear prediction, or _FIT_LOW_RANK to fit one."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -580,10 +593,12 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low
             return []
         params, sections = {"weights": [_rounded(fit[0]), _rounded(fit[1])]}, []
         w_last, w_second = np.array(params["weights"][:1]), np.array(params["weights"][1:])
-    offset = _NO_STATE
+    prediction = _Prediction.linear(previous, w_last, w_second)
+    if low_rank == _FIT_LOW_RANK:
+        low_rank = _low_rank_part(values, previous.shape, eb, prediction, 1)
     if low_rank is not None:
-        offset, params, sections = low_rank[0], {**params, **low_rank[1]}, sections + low_rank[2]
-    prediction = _Prediction.linear(previous, w_last, w_second, offset)
+        params, sections = {**params, **low_rank[1]}, sections + low_rank[2]
+        prediction = _Prediction.linear(previous, w_last, w_second, low_rank[0])
     quantized = _quantize(values, dtype, eb, prediction, keep_recon)  # codes oriented by the kernel
     return [_Candidate("linear", quantized, params, sections, quantized.codes)]
 
@@ -935,7 +950,10 @@ def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
         raise CorruptStreamError("bad low-rank step")
     rows = shape[0]
     cols = element_count(shape) // rows
-    codes = rans.decode(sections["low_rank"], factor_contexts(rank, rows, cols), rank, threads).astype(np.float64)
+    codes = rans.decode(sections["low_rank"], factor_contexts(rank, rows, cols), rank, threads)
+    if codes.size and int(np.abs(codes).max()) > FACTOR_LIMIT:
+        raise CorruptStreamError("low-rank factor out of range")  # the offset is exact only below it
+    codes = codes.astype(np.float64)
     offset = np.empty(rows * cols, np.float32)
     low_rank_offset(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step, offset)
     return offset

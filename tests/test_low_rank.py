@@ -170,3 +170,24 @@ def test_low_rank_alone_under_the_residuals_scale_contexts_round_trips(gz, eb):
     gz.assert_within_bound(tensors["fc.weight"], decoded[0]["fc.weight"], eb, "rel", "fc.weight")
     params = split_stream(blobs[0])[1][0][0]["params"]
     assert params["predictor"] == "low_rank" and params["contexts"] == "scale" and params["sign_oriented"] is False
+
+
+def test_factors_beyond_the_exact_range_are_a_corrupt_stream():
+    """A well-formed rANS section whose factors reach 2**15: their products could round, so
+    two machines might disagree; the decoder refuses them rather than trust the sum."""
+    from gradzip.entropy import rans
+    from gradzip.predict.lowrank import FACTOR_LIMIT
+    decompressor, header, records, trailer = _first_low_rank_round()
+    record, payload = records[0]
+    rank, rows, cols = record["params"]["rank"], record["shape"][0], int(np.prod(record["shape"][1:]))
+    factors = np.zeros(rank * (rows + cols), np.int32)
+    factors[5] = FACTOR_LIMIT + 1
+    section = rans.encode(factors, factor_contexts(rank, rows, cols), rank)
+    parts, start = [], 0
+    for name, length in record["sections"]:
+        parts.append((name, section if name == "low_rank" else payload[start:start + length]))
+        start += length
+    record["sections"] = [[name, len(data)] for name, data in parts]
+    records[0] = (record, b"".join(data for _, data in parts))
+    with pytest.raises(gradzip.CorruptStreamError, match="factor out of range"):
+        decompressor.decompress(join_stream(header, records, trailer))

@@ -90,3 +90,16 @@ def _fits(sums, two_rounds, fits):
                 and abs(w_second) <= MAX_LINEAR_WEIGHT and w_last != 0.0):
             fits[row, 0] = w_last
             fits[row, 1] = w_second
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_residual(values, last, second_last, w_last, w_second, row_length, out):
+    """out (float32) = values - the linear prediction, per row of row_length elements (encoder
+    only, for fitting the low-rank part: one pass, no temporaries)."""
+    for row in range(w_last.size):
+        a, b = w_last[row], w_second[row]
+        start = row * row_length
+        end = min(values.size, start + row_length)
+        x_row, last_row, second_row, out_row = values[start:end], last[start:end], second_last[start:end], out[start:end]
+        for j in range(end - start):
+            out_row[j] = np.float32(np.float64(x_row[j]) - (a * np.float64(last_row[j]) + b * np.float64(second_row[j])))

