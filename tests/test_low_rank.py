@@ -25,12 +25,14 @@ def _low_rank_rounds(shape, count=5, rank=6, noise=0.05, seed=31, dtype="float32
             values = gz.bfloat16_from_float32(values)
         elif dtype == "float16":
             values = values.astype(np.float16)
+        elif dtype == "float64":
+            values = update.reshape(shape)
         rounds.append({"fc.weight": values})
     return rounds
 
 
 @pytest.mark.parametrize("eb", [1e-2, 1e-3])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("shape", [(96, 2048), (600, 1000), (64, 16, 8, 8)])
 def test_low_rank_part_is_chosen_for_low_rank_updates_and_round_trips(gz, shape, dtype, eb):
     """(600, 1000) goes through the sampled choice and rANS segments; (64, 16, 8, 8) is a
@@ -191,3 +193,23 @@ def test_factors_beyond_the_exact_range_are_a_corrupt_stream():
     records[0] = (record, b"".join(data for _, data in parts))
     with pytest.raises(gradzip.CorruptStreamError, match="factor out of range"):
         decompressor.decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("case", ["zeros", "nan", "tiny", "huge"])
+def test_eligible_layers_without_a_usable_low_rank_part_round_trip(gz, case):
+    """All-zero updates, a NaN, values near the smallest normal and near the float32 limit:
+    the part is skipped or kept, and the bound holds either way."""
+    rounds = _low_rank_rounds((96, 2048), count=3)
+    for tensors in rounds:
+        w = tensors["fc.weight"]
+        if case == "zeros":
+            w[:] = 0.0
+        elif case == "nan":
+            w[3, 7] = np.nan
+        elif case == "tiny":
+            w *= np.float32(1e-36)
+        else:
+            w *= np.float32(3e37) / np.abs(w).max()
+    _, _, _, decoded = run_rounds(rounds, 1e-3, "rel", allow_repeat=True)  # three rounds of zeros are alike
+    for r, (tensors, out) in enumerate(zip(rounds, decoded)):
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", f"round {r}")
