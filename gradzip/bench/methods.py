@@ -87,6 +87,18 @@ class Method:
 # ---------------------------------------------------------------- gradzip
 
 
+def _blas_threads(threads: int | None):
+    """Hold numpy's BLAS (the low-rank part's matrix products) to `threads`, so a
+    single-threaded figure is one core's (threadpoolctl, from the bench extra; without it
+    the BLAS keeps its own thread count)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 class GradzipSession(Session):
     """One Compressor and one Decompressor across all rounds (gradzip's state spans rounds).
 
@@ -108,14 +120,16 @@ class GradzipSession(Session):
 
     def compress(self, tensors, bounds) -> Packed:
         before = self.compressor.state
-        blob = self.compressor.compress(tensors)
+        with _blas_threads(self._threads):
+            blob = self.compressor.compress(tensors)
         report = self.compressor.last_report
         used = {t.name: (float(t.eb) if t.method == "quantized" else 0.0) for t in report.tensors}
         sizes = {t.name: t.compressed_bytes for t in report.tensors}
         return Packed((blob, report, before, tensors), len(blob), sizes, used)
 
     def decompress(self, packed: Packed):
-        return self.decompressor.decompress(packed.data[0])
+        with _blas_threads(self._threads):
+            return self.decompressor.decompress(packed.data[0])
 
     def snapshot(self):
         # A round replaces the state objects rather than mutating them (gradzip/api.py).
