@@ -22,6 +22,8 @@ names or shapes is counted, which is the cheapest any framework could ship them.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import struct
 from dataclasses import dataclass, field
@@ -91,12 +93,21 @@ def _blas_threads(threads: int | None):
     """Hold numpy's BLAS (the low-rank part's matrix products) to `threads`, so a
     single-threaded figure is one core's (threadpoolctl, from the bench extra; without it
     the BLAS keeps its own thread count)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        import contextlib
+    controller = _blas_controller()
+    if controller is None or threads is None:
         return contextlib.nullcontext()
-    return threadpool_limits(limits=threads, user_api="blas")
+    return controller.limit(limits=threads, user_api="blas")
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One controller for the run: threadpool_limits() rescans the process's libraries on
+    every call, about 1 ms in the bench's process, as long as a small model's decompression."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
 
 
 class GradzipSession(Session):
