@@ -8,7 +8,8 @@ stored losslessly (zstd). Every other tensor is quantized; the encoder tries no 
 magnitude-and-sign prediction (signs from the kernel bitmap), the linear prediction from the
 last two reconstructions (weighted in all or per row), and coding contexts (from the state,
 from this round's row and column scales, or both) and keeps the smallest, so prediction never makes a tensor worse; a
-large tensor makes that choice on a sample. Such tensors carry predictor state, which is
+large tensor makes that choice on a sample. A large layer then tries a low-rank part of what
+the chosen prediction leaves (predict/lowrank.py), kept where it is smaller. Such tensors carry predictor state, which is
 advanced from the reconstruction only, identically in encoder and decoder.
 """
 from __future__ import annotations
@@ -274,10 +275,11 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
 
 @dataclass(frozen=True)
 class _Prediction:
-    """w_last r[t-1] + w_second r[t-2] where `last` is not empty (linear; one weight pair per
-    row of row_length elements), else sign x |M std + mean| (EMA shift), or 0 where ema is
-    empty too (_NO_PREDICTION): the quantizer computes it element by element, so no
-    model-sized prediction buffer exists."""
+    """w_last r[t-1] + w_second r[t-2] (+ offset, where not empty) where `last` is not empty
+    (linear; one weight pair per row of row_length elements), else the offset alone where
+    not empty (low rank), else sign x |M std + mean| (EMA shift), or 0 where ema is empty
+    too (_NO_PREDICTION): the quantizer computes it element by element, so no model-sized
+    prediction buffer exists beyond the low-rank offset."""
 
     ema: np.ndarray
     mean: float
@@ -288,7 +290,7 @@ class _Prediction:
     w_last: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)  # float64, one per row
     w_second: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)
     row_length: int = 1
-    offset: np.ndarray = field(default_factory=lambda: _NO_STATE)  # float32: the low-rank part, added to a linear prediction
+    offset: np.ndarray = field(default_factory=lambda: _NO_STATE)  # float32: the low-rank part (added to a linear prediction, or alone)
 
     @classmethod
     def linear(cls, previous: TensorState, w_last: np.ndarray, w_second: np.ndarray,
@@ -941,7 +943,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
-    """The low-rank offset of a linear record (float32, flat), as the encoder added it."""
+    """The low-rank offset of a `linear` or `low_rank` record (float32, flat), as the encoder built it."""
     rank, step = params["rank"], params["rank_step"]
     if (not low_rank_eligible(shape) or not isinstance(rank, int) or isinstance(rank, bool)
             or not 1 <= rank <= min(MAX_RANK, shape[0], element_count(shape) // shape[0])):

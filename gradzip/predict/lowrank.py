@@ -109,7 +109,9 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         while max(np.abs(left).max(), np.abs(right).max()) / step >= FACTOR_LIMIT:
             step *= 2.0
         step = float(f"{step:.6g}")
-        q_left, q_right = np.rint(left / step), np.rint(right / step)
+        # (the clip only guards the 6-digit rounding of step: a decoder refuses larger factors)
+        q_left = np.clip(np.rint(left / step), -FACTOR_LIMIT, FACTOR_LIMIT)
+        q_right = np.clip(np.rint(right / step), -FACTOR_LIMIT, FACTOR_LIMIT)
         offset = ((q_left[:, sample] * step).T @ (q_right * step)).astype(np.float32)
         codes = _codes_of(residual[sample] - offset, two_eb)
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
