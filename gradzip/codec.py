@@ -388,8 +388,9 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    if config.coder == "rans" and low_rank_eligible(shape) and not low_rank_inside:
-        best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads)
+    if config.coder == "rans" and low_rank_eligible(shape):
+        best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads,
+                              on_linear=not low_rank_inside)
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
@@ -402,25 +403,30 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
 
-def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads) -> _Candidate:
+def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads,
+                   on_linear=True) -> _Candidate:
     """The best candidate, or one with a low-rank part where that is smaller (the factors'
-    section included): added to a linear best's prediction (same recipe, fit and merge), else
-    the whole prediction (predictor `low_rank`, plain or under the residual's scale contexts)."""
-    linear = best.predictor == "linear"
-    low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction if linear else None, threads)
-    if low_rank is None:
-        return best
-    offset, params, sections = low_rank
-    if linear:
-        variant = best.side_params.get("contexts")
-        if best.side_params.get("weights") == "rows":
-            variant = "rows" + (f",{variant}" if variant else "")
-        fit = best.side_params.get("fit")
-        recipe = ("linear", variant, best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
-        candidates = _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
-    else:
+    section included): the part of what a linear best's prediction leaves, added to it (same
+    recipe, fit and merge; unless on_linear is False: already tried), and the part of the
+    values themselves as the whole prediction (predictor `low_rank`, plain or under the
+    residual's scale contexts). The second often wins on a layer with a linear best: the
+    reconstructions the linear prediction is made of carry their quantization noise, which
+    is not low rank."""
+    candidates = []
+    if on_linear and best.predictor == "linear":
+        low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction, threads)
+        if low_rank is not None:
+            variant = best.side_params.get("contexts")
+            if best.side_params.get("weights") == "rows":
+                variant = "rows" + (f",{variant}" if variant else "")
+            fit = best.side_params.get("fit")
+            recipe = ("linear", variant, best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
+            candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
+    low_rank = _low_rank_part(values, shape, eb, None, threads)
+    if low_rank is not None:
+        offset, params, sections = low_rank
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
-        candidates = [_Candidate("low_rank", quantized, params, sections, quantized.codes)]
+        candidates.append(_Candidate("low_rank", quantized, params, sections, quantized.codes))
         magnitudes = np.empty(values.size, np.float32)
         residual_magnitudes(quantized.codes, 2.0 * eb, magnitudes)
         scales = _scale_side(magnitudes, shape)
