@@ -416,11 +416,8 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     if on_linear and best.predictor == "linear":
         low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction, threads)
         if low_rank is not None:
-            variant = best.side_params.get("contexts")
-            if best.side_params.get("weights") == "rows":
-                variant = "rows" + (f",{variant}" if variant else "")
             fit = best.side_params.get("fit")
-            recipe = ("linear", variant, best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
+            recipe = ("linear", _variant(best), best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
             candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
     low_rank = _low_rank_part(values, shape, eb, None, threads)
     if low_rank is not None:
@@ -499,10 +496,16 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     # The sample's tables weigh more than the whole tensor's: scale contexts try every merge
     # again on the whole tensor (with the sample's fit); other large tensors use no merge.
     fit = best.side_params.get("fit")
-    variant = best.side_params.get("contexts", best.side_params.get("signs"))
-    if best.side_params.get("weights") == "rows":
+    return best.predictor, _variant(best), None if fit else 0, tuple(fit) if fit else None
+
+
+def _variant(candidate: _Candidate) -> str | None:
+    """A recipe's variant: the context source or shift signs, prefixed by "rows," for linear
+    weights per row."""
+    variant = candidate.side_params.get("contexts", candidate.side_params.get("signs"))
+    if candidate.side_params.get("weights") == "rows":
         variant = "rows" + (f",{variant}" if variant else "")
-    return best.predictor, variant, None if fit else 0, tuple(fit) if fit else None
+    return variant
 
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None) -> list[_Candidate]:
