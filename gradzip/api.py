@@ -186,15 +186,21 @@ def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
 
 
 class Compressor:
-    """Compresses one client's rounds in order, carrying the predictor state between them."""
+    """Compresses one client's rounds in order, carrying the predictor state between them.
+
+    low_rank=False skips the low-rank part on large layers: faster there (two fits of about
+    35 ms a round on a 1M-element layer), larger streams where it would have applied."""
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
                  coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
                  report_ideal_bits: bool = False, threads: int | None = None,
                  min_lossy_elements: int = MIN_LOSSY_ELEMENTS, exact_small: bool = False,
-                 report_errors: bool = True):
+                 report_errors: bool = True, low_rank: bool = True):
         self.allow_repeat = allow_repeat
+        if not isinstance(low_rank, bool):
+            raise InputError(f"low_rank must be a bool, not {low_rank!r}")
+        self.low_rank = low_rank  # an encoder's choice (speed against ratio): decoding needs no setting
         self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.report_errors = report_errors  # max error and PSNR in last_report: one more pass per tensor
@@ -257,7 +263,8 @@ class Compressor:
 
         def encode(item):
             _, name, array = item
-            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits, self.threads)
+            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits, self.threads,
+                                 self.low_rank)
 
         with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):

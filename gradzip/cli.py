@@ -167,10 +167,12 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 @click.option("--round", "expected_round", type=int, help="Fail unless the state expects this round index next (catches skipped rounds).")
 @click.option("--allow-repeat", is_flag=True, help="Accept an input identical to the previous round.")
 @click.option("--exact-small", is_flag=True, help="Store float tensors of at most 1024 elements exactly (default: within the bound).")
+@click.option("--no-low-rank", "no_low_rank", is_flag=True,
+              help="Do not try a low-rank part on large layers (faster on them; larger streams where it would apply).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "json_path", help="Also write the per-file summary as JSON to this file ('-' for stdout).")
 def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, expected_round, allow_repeat, exact_small,
-             quiet, json_path):
+             no_low_rank, quiet, json_path):
     """Compress one client's rounds, in order, to .grz streams."""
     with user_errors():
         from .api import Compressor
@@ -187,7 +189,7 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
         with locked(state_path):
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
                                     tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path),
-                                    allow_repeat=allow_repeat, exact_small=exact_small)
+                                    allow_repeat=allow_repeat, exact_small=exact_small, low_rank=not no_low_rank)
             if expected_round is not None and expected_round != compressor.state.round:
                 raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
                                f"{expected_round} ({'a round was skipped' if expected_round > compressor.state.round else 'that round was already compressed'})")

@@ -197,11 +197,13 @@ class _Quantized:
 
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
-                  measure_ideal: bool = False, threads: int = 1) -> Encoded:
+                  measure_ideal: bool = False, threads: int = 1, low_rank: bool = True) -> Encoded:
     """Encode one tensor of one round against its previous state.
 
     measure_ideal: also compute the codes' ideal length under the coder's model (for reports).
     threads: for the rANS segments of a large tensor (the bytes do not depend on it).
+    low_rank: whether a large layer may try a low-rank part (an encoder's choice, for speed:
+    decoding needs no setting).
     """
     dtype = dtype_name(array)
     shape = tuple(int(s) for s in array.shape)
@@ -209,7 +211,8 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
         return _lossless(name, array, dtype, shape)
     values = widen(array, dtype)
     eb = absolute_bound(values, config)
-    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads)
+    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
+                                     low_rank and config.coder == "rans" and low_rank_eligible(shape))
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config)
     return encoded
 
@@ -368,7 +371,8 @@ class _MergeEstimates:
         return float(self._bits[merge])
 
 
-def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads=1) -> Encoded:
+def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads=1,
+                           low_rank=False) -> Encoded:
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
     # A large tensor picks its candidate on a sample of its rows, then builds only that one:
@@ -380,15 +384,15 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
-    low_rank_inside = bool(recipe) and recipe[0] == "linear" and config.coder == "rans" and low_rank_eligible(shape)
+    low_rank_inside = low_rank and bool(recipe) and recipe[0] == "linear"
     if not recipe or recipe[0] != "none":
         candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe,
                                             _FIT_LOW_RANK if low_rank_inside else None)
     if not candidates:  # the sample's choice is not available on the whole tensor
-        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads)
+        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads, low_rank)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    if config.coder == "rans" and low_rank_eligible(shape):
+    if low_rank:
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads,
                               on_linear=not low_rank_inside)
     if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:

@@ -213,3 +213,21 @@ def test_eligible_layers_without_a_usable_low_rank_part_round_trip(gz, case):
     _, _, _, decoded = run_rounds(rounds, 1e-3, "rel", allow_repeat=True)  # three rounds of zeros are alike
     for r, (tensors, out) in enumerate(zip(rounds, decoded)):
         gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", f"round {r}")
+
+
+def test_low_rank_can_be_turned_off_and_the_decoder_needs_no_setting(gz, tmp_path):
+    """Compressor(low_rank=False) and `gradzip compress --no-low-rank`: no record carries a
+    low-rank part, the stream is larger, and a default decompressor reads both."""
+    rounds = _low_rank_rounds((96, 2048), count=3)
+    _, _, with_part, _ = run_rounds(rounds, 1e-3, "rel")
+    _, _, without, decoded = run_rounds(rounds, 1e-3, "rel", low_rank=False)
+    assert all("rank" not in split_stream(b)[1][0][0]["params"] for b in without)
+    assert sum(map(len, without)) > sum(map(len, with_part))
+    for tensors, out in zip(rounds, decoded):
+        gz.assert_within_bound(tensors["fc.weight"], out["fc.weight"], 1e-3, "rel", "fc.weight")
+    with pytest.raises(gradzip.InputError):
+        gradzip.Compressor(low_rank="no")
+    path = gz.write_safetensors(tmp_path / "round.safetensors", rounds[0])
+    gz.assert_cli_ok(gz.run("compress", "--no-low-rank", "-q", "-s", tmp_path / "s.gzs", path))
+    blob = (tmp_path / "round.safetensors.grz").read_bytes()
+    assert "rank" not in split_stream(blob)[1][0][0]["params"]
