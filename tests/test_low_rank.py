@@ -231,3 +231,22 @@ def test_low_rank_can_be_turned_off_and_the_decoder_needs_no_setting(gz, tmp_pat
     gz.assert_cli_ok(gz.run("compress", "--no-low-rank", "-q", "-s", tmp_path / "s.gzs", path))
     blob = (tmp_path / "round.safetensors.grz").read_bytes()
     assert "rank" not in split_stream(blob)[1][0][0]["params"]
+
+
+def test_noise_is_screened_out_before_the_rank_search():
+    """A residual whose top component is no higher than noise's (the Marchenko-Pastur edge)
+    gets no part, without a single size estimate; a low-rank one is estimated and fitted."""
+    from gradzip.entropy import rans
+    from gradzip.predict.lowrank import fit_low_rank
+    rng = np.random.default_rng(6)
+    calls = []
+
+    def estimated_bits(codes, contexts, n_contexts):
+        calls.append(codes.size)
+        return rans.estimated_bits(codes, contexts, n_contexts)
+
+    noise = rng.normal(size=(128, 1024)).astype(np.float32)
+    assert fit_low_rank(noise, 1e-3 * float(np.ptp(noise)), estimated_bits) is None and not calls
+    structured = (rng.normal(size=(128, 3)) @ rng.normal(size=(3, 1024)) + 0.01 * noise).astype(np.float32)
+    left, right, step = fit_low_rank(structured, 1e-3 * float(np.ptp(structured)), estimated_bits)
+    assert calls and left.shape[0] >= 3 and right.shape == (left.shape[0], 1024) and step > 0

@@ -29,6 +29,7 @@ MIN_ELEMENTS = 1 << 16
 FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below the quantizer's radius)
 _SAMPLE_ROWS = 32  # rows of the residual the rank estimate is made on
 _OVERSAMPLE = 8  # extra random directions of the range finder
+_NOISE_EDGE_FACTOR = 2.0  # see fit_low_rank
 _OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
 
 
@@ -87,7 +88,12 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         return None
     energy, vectors = np.linalg.eigh(projected @ projected.T)
     energy, vectors = energy[::-1][:top], vectors[:, ::-1][:, :top]
-    if not energy[0] > 0:
+    # Noise of the residual's own energy has its top component near the Marchenko-Pastur
+    # edge, total / (rows cols) x (sqrt(rows) + sqrt(cols))^2; a component pays for its
+    # factors only several times above it (about 7x on a 768 x 3072 layer), so a residual
+    # whose top is below twice the edge is noise to this predictor: skip the rank search.
+    total = float(np.dot(residual.ravel(), residual.ravel()))
+    if not energy[0] > _NOISE_EDGE_FACTOR * total / (rows * cols) * (math.sqrt(rows) + math.sqrt(cols)) ** 2:
         return None
     energy = np.maximum(energy, energy[0] * 1e-12)
     # left = U sqrt(s), right = sqrt(s) V^T with U = basis W, V^T = W^T projected / s; the
