@@ -427,14 +427,9 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     if low_rank is not None:
         offset, params, sections = low_rank
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
-        candidates.append(_Candidate("low_rank", quantized, params, sections, quantized.codes))
-        magnitudes = np.empty(values.size, np.float32)
-        residual_magnitudes(quantized.codes, 2.0 * eb, magnitudes)
-        scales = _scale_side(magnitudes, shape)
-        if scales is not None:
-            candidates += _scale_candidates(magnitudes, quantized.codes, quantized, scales, eb, _NO_STATE, 0.0, 0.0,
-                                            {**params, "contexts": "scale", "sign_oriented": False}, None,
-                                            predictor="low_rank", extra_sections=sections)
+        alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
+        candidates += [alone, *_residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
+                                                          {**params, "contexts": "scale", "sign_oriented": False}, None)]
     if not candidates:
         return best
     challenger = min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
@@ -576,13 +571,22 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
                 # on top of the scale contexts (the 1M-element FC layer). The row and column
                 # scales are the residual's: a row that persists has a small residual however
                 # large its values (3.0-3.4% of the cnn5fc streams at rel 1e-3).
-                residual = np.empty(values.size, np.float32)
-                residual_magnitudes(linear[0].codes, 2.0 * eb, residual)
                 params = {**side, **linear[0].side_params, "sign_oriented": True, "contexts": "scale_ema"}
-                candidates += _scale_candidates(residual, linear[0].codes, linear[0].quantized, _scale_side(residual, shape), eb,
-                                                previous.ema, mean, std, params, recipe, predictor="linear",
-                                                extra_sections=linear[0].side_sections)
+                candidates += _residual_scale_candidates(linear[0], shape, eb, previous.ema, mean, std, params, recipe)
     return candidates
+
+
+def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, params, recipe) -> list[_Candidate]:
+    """Scale-context candidates of a prediction's residual (linear or low rank): the row and
+    column levels and the fit are taken of |q| 2eb rather than |x|, and the prediction's own
+    side sections are sent along. Empty where the shape has no scales."""
+    magnitudes = np.empty(base.codes.size, np.float32)
+    residual_magnitudes(base.codes, 2.0 * eb, magnitudes)
+    scales = _scale_side(magnitudes, shape)
+    if scales is None:
+        return []
+    return _scale_candidates(magnitudes, base.codes, base.quantized, scales, eb, ema, mean, std, params, recipe,
+                             predictor=base.predictor, extra_sections=base.side_sections)
 
 
 def _rows_weighted(shape) -> bool:
