@@ -26,7 +26,7 @@ from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
-                              magnitude_contexts, merged_contexts, orient_by_sign, residual_magnitudes, scale_contexts, scale_fit_sums,
+                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums,
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
                              linear_residual, row_weights_as_floats)
@@ -392,10 +392,12 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads, low_rank)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    plain_checked = plain is not None
+    del candidates, plain  # the losers' arrays go before a low-rank candidate is built
     if low_rank:
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads,
                               on_linear=not low_rank_inside)
-    if plain is None and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
+    if not plain_checked and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
                                                             threads)
@@ -416,24 +418,38 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     residual's scale contexts). The second often wins on a layer with a linear best: the
     reconstructions the linear prediction is made of carry their quantization noise, which
     is not low rank."""
-    candidates = []
+    # One challenger at a time against the best so far, so a loser's arrays (codes, offset,
+    # escape mask: 9 bytes an element) are freed before the next is built.
+    best_bytes = best.estimated_bytes(config.coder, itemsize)
+
+    def smaller(challengers, best):
+        nonlocal best_bytes
+        for challenger in challengers:
+            challenger_bytes = challenger.estimated_bytes(config.coder, itemsize)
+            if challenger_bytes < best_bytes:
+                best, best_bytes = challenger, challenger_bytes
+        return best
+
     if on_linear and best.predictor == "linear":
         low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction, threads)
         if low_rank is not None:
             fit = best.side_params.get("fit")
             recipe = ("linear", _variant(best), best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
-            candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank)
+            best = smaller(_predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank), best)
+            del low_rank
     low_rank = _low_rank_part(values, shape, eb, None, threads)
     if low_rank is not None:
         offset, params, sections = low_rank
+        del low_rank
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
+        del offset
         alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
-        candidates += [alone, *_residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
-                                                          {**params, "contexts": "scale", "sign_oriented": False}, None)]
-    if not candidates:
-        return best
-    challenger = min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    return challenger if challenger.estimated_bytes(config.coder, itemsize) < best.estimated_bytes(config.coder, itemsize) else best
+        best = smaller([alone], best)
+        scaled = _residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
+                                            {**params, "contexts": "scale", "sign_oriented": False}, None)
+        del alone, quantized
+        best = smaller(scaled, best)
+    return best
 
 
 _FIT_LOW_RANK = "fit"  # for _linear_candidates: fit a low-rank part to its own residual
@@ -449,12 +465,13 @@ def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):
         residual = np.empty(values.size, np.float32)
         linear_residual(values, linear.last, linear.second_last, linear.w_last, linear.w_second, linear.row_length, residual)
     factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits)
-    del residual
     if factors is None:
         return None
     left, right, step = factors
     rank = left.shape[0]
-    offset = np.empty(values.size, np.float32)
+    # The offset takes the residual's buffer where that is a scratch copy (4 bytes an element).
+    offset = residual if linear is not None else np.empty(values.size, np.float32)
+    del residual
     low_rank_offset(left, right, step, offset)
     factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
     sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads))]
@@ -580,12 +597,10 @@ def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, para
     """Scale-context candidates of a prediction's residual (linear or low rank): the row and
     column levels and the fit are taken of |q| 2eb rather than |x|, and the prediction's own
     side sections are sent along. Empty where the shape has no scales."""
-    magnitudes = np.empty(base.codes.size, np.float32)
-    residual_magnitudes(base.codes, 2.0 * eb, magnitudes)
-    scales = _scale_side(magnitudes, shape)
+    scales = _scale_side(base.codes, shape, 2.0 * eb)
     if scales is None:
         return []
-    return _scale_candidates(magnitudes, base.codes, base.quantized, scales, eb, ema, mean, std, params, recipe,
+    return _scale_candidates(base.codes, base.codes, base.quantized, scales, eb, ema, mean, std, params, recipe,
                              predictor=base.predictor, extra_sections=base.side_sections)
 
 
@@ -631,7 +646,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         weights = recipe[3]
     else:
         sums = np.zeros(9)
-        scale_fit_sums(values, scales[0], scales[1], eb, ema, mean, std, sums)
+        scale_fit_sums(values, scales[3], scales[0], scales[1], eb, ema, mean, std, sums)
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
     scale_contexts(scales[0], scales[1], eb, ema, mean, std, *weights, contexts)
@@ -658,18 +673,19 @@ def _context_candidates(quantized, codes, contexts, params, side_sections, n, re
     return candidates
 
 
-def _scale_side(values, shape):
-    """(row levels, column levels, their sections) for a tensor of 2 or more dimensions and
-    at least _SCALE_MIN_ELEMENTS elements, else None."""
+def _scale_side(values, shape, unit=1.0):
+    """(row levels, column levels, their sections, unit) for a tensor of 2 or more dimensions
+    and at least _SCALE_MIN_ELEMENTS elements, else None. values and unit: the tensor (1.0) or
+    a prediction's codes (2 eb; see scale_levels)."""
     if len(shape) < 2 or shape[0] * shape[1] == 0 or values.size < _SCALE_MIN_ELEMENTS:
         return None
     rows, cols = shape[0], shape[1]
     row_levels = np.empty(rows, np.int16)
     col_levels = np.empty(cols, np.int16)
-    scale_levels(values, rows, cols, row_levels, col_levels)
+    scale_levels(values, unit, rows, cols, row_levels, col_levels)
     sections = [("row_scale", lossless.compress(row_levels.astype("<i2").tobytes())),
                 ("col_scale", lossless.compress(col_levels.astype("<i2").tobytes()))]
-    return row_levels, col_levels, sections
+    return row_levels, col_levels, sections, unit
 
 
 def _sign_prediction(values, shape, tau, previous_sign):
@@ -972,7 +988,6 @@ def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
     codes = rans.decode(sections["low_rank"], factor_contexts(rank, rows, cols), rank, threads)
     if codes.size and int(np.abs(codes).max()) > FACTOR_LIMIT:
         raise CorruptStreamError("low-rank factor out of range")  # the offset is exact only below it
-    codes = codes.astype(np.float64)
     offset = np.empty(rows * cols, np.float32)
     low_rank_offset(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step, offset)
     return offset

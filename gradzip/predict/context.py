@@ -109,17 +109,11 @@ def quarter_octave_level(x):
 
 
 @numba.njit(cache=True, nogil=True)
-def residual_magnitudes(codes, step, out):
-    """|q| x step as float32: what scale_levels and scale_fit_sums take for a predicted
-    tensor, whose coding contexts should follow the residual, not the value (encoder only)."""
-    for i in range(codes.size):
-        out[i] = np.float32(abs(np.float64(codes[i])) * step)
-
-
-@numba.njit(cache=True, nogil=True)
-def scale_levels(values, rows, cols, row_levels, col_levels):
-    """Quarter-octave levels of each row's and column's mean |x| (finite elements), the
-    columns relative to the whole tensor's mean, so row + column is the element's level."""
+def scale_levels(values, unit, rows, cols, row_levels, col_levels):
+    """Quarter-octave levels of each row's and column's mean |x| unit (finite elements), the
+    columns relative to the whole tensor's mean, so row + column is the element's level.
+    values: the tensor (unit 1.0), or a prediction's codes (unit 2 eb), whose coding
+    contexts should follow the residual, not the value (encoder only)."""
     row_sum = np.zeros(rows)
     col_sum = np.zeros(cols)
     row_count = np.zeros(rows, np.int64)
@@ -131,7 +125,7 @@ def scale_levels(values, rows, cols, row_levels, col_levels):
         for j in range(cols):
             base = (i * cols + j) * inner
             for k in range(inner):
-                v = abs(np.float64(values[np.uint64(base + k)]))  # unsigned: no negative-index check
+                v = abs(np.float64(values[np.uint64(base + k)])) * unit  # unsigned: no negative-index check
                 if math.isfinite(v):
                     row_sum[i] += v
                     col_sum[j] += v
@@ -210,10 +204,11 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
 
 
 @numba.njit(cache=True, nogil=True)
-def scale_fit_sums(values, row_levels, col_levels, eb, ema, mean, std, sums):
-    """Least-squares sums for the level of |x| in steps, T, against S and P (see
+def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums):
+    """Least-squares sums for the level of |x| unit in steps, T, against S and P (see
     scale_contexts), over the elements where all three are defined: sums = n, S, P, T, SS,
-    PP, SP, ST, PT. Encoder only: the weights it yields are sent."""
+    PP, SP, ST, PT. values and unit as for scale_levels. Encoder only: the weights it yields
+    are sent."""
     rows, cols = row_levels.size, col_levels.size
     inner = values.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
@@ -227,7 +222,7 @@ def scale_fit_sums(values, row_levels, col_levels, eb, ema, mean, std, sums):
             base = (i * cols + j) * inner
             for k in range(inner):
                 at = np.uint64(base + k)  # unsigned: no negative-index check
-                t = quarter_octave_level(abs(np.float64(values[at])) * inv_step)
+                t = quarter_octave_level(abs(np.float64(values[at])) * unit * inv_step)
                 if t == ZERO_LEVEL:
                     continue
                 p = 0.0

@@ -43,18 +43,19 @@ def eligible(shape: tuple[int, ...]) -> bool:
 
 def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray) -> None:
     """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see
-    above). left, right: float64 arrays of integers below 2**15 in magnitude (rank x rows,
-    rank x columns), rank <= 64. Every product is below 2**30 and every partial sum below
-    2**36, so a matrix product in float64 is exact in any order, with or without FMA: BLAS
-    gives the same bits on every machine, 4-5x faster than a numba loop. Rows go in blocks,
-    so no rows x columns float64 array is held."""
+    above). left, right: integers below 2**15 in magnitude (rank x rows, rank x columns, any
+    integer or float dtype), rank <= 64. Every product is below 2**30 and every partial sum
+    below 2**36, so a matrix product in float64 is exact in any order, with or without FMA:
+    BLAS gives the same bits on every machine, 4-5x faster than a numba loop. Rows go in
+    blocks, so no rows x columns float64 array is held."""
     rank, rows = left.shape
     cols = right.shape[1]
+    right = right.astype(np.float64, copy=False)
     step_squared = step * step
     block = max(1, _OFFSET_BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, block):
         stop = min(rows, start + block)
-        product = left[:, start:stop].T @ right
+        product = left[:, start:stop].T.astype(np.float64) @ right
         product *= step_squared
         out[start * cols : stop * cols] = product.reshape(-1)
 
@@ -75,7 +76,9 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     eigenvectors of a small Gram matrix: any factorization is valid, since the factors are sent."""
     rows, cols = residual.shape
     top = min(MAX_RANK, rows // 4, cols // 4)
-    if top < RANKS[0] or not np.isfinite(residual).all():
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.dot(residual.ravel(), residual.ravel()))
+    if top < RANKS[0] or not math.isfinite(total):  # also catches any NaN or Inf, with no mask
         return None
     with np.errstate(over="ignore", invalid="ignore"):  # float32 products of values near its limit
         sketch = residual @ _directions(cols, top + _OVERSAMPLE)
@@ -92,7 +95,6 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     # edge, total / (rows cols) x (sqrt(rows) + sqrt(cols))^2; a component pays for its
     # factors only several times above it (about 7x on a 768 x 3072 layer), so a residual
     # whose top is below twice the edge is noise to this predictor: skip the rank search.
-    total = float(np.dot(residual.ravel(), residual.ravel()))
     if not energy[0] > _NOISE_EDGE_FACTOR * total / (rows * cols) * (math.sqrt(rows) + math.sqrt(cols)) ** 2:
         return None
     energy = np.maximum(energy, energy[0] * 1e-12)
@@ -100,7 +102,9 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     # balance spreads the left and right entries alike.
     balance = (rows / cols) ** 0.25
     left_all = ((basis.astype(np.float64) @ vectors) * (energy ** 0.25 * balance)).T
-    right_all = (vectors.T @ projected) / (energy ** 0.25 * balance)[:, None]
+    right_all = vectors.T @ projected
+    del projected
+    right_all /= (energy ** 0.25 * balance)[:, None]
     sample = np.arange(0, rows, max(1, rows // _SAMPLE_ROWS))
     two_eb = 2.0 * eb
     scale = len(sample) / rows
@@ -115,17 +119,23 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         while max(np.abs(left).max(), np.abs(right).max()) / step >= FACTOR_LIMIT:
             step *= 2.0
         step = float(f"{step:.6g}")
-        # (the clip only guards the 6-digit rounding of step: a decoder refuses larger factors)
-        q_left = np.clip(np.rint(left / step), -FACTOR_LIMIT, FACTOR_LIMIT)
-        q_right = np.clip(np.rint(right / step), -FACTOR_LIMIT, FACTOR_LIMIT)
-        offset = ((q_left[:, sample] * step).T @ (q_right * step)).astype(np.float32)
-        codes = _codes_of(residual[sample] - offset, two_eb)
+        q_left = _factor_codes(left, step)
+        q_right = _factor_codes(right, step)
+        offset = np.empty(len(sample) * cols, np.float32)
+        low_rank_offset(q_left[:, sample], q_right, step, offset)
+        codes = _codes_of(residual[sample].ravel() - offset, two_eb)
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
         bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
         if bits < best_bits:
             best_bits, best = bits, (q_left, q_right, step)
     return best
+
+
+def _factor_codes(factor: np.ndarray, step: float) -> np.ndarray:
+    """round(factor / step) as int16 (the clip only guards the 6-digit rounding of step: a
+    decoder refuses larger factors)."""
+    return np.clip(np.rint(factor / step), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int16)
 
 
 @functools.lru_cache(maxsize=4)
