@@ -250,3 +250,20 @@ def test_noise_is_screened_out_before_the_rank_search():
     structured = (rng.normal(size=(128, 3)) @ rng.normal(size=(3, 1024)) + 0.01 * noise).astype(np.float32)
     left, right, step = fit_low_rank(structured, 1e-3 * float(np.ptp(structured)), estimated_bits)
     assert calls and left.shape[0] >= 3 and right.shape == (left.shape[0], 1024) and step > 0
+
+
+@pytest.mark.parametrize("shape", [(512, 4608), (4096, 512), (64, 1024)])
+def test_noise_is_screened_out_before_the_range_finder(monkeypatch, shape):
+    """Full-rank noise (a ResNet conv or transformer layer's residual) costs a row sample's
+    Gram matrix, not the range finder; a rank-3 signal under the same noise still gets a part."""
+    from gradzip.entropy import rans
+    from gradzip.predict import lowrank
+
+    sketches = []
+    real_directions = lowrank._directions
+    monkeypatch.setattr(lowrank, "_directions", lambda cols, count: sketches.append(cols) or real_directions(cols, count))
+    rng = np.random.default_rng(5)
+    noise = rng.normal(size=shape).astype(np.float32)
+    assert lowrank.fit_low_rank(noise, 1e-3 * float(np.ptp(noise)), rans.estimated_bits) is None and not sketches
+    signal = (rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1])) + 0.05 * noise).astype(np.float32)
+    assert lowrank.fit_low_rank(signal, 1e-3 * float(np.ptp(signal)), rans.estimated_bits) is not None and sketches

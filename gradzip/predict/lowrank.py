@@ -30,6 +30,8 @@ FACTOR_LIMIT = (1 << 15) - 2  # factors are coded as quantization codes (below t
 _SAMPLE_ROWS = 32  # rows of the residual the rank estimate is made on
 _OVERSAMPLE = 8  # extra random directions of the range finder
 _NOISE_EDGE_FACTOR = 2.0  # see fit_low_rank
+_SCREEN_ROWS = 64  # rows of the residual the cheap noise screen looks at
+_SCREEN_EDGE_FACTOR = 1.5  # see _looks_like_noise
 _OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
 
 
@@ -78,7 +80,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     top = min(MAX_RANK, rows // 4, cols // 4)
     with np.errstate(over="ignore", invalid="ignore"):
         total = float(np.dot(residual.ravel(), residual.ravel()))
-    if top < RANKS[0] or not math.isfinite(total):  # also catches any NaN or Inf, with no mask
+    if top < RANKS[0] or not math.isfinite(total) or _looks_like_noise(residual):  # (the sum also catches NaN and Inf)
         return None
     with np.errstate(over="ignore", invalid="ignore"):  # float32 products of values near its limit
         sketch = residual @ _directions(cols, top + _OVERSAMPLE)
@@ -95,7 +97,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     # edge, total / (rows cols) x (sqrt(rows) + sqrt(cols))^2; a component pays for its
     # factors only several times above it (about 7x on a 768 x 3072 layer), so a residual
     # whose top is below twice the edge is noise to this predictor: skip the rank search.
-    if not energy[0] > _NOISE_EDGE_FACTOR * total / (rows * cols) * (math.sqrt(rows) + math.sqrt(cols)) ** 2:
+    if not energy[0] > _NOISE_EDGE_FACTOR * _marchenko_pastur_edge(total, rows, cols):
         return None
     energy = np.maximum(energy, energy[0] * 1e-12)
     # left = U sqrt(s), right = sqrt(s) V^T with U = basis W, V^T = W^T projected / s; the
@@ -136,6 +138,26 @@ def _factor_codes(factor: np.ndarray, step: float) -> np.ndarray:
     """round(factor / step) as int16 (the clip only guards the 6-digit rounding of step: a
     decoder refuses larger factors)."""
     return np.clip(np.rint(factor / step), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int16)
+
+
+def _marchenko_pastur_edge(total: float, rows: int, cols: int) -> float:
+    """The top eigenvalue of X X^T that pure noise of X's total energy reaches (rows x cols)."""
+    return total / (rows * cols) * (math.sqrt(rows) + math.sqrt(cols)) ** 2
+
+
+def _looks_like_noise(residual: np.ndarray) -> bool:
+    """A screen before the range finder (a sixth of its cost on a 512 x 4608 layer): the top
+    eigenvalue of about 64 evenly spaced rows' Gram matrix against their noise edge. A row
+    sample keeps a component's share of the energy, but its edge weighs more (about 3x on the
+    256 x 4096 FC layer), so the bar is lower than the full test's: a component that pays
+    (several times the full edge) clears it, noise does not."""
+    rows, cols = residual.shape
+    sample = residual[:: max(1, rows // _SCREEN_ROWS)].astype(np.float64)
+    gram = sample @ sample.T
+    total = float(np.trace(gram))
+    if not (total > 0 and math.isfinite(total)):
+        return True
+    return not np.linalg.eigvalsh(gram)[-1] > _SCREEN_EDGE_FACTOR * _marchenko_pastur_edge(total, sample.shape[0], cols)
 
 
 @functools.lru_cache(maxsize=4)
