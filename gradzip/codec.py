@@ -168,7 +168,7 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
         np.empty_like(previous.last), previous.last)
     update_ema(state.ema, recon, config.beta, state.rounds == 0)
     signs_of(recon, state.sign)
-    with np.errstate(over="ignore"):  # an F64 value beyond float32 is kept as inf: its prediction escapes
+    with np.errstate(over="ignore", invalid="ignore"):  # an F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes
         state.last[:] = recon
     state.rounds += 1
     return state
