@@ -111,12 +111,14 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
     two_eb = 2.0 * eb
     scale = len(sample) / rows
     best_bits = estimated_bits(_codes_of(residual[sample], two_eb), np.zeros(len(sample) * cols, np.uint8), 1) / scale
-    best = None
-    for rank in (r for r in RANKS if r <= top):
+
+    def sized(rank):
+        """(estimated bits, factors) with `rank` components, or None for values near the float
+        limits (no part)."""
         left, right = left_all[:rank], right_all[:rank]
         spread = math.sqrt(float(np.mean(left * left))) + math.sqrt(float(np.mean(right * right)))
         step = eb / math.sqrt(rank) / spread if spread > 0 else 0.0
-        if not (step > 0 and math.isfinite(step)):  # values near the float limits: no part
+        if not (step > 0 and math.isfinite(step)):
             return None
         while max(np.abs(left).max(), np.abs(right).max()) / step >= FACTOR_LIMIT:
             step *= 2.0
@@ -129,9 +131,27 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
         bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
-        if bits < best_bits:
-            best_bits, best = bits, (q_left, q_right, step)
-    return best
+        return bits, (q_left, q_right, step)
+
+    # The estimate falls, then rises with the rank (on all 148 fits of the corpus's FC layer
+    # at rel 1e-2 to 1e-4), so a walk from the middle rank towards the smaller neighbour finds
+    # the smallest in 3-4 estimates instead of 6.
+    ranks = [r for r in RANKS if r <= top]
+    sizes: dict = {}
+
+    def at(i):
+        if i not in sizes:
+            sizes[i] = sized(ranks[i])
+        return sizes[i]
+
+    i = len(ranks) // 2
+    if at(i) is None:
+        return None
+    direction = 1 if i + 1 < len(ranks) and at(i + 1) is not None and at(i + 1)[0] < at(i)[0] else -1
+    while 0 <= i + direction < len(ranks) and at(i + direction) is not None and at(i + direction)[0] < at(i)[0]:
+        i += direction
+    bits, factors = at(i)
+    return factors if bits < best_bits else None
 
 
 def _factor_codes(factor: np.ndarray, step: float) -> np.ndarray:
