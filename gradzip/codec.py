@@ -161,12 +161,12 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     """A new TensorState after this round's reconstruction (recon: flat float32/float64)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
-    # signs_of overwrites every sign, so only the EMA needs the previous values; states are
-    # not modified once built, so the new one shares the old one's last reconstruction.
+    # Every new array is overwritten whole (the EMA from the old one); states are not
+    # modified once built, so the new one shares the old one's last reconstruction.
     state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
-        previous.shape, dtype, previous.rounds, previous.ema.copy(), np.empty_like(previous.sign),
+        previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
         np.empty_like(previous.last), previous.last)
-    update_ema(state.ema, recon, config.beta, state.rounds == 0)
+    update_ema(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema)
     signs_of(recon, state.sign)
     with np.errstate(over="ignore", invalid="ignore"):  # an F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes
         state.last[:] = recon

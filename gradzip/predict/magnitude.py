@@ -79,8 +79,9 @@ def _checked_magnitude_stats(values):
 
 
 @numba.njit(cache=True, nogil=True)
-def update_ema(ema, recon, beta, first_round):
-    """Fold this round's normalized reconstructed magnitudes into ema (float32, in place)."""
+def update_ema(ema, recon, beta, first_round, out):
+    """out (float32) = ema with this round's normalized reconstructed magnitudes folded in
+    (out may be ema itself; a separate out spares the caller a copy of the old EMA)."""
     mean, std = magnitude_stats(recon)
     inv_std = 1.0 / std if std > 0.0 else 0.0
     if not (math.isfinite(mean) and math.isfinite(std)):
@@ -89,6 +90,6 @@ def update_ema(ema, recon, beta, first_round):
         v = np.float64(recon[i])
         z = (abs(v) - mean) * inv_std if math.isfinite(v) else 0.0
         if first_round:
-            ema[i] = np.float32(z)
+            out[i] = np.float32(z)
         else:
-            ema[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
+            out[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
