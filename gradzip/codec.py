@@ -30,7 +30,7 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
                              linear_residual, row_weights_as_floats)
-from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, factor_contexts, fit_low_rank, low_rank_offset
+from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank
 from .predict.lowrank import eligible as low_rank_eligible
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
@@ -278,11 +278,12 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
 
 @dataclass(frozen=True)
 class _Prediction:
-    """w_last r[t-1] + w_second r[t-2] (+ offset, where not empty) where `last` is not empty
-    (linear; one weight pair per row of row_length elements), else the offset alone where
-    not empty (low rank), else sign x |M std + mean| (EMA shift), or 0 where ema is empty
-    too (_NO_PREDICTION): the quantizer computes it element by element, so no model-sized
-    prediction buffer exists beyond the low-rank offset."""
+    """w_last r[t-1] + w_second r[t-2] (+ the low-rank offset, where there is a part) where
+    `last` is not empty (linear; one weight pair per row of row_length elements), else the
+    offset alone where there is a part (low rank), else sign x |M std + mean| (EMA shift),
+    or 0 where ema is empty too (_NO_PREDICTION): the quantizer computes it element by
+    element, so no model-sized prediction buffer exists beyond the offset, which
+    kernel_args builds from the factors for the one call that needs it."""
 
     ema: np.ndarray
     mean: float
@@ -293,18 +294,19 @@ class _Prediction:
     w_last: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)  # float64, one per row
     w_second: np.ndarray = field(default_factory=lambda: _NO_WEIGHTS)
     row_length: int = 1
-    offset: np.ndarray = field(default_factory=lambda: _NO_STATE)  # float32: the low-rank part (added to a linear prediction, or alone)
+    low_rank: Factors | None = None  # the low-rank part (added to a linear prediction, or alone)
 
     @classmethod
     def linear(cls, previous: TensorState, w_last: np.ndarray, w_second: np.ndarray,
-               offset: np.ndarray = _NO_STATE) -> "_Prediction":
+               low_rank: Factors | None = None) -> "_Prediction":
         """One weight pair for the whole tensor (arrays of 1) or one per row of axis 0."""
         return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, w_last, w_second,
-                   previous.last.size // w_last.size, offset)
+                   previous.last.size // w_last.size, low_rank)
 
     def kernel_args(self) -> tuple:
+        offset = self.low_rank.offset() if self.low_rank is not None else _NO_STATE
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
-                self.row_length, self.offset)
+                self.row_length, offset)
 
 
 _NO_SIGNS = np.empty(0, np.int8)
@@ -439,10 +441,8 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
             del low_rank
     low_rank = _low_rank_part(values, shape, eb, None, threads)
     if low_rank is not None:
-        offset, params, sections = low_rank
-        del low_rank
-        quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=offset), keep_recon=False)
-        del offset
+        factors, params, sections = low_rank
+        quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=factors), keep_recon=False)
         alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
         best = smaller([alone], best)
         scaled = _residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
@@ -456,7 +456,7 @@ _FIT_LOW_RANK = "fit"  # for _linear_candidates: fit a low-rank part to its own 
 
 
 def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):
-    """(offset, params, sections) of the low-rank part of what the linear prediction (or
+    """(factors, params, sections) of the low-rank part of what the linear prediction (or
     none) leaves of values, or None where the factors would not pay for themselves."""
     rows = shape[0]
     if linear is None:
@@ -465,17 +465,13 @@ def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):
         residual = np.empty(values.size, np.float32)
         linear_residual(values, linear.last, linear.second_last, linear.w_last, linear.w_second, linear.row_length, residual)
     factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits)
+    del residual
     if factors is None:
         return None
-    left, right, step = factors
-    rank = left.shape[0]
-    # The offset takes the residual's buffer where that is a scratch copy (4 bytes an element).
-    offset = residual if linear is not None else np.empty(values.size, np.float32)
-    del residual
-    low_rank_offset(left, right, step, offset)
-    factor_codes = np.concatenate([left.ravel(), right.ravel()]).astype(np.int32)
-    sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, right.shape[1]), rank, threads))]
-    return offset, {"rank": rank, "rank_step": step}, sections
+    rank, cols = factors.right.shape
+    factor_codes = np.concatenate([factors.left.ravel(), factors.right.ravel()]).astype(np.int32)
+    sections = [("low_rank", rans.encode(factor_codes, factor_contexts(rank, rows, cols), rank, threads))]
+    return factors, {"rank": rank, "rank_step": factors.step}, sections
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
@@ -529,7 +525,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
-    plain codes oriented in place (nothing else uses them then). low_rank: (offset, params,
+    plain codes oriented in place (nothing else uses them then). low_rank: (factors, params,
     sections) of a low-rank part added to the linear prediction, or _FIT_LOW_RANK to fit one."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
@@ -932,8 +928,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
             w_last, w_second = np.array(weights[:1]), np.array(weights[1:])
         else:
             raise CorruptStreamError("bad linear weights")
-        offset = _decoded_low_rank(params, sections, shape, threads) if "rank" in params else _NO_STATE
-        prediction = _Prediction.linear(previous, w_last, w_second, offset)  # dequantize orients the codes back
+        factors = _decoded_low_rank(params, sections, shape, threads) if "rank" in params else None
+        prediction = _Prediction.linear(previous, w_last, w_second, factors)  # dequantize orients the codes back
         if "contexts" in params:  # coded under contexts, as a `context` record's
             contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
             if not oriented:
@@ -946,7 +942,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
             raise CorruptStreamError("bad shift signs")
         prediction = _Prediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
     elif predictor == "low_rank":
-        prediction = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, offset=_decoded_low_rank(params, sections, shape, threads))
+        prediction = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=_decoded_low_rank(params, sections, shape, threads))
         if "contexts" in params:  # the residual's scales; codes oriented by the offset's sign, not the previous one
             if params["contexts"] != "scale" or params["sign_oriented"] is not False:
                 raise CorruptStreamError("bad low-rank contexts")
@@ -975,8 +971,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     return narrow(recon, dtype).reshape(shape)
 
 
-def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
-    """The low-rank offset of a `linear` or `low_rank` record (float32, flat), as the encoder built it."""
+def _decoded_low_rank(params, sections, shape, threads) -> Factors:
+    """The low-rank factors of a `linear` or `low_rank` record, as the encoder sent them."""
     rank, step = params["rank"], params["rank_step"]
     if (not low_rank_eligible(shape) or not isinstance(rank, int) or isinstance(rank, bool)
             or not 1 <= rank <= min(MAX_RANK, shape[0], element_count(shape) // shape[0])):
@@ -988,9 +984,7 @@ def _decoded_low_rank(params, sections, shape, threads) -> np.ndarray:
     codes = rans.decode(sections["low_rank"], factor_contexts(rank, rows, cols), rank, threads)
     if codes.size and int(np.abs(codes).max()) > FACTOR_LIMIT:
         raise CorruptStreamError("low-rank factor out of range")  # the offset is exact only below it
-    offset = np.empty(rows * cols, np.float32)
-    low_rank_offset(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step, offset)
-    return offset
+    return Factors(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step)
 
 
 def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):

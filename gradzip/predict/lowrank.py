@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,6 +65,23 @@ def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.nd
         grid[:, start:stop] = product
 
 
+class Factors(NamedTuple):
+    """A low-rank part as sent: integer factors left (rank x rows) and right (rank x columns)
+    in units of step."""
+
+    left: np.ndarray
+    right: np.ndarray
+    step: float
+
+    def offset(self) -> np.ndarray:
+        """The float32 offset (rows x columns, flat). Built on each call: it takes 4 bytes an
+        element, so a caller holds it only while it quantizes or reconstructs (the encoder's
+        candidates keep their factors, not their offsets)."""
+        out = np.empty(self.left.shape[1] * self.right.shape[1], np.float32)
+        low_rank_offset(self.left, self.right, self.step, out)
+        return out
+
+
 def factor_contexts(rank: int, rows: int, cols: int) -> np.ndarray:
     """The coding context of each factor code: its component (one table per component, whose
     magnitudes fall with its index). Codes are left's rows then right's, component-major."""
@@ -71,8 +89,8 @@ def factor_contexts(rank: int, rows: int, cols: int) -> np.ndarray:
                            np.repeat(np.arange(rank, dtype=np.uint8), cols)])
 
 
-def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """Encoder only: (left, right, step) integer factors of the residual (rows x columns,
+def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> Factors | None:
+    """Encoder only: the integer factors of the residual (rows x columns,
     float32) worth sending, or None. The rank is the one whose estimated size (a sample of the
     residual's codes plus the factors) is smallest; the step puts the offset's rounding error
     near eb / 2. estimated_bits(codes, contexts, n_contexts) is the coder's size estimate.
@@ -133,7 +151,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> tuple[np.nd
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
         bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
-        return bits, (q_left, q_right, step)
+        return bits, Factors(q_left, q_right, step)
 
     # The estimate falls, then rises with the rank (on all 148 fits of the corpus's FC layer
     # at rel 1e-2 to 1e-4), so a walk from the middle rank towards the smaller neighbour finds
