@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import zlib
 from typing import BinaryIO, Iterator
 
@@ -60,10 +61,24 @@ _FRAME_DICT.precompute_compress(level=_FRAME_LEVEL)  # else each stream would re
 
 
 def _frame_compressor() -> zstandard.ZstdCompressor:
-    """A fresh one per stream (about 35 us with the precomputed dictionary): a stream's frames are
-    one zstd stream, and two streams must never share a compression context."""
     return zstandard.ZstdCompressor(level=_FRAME_LEVEL, dict_data=_FRAME_DICT, write_content_size=False,
                                     write_checksum=False, write_dict_id=False)
+
+
+# A stream's frames are one zstd stream, so two streams open at once must never share a
+# compression context. A finished stream hands its context back for the next one on its
+# thread: a fresh context touches 0.6 MiB every stream (a third of a small model's compress
+# memory), a reused one nothing, and its output is the same bytes.
+_idle_frame_compressors = threading.local()
+
+
+def _acquire_frame_compressor() -> zstandard.ZstdCompressor:
+    idle = _idle_frame_compressors.__dict__.setdefault("idle", [])
+    return idle.pop() if idle else _frame_compressor()
+
+
+def _release_frame_compressor(compressor: zstandard.ZstdCompressor) -> None:
+    _idle_frame_compressors.__dict__.setdefault("idle", []).append(compressor)
 
 
 def _frame_decompressor() -> zstandard.ZstdDecompressor:
@@ -107,7 +122,8 @@ class StreamWriter:
 
     def __init__(self, out: BinaryIO):
         self._out = out
-        self._zstd = _frame_compressor().compressobj()
+        self._compressor = _acquire_frame_compressor()
+        self._zstd = self._compressor.compressobj()
 
     def _frame(self, obj: dict, last: bool = False) -> bytes:
         data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
@@ -129,6 +145,8 @@ class StreamWriter:
 
     def end(self, trailer: dict) -> None:
         frame = self._frame({"kind": "end", **trailer}, last=True)
+        # (a writer abandoned before its end keeps its context: it is then simply not reused)
+        _release_frame_compressor(self._compressor)
         self._out.write(frame + struct.pack("<I", _crc(frame)))
 
 
