@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from decimal import ROUND_DOWN, Decimal
+from typing import NamedTuple
 
 import numpy as np
 
@@ -420,8 +421,8 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     residual's scale contexts). The second often wins on a layer with a linear best: the
     reconstructions the linear prediction is made of carry their quantization noise, which
     is not low rank."""
-    # One challenger at a time against the best so far, so a loser's arrays (codes, offset,
-    # escape mask: 9 bytes an element) are freed before the next is built.
+    # One challenger at a time against the best so far, so a loser's arrays (codes, escape
+    # mask, contexts: 6 bytes an element) are freed before the next is built.
     best_bytes = best.estimated_bytes(config.coder, itemsize)
 
     def smaller(challengers, best):
@@ -438,17 +439,14 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
             fit = best.side_params.get("fit")
             recipe = ("linear", _variant(best), best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
             best = smaller(_predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank), best)
-            del low_rank
     low_rank = _low_rank_part(values, shape, eb, None, threads)
     if low_rank is not None:
         factors, params, sections = low_rank
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=factors), keep_recon=False)
         alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
         best = smaller([alone], best)
-        scaled = _residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
-                                            {**params, "contexts": "scale", "sign_oriented": False}, None)
-        del alone, quantized
-        best = smaller(scaled, best)
+        best = smaller(_residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
+                                                  {**params, "contexts": "scale", "sign_oriented": False}, None), best)
     return best
 
 
@@ -642,11 +640,11 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         weights = recipe[3]
     else:
         sums = np.zeros(9)
-        scale_fit_sums(values, scales[3], scales[0], scales[1], eb, ema, mean, std, sums)
+        scale_fit_sums(values, scales.unit, scales.rows, scales.cols, eb, ema, mean, std, sums)
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
-    scale_contexts(scales[0], scales[1], eb, ema, mean, std, *weights, contexts)
-    return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales[2]],
+    scale_contexts(scales.rows, scales.cols, eb, ema, mean, std, *weights, contexts)
+    return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales.sections],
                                values.size, recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
 
 
@@ -669,10 +667,17 @@ def _context_candidates(quantized, codes, contexts, params, side_sections, n, re
     return candidates
 
 
-def _scale_side(values, shape, unit=1.0):
-    """(row levels, column levels, their sections, unit) for a tensor of 2 or more dimensions
-    and at least _SCALE_MIN_ELEMENTS elements, else None. values and unit: the tensor (1.0) or
-    a prediction's codes (2 eb; see scale_levels)."""
+class _Scales(NamedTuple):
+    rows: np.ndarray  # int16 levels
+    cols: np.ndarray
+    sections: list
+    unit: float  # what scale_levels took: 1.0 for the tensor, 2 eb for a prediction's codes
+
+
+def _scale_side(values, shape, unit=1.0) -> "_Scales | None":
+    """The row and column levels and their sections for a tensor of 2 or more dimensions and
+    at least _SCALE_MIN_ELEMENTS elements, else None. values and unit: the tensor (1.0) or a
+    prediction's codes (2 eb; see scale_levels)."""
     if len(shape) < 2 or shape[0] * shape[1] == 0 or values.size < _SCALE_MIN_ELEMENTS:
         return None
     rows, cols = shape[0], shape[1]
@@ -681,7 +686,7 @@ def _scale_side(values, shape, unit=1.0):
     scale_levels(values, unit, rows, cols, row_levels, col_levels)
     sections = [("row_scale", lossless.compress(row_levels.astype("<i2").tobytes())),
                 ("col_scale", lossless.compress(col_levels.astype("<i2").tobytes()))]
-    return row_levels, col_levels, sections, unit
+    return _Scales(row_levels, col_levels, sections, unit)
 
 
 def _sign_prediction(values, shape, tau, previous_sign):

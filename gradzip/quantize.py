@@ -14,7 +14,7 @@ import numpy as np
 
 # Codes live in (-RADIUS, RADIUS); larger residuals are escaped. 2**15 as in SZ3.
 RADIUS = 1 << 15
-_BLOCK = 4096
+_BLOCK = 4096  # elements of a linear row quantized at a time (see quantize)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

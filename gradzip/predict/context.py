@@ -110,7 +110,7 @@ def quarter_octave_level(x):
 
 @numba.njit(cache=True, nogil=True)
 def scale_levels(values, unit, rows, cols, row_levels, col_levels):
-    """Quarter-octave levels of each row's and column's mean |x| unit (finite elements), the
+    """Quarter-octave levels of each row's and column's mean |x| x unit (finite elements), the
     columns relative to the whole tensor's mean, so row + column is the element's level.
     values: the tensor (unit 1.0), or a prediction's codes (unit 2 eb), whose coding
     contexts should follow the residual, not the value. Encoder only (the levels are sent),
@@ -148,7 +148,7 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels):
                 col_count[j + 2] += f2
                 col_count[j + 3] += f3
                 n_row += f0 + f1 + f2 + f3
-            for j in range(grouped, cols):
+            for j in range(grouped, cols):  # the last cols % 4 (the unrolled loop's tail)
                 v = abs(np.float64(block[j])) * unit
                 finite = math.isfinite(v)
                 v = v if finite else 0.0
@@ -245,7 +245,7 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
 
 @numba.njit(cache=True, nogil=True)
 def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums):
-    """Least-squares sums for the level of |x| unit in steps, T, against S and P (see
+    """Least-squares sums for the level of |x| x unit in steps, T, against S and P (see
     scale_contexts), over the elements where all three are defined: sums = n, S, P, T, SS,
     PP, SP, ST, PT. values and unit as for scale_levels. Encoder only: the weights it yields
     are sent."""

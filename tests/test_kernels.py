@@ -1,0 +1,149 @@
+"""Kernels against plain references: the quantizer's blocked rows, the low-rank offset's
+column blocks, the scale levels' partial sums and the out-of-place EMA update."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradzip.codec import CodecConfig, advance_state
+from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_levels
+from gradzip.predict.lowrank import Factors, low_rank_offset
+from gradzip.predict.magnitude import update_ema
+from gradzip.quantize import RADIUS, dequantize, quantize
+from gradzip.state import TensorState
+from gradzip.tensorio import as_bfloat16, dtype_name
+
+_EMPTY32 = np.empty(0, np.float32)
+_NO_SIGNS = np.empty(0, np.int8)
+
+
+def _linear_quantize(values, last, second, w_last, w_second, eb, keep_recon):
+    n = values.size
+    codes, escaped = np.empty(n, np.int32), np.empty(n, np.bool_)
+    recon = np.empty(n if keep_recon else 0, values.dtype)
+    n_escaped = quantize(values, _EMPTY32, 0.0, 0.0, _NO_SIGNS, last, second, w_last, w_second, n // w_last.size,
+                         _EMPTY32, eb, codes, recon, escaped)
+    return codes, recon, escaped, n_escaped
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows,row_length", [(3, 4095), (2, 4096), (3, 4097), (2, 10000), (1, 3 * 4097)])
+def test_blocked_linear_rows_keep_the_bound_and_match_dequantize(dtype, rows, row_length):
+    """Rows go through the quantizer in blocks of 4096: every row length, with or without
+    recon, gives the same codes, escapes the same elements (NaN, Inf, -0.0, far outliers),
+    keeps the bound, and dequantize (not blocked) rebuilds every other element exactly."""
+    rng = np.random.default_rng(row_length)
+    n = rows * row_length
+    last = rng.normal(size=n).astype(np.float32)
+    second = rng.normal(size=n).astype(np.float32)
+    values = (0.7 * last - 0.2 * second + 0.1 * rng.normal(size=n)).astype(dtype)
+    special = rng.choice(n, 40, replace=False)
+    values[special[:8]] = np.nan
+    values[special[8:16]] = np.inf
+    values[special[16:20]] = -np.inf
+    values[special[20:28]] = -0.0
+    values[special[28:]] = 1e6  # residual far beyond RADIUS bins
+    w_last = rng.uniform(0.5, 1.0, rows)
+    w_second = rng.uniform(-0.3, 0.3, rows)
+    eb = 1e-3
+    codes, recon, escaped, n_escaped = _linear_quantize(values, last, second, w_last, w_second, eb, keep_recon=True)
+    codes_again, no_recon, escaped_again, _ = _linear_quantize(values, last, second, w_last, w_second, eb, keep_recon=False)
+    assert no_recon.size == 0 and np.array_equal(codes, codes_again) and np.array_equal(escaped, escaped_again)
+    assert n_escaped == escaped.sum() and escaped[special].all()
+    assert np.all(np.abs(codes) < RADIUS) and np.all(codes[escaped] == 0)
+    kept = ~escaped
+    assert np.all(np.abs(recon[kept].astype(np.float64) - values[kept].astype(np.float64)) <= eb)
+    rebuilt = np.empty(n, dtype)
+    dequantize(codes, _EMPTY32, 0.0, 0.0, _NO_SIGNS, last, second, w_last, w_second, row_length, _EMPTY32, eb, rebuilt)
+    assert np.array_equal(rebuilt[kept], recon[kept])
+
+
+@pytest.mark.parametrize("factor_dtype", [np.int16, np.int32])
+def test_offset_column_blocks_give_the_exact_product(factor_dtype):
+    """4096 rows make blocks of 32 columns: 130 columns are five blocks, the last partial.
+    Every element equals float32(step^2 x the exact integer sum)."""
+    rng = np.random.default_rng(3)
+    rank, rows, cols, step = 48, 4096, 130, 3.7e-4
+    left = rng.integers(-32766, 32767, (rank, rows)).astype(factor_dtype)
+    right = rng.integers(-32766, 32767, (rank, cols)).astype(factor_dtype)
+    exact = left.astype(np.int64).T @ right.astype(np.int64)  # integers below 2^36
+    expected = (exact.astype(np.float64) * (step * step)).astype(np.float32).reshape(-1)
+    out = np.empty(rows * cols, np.float32)
+    low_rank_offset(left, right, step, out)
+    assert np.array_equal(out, expected)
+    assert np.array_equal(Factors(left, right, step).offset(), expected)
+
+
+def _reference_levels(values, unit, rows, cols):
+    """scale_levels by numpy: mean of the finite |x| x unit per row and per column."""
+    magnitudes = np.abs(values.astype(np.float64)).reshape(rows, cols, -1) * unit
+    finite = np.isfinite(magnitudes)
+    magnitudes = np.where(finite, magnitudes, 0.0)
+
+    def level(total, count):
+        return quarter_octave_level(total / count) if count else ZERO_LEVEL
+
+    mean_level = level(magnitudes.sum(), finite.sum())
+    row_levels = [level(magnitudes[i].sum(), finite[i].sum()) for i in range(rows)]
+    col_levels = []
+    for j in range(cols):
+        lv = level(magnitudes[:, j].sum(), finite[:, j].sum())
+        col_levels.append(ZERO_LEVEL if ZERO_LEVEL in (lv, mean_level) else lv - mean_level)
+    return np.array(row_levels), np.array(col_levels)
+
+
+@pytest.mark.parametrize("shape", [(37, 103), (16, 12, 3, 3), (5, 4)])
+def test_scale_levels_match_a_plain_reference(shape):
+    """The row sums run in four partial sums (an unrolled loop plus its tail when cols % 4 is
+    not 0; kernels of 9 elements otherwise): levels as from plain means, NaN and Inf left out,
+    an all-zero row at ZERO_LEVEL; codes with unit 2 eb as their magnitudes with unit 1."""
+    rng = np.random.default_rng(len(shape))
+    rows, cols = shape[0], shape[1]
+    values = (rng.normal(size=shape) * rng.uniform(0.01, 10.0, (rows, 1) + (1,) * (len(shape) - 2))[:, :1]).astype(np.float32)
+    values = values.reshape(-1)
+    values[rng.choice(values.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
+    values.reshape(rows, -1)[1] = 0.0
+    row_levels, col_levels = np.empty(rows, np.int16), np.empty(cols, np.int16)
+    scale_levels(values, 1.0, rows, cols, row_levels, col_levels)
+    expected_rows, expected_cols = _reference_levels(values, 1.0, rows, cols)
+    assert row_levels[1] == ZERO_LEVEL
+    # float sums in another order may cross a level boundary by one; the reference is exact otherwise
+    assert np.abs(row_levels.astype(int) - expected_rows).max() <= 1 and np.mean(row_levels == expected_rows) > 0.9
+    assert np.abs(col_levels.astype(int) - expected_cols).max() <= 1 and np.mean(col_levels == expected_cols) > 0.9
+    codes = rng.integers(-300, 300, values.size).astype(np.int32)
+    two_eb = 0.02
+    from_codes = np.empty(rows, np.int16), np.empty(cols, np.int16)
+    from_magnitudes = np.empty(rows, np.int16), np.empty(cols, np.int16)
+    scale_levels(codes, two_eb, rows, cols, *from_codes)
+    scale_levels(np.abs(codes) * two_eb, 1.0, rows, cols, *from_magnitudes)
+    assert np.array_equal(from_codes[0], from_magnitudes[0]) and np.array_equal(from_codes[1], from_magnitudes[1])
+
+
+def test_the_ema_updates_out_of_place_as_it_did_in_place():
+    rng = np.random.default_rng(9)
+    ema = rng.normal(size=1000).astype(np.float32)
+    recon = rng.normal(size=1000).astype(np.float32)
+    in_place = ema.copy()
+    update_ema(in_place, recon, 0.6, False, in_place)
+    before = ema.copy()
+    out = np.empty_like(ema)
+    update_ema(ema, recon, 0.6, False, out)
+    assert np.array_equal(ema, before) and np.array_equal(out, in_place)
+
+
+def test_advancing_a_state_leaves_the_previous_one_untouched():
+    rng = np.random.default_rng(10)
+    previous = TensorState((20, 50), "F32", 2, rng.normal(size=1000).astype(np.float32),
+                           np.sign(rng.normal(size=1000)).astype(np.int8), rng.normal(size=1000).astype(np.float32),
+                           rng.normal(size=1000).astype(np.float32))
+    copies = [a.copy() for a in (previous.ema, previous.sign, previous.last, previous.second_last)]
+    after = advance_state(previous, (20, 50), "F32", rng.normal(size=1000).astype(np.float32), CodecConfig(1e-3, "abs"))
+    assert all(np.array_equal(a, b) for a, b in zip(copies, (previous.ema, previous.sign, previous.last, previous.second_last)))
+    assert after.rounds == 3 and after.second_last is previous.last and not np.array_equal(after.ema, previous.ema)
+
+
+def test_cached_dtype_names_tell_bfloat16_from_uint16_in_either_order():
+    """dtypes compare and hash without their metadata, so the cache must not map one to the other."""
+    bf16, u16 = as_bfloat16(np.zeros(3, np.uint16)), np.zeros(3, np.uint16)
+    assert [dtype_name(bf16), dtype_name(u16), dtype_name(bf16)] == ["BF16", "U16", "BF16"]
+    assert dtype_name(np.zeros(2, ">f4")) == "F32"
