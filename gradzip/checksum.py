@@ -11,7 +11,10 @@ _P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _P3 = np.uint64(0x165667B19E3779F9)
 _P4 = np.uint64(0x85EBCA77C2B2AE63)
 _P5 = np.uint64(0x27D4EB2F165667C5)
-_SMALL_PART = 1 << 16
+# fingerprint joins parts under _SMALL_PART bytes into chunks of up to _JOINED_CHUNK: an
+# update costs more than copying a small part (a transformer's 44 state arrays: 0.62 -> 0.3 ms)
+_SMALL_PART = 1 << 18
+_JOINED_CHUNK = 1 << 20
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -130,16 +133,20 @@ def xxh64(data, seed: int = 0) -> int:
 
 def fingerprint(parts) -> bytes:
     """8 bytes naming a sequence of byte strings: the XXH64 of their concatenation, little-endian."""
-    stream, small = Xxh64(), []
+    stream, small, small_bytes = Xxh64(), [], 0
     for part in parts:
         raw = _bytes_of(part)
-        if raw.size < _SMALL_PART:  # joined: an update costs more than copying a small part
-            small.append(raw.tobytes())
-            continue
+        if raw.size < _SMALL_PART:
+            small.append(raw)
+            small_bytes += raw.size
+            if small_bytes < _JOINED_CHUNK:
+                continue
+            raw = None
         if small:
             stream.update(b"".join(small))
-            small = []
-        stream.update(raw)
+            small, small_bytes = [], 0
+        if raw is not None:
+            stream.update(raw)
     if small:
         stream.update(b"".join(small))
     return stream.digest().to_bytes(8, "little")
