@@ -14,7 +14,9 @@ advanced from the reconstruction only, identically in encoder and decoder.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from decimal import ROUND_DOWN, Decimal
 from typing import NamedTuple
@@ -212,8 +214,10 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
         return _lossless(name, array, dtype, shape)
     values = widen(array, dtype)
     eb = absolute_bound(values, config)
-    encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
-                                     low_rank and config.coder == "rans" and low_rank_eligible(shape))
+    tries_low_rank = low_rank and config.coder == "rans" and low_rank_eligible(shape) and eb > 0 and math.isfinite(eb)
+    with _values_low_rank_part(values, shape, eb, threads, tries_low_rank) as values_part:
+        encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
+                                         values_part)
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config)
     return encoded
 
@@ -375,7 +379,10 @@ class _MergeEstimates:
 
 
 def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads=1,
-                           low_rank=False) -> Encoded:
+                           values_part=None) -> Encoded:
+    """values_part: None, or a call that gives the values' own low-rank part (see
+    _values_low_rank_part), where the tensor tries one."""
+    low_rank = values_part is not None
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
     # A large tensor picks its candidate on a sample of its rows, then builds only that one:
@@ -392,13 +399,14 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe,
                                             _FIT_LOW_RANK if low_rank_inside else None)
     if not candidates:  # the sample's choice is not available on the whole tensor
-        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads, low_rank)
+        return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
+                                      values_part)
     itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
     plain_checked = plain is not None
     del candidates, plain  # the losers' arrays go before a low-rank candidate is built
     if low_rank:
-        best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads,
+        best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads, values_part,
                               on_linear=not low_rank_inside)
     if not plain_checked and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
@@ -412,7 +420,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
 
-def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads,
+def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads, values_part,
                    on_linear=True) -> _Candidate:
     """The best candidate, or one with a low-rank part where that is smaller (the factors'
     section included): the part of what a linear best's prediction leaves, added to it (same
@@ -439,7 +447,7 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
             fit = best.side_params.get("fit")
             recipe = ("linear", _variant(best), best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
             best = smaller(_predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank), best)
-    low_rank = _low_rank_part(values, shape, eb, None, threads)
+    low_rank = values_part()
     if low_rank is not None:
         factors, params, sections = low_rank
         quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=factors), keep_recon=False)
@@ -451,6 +459,23 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
 
 
 _FIT_LOW_RANK = "fit"  # for _linear_candidates: fit a low-rank part to its own residual
+
+
+@contextlib.contextmanager
+def _values_low_rank_part(values, shape, eb, threads, wanted):
+    """Yields None where the tensor tries no low-rank part, else a call that returns the
+    values' own part (_low_rank_part with no linear prediction). With more than one thread
+    that fit runs in the background from the start, beside the choice of the best candidate,
+    which it does not depend on; the block waits for it on leaving, however it leaves."""
+    if not wanted:
+        yield None
+        return
+    if threads <= 1:
+        yield lambda: _low_rank_part(values, shape, eb, None, threads)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_low_rank_part, values, shape, eb, None, 1)
+        yield future.result
 
 
 def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):

@@ -267,3 +267,15 @@ def test_noise_is_screened_out_before_the_range_finder(monkeypatch, shape):
     assert lowrank.fit_low_rank(noise, 1e-3 * float(np.ptp(noise)), rans.estimated_bits) is None and not sketches
     signal = (rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1])) + 0.05 * noise).astype(np.float32)
     assert lowrank.fit_low_rank(signal, 1e-3 * float(np.ptp(signal)), rans.estimated_bits) is not None and sketches
+
+
+def test_the_background_fit_on_more_threads_gives_the_same_bytes_and_states():
+    """With more than one thread the values' own low-rank fit runs beside the choice of the
+    best candidate: the streams and states must be those of one thread, round after round."""
+    rounds = _low_rank_rounds((600, 1000))
+    one, many = gradzip.Compressor(1e-3, "rel", threads=1), gradzip.Compressor(1e-3, "rel", threads=4)
+    for tensors in rounds:
+        blob = one.compress(tensors)
+        assert many.compress(tensors) == blob
+        assert any("rank" in record["params"] for record, _ in split_stream(blob)[1] if "params" in record)
+    assert many.state.digest() == one.state.digest()
