@@ -279,3 +279,27 @@ def test_the_background_fit_on_more_threads_gives_the_same_bytes_and_states():
         assert many.compress(tensors) == blob
         assert any("rank" in record["params"] for record, _ in split_stream(blob)[1] if "params" in record)
     assert many.state.digest() == one.state.digest()
+
+
+@pytest.mark.parametrize("true_rank", [2, 12, 40])
+def test_the_rank_walk_finds_what_trying_every_rank_finds(monkeypatch, true_rank):
+    """The walk from the middle rank stops where the estimate stops falling; on low-rank
+    residuals (whose estimate falls, then rises) it must pick the rank an exhaustive search
+    over RANKS picks, each rank's size taken from a fit allowed only that rank."""
+    from gradzip.entropy import rans
+    from gradzip.predict import lowrank
+
+    rng = np.random.default_rng(true_rank)
+    rows, cols = 256, 2048
+    residual = (rng.normal(size=(rows, true_rank)) @ rng.normal(size=(true_rank, cols))
+                + 0.05 * rng.normal(size=(rows, cols))).astype(np.float32)
+    eb = 1e-3 * float(np.ptp(residual))
+    scale = len(range(0, rows, max(1, rows // lowrank._SAMPLE_ROWS))) / rows
+    walked = lowrank.fit_low_rank(residual, eb, rans.estimated_bits)
+    sizes = {}
+    for rank in lowrank.RANKS:
+        calls = []
+        monkeypatch.setattr(lowrank, "RANKS", (rank,))
+        lowrank.fit_low_rank(residual, eb, lambda *args: calls.append(rans.estimated_bits(*args)) or calls[-1])
+        sizes[rank] = calls[1] / scale + calls[2]  # (calls[0] is the no-part size) sampled codes + factors
+    assert walked is not None and walked.left.shape[0] == min(sizes, key=sizes.get)
