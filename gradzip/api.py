@@ -188,8 +188,8 @@ def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
 class Compressor:
     """Compresses one client's rounds in order, carrying the predictor state between them.
 
-    low_rank=False skips the low-rank part on large layers: faster there (two fits of about
-    35 ms a round on a 1M-element layer), larger streams where it would have applied."""
+    low_rank=False skips the low-rank part on large layers: faster there (two fits of 25-35 ms
+    a round on a 1M-element layer), larger streams where it would have applied."""
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,

@@ -23,7 +23,7 @@ def _reconstruct(p, two_eb, q):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _linear_at(w_last, w_second, last_value, second_value):
+def linear_at(w_last, w_second, last_value, second_value):
     # Scalars only: the one spelling of the linear prediction, shared by both kernels.
     return w_last * np.float64(last_value) + w_second * np.float64(second_value)
 
@@ -68,7 +68,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     recon_type = recon.dtype.type
     # The loops are spelled out per kind of prediction: with the choice of prediction or the
     # element's work (arrays and all) in a helper function, numba 0.68 made them up to 20x
-    # slower; the scalar _linear_at costs nothing.
+    # slower; the scalar linear_at costs nothing.
     # Rows are taken as slices: indexing from a computed start costs numba's negative-index
     # checks, which kept the loop from vectorizing (4x slower). And in blocks of _BLOCK
     # elements: a row of 2^21 elements without recon ran 5-7x slower than the same elements
@@ -85,7 +85,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
             recon_row = recon[start:end] if keep else recon
             offset_row = offset[start:end] if with_offset else offset
             for j in range(end - start):
-                p = _linear_at(a, b, last_row[j], second_row[j])
+                p = linear_at(a, b, last_row[j], second_row[j])
                 if with_offset:
                     p += np.float64(offset_row[j])
                 q, r, ok = _code_and_recon(np.float64(x_row[j]), p, eb, two_eb, recon_type)
@@ -133,7 +133,7 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
             last_row, second_row = last[start:end], second_last[start:end]
             offset_row = offset[start:end] if with_offset else offset
             for j in range(end - start):
-                p = _linear_at(a, b, last_row[j], second_row[j])
+                p = linear_at(a, b, last_row[j], second_row[j])
                 if with_offset:
                     p += np.float64(offset_row[j])
                 q = np.float64(codes_row[j])

@@ -15,6 +15,8 @@ import math
 import numba
 import numpy as np
 
+from ..quantize import linear_at  # the one spelling of the prediction
+
 # Fitted weights beyond this are not sent (the fit is then degenerate, not informative).
 MAX_LINEAR_WEIGHT = 4.0
 # Per-row weights are sent as int16 in units of 2**-ROW_WEIGHT_FRACTION_BITS: far finer than
@@ -102,4 +104,4 @@ def linear_residual(values, last, second_last, w_last, w_second, row_length, out
         end = min(values.size, start + row_length)
         x_row, last_row, second_row, out_row = values[start:end], last[start:end], second_last[start:end], out[start:end]
         for j in range(end - start):
-            out_row[j] = np.float32(np.float64(x_row[j]) - (a * np.float64(last_row[j]) + b * np.float64(second_row[j])))
+            out_row[j] = np.float32(np.float64(x_row[j]) - linear_at(a, b, last_row[j], second_row[j]))

@@ -133,7 +133,8 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> Factors | N
     sample = np.arange(0, rows, max(1, rows // _SAMPLE_ROWS))
     two_eb = 2.0 * eb
     scale = len(sample) / rows
-    best_bits = estimated_bits(_codes_of(residual[sample], two_eb), np.zeros(len(sample) * cols, np.uint8), 1) / scale
+    sampled = residual[sample].ravel()  # (a copy: taken once, not per rank)
+    best_bits = estimated_bits(_codes_of(sampled, two_eb), np.zeros(sampled.size, np.uint8), 1) / scale
 
     def sized(rank):
         """(estimated bits, factors) with `rank` components, or None for values near the float
@@ -148,9 +149,9 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> Factors | N
         step = float(f"{step:.6g}")
         q_left = _factor_codes(left, step)
         q_right = _factor_codes(right, step)
-        offset = np.empty(len(sample) * cols, np.float32)
+        offset = np.empty(sampled.size, np.float32)
         low_rank_offset(q_left[:, sample], q_right, step, offset)
-        codes = _codes_of(residual[sample].ravel() - offset, two_eb)
+        codes = _codes_of(sampled - offset, two_eb)
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
         bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
