@@ -97,14 +97,18 @@ def _bytes_of(data) -> np.ndarray:
     return np.frombuffer(data, np.uint8)
 
 
+def _initial_lanes(seed: int) -> np.ndarray:
+    p1, p2, mask = int(_P1), int(_P2), (1 << 64) - 1
+    return np.array([(seed + p1 + p2) & mask, (seed + p2) & mask, seed & mask, (seed - p1) & mask], np.uint64)
+
+
 class Xxh64:
     """Streaming XXH64: update() with consecutive pieces, then digest() is the XXH64 of their
     concatenation."""
 
     def __init__(self, seed: int = 0):
         self.seed = np.uint64(seed)
-        p1, p2, mask = int(_P1), int(_P2), (1 << 64) - 1
-        self.lanes = np.array([(seed + p1 + p2) & mask, (seed + p2) & mask, seed & mask, (seed - p1) & mask], np.uint64)
+        self.lanes = _initial_lanes(seed)
         self.pending = np.empty(0, np.uint8)  # under 32 bytes not yet folded in
         self.length = 0
 
@@ -127,9 +131,17 @@ class Xxh64:
         return int(_finish(self.lanes, self.seed, self.length, self.pending))
 
 
+@numba.njit(cache=True, nogil=True)
+def _xxh64_whole(raw, seed, lanes):
+    """XXH64 of raw (uint8) in one call: a tensor's reconstruction is hashed every round,
+    where the streaming class's Python steps cost more than the hashing."""
+    _stripes(lanes, raw)
+    return _finish(lanes, seed, raw.size, raw[raw.size - raw.size % 32:])
+
+
 def xxh64(data, seed: int = 0) -> int:
     """XXH64 of a bytes-like object or a numpy array's bytes."""
-    return Xxh64(seed).update(data).digest()
+    return int(_xxh64_whole(_bytes_of(data), np.uint64(seed), _initial_lanes(seed)))
 
 
 def fingerprint(parts) -> bytes:

@@ -35,8 +35,9 @@ from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_
                              linear_residual, row_weights_as_floats)
 from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank
 from .predict.lowrank import eligible as low_rank_eligible
-from .predict.magnitude import DEFAULT_BETA, magnitude_stats, update_ema
-from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs, signs_of
+from .predict.history import fold_round
+from .predict.magnitude import DEFAULT_BETA, magnitude_stats
+from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
 from .quantize import RADIUS, dequantize, finite_range, quantize
 from .state import TensorState
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
@@ -169,10 +170,9 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
         previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
         np.empty_like(previous.last), previous.last)
-    update_ema(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema)
-    signs_of(recon, state.sign)
-    with np.errstate(over="ignore", invalid="ignore"):  # an F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes
-        state.last[:] = recon
+    # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
+    fold_round(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema,
+               state.sign, state.last)
     state.rounds += 1
     return state
 

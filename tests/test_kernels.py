@@ -8,7 +8,9 @@ import pytest
 from gradzip.codec import CodecConfig, advance_state
 from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_levels
 from gradzip.predict.lowrank import Factors, low_rank_offset
+from gradzip.predict.history import fold_round
 from gradzip.predict.magnitude import update_ema
+from gradzip.predict.sign import signs_of
 from gradzip.quantize import RADIUS, dequantize, quantize
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
@@ -129,6 +131,25 @@ def test_the_ema_updates_out_of_place_as_it_did_in_place():
     out = np.empty_like(ema)
     update_ema(ema, recon, 0.6, False, out)
     assert np.array_equal(ema, before) and np.array_equal(out, in_place)
+
+
+def test_folding_a_round_in_matches_the_ema_signs_and_cast_done_apart():
+    """fold_round is update_ema, signs_of and the float32 cast in one pass; an F64 value beyond
+    float32 becomes inf and NaN stays NaN, as numpy's cast does."""
+    rng = np.random.default_rng(11)
+    ema = rng.normal(size=1001).astype(np.float32)
+    recon = rng.normal(size=1001)
+    recon[[3, 4, 5, 6]] = [1e300, -1e300, np.nan, 0.0]
+    for first_round in (True, False):
+        expected_ema, expected_sign = np.empty_like(ema), np.empty(recon.size, np.int8)
+        update_ema(ema, recon, 0.6, first_round, expected_ema)
+        signs_of(recon, expected_sign)
+        with np.errstate(over="ignore"):
+            expected_last = recon.astype(np.float32)
+        got = np.empty_like(ema), np.empty(recon.size, np.int8), np.empty_like(ema)
+        fold_round(ema, recon, 0.6, first_round, *got)
+        for a, b in zip(got, (expected_ema, expected_sign, expected_last)):
+            assert a.tobytes() == b.tobytes()
 
 
 def test_advancing_a_state_leaves_the_previous_one_untouched():

@@ -78,18 +78,31 @@ def _checked_magnitude_stats(values):
     return mean, math.sqrt(spread / count)
 
 
-@numba.njit(cache=True, nogil=True)
-def update_ema(ema, recon, beta, first_round, out):
-    """out (float32) = ema with this round's normalized reconstructed magnitudes folded in
-    (out may be ema itself; a separate out spares the caller a copy of the old EMA)."""
+@numba.njit(cache=True, nogil=True, inline="always")
+def ema_normalization(recon):
+    """(mean, 1 / std) that turn a reconstructed magnitude into z (both 0 where the
+    statistics overflowed, values near the float max: then z = 0)."""
     mean, std = magnitude_stats(recon)
     inv_std = 1.0 / std if std > 0.0 else 0.0
     if not (math.isfinite(mean) and math.isfinite(std)):
-        mean, inv_std = 0.0, 0.0  # overflowed statistics (values near the float max): z = 0
+        return 0.0, 0.0
+    return mean, inv_std
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def ema_step(old, value, mean, inv_std, beta, first_round):
+    """The EMA element after folding in one reconstructed value (float32)."""
+    v = np.float64(value)
+    z = (abs(v) - mean) * inv_std if math.isfinite(v) else 0.0
+    if first_round:
+        return np.float32(z)
+    return np.float32((1.0 - beta) * np.float64(old) + beta * z)
+
+
+@numba.njit(cache=True, nogil=True)
+def update_ema(ema, recon, beta, first_round, out):
+    """out (float32) = ema with this round's normalized reconstructed magnitudes folded in
+    (out may be ema itself). The codec folds a round in with predict.history.fold_round."""
+    mean, inv_std = ema_normalization(recon)
     for i in range(recon.size):
-        v = np.float64(recon[i])
-        z = (abs(v) - mean) * inv_std if math.isfinite(v) else 0.0
-        if first_round:
-            out[i] = np.float32(z)
-        else:
-            out[i] = np.float32((1.0 - beta) * np.float64(ema[i]) + beta * z)
+        out[i] = ema_step(ema[i], recon[i], mean, inv_std, beta, first_round)

@@ -24,12 +24,17 @@ def kernel_size(shape: tuple[int, ...]) -> int:
     return 0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def sign_of(value):
+    """-1, 0 or +1 (NaN counts as 0)."""
+    return 1 if value > 0 else (-1 if value < 0 else 0)
+
+
 @numba.njit(cache=True, nogil=True)
 def signs_of(values, out):
-    """Sign of each element as int8 (-1, 0, +1); NaN counts as 0."""
+    """Sign of each element as int8 (see sign_of)."""
     for i in range(values.size):
-        v = values[i]
-        out[i] = 1 if v > 0 else (-1 if v < 0 else 0)
+        out[i] = sign_of(values[i])
 
 
 @numba.njit(cache=True, nogil=True)
