@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -30,6 +31,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +181,7 @@ class CharTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: type
+    build: Callable[[], nn.Module]
     dataset: str  # "digits" or "text"
     optimizer: str  # "sgd" (momentum 0.9) or "adamw"
     lr: float
@@ -191,6 +193,10 @@ MODELS = {
     "cnn5fc": ModelSpec(Cnn5Fc, dataset="digits", optimizer="sgd", lr=0.05),
     "transformer": ModelSpec(CharTransformer, dataset="text", optimizer="adamw", lr=3e-3,
                              weight_decay=0.01),
+    # Not in the bench suite: a model with layers of 262K-1M elements (3.2M parameters), to
+    # see how gradzip and SZ3 compare where per-tensor overhead no longer counts.
+    "transformer-wide": ModelSpec(functools.partial(CharTransformer, d_model=256, num_layers=4, num_heads=8),
+                                  dataset="text", optimizer="adamw", lr=1e-3, weight_decay=0.01),
 }
 
 
