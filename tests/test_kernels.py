@@ -1,14 +1,15 @@
 """Kernels against plain references: the quantizer's blocked rows, the low-rank offset's
-column blocks, the scale levels' partial sums and the out-of-place EMA update."""
+column blocks, the scale levels' partial sums, the scale fit's branch-free sums, the
+out-of-place EMA update and the one-pass state update."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from gradzip.codec import CodecConfig, advance_state
-from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_levels
-from gradzip.predict.lowrank import Factors, low_rank_offset
+from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_fit_sums, scale_levels
 from gradzip.predict.history import fold_round
+from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import update_ema
 from gradzip.predict.sign import signs_of
 from gradzip.quantize import RADIUS, dequantize, quantize
@@ -131,6 +132,38 @@ def test_the_ema_updates_out_of_place_as_it_did_in_place():
     out = np.empty_like(ema)
     update_ema(ema, recon, 0.6, False, out)
     assert np.array_equal(ema, before) and np.array_equal(out, in_place)
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (6, 5, 3, 3)])
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_scale_fit_sums_match_an_element_by_element_reference(shape, with_ema):
+    """The kernel's branch-free loops add an undefined level with weight 0: the sums must be
+    those of skipping it (zero and non-finite values, zero rows and columns, inf EMA)."""
+    rng = np.random.default_rng(12)
+    values = rng.laplace(0, 1e-3, int(np.prod(shape))).astype(np.float32)
+    values[::17], values[3], values[8] = 0.0, np.nan, np.inf
+    ema = rng.normal(size=values.size).astype(np.float32) if with_ema else np.empty(0, np.float32)
+    if with_ema:
+        ema[::23] = np.inf
+    rows, cols = shape[0], shape[1]
+    row_levels = rng.integers(-40, 10, rows).astype(np.int16)
+    col_levels = rng.integers(-8, 8, cols).astype(np.int16)
+    row_levels[2], col_levels[1] = ZERO_LEVEL, ZERO_LEVEL
+    eb, mean, std, unit = 1e-4, 1e-3, 5e-4, 1.0
+    got = np.zeros(9)
+    scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, got)
+    expected = [0] * 9
+    step_level, inv_step, inner = quarter_octave_level(2.0 * eb), 1.0 / (2.0 * eb), values.size // (rows * cols)
+    for k in range(values.size):
+        i, j = k // (cols * inner), (k // inner) % cols
+        t = quarter_octave_level(abs(float(values[k])) * unit * inv_step)
+        p = quarter_octave_level(abs(float(ema[k]) * std + mean) * inv_step) if with_ema else 0
+        if ZERO_LEVEL in (row_levels[i], col_levels[j], t, p):
+            continue
+        s = int(row_levels[i]) + int(col_levels[j]) - step_level
+        for slot, term in enumerate((1, s, p, t, s * s, p * p, s * p, s * t, p * t)):
+            expected[slot] += term
+    assert expected[0] > 0 and got.tolist() == [float(v) for v in expected]
 
 
 def test_folding_a_round_in_matches_the_ema_signs_and_cast_done_apart():

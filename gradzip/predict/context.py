@@ -282,23 +282,23 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
                 st += s * t
                 pt += p * t
             continue
+        # Conv layers: the same sums, a column's kernel positions at a time (one S each).
         for j in range(cols):
             if col_levels[j] == ZERO_LEVEL:
                 continue
-            s = row_part + np.int64(col_levels[j])
-            for k in range(j * inner, (j + 1) * inner):  # (an undefined level weighs 0)
+            for k in range(j * inner, (j + 1) * inner):
+                s = row_part + np.int64(col_levels[j])
                 t = quarter_octave_level(abs(np.float64(block[k])) * unit * inv_step)
-                p = np.int64(0)
-                if with_prediction:
-                    p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, k) * inv_step)
+                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, k) * inv_step) if with_prediction else np.int64(0)
                 used = np.int64((t != ZERO_LEVEL) & (p != ZERO_LEVEL))
+                s *= used
                 t *= used
                 p *= used
                 n += used
-                s_sum += s * used
+                s_sum += s
                 p_sum += p
                 t_sum += t
-                ss += s * s * used
+                ss += s * s
                 pp += p * p
                 sp += s * p
                 st += s * t
