@@ -21,6 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gradzip.blas import one_blas_thread
+
+one_blas_thread()  # before anything loads numpy
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data"
 CORPUS = REPO / "benchmarks" / "corpus"

@@ -10,9 +10,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import click
-from rich.console import Console
-from rich.table import Table
+from .blas import one_blas_thread
+
+one_blas_thread()  # before anything loads numpy
+
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
 
 # Wide enough for the summary tables when stderr is a log file rather than a terminal.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,17 @@ def test_determinism_across_processes(gz, sample_rounds, tmp_path):
     assert outputs[0].keys() == outputs[1].keys()
     for name in outputs[0]:
         assert outputs[0][name] == outputs[1][name], f"{name} differs between runs"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
+def test_the_command_asks_for_one_openblas_thread_before_numpy_loads(preset, expected):
+    """OpenBLAS's idle workers spin on the cores gradzip's threads use (gradzip/blas.py), and
+    OpenBLAS reads its thread count when numpy loads: the command sets it first, unless the
+    user did."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    probe = ("import sys; import gradzip; loaded_early = 'numpy' in sys.modules; import gradzip.cli, os, numpy; "
+             "print(loaded_early, os.environ['OPENBLAS_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", expected]

@@ -94,7 +94,9 @@ def _blas_threads():
     (threadpoolctl, from the bench extra; without it the BLAS keeps its own thread count):
     a single-threaded figure is then one core's, and with gradzip's own threads the BLAS
     does not fight them (on cnn5fc 2 threads ran at 1.28x of one with a one-thread BLAS and
-    0.98x with a two-thread one: OpenBLAS's waiting threads spin on the cores gradzip uses)."""
+    0.98x with a two-thread one: OpenBLAS's waiting threads spin on the cores gradzip uses).
+    `gradzip bench` and benchmarks/run.py already start OpenBLAS with one thread
+    (gradzip/blas.py); this covers a bench run from other code."""
     controller = _blas_controller()
     if controller is None:
         return contextlib.nullcontext()
