@@ -493,7 +493,7 @@ def test_huge_float16_values_raise_no_numpy_warnings(gz, eb):
 @pytest.mark.parametrize("shape", [(600, 500), (4, 70000), (300000,), (40, 64, 11, 11)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_tensors_choose_on_a_sample_and_stay_within_bound(gz, shape, dtype):
-    """Above 2**16 elements the encoder picks its candidate on a sample of rows, columns or
+    """Above 2**17 elements the encoder picks its candidate on a sample of rows, columns or
     elements, then builds only that one: the bound and the state must hold as everywhere."""
     from gradzip.codec import _SAMPLED_ABOVE
 

@@ -243,6 +243,14 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
                 contexts[at] = _fitted_bucket(term, predicted, w_ema)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _with_fit_terms(acc, s, t, p, used):
+    """acc (n, S, P, T, SS, PP, SP, ST, PT) with one element's terms added, times used (0 or 1)."""
+    n, s_sum, p_sum, t_sum, ss, pp, sp, st, pt = acc
+    s, t, p = s * used, t * used, p * used
+    return (n + used, s_sum + s, p_sum + p, t_sum + t, ss + s * s, pp + p * p, sp + s * p, st + s * t, pt + p * t)
+
+
 @numba.njit(cache=True, nogil=True)
 def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums):
     """Least-squares sums for the level of |x| x unit in steps, T, against S and P (see
@@ -255,7 +263,8 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
     step_level = quarter_octave_level(2.0 * eb)
     inv_step = 1.0 / (2.0 * eb)
     with_prediction = ema.size > 0
-    n = s_sum = p_sum = t_sum = ss = pp = sp = st = pt = np.int64(0)
+    zero = np.int64(0)
+    acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
     span = cols * inner
     for i in range(rows):
         if row_levels[i] == ZERO_LEVEL:
@@ -263,55 +272,23 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
         row_part = np.int64(row_levels[i]) - step_level
         block = values[i * span : (i + 1) * span]  # slices indexed from 0: no negative-index checks
         ema_block = ema[i * span : (i + 1) * span] if with_prediction else ema
-        if inner == 1:  # linear layers: one flat loop over the row, branch-free, vectorizes (3.4x)
+        if inner == 1:  # linear layers: one flat loop over the row, which vectorizes (3.4x)
             for j in range(cols):
-                s = row_part + np.int64(col_levels[j])
                 t = quarter_octave_level(abs(np.float64(block[j])) * unit * inv_step)
-                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, j) * inv_step) if with_prediction else np.int64(0)
+                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, j) * inv_step) if with_prediction else zero
                 used = np.int64((col_levels[j] != ZERO_LEVEL) & (t != ZERO_LEVEL) & (p != ZERO_LEVEL))
-                s *= used
-                t *= used
-                p *= used
-                n += used
-                s_sum += s
-                p_sum += p
-                t_sum += t
-                ss += s * s
-                pp += p * p
-                sp += s * p
-                st += s * t
-                pt += p * t
+                acc = _with_fit_terms(acc, row_part + np.int64(col_levels[j]), t, p, used)
             continue
-        # Conv layers: the same sums, a column's kernel positions at a time (one S each).
-        for j in range(cols):
+        for j in range(cols):  # conv layers: a column's kernel positions share its S
             if col_levels[j] == ZERO_LEVEL:
                 continue
+            s = row_part + np.int64(col_levels[j])
             for k in range(j * inner, (j + 1) * inner):
-                s = row_part + np.int64(col_levels[j])
                 t = quarter_octave_level(abs(np.float64(block[k])) * unit * inv_step)
-                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, k) * inv_step) if with_prediction else np.int64(0)
-                used = np.int64((t != ZERO_LEVEL) & (p != ZERO_LEVEL))
-                s *= used
-                t *= used
-                p *= used
-                n += used
-                s_sum += s
-                p_sum += p
-                t_sum += t
-                ss += s * s
-                pp += p * p
-                sp += s * p
-                st += s * t
-                pt += p * t
-    sums[0] += n
-    sums[1] += s_sum
-    sums[2] += p_sum
-    sums[3] += t_sum
-    sums[4] += ss
-    sums[5] += pp
-    sums[6] += sp
-    sums[7] += st
-    sums[8] += pt
+                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, k) * inv_step) if with_prediction else zero
+                acc = _with_fit_terms(acc, s, t, p, np.int64((t != ZERO_LEVEL) & (p != ZERO_LEVEL)))
+    for slot in range(9):
+        sums[slot] += acc[slot]
 
 
 def fitted_weights(sums: np.ndarray, with_prediction: bool) -> tuple[int, int, int]:
