@@ -5,8 +5,8 @@ inside its own threads. With more than one OpenBLAS thread, OpenBLAS's idle work
 the other cores: a single-threaded compress of a 3.2M-parameter transformer round used 1.8 s
 of CPU in 0.9 s, and two gradzip threads then ran slower than one (1.8 s against 0.9 s);
 with one OpenBLAS thread the CPU time equals the wall time (0.74 s) and two threads take
-0.63-0.72 s. threadpoolctl's runtime limit did not stop the spinning; OpenBLAS reads its
-thread count when numpy loads, so a process sets it before that.
+0.63-0.72 s. OpenBLAS reads this thread count when numpy loads, so a process sets it before
+that (threadpoolctl can lower it later, once numpy is loaded, which the bench also does).
 """
 from __future__ import annotations
 
