@@ -31,8 +31,8 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import sklearn
@@ -193,8 +193,8 @@ MODELS = {
     "cnn5fc": ModelSpec(Cnn5Fc, dataset="digits", optimizer="sgd", lr=0.05),
     "transformer": ModelSpec(CharTransformer, dataset="text", optimizer="adamw", lr=3e-3,
                              weight_decay=0.01),
-    # Not in the bench suite: a model with layers of 262K-1M elements (3.2M parameters), to
-    # see how gradzip and SZ3 compare where per-tensor overhead no longer counts.
+    # Not in the bench suite: 3.2M parameters in layers of 65K-262K elements, to see how
+    # gradzip and SZ3 compare where per-tensor overhead no longer counts.
     "transformer-wide": ModelSpec(functools.partial(CharTransformer, d_model=256, num_layers=4, num_heads=8),
                                   dataset="text", optimizer="adamw", lr=1e-3, weight_decay=0.01),
 }

@@ -10,8 +10,7 @@ from gradzip.codec import CodecConfig, advance_state
 from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_fit_sums, scale_levels
 from gradzip.predict.history import fold_round
 from gradzip.predict.lowrank import Factors, low_rank_offset
-from gradzip.predict.magnitude import update_ema
-from gradzip.predict.sign import signs_of
+from gradzip.predict.magnitude import magnitude_stats
 from gradzip.quantize import RADIUS, dequantize, quantize
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
@@ -122,18 +121,6 @@ def test_scale_levels_match_a_plain_reference(shape):
     assert np.array_equal(from_codes[0], from_magnitudes[0]) and np.array_equal(from_codes[1], from_magnitudes[1])
 
 
-def test_the_ema_updates_out_of_place_as_it_did_in_place():
-    rng = np.random.default_rng(9)
-    ema = rng.normal(size=1000).astype(np.float32)
-    recon = rng.normal(size=1000).astype(np.float32)
-    in_place = ema.copy()
-    update_ema(in_place, recon, 0.6, False, in_place)
-    before = ema.copy()
-    out = np.empty_like(ema)
-    update_ema(ema, recon, 0.6, False, out)
-    assert np.array_equal(ema, before) and np.array_equal(out, in_place)
-
-
 @pytest.mark.parametrize("shape", [(12, 40), (6, 5, 3, 3)])
 @pytest.mark.parametrize("with_ema", [True, False])
 def test_scale_fit_sums_match_an_element_by_element_reference(shape, with_ema):
@@ -166,23 +153,44 @@ def test_scale_fit_sums_match_an_element_by_element_reference(shape, with_ema):
     assert expected[0] > 0 and got.tolist() == [float(v) for v in expected]
 
 
-def test_folding_a_round_in_matches_the_ema_signs_and_cast_done_apart():
-    """fold_round is update_ema, signs_of and the float32 cast in one pass; an F64 value beyond
-    float32 becomes inf and NaN stays NaN, as numpy's cast does."""
+def test_folding_a_round_in_place_gives_what_it_gives_out_of_place():
+    rng = np.random.default_rng(9)
+    ema = rng.normal(size=1000).astype(np.float32)
+    recon = rng.normal(size=1000).astype(np.float32)
+    in_place = ema.copy()
+    fold_round(in_place, recon, 0.6, False, in_place, np.empty(1000, np.int8), np.empty(1000, np.float32))
+    before = ema.copy()
+    out = np.empty_like(ema)
+    fold_round(ema, recon, 0.6, False, out, np.empty(1000, np.int8), np.empty(1000, np.float32))
+    assert np.array_equal(ema, before) and np.array_equal(out, in_place)
+
+
+@pytest.mark.parametrize("first_round", [True, False])
+def test_folding_a_round_in_matches_a_numpy_reference(first_round):
+    """The EMA of normalized magnitudes (non-finite values count as z = 0, and all count as 0
+    where the statistics overflow), the signs (NaN as 0) and the float32 cast (an F64 value
+    beyond float32 becomes inf, NaN stays NaN), in one pass, bit for bit against the formulas
+    spelled out in numpy."""
     rng = np.random.default_rng(11)
     ema = rng.normal(size=1001).astype(np.float32)
     recon = rng.normal(size=1001)
-    recon[[3, 4, 5, 6]] = [1e300, -1e300, np.nan, 0.0]
-    for first_round in (True, False):
-        expected_ema, expected_sign = np.empty_like(ema), np.empty(recon.size, np.int8)
-        update_ema(ema, recon, 0.6, first_round, expected_ema)
-        signs_of(recon, expected_sign)
-        with np.errstate(over="ignore"):
-            expected_last = recon.astype(np.float32)
-        got = np.empty_like(ema), np.empty(recon.size, np.int8), np.empty_like(ema)
-        fold_round(ema, recon, 0.6, first_round, *got)
-        for a, b in zip(got, (expected_ema, expected_sign, expected_last)):
-            assert a.tobytes() == b.tobytes()
+    recon[[3, 4, 5, 6, 7]] = [1e300, -1e300, np.nan, 0.0, -0.0]
+    if not first_round:
+        recon[[3, 4]] = [1e39, -1e39]  # beyond float32, but statistics that do not overflow
+    mean, std = magnitude_stats(recon)
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        mean, inv_std = 0.0, 0.0
+    else:
+        inv_std = 1.0 / std if std > 0 else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.where(np.isfinite(recon), (np.abs(recon) - mean) * inv_std, 0.0)
+        expected_ema = (z if first_round else (1.0 - 0.6) * ema.astype(np.float64) + 0.6 * z).astype(np.float32)
+        expected_last = recon.astype(np.float32)
+    expected_sign = np.where(recon > 0, 1, np.where(recon < 0, -1, 0)).astype(np.int8)
+    got = np.empty_like(ema), np.empty(recon.size, np.int8), np.empty_like(ema)
+    fold_round(ema, recon, 0.6, first_round, *got)
+    for a, b in zip(got, (expected_ema, expected_sign, expected_last)):
+        assert a.tobytes() == b.tobytes()
 
 
 def test_advancing_a_state_leaves_the_previous_one_untouched():

@@ -97,12 +97,3 @@ def ema_step(old, value, mean, inv_std, beta, first_round):
     if first_round:
         return np.float32(z)
     return np.float32((1.0 - beta) * np.float64(old) + beta * z)
-
-
-@numba.njit(cache=True, nogil=True)
-def update_ema(ema, recon, beta, first_round, out):
-    """out (float32) = ema with this round's normalized reconstructed magnitudes folded in
-    (out may be ema itself). The codec folds a round in with predict.history.fold_round."""
-    mean, inv_std = ema_normalization(recon)
-    for i in range(recon.size):
-        out[i] = ema_step(ema[i], recon[i], mean, inv_std, beta, first_round)

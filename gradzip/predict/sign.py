@@ -31,13 +31,6 @@ def sign_of(value):
 
 
 @numba.njit(cache=True, nogil=True)
-def signs_of(values, out):
-    """Sign of each element as int8 (see sign_of)."""
-    for i in range(values.size):
-        out[i] = sign_of(values[i])
-
-
-@numba.njit(cache=True, nogil=True)
 def kernel_consistency(values, size, tau, predictable, kernel_sign):
     """Per kernel of `size` consecutive elements: is it sign-consistent, and which sign."""
     n_kernels = values.size // size
