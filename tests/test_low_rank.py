@@ -303,3 +303,22 @@ def test_the_rank_walk_finds_what_trying_every_rank_finds(monkeypatch, true_rank
         lowrank.fit_low_rank(residual, eb, lambda *args: calls.append(rans.estimated_bits(*args)) or calls[-1])
         sizes[rank] = calls[1] / scale + calls[2]  # (calls[0] is the no-part size) sampled codes + factors
     assert walked is not None and walked.left.shape[0] == min(sizes, key=sizes.get)
+
+
+@pytest.mark.parametrize("rows", [256, 1024])
+def test_the_sketch_basis_is_orthonormal_and_spans_the_sketch(rows):
+    """A tall sketch takes the Gram-matrix route, a squat one numpy's QR: either way an
+    orthonormal basis of the same columns; a rank-deficient tall sketch falls back to the QR."""
+    from gradzip.predict.lowrank import _GRAM_BASIS_ROWS_PER_COLUMN, _orthonormal
+
+    rng = np.random.default_rng(14)
+    sketch = (rng.standard_normal((rows, 72)) * np.logspace(0, -2, 72)).astype(np.float32)
+    assert (rows >= _GRAM_BASIS_ROWS_PER_COLUMN * 72) == (rows == 1024)
+    basis = _orthonormal(sketch).astype(np.float64)
+    assert basis.shape == (rows, 72)
+    assert np.abs(basis.T @ basis - np.eye(72)).max() < 1e-4
+    assert np.abs(sketch - basis @ (basis.T @ sketch)).max() < 1e-4 * np.abs(sketch).max()
+    deficient = sketch.copy()
+    deficient[:, 1] = deficient[:, 0]  # singular Gram matrix
+    basis = _orthonormal(deficient).astype(np.float64)
+    assert np.isfinite(basis).all() and np.allclose(basis, np.linalg.qr(deficient)[0].astype(np.float64))

@@ -34,6 +34,8 @@ _NOISE_EDGE_FACTOR = 2.0  # see fit_low_rank
 _SCREEN_ROWS = 64  # rows of the residual the cheap noise screen looks at
 _SCREEN_EDGE_FACTOR = 1.5  # see _looks_like_noise
 _OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
+_GRAM_BASIS_ROWS_PER_COLUMN = 8  # see _orthonormal
+_GRAM_BASIS_MIN_CONDITION = 1e-10  # smallest / largest eigenvalue of the sketch's Gram matrix
 
 
 def eligible(shape: tuple[int, ...]) -> bool:
@@ -109,8 +111,8 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> Factors | N
         sketch = residual @ _directions(cols, top + _OVERSAMPLE)
         if not np.isfinite(sketch).all():
             return None
-        basis = np.linalg.qr(sketch)[0]
-        basis = np.linalg.qr(residual @ (residual.T @ basis))[0]  # measured: 11% smaller cnn5fc streams; a second: +-1.6%
+        basis = _orthonormal(sketch)
+        basis = _orthonormal(residual @ (residual.T @ basis))  # measured: 11% smaller cnn5fc streams; a second: +-1.6%
         projected = (basis.T @ residual).astype(np.float64)  # (top + oversample) x cols
     if not np.isfinite(projected).all():
         return None
@@ -176,6 +178,23 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits) -> Factors | N
         i += direction
     bits, factors = at(i)
     return factors if bits < best_bits else None
+
+
+def _orthonormal(sketch: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (float32) of a tall sketch's columns: Y V diag(1/sqrt w) from the
+    eigenvectors V and eigenvalues w of Y^T Y (float64) where the sketch has at least
+    _GRAM_BASIS_ROWS_PER_COLUMN rows a column, 2.7-5.3x faster than numpy's Householder QR on
+    640-3072 x 72 (one BLAS thread); else the QR, which kept cnn5fc's 256 x 72 sketches (where
+    the two measured alike) and so the corpus's streams. The Gram route's error grows with
+    the sketch's condition number squared, so one whose Gram matrix is near singular takes
+    the QR too. Any basis of the span serves: the factors are sent."""
+    rows, cols = sketch.shape
+    if rows >= _GRAM_BASIS_ROWS_PER_COLUMN * cols:
+        wide = sketch.astype(np.float64)
+        energy, vectors = np.linalg.eigh(wide.T @ wide)
+        if energy[0] > energy[-1] * _GRAM_BASIS_MIN_CONDITION:
+            return (wide @ (vectors / np.sqrt(energy))).astype(np.float32)
+    return np.linalg.qr(sketch)[0]
 
 
 def _factor_codes(factor: np.ndarray, step: float) -> np.ndarray:
