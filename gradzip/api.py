@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from . import __version__
-from .codec import MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
+from .codec import DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
 from .container import StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
@@ -189,18 +189,25 @@ class Compressor:
     """Compresses one client's rounds in order, carrying the predictor state between them.
 
     low_rank=False skips the low-rank part on large layers: faster there (two fits of 25-35 ms
-    a round on a 1M-element layer), larger streams where it would have applied."""
+    a round on a 1M-element layer), larger streams where it would have applied.
+    search_every: every tensor tries every candidate on its first two rounds with history and
+    every search_every-th round after them; in between it rebuilds the last round's recipe (refitted),
+    which compresses faster for slightly larger streams (1: search every round)."""
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, beta: float = DEFAULT_BETA,
                  tau: float = DEFAULT_TAU, magnitude_prediction: bool = True, sign_prediction: bool = True,
                  coder: str = "rans", state: PredictorState | None = None, allow_repeat: bool = False,
                  report_ideal_bits: bool = False, threads: int | None = None,
                  min_lossy_elements: int = MIN_LOSSY_ELEMENTS, exact_small: bool = False,
-                 report_errors: bool = True, low_rank: bool = True):
+                 report_errors: bool = True, low_rank: bool = True, search_every: int = DEFAULT_SEARCH_EVERY):
         self.allow_repeat = allow_repeat
         if not isinstance(low_rank, bool):
             raise InputError(f"low_rank must be a bool, not {low_rank!r}")
-        self.low_rank = low_rank  # an encoder's choice (speed against ratio): decoding needs no setting
+        if not isinstance(search_every, int) or isinstance(search_every, bool) or search_every < 1:
+            raise InputError(f"search_every must be an integer >= 1, not {search_every!r}")
+        # encoder's choices (speed against ratio): decoding needs no setting
+        self.low_rank = low_rank
+        self.search_every = search_every
         self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.report_errors = report_errors  # max error and PSNR in last_report: one more pass per tensor
@@ -264,7 +271,7 @@ class Compressor:
         def encode(item):
             _, name, array = item
             return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits, self.threads,
-                                 self.low_rank)
+                                 self.low_rank, self.search_every)
 
         with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):

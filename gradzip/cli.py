@@ -173,10 +173,13 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 @click.option("--exact-small", is_flag=True, help="Store float tensors of at most 1024 elements exactly (default: within the bound).")
 @click.option("--no-low-rank", "no_low_rank", is_flag=True,
               help="Do not try a low-rank part on large layers (faster on them; larger streams where it would apply).")
+@click.option("--search-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Try every candidate encoding every N rounds and rebuild the last round's choice in between "
+                   "(default 4; 1: search every round, the smallest streams, slower).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "json_path", help="Also write the per-file summary as JSON to this file ('-' for stdout).")
 def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, expected_round, allow_repeat, exact_small,
-             no_low_rank, quiet, json_path):
+             no_low_rank, search_every, quiet, json_path):
     """Compress one client's rounds, in order, to .grz streams."""
     with user_errors():
         from .api import Compressor
@@ -193,7 +196,8 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
         with locked(state_path):
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
                                     tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path),
-                                    allow_repeat=allow_repeat, exact_small=exact_small, low_rank=not no_low_rank)
+                                    allow_repeat=allow_repeat, exact_small=exact_small, low_rank=not no_low_rank,
+                                    **({} if search_every is None else {"search_every": search_every}))
             if expected_round is not None and expected_round != compressor.state.round:
                 raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
                                f"{expected_round} ({'a round was skipped' if expected_round > compressor.state.round else 'that round was already compressed'})")

@@ -1,8 +1,10 @@
 """Predictor state: what the encoder and decoder carry from one round to the next.
 
 Per tensor: its shape and dtype, how many rounds it has been seen, the EMA of normalized
-magnitudes (float32), the sign of the last reconstruction (int8), and the last two
-reconstructions (float32; zeros before the tensor has that many rounds). The state is updated
+magnitudes (float32), the sign of the last reconstruction (int8), the last two
+reconstructions (float32; zeros before the tensor has that many rounds), and the recipe its
+last record chose (which the encoder reuses between searches; the decoder reads it off the
+same record). The state is updated
 only from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
@@ -27,7 +29,7 @@ from .errors import GradzipError, InputError
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
-STATE_VERSION = 3  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions
+STATE_VERSION = 4  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions. 4: recipes
 _BYTES_PER_ELEMENT = 13  # ema f32, sign i8, last f32, second_last f32
 _DIGEST_SIZE = 8
 
@@ -41,6 +43,9 @@ class TensorState:
     sign: np.ndarray  # int8, flat
     last: np.ndarray  # float32, flat: the last round's reconstruction
     second_last: np.ndarray  # float32, flat: the one before
+    # What the last round's record chose, [predictor, variant, low-rank kind] (codec.recipe_of),
+    # for the encoder to reuse between its searches; None where it chose no quantization.
+    recipe: list | None = None
 
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
@@ -64,7 +69,7 @@ class PredictorState:
             t = self.tensors[name]
             arrays += [_little_endian(t.ema), _little_endian(t.sign), _little_endian(t.last), _little_endian(t.second_last)]
             entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
-                            "offset": offset, "elements": int(t.ema.size)})
+                            "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe})
             offset += t.ema.size * _BYTES_PER_ELEMENT
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
@@ -114,8 +119,12 @@ class PredictorState:
                 shape = tuple(int(s) for s in entry["shape"])
                 if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
+                recipe = entry["recipe"]
+                if recipe is not None and not (isinstance(recipe, list) and len(recipe) == 3
+                                               and all(isinstance(part, str) or part is None for part in recipe)):
+                    raise ValueError("bad recipe")
                 state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
-                                                               sign, last, second_last)
+                                                               sign, last, second_last, recipe)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
         return state

@@ -1,0 +1,125 @@
+"""Recipe reuse: between full searches the encoder rebuilds each tensor's last recipe (the
+state keeps it, taken from the record on both sides), never at the cost of the bound, the
+decoder's state, or a stream a search would have refused."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gradzip import Compressor, Decompressor, GradzipError, InputError
+from gradzip.codec import recipe_of
+from gradzip.container import split_stream
+from gradzip.state import PredictorState
+from gradzip.tensorio import read_tensors
+
+
+@pytest.fixture(scope="module")
+def sample(sample_rounds):
+    return [read_tensors(path.read_bytes())[0] for path in sample_rounds[:7]]
+
+
+def records(blob: bytes) -> dict[str, dict]:
+    return {record["name"]: record for record, _ in split_stream(blob)[1] if record["method"] != "bundle"}
+
+
+def test_search_every_round_gives_the_searched_records_on_search_rounds(sample):
+    """Rounds 0-2 search either way (no history, then the first two with one): their records
+    match a compressor that searches every round; a reusing round keeps the last recipe's
+    predictor and variant, and can only lose a low-rank part until the next search."""
+    every, reusing = Compressor(1e-3, "rel", search_every=1), Compressor(1e-3, "rel", search_every=1000)
+    previous = None
+    reused_rounds = 0
+    for r, tensors in enumerate(sample):
+        searched, rebuilt = records(every.compress(tensors)), records(reusing.compress(tensors))
+        if r <= 2:
+            assert rebuilt == searched
+        else:
+            for name, record in rebuilt.items():
+                recipe, before = recipe_of(record), recipe_of(previous[name])
+                assert recipe[:2] == before[:2], name
+                assert recipe[2] in (before[2], None), name
+            reused_rounds += rebuilt != searched
+        previous = rebuilt
+    assert reused_rounds  # on real gradients some search picks differ from the reused recipe
+
+
+def test_states_carry_the_recipes_and_agree_across_a_reusing_sequence(sample, gz):
+    compressor, decompressor = Compressor(1e-2, "rel"), Decompressor()
+    for tensors in sample:
+        blob = compressor.compress(tensors)
+        out = decompressor.decompress(blob)
+        assert decompressor.state.to_bytes() == compressor.state.to_bytes()
+        for name, record in records(blob).items():
+            assert compressor.state.tensors[name].recipe == recipe_of(record)
+            gz.assert_within_bound(tensors[name], out[name], 1e-2, "rel", name)
+    state = compressor.state
+    assert any(t.recipe is not None for t in state.tensors.values())
+    again = PredictorState.from_bytes(state.to_bytes())
+    assert {n: t.recipe for n, t in again.tensors.items()} == {n: t.recipe for n, t in state.tensors.items()}
+
+
+@pytest.mark.parametrize("recipe", [["bogus", None, None], ["linear", "rows,scale_ema", "linear"], ["ema", "kernel", None]])
+def test_a_recipe_that_does_not_apply_falls_back_to_a_search(sample, gz, recipe):
+    """A state's recipe that names no candidate of this tensor (or none this config allows)
+    is searched past, not trusted: the stream stays valid and within the bound."""
+    compressor = Compressor(1e-3, "rel", search_every=1000, magnitude_prediction=False)
+    for tensors in sample[:2]:
+        compressor.compress(tensors)
+    tensors = {name: dataclasses.replace(t, recipe=list(recipe)) for name, t in compressor.state.tensors.items()}
+    state = PredictorState(compressor.state.round, tensors, compressor.state.last_input_digest)
+    compressor.state = PredictorState.from_bytes(state.to_bytes())
+    blob = compressor.compress(sample[2])
+    decompressor = Decompressor(PredictorState.from_bytes(state.to_bytes()))
+    out = decompressor.decompress(blob)
+    assert decompressor.state.to_bytes() == compressor.state.to_bytes()
+    for name, record in records(blob).items():
+        assert record["params"].get("predictor") != "bogus"
+        gz.assert_within_bound(sample[2][name], out[name], 1e-3, "rel", name)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "4"])
+def test_search_every_must_be_a_positive_integer(bad):
+    with pytest.raises(InputError, match="search_every"):
+        Compressor(1e-3, search_every=bad)
+
+
+@pytest.mark.parametrize("recipe", [[1, None, None], ["linear", None], "linear", ["a", "b", 3]])
+def test_a_malformed_recipe_in_a_state_file_is_refused(sample, recipe):
+    compressor = Compressor(1e-3, "rel")
+    compressor.compress(sample[0])
+    tensors = dict(compressor.state.tensors)
+    name = next(iter(tensors))
+    tensors[name] = dataclasses.replace(tensors[name], recipe=recipe)
+    state = PredictorState(compressor.state.round, tensors, compressor.state.last_input_digest)  # checksummed anew
+    with pytest.raises(GradzipError, match="malformed"):
+        PredictorState.from_bytes(state.to_bytes())
+
+
+def test_a_version_3_state_file_is_refused_by_name(sample):
+    compressor = Compressor(1e-3, "rel")
+    compressor.compress(sample[0])
+    data = bytearray(compressor.state.to_bytes())
+    data[8:12] = (3).to_bytes(4, "little")
+    with pytest.raises(GradzipError, match="version 3 is not supported"):
+        PredictorState.from_bytes(bytes(data))
+
+
+def test_cli_search_every(tmp_path, gz, sample_rounds):
+    bad = gz.run("compress", str(sample_rounds[0]), "-s", str(tmp_path / "a.state"), "-o", str(tmp_path / "a.grz"),
+                         "--search-every", "0")
+    gz.assert_cli_error(bad, "search-every")
+    assert not (tmp_path / "a.grz").exists() and not (tmp_path / "a.state").exists()
+    outputs = {}
+    for every in ("1", "1000"):
+        out = tmp_path / every
+        out.mkdir()
+        gz.assert_cli_ok(gz.run("compress", *map(str, sample_rounds[:7]), "-s", str(out / "c.state"), "-o", str(out),
+                                        "--search-every", every, "-q"))
+        gz.assert_cli_ok(gz.run("decompress", *map(str, sorted(out.glob("*.grz"))), "-s", str(out / "d.state"),
+                                        "-o", str(out / "restored"), "-q"))
+        assert (out / "c.state").read_bytes() == (out / "d.state").read_bytes()
+        outputs[every] = [p.read_bytes() for p in sorted(out.glob("*.grz"))]
+    assert outputs["1"] != outputs["1000"]
+    assert np.all([len(a) > 0 for a in outputs["1000"]])
