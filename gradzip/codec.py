@@ -432,17 +432,22 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         # A large tensor picks its candidate on a sample of its rows, then builds only that one:
         # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
         recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
-    plain = None if recipe and recipe[0] in ("ema", "linear") else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe)
+    # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
+    # tensor worse than without it (a sampled recipe trusts the sample).
+    plain = (None if recipe and recipe[0] in ("ema", "linear") and reuse is None
+             else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe))
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
-    candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
+    with_none = plain is not None and (not recipe or recipe[0] == "none" or reuse is not None)
+    candidates = [_Candidate("none", plain, {}, [], plain.codes)] if with_none else []
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
     low_rank_inside = linear_part and bool(recipe) and recipe[0] == "linear"
-    if not recipe or recipe[0] != "none":
-        candidates += _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe,
-                                            _FIT_LOW_RANK if low_rank_inside else None)
-    if not candidates and reuse is not None:  # the last recipe is not available this round: search
+    predicted = [] if recipe and recipe[0] == "none" else _predicted_candidates(
+        values, dtype, shape, eb, config, previous, plain, recipe, _FIT_LOW_RANK if low_rank_inside else None,
+        share_plain=not with_none)
+    candidates += predicted
+    if reuse is not None and reuse[0] != "none" and not predicted:  # the last recipe does not apply this round: search
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                       values_part, linear_part)
     if not candidates:  # the sample's choice is not available on the whole tensor
@@ -590,12 +595,13 @@ def _variant(params: dict) -> str | None:
     return variant
 
 
-def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None) -> list[_Candidate]:
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None,
+                          share_plain=True) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
-    plain codes oriented in place (nothing else uses them then). low_rank: (factors, params,
+    plain codes oriented in place where share_plain (nothing else uses them then). low_rank: (factors, params,
     sections) of a low-rank part added to the linear prediction, or _FIT_LOW_RANK to fit one."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
@@ -615,7 +621,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     side = {"mean": mean, "std": std}
     candidates = []
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
-        oriented = plain.codes if recipe else plain.codes.copy()
+        oriented = plain.codes if recipe and share_plain else plain.codes.copy()
         if config.sign_prediction:
             orient_by_sign(oriented, previous.sign)
             if oriented is plain.codes:

@@ -123,3 +123,29 @@ def test_cli_search_every(tmp_path, gz, sample_rounds):
         outputs[every] = [p.read_bytes() for p in sorted(out.glob("*.grz"))]
     assert outputs["1"] != outputs["1000"]
     assert np.all([len(a) > 0 for a in outputs["1000"]])
+
+
+def _with_recipe(state: PredictorState, recipe: list) -> PredictorState:
+    tensors = {name: dataclasses.replace(t, recipe=list(recipe)) for name, t in state.tensors.items()}
+    return PredictorState.from_bytes(PredictorState(state.round, tensors, state.last_input_digest).to_bytes())
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_rebuilt_recipe_still_competes_with_no_prediction(swap):
+    """Conv kernels of one sign each whose elements keep a magnitude of 0.1 or 2 round after
+    round: the EMA shift (kernel sign times the predicted magnitude) is rebuilt where it
+    helps, and loses to no prediction in a round that swaps the two magnitudes, where it
+    would predict 2 for every 0.1 and 0.1 for every 2."""
+    rng = np.random.default_rng(3)
+    signs = rng.choice([-1.0, 1.0], size=(32, 16, 1, 1))
+    high = rng.random(size=(32, 16, 3, 3)) < 0.5
+    rounds = []
+    for r in range(4):
+        magnitude = np.where(high != (swap and r == 3), 2.0, 0.1) * rng.normal(1.0, 0.05, size=high.shape)
+        rounds.append({"w": (signs * magnitude).astype(np.float32)})
+    compressor = Compressor(1e-2, "rel", search_every=1000)
+    for tensors in rounds[:3]:
+        compressor.compress(tensors)
+    compressor.state = _with_recipe(compressor.state, ["ema", "kernel", None])
+    record = records(compressor.compress(rounds[3]))["w"]
+    assert record["params"]["predictor"] == ("none" if swap else "ema")
