@@ -30,6 +30,7 @@ from .checksum import xxh64
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
+from .parallel import each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
                               magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums,
                               scale_levels)
@@ -37,7 +38,7 @@ from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_
                              linear_residual, row_weights_as_floats)
 from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank
 from .predict.lowrank import eligible as low_rank_eligible
-from .predict.history import fold_round
+from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
 from .quantize import RADIUS, dequantize, finite_range, quantize
@@ -173,9 +174,9 @@ def _has_history(previous: TensorState | None, shape, dtype) -> bool:
 
 
 def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.ndarray, config: CodecConfig,
-                  recipe: list | None = None) -> TensorState:
+                  recipe: list | None = None, threads: int = 1) -> TensorState:
     """A new TensorState after this round's reconstruction (recon: flat float32/float64) and
-    the recipe of its record."""
+    the recipe of its record (threads: for a large tensor's element ranges)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
     # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -184,8 +185,8 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
         previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
         np.empty_like(previous.last), previous.last)
     # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
-    fold_round(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema,
-               state.sign, state.last)
+    fold_round_on(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema,
+                  state.sign, state.last, threads)
     state.rounds += 1
     state.recipe = recipe
     return state
@@ -259,7 +260,8 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds) as values_part:
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, "linear" in low_rank_kinds, reuse)
-    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, recipe_of(encoded.record))
+    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, recipe_of(encoded.record),
+                                  threads)
     return encoded
 
 
@@ -349,8 +351,8 @@ class _Prediction:
         return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, w_last, w_second,
                    previous.last.size // w_last.size, low_rank)
 
-    def kernel_args(self) -> tuple:
-        offset = self.low_rank.offset() if self.low_rank is not None else _NO_STATE
+    def kernel_args(self, threads: int = 1) -> tuple:
+        offset = self.low_rank.offset(threads) if self.low_rank is not None else _NO_STATE
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
                 self.row_length, offset)
 
@@ -360,7 +362,7 @@ _NO_WEIGHTS = np.empty(0, np.float64)
 _NO_PREDICTION = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS)
 
 
-def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
+def _reconstructed(values, dtype, eb, quantized: _Quantized, threads: int = 1) -> np.ndarray:
     """The reconstruction a keep_recon=False quantization would have stored (the same
     expression as quantize's, then the escaped values). Undoes an in-place orientation of the
     codes first: call it once the codes are entropy-coded."""
@@ -368,9 +370,30 @@ def _reconstructed(values, dtype, eb, quantized: _Quantized) -> np.ndarray:
         orient_by_sign(quantized.codes, quantized.oriented_by)
         quantized.oriented_by = None
     recon = np.empty(values.size, compute_dtype(dtype))
-    dequantize(quantized.codes, *quantized.prediction.kernel_args(), eb, recon)
+    _dequantized(quantized.codes, quantized.prediction.kernel_args(threads), eb, recon, threads)
     recon[quantized.escaped] = values[quantized.escaped]
     return recon
+
+
+def _dequantized(codes, args, eb, recon, threads: int = 1) -> None:
+    """dequantize(codes, *args, eb, recon), a large tensor in element ranges on up to
+    `threads` threads (whole rows where the linear weights are per row): the same bits."""
+    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset = args
+    per_row = last.size > 0 and w_last.size > 1
+    ranges = spans(codes.size, threads, row_length if per_row else 1)
+    if len(ranges) == 1:
+        dequantize(codes, *args, eb, recon)
+        return
+
+    def run(span):
+        a, b = span
+        def part(array):
+            return array[a:b] if array.size else array
+        rows = slice(a // row_length, -(-b // row_length)) if per_row else slice(None)
+        dequantize(codes[a:b], part(ema), mean, std, part(signs), part(last), part(second_last), w_last[rows],
+                   w_second[rows], row_length, part(offset), eb, recon[a:b])
+
+    each(run, ranges, threads)
 
 
 @dataclass
@@ -468,7 +491,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
     if recon is None:
-        recon = _reconstructed(values, dtype, eb, best.quantized)
+        recon = _reconstructed(values, dtype, eb, best.quantized, threads)
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
 
@@ -966,7 +989,7 @@ def _decode(record, payload, config, previous, threads=1):
         array = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads)
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
-    state = advance_state(previous, shape, dtype, widen(array, dtype), config, recipe_of(record)) if stateful else None
+    state = advance_state(previous, shape, dtype, widen(array, dtype), config, recipe_of(record), threads) if stateful else None
     return array, state
 
 
@@ -1039,7 +1062,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if orient:
         orient_by_sign(codes, previous.sign)
     recon = np.empty(n, compute_dtype(dtype))
-    dequantize(codes, *prediction.kernel_args(), eb, recon)
+    _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
     n_escaped = params["escaped"]
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")

@@ -209,3 +209,78 @@ def test_cached_dtype_names_tell_bfloat16_from_uint16_in_either_order():
     bf16, u16 = as_bfloat16(np.zeros(3, np.uint16)), np.zeros(3, np.uint16)
     assert [dtype_name(bf16), dtype_name(u16), dtype_name(bf16)] == ["BF16", "U16", "BF16"]
     assert dtype_name(np.zeros(2, ">f4")) == "F32"
+
+
+# ----------------------------------------------------------------------------- element ranges on threads
+
+
+@pytest.mark.parametrize("n, threads, align", [(1 << 19, 2, 1), (600_000, 3, 1000), (100, 4, 1), (3 * (1 << 17) + 5, 8, 7)])
+def test_spans_cover_the_elements_in_aligned_ranges(n, threads, align):
+    from gradzip.parallel import MIN_SPAN, spans
+
+    ranges = spans(n, threads, align)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a == b for (_, a), (b, _) in zip(ranges, ranges[1:]))
+    assert all(start % align == 0 for start, _ in ranges)
+    assert 1 <= len(ranges) <= max(1, min(threads, n // MIN_SPAN))
+
+
+@pytest.mark.parametrize("first_round", [True, False])
+def test_folding_a_large_round_on_threads_gives_the_same_bits(first_round):
+    from gradzip.predict.history import fold_round_on
+
+    rng = np.random.default_rng(4)
+    n = 600_001
+    recon = (rng.laplace(size=n) * 1e-3).astype(np.float32)
+    recon[::997] = 0.0
+    ema = rng.normal(size=n).astype(np.float32)
+    outputs = []
+    for threads in (1, 2, 3):
+        out = (np.empty(n, np.float32), np.empty(n, np.int8), np.empty(n, np.float32))
+        fold_round_on(ema, recon, 0.6, first_round, *out, threads=threads)
+        outputs.append(out)
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["none", "ema", "offset", "linear", "linear_rows", "linear_rows_offset"])
+def test_dequantizing_a_large_tensor_on_threads_gives_the_same_bits(kind):
+    """Ranges of a per-row linear prediction hold whole rows (601 rows of 1000 elements: an
+    even split on 3 threads would cut rows); the other predictions split anywhere."""
+    from gradzip.codec import _dequantized
+
+    rng = np.random.default_rng(11)
+    rows, row_length = 601, 1000
+    n = rows * row_length
+    codes = rng.integers(-50, 50, size=n).astype(np.int32)
+    none32, none8 = np.empty(0, np.float32), np.empty(0, np.int8)
+    ema, signs = rng.normal(size=n).astype(np.float32), rng.choice([-1, 1], size=n).astype(np.int8)
+    last, second = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    offset = (rng.normal(size=n) * 0.1).astype(np.float32)
+    w = np.ones(1)
+    row_w = rng.normal(size=rows)
+    args = {
+        "none": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, none32),
+        "ema": (ema, 0.5, 0.2, signs, none32, none32, np.empty(0), np.empty(0), 1, none32),
+        "offset": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, offset),
+        "linear": (none32, 0.0, 0.0, none8, last, second, 0.7 * w, -0.2 * w, n, none32),
+        "linear_rows": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, none32),
+        "linear_rows_offset": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, offset),
+    }[kind]
+    reference = np.empty(n, np.float32)
+    dequantize(codes, *args, 1e-3, reference)
+    for threads in (2, 3):
+        recon = np.empty(n, np.float32)
+        _dequantized(codes, args, 1e-3, recon, threads)
+        np.testing.assert_array_equal(recon.view(np.uint32), reference.view(np.uint32))
+
+
+def test_the_offset_on_threads_gives_the_same_bits():
+    rng = np.random.default_rng(2)
+    left = rng.integers(-30000, 30000, size=(40, 300)).astype(np.int16)
+    right = rng.integers(-30000, 30000, size=(40, 5000)).astype(np.int16)
+    one, two = np.empty(300 * 5000, np.float32), np.empty(300 * 5000, np.float32)
+    low_rank_offset(left, right, 3e-7, one, 1)
+    low_rank_offset(left, right, 3e-7, two, 2)
+    np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))

@@ -68,15 +68,13 @@ the tables are consistent, that every state starts in range and ends at its init
 CorruptStreamError.  Kernels never use fastmath: encoder and decoder must agree bit-exactly.
 """
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
 from ..errors import CorruptStreamError
+from ..parallel import each
 
 # ---- token alphabet ------------------------------------------------------------------
 
@@ -986,21 +984,6 @@ def _segments(n: int) -> list[tuple[int, int]]:
     return [(start, min(start + SEGMENT_ELEMENTS, n)) for start in range(0, n, SEGMENT_ELEMENTS)]
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _each(function, items, threads: int) -> list:
-    """function over items, on up to `threads` threads (the kernels release the GIL). The
-    pools live as long as the process: starting one per tensor cost a fifth of the gain."""
-    if threads <= 1 or len(items) <= 1:
-        return [function(item) for item in items]
-    with _POOLS_LOCK:
-        pool = _POOLS.get(threads)
-        if pool is None:
-            pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradzip-rans")
-    return list(pool.map(function, items))
-
 
 def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
     symbols = np.empty(codes.size, np.uint16)
@@ -1016,13 +999,13 @@ def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
         return status, histogram, extra[:n_words].copy()  # frees the worst-case buffer
 
     segments = _segments(codes.size)
-    tokenized = _each(tokenize, segments, threads)
+    tokenized = each(tokenize, segments, threads)
     for status, _, _ in tokenized:
         _check_status(status)
     histogram = np.sum([h for _, h, _ in tokenized], axis=0).reshape(n_contexts, 1 << TOKEN_SHIFT)
     prob_bits, precision, sent, freqs, starts = _build_model(histogram)
     table = _encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
-    coded = _each(lambda s: _rans_encode(symbols[s[0]:s[1]], table, _lane_count(s[1] - s[0])), segments, threads)
+    coded = each(lambda s: _rans_encode(symbols[s[0]:s[1]], table, _lane_count(s[1] - s[0])), segments, threads)
     tables = _table_words(precision, sent)
     directory = b"".join(_varint(extra.size) + _varint(words.size) for (_, _, extra), words in zip(tokenized, coded))
     parts = [_varint(tables.size), tables.astype("<u4", copy=False).tobytes(), directory]
@@ -1071,7 +1054,7 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
         return _decode_segment(extra, n_extra, 0, words, contexts[start:stop], context_info, slot_tokens, symbol_info,
                                codes[start:stop])
 
-    for status in _each(decode_segment, jobs, threads):
+    for status in each(decode_segment, jobs, threads):
         _check_status(status)
 
 

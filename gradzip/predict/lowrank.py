@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..parallel import each
+
 MAX_RANK = 64
 RANKS = (4, 8, 16, 32, 48, 64)  # walked from the middle by the encoder's estimate (see fit_low_rank)
 # Both sides of the 2-D view must be at least this long: on the corpus only the large FC
@@ -46,25 +48,29 @@ def eligible(shape: tuple[int, ...]) -> bool:
     return size >= MIN_ELEMENTS and size // shape[0] >= MIN_SIDE
 
 
-def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray) -> None:
+def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray, threads: int = 1) -> None:
     """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see
     above). left, right: integers below 2**15 in magnitude (rank x rows, rank x columns, any
     integer or float dtype), rank <= 64. Every product is below 2**30 and every partial sum
     below 2**36, so a matrix product in float64 is exact in any order, with or without FMA:
     BLAS gives the same bits on every machine, 4-5x faster than a numba loop. Columns go in
     blocks, so no rows x columns float64 array is held (blocks of columns, not rows: BLAS
-    then packs each piece of right once, 5.1 -> 3.2 ms at rank 48 on 256 x 4096)."""
+    then packs each piece of right once, 5.1 -> 3.2 ms at rank 48 on 256 x 4096), on up to
+    `threads` threads (each block is written once, by one of them)."""
     rank, rows = left.shape
     cols = right.shape[1]
     left_t = np.ascontiguousarray(left.T, dtype=np.float64)
     step_squared = step * step
     grid = out.reshape(rows, cols)
     width = max(1, _OFFSET_BLOCK_ELEMENTS // max(rows, 1))
-    for start in range(0, cols, width):
+
+    def block(start):
         stop = min(cols, start + width)
         product = left_t @ right[:, start:stop].astype(np.float64)
         product *= step_squared
         grid[:, start:stop] = product
+
+    each(block, range(0, cols, width), threads)
 
 
 class Factors(NamedTuple):
@@ -75,12 +81,12 @@ class Factors(NamedTuple):
     right: np.ndarray
     step: float
 
-    def offset(self) -> np.ndarray:
+    def offset(self, threads: int = 1) -> np.ndarray:
         """The float32 offset (rows x columns, flat). Built on each call: it takes 4 bytes an
         element, so a caller holds it only while it quantizes or reconstructs (the encoder's
         candidates keep their factors, not their offsets)."""
         out = np.empty(self.left.shape[1] * self.right.shape[1], np.float32)
-        low_rank_offset(self.left, self.right, self.step, out)
+        low_rank_offset(self.left, self.right, self.step, out, threads)
         return out
 
 
