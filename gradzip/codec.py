@@ -60,8 +60,8 @@ _MERGE_TRIAL_ELEMENTS = 1 << 17
 _SCALE_MIN_ELEMENTS = 1 << 15
 # The encoder searches every candidate on a tensor's first two rounds with history and every
 # DEFAULT_SEARCH_EVERY-th round after them, and otherwise rebuilds the last round's recipe
-# (refitted): measured on the bench corpus, 4 compressed 1.2-1.4x faster (10 rounds) for
-# +0.02-0.18% bytes on the small models; see docs/design.md.
+# (refitted): on the bench corpus 4 compressed 10 rounds 1.28x faster (geometric mean) for
+# 0.07% more bytes; see docs/design.md.
 DEFAULT_SEARCH_EVERY = 4
 LOW_RANK_KINDS = ("linear", "values")  # a low-rank part added to a linear prediction, or the whole prediction
 # Tensors above _SAMPLED_ABOVE elements choose their candidate on about SAMPLE_ELEMENTS.
@@ -243,7 +243,7 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     """Encode one tensor of one round against its previous state.
 
     measure_ideal: also compute the codes' ideal length under the coder's model (for reports).
-    threads: for the rANS segments of a large tensor (the bytes do not depend on it).
+    threads: for a large tensor's rANS segments and element ranges (the bytes do not depend on it).
     low_rank: whether a large layer may try a low-rank part. search_every: how often the
     encoder tries every candidate (1: every round) rather than the last round's recipe. Both
     are an encoder's choices, for speed: decoding needs no setting.
@@ -255,8 +255,9 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     values = widen(array, dtype)
     eb = absolute_bound(values, config)
     reuse = _reused_recipe(previous, shape, dtype, search_every)
-    low_rank_kinds = () if not (low_rank and config.coder == "rans" and low_rank_eligible(shape) and eb > 0
-                                and math.isfinite(eb)) else LOW_RANK_KINDS if reuse is None else reuse[2:]
+    tries_low_rank = low_rank and config.coder == "rans" and low_rank_eligible(shape) and eb > 0 and math.isfinite(eb)
+    # between searches, only the kind of part the last record carried (if any)
+    low_rank_kinds = (LOW_RANK_KINDS if reuse is None else reuse[2:]) if tries_low_rank else ()
     with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds) as values_part:
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, "linear" in low_rank_kinds, reuse)
