@@ -411,6 +411,7 @@ class _Candidate:
     merge: int = 0
     merge_estimates: "_MergeEstimates | None" = None  # shared by the candidates of each merge
     coded: tuple | None = None  # (section, params, ideal bits) once entropy-coded
+    estimate: float | None = None  # estimated_bytes, once asked (coder and itemsize are the tensor's)
 
     def coded_contexts(self) -> tuple[np.ndarray, int]:
         """(contexts, n_contexts) as the entropy coder sees them."""
@@ -420,7 +421,13 @@ class _Candidate:
 
     def estimated_bytes(self, coder: str, itemsize: int) -> float:
         """Size estimate used to pick a candidate without entropy-coding every one (Huffman is
-        cheap to run and has no estimate, so its coded section is kept for the winner)."""
+        cheap to run and has no estimate, so its coded section is kept for the winner); a
+        candidate compared more than once (the best so far) is estimated once."""
+        if self.estimate is None:
+            self.estimate = self._estimated_bytes(coder, itemsize)
+        return self.estimate
+
+    def _estimated_bytes(self, coder: str, itemsize: int) -> float:
         side = sum(len(data) for _, data in self.side_sections) + self.quantized.n_escaped * (itemsize + 2)
         if coder == "huffman":
             self.coded = _code(self.codes, coder, None, 1, False)
@@ -456,20 +463,26 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         # A large tensor picks its candidate on a sample of its rows, then builds only that one:
         # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
         recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
-    # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
-    # tensor worse than without it (a sampled recipe trusts the sample).
+    itemsize = numpy_dtype(dtype).itemsize
     plain = (None if recipe and recipe[0] in ("ema", "linear") and reuse is None
              else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe))
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
-    with_none = plain is not None and (not recipe or recipe[0] == "none" or reuse is not None)
-    candidates = [_Candidate("none", plain, {}, [], plain.codes)] if with_none else []
+    plain_checked = plain is not None
+    # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
+    # tensor worse than without it (a sampled recipe trusts the sample). Only the estimate is
+    # kept meanwhile: no prediction's arrays would add a candidate's memory to a large tensor.
+    none_bytes = math.inf
+    if reuse is not None and reuse[0] != "none":
+        none_bytes = _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize)
+        if recipe[0] in ("ema", "linear"):
+            plain = None
+    candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
     low_rank_inside = linear_part and bool(recipe) and recipe[0] == "linear"
     predicted = [] if recipe and recipe[0] == "none" else _predicted_candidates(
-        values, dtype, shape, eb, config, previous, plain, recipe, _FIT_LOW_RANK if low_rank_inside else None,
-        share_plain=not with_none)
+        values, dtype, shape, eb, config, previous, plain, recipe, _FIT_LOW_RANK if low_rank_inside else None)
     candidates += predicted
     if reuse is not None and reuse[0] != "none" and not predicted:  # the last recipe does not apply this round: search
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
@@ -477,10 +490,12 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     if not candidates:  # the sample's choice is not available on the whole tensor
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
-    itemsize = numpy_dtype(dtype).itemsize
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    plain_checked = plain is not None
     del candidates, plain  # the losers' arrays go before a low-rank candidate is built
+    if none_bytes < best.estimated_bytes(config.coder, itemsize):
+        best = None  # (a context recipe oriented the plain codes in place: quantized again)
+        plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False)
+        best = _Candidate("none", plain, {}, [], plain.codes)
     if values_part is not None or (linear_part and not low_rank_inside):
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads, values_part,
                               on_linear=linear_part and not low_rank_inside)
@@ -619,13 +634,12 @@ def _variant(params: dict) -> str | None:
     return variant
 
 
-def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None,
-                          share_plain=True) -> list[_Candidate]:
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
-    plain codes oriented in place where share_plain (nothing else uses them then). low_rank: (factors, params,
+    plain codes oriented in place (nothing else uses them then). low_rank: (factors, params,
     sections) of a low-rank part added to the linear prediction, or _FIT_LOW_RANK to fit one."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
@@ -645,7 +659,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     side = {"mean": mean, "std": std}
     candidates = []
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
-        oriented = plain.codes if recipe and share_plain else plain.codes.copy()
+        oriented = plain.codes if recipe else plain.codes.copy()
         if config.sign_prediction:
             orient_by_sign(oriented, previous.sign)
             if oriented is plain.codes:
