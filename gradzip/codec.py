@@ -491,7 +491,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
     best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
-    del candidates, plain  # the losers' arrays go before a low-rank candidate is built
+    del candidates, predicted, plain  # the losers' arrays go before a low-rank candidate is built
     if none_bytes < best.estimated_bytes(config.coder, itemsize):
         best = None  # (a context recipe oriented the plain codes in place: quantized again)
         plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False)

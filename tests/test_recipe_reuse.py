@@ -149,3 +149,18 @@ def test_a_rebuilt_recipe_still_competes_with_no_prediction(swap):
     compressor.state = _with_recipe(compressor.state, ["ema", "kernel", None])
     record = records(compressor.compress(rounds[3]))["w"]
     assert record["params"]["predictor"] == ("none" if swap else "ema")
+
+
+def test_one_round_per_process_gives_the_bytes_of_one_compressor(tmp_path, gz, sample_rounds, sample):
+    """The recipes live in the state, so a client that runs `gradzip compress` once per round
+    sends what a long-lived Compressor would, through reusing rounds (3-5) and a search (6)."""
+    compressor = Compressor(1e-3, "rel")
+    expected = []
+    for path in sample_rounds[: len(sample)]:
+        tensors, fmt, metadata = read_tensors(path.read_bytes())
+        expected.append(compressor.compress(tensors, source_format=fmt, metadata=metadata))
+    for r, path in enumerate(sample_rounds[: len(sample)]):
+        out = tmp_path / f"{r}.grz"
+        gz.assert_cli_ok(gz.run("compress", str(path), "-s", str(tmp_path / "c.state"), "-o", str(out), "-q"))
+        assert out.read_bytes() == expected[r], f"round {r}"
+    assert (tmp_path / "c.state").read_bytes() == compressor.state.to_bytes()
