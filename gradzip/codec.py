@@ -61,7 +61,7 @@ _SCALE_MIN_ELEMENTS = 1 << 15
 # The encoder searches every candidate on a tensor's first two rounds with history and every
 # DEFAULT_SEARCH_EVERY-th round after them, and otherwise rebuilds the last round's recipe
 # (refitted): on the bench corpus 4 compressed 10 rounds 1.28x faster (geometric mean) for
-# 0.07% more bytes; see docs/design.md.
+# 0.07% more bytes, 1.21x with the check against no prediction; see docs/design.md.
 DEFAULT_SEARCH_EVERY = 4
 LOW_RANK_KINDS = ("linear", "values")  # a low-rank part added to a linear prediction, or the whole prediction
 # Tensors above _SAMPLED_ABOVE elements choose their candidate on about SAMPLE_ELEMENTS.
