@@ -126,7 +126,8 @@ class GradzipMod:
     message_types
         Which replies to compress (default: train replies only).
     **options
-        Further gradzip.Compressor options (beta, tau, magnitude_prediction, sign_prediction).
+        Further gradzip.Compressor options (beta, tau, magnitude_prediction, sign_prediction,
+        low_rank, search_every).
     """
 
     def __init__(self, error_bound: float = 1e-3, mode: str = "rel", *, codec: str = "gradzip", delta: bool = True,
