@@ -22,11 +22,6 @@ def fold_round(ema, recon, beta, first_round, ema_out, sign_out, last_out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _normalization(recon):
-    return ema_normalization(recon)
-
-
-@numba.njit(cache=True, nogil=True)
 def _fold_range(ema, recon, mean, inv_std, beta, first_round, ema_out, sign_out, last_out):
     for i in range(recon.size):
         value = recon[i]
@@ -41,7 +36,7 @@ def fold_round_on(ema, recon, beta, first_round, ema_out, sign_out, last_out, th
     if threads <= 1 or recon.size < 2 * MIN_SPAN:
         fold_round(ema, recon, beta, first_round, ema_out, sign_out, last_out)
         return
-    mean, inv_std = _normalization(recon)
+    mean, inv_std = ema_normalization(recon)
 
     def fold(span):
         a, b = span
