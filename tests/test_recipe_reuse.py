@@ -20,6 +20,12 @@ def sample(sample_rounds):
     return [read_tensors(path.read_bytes())[0] for path in sample_rounds[:7]]
 
 
+def _with_recipe(state: PredictorState, recipe) -> PredictorState:
+    """A new state (checksummed anew) whose tensors all carry `recipe`, valid or not."""
+    tensors = {name: dataclasses.replace(t, recipe=recipe) for name, t in state.tensors.items()}
+    return PredictorState(state.round, tensors, state.last_input_digest)
+
+
 def records(blob: bytes) -> dict[str, dict]:
     return {record["name"]: record for record, _ in split_stream(blob)[1] if record["method"] != "bundle"}
 
@@ -67,8 +73,7 @@ def test_a_recipe_that_does_not_apply_falls_back_to_a_search(sample, gz, recipe)
     compressor = Compressor(1e-3, "rel", search_every=1000, magnitude_prediction=False)
     for tensors in sample[:2]:
         compressor.compress(tensors)
-    tensors = {name: dataclasses.replace(t, recipe=list(recipe)) for name, t in compressor.state.tensors.items()}
-    state = PredictorState(compressor.state.round, tensors, compressor.state.last_input_digest)
+    state = _with_recipe(compressor.state, recipe)
     compressor.state = PredictorState.from_bytes(state.to_bytes())
     blob = compressor.compress(sample[2])
     decompressor = Decompressor(PredictorState.from_bytes(state.to_bytes()))
@@ -89,12 +94,8 @@ def test_search_every_must_be_a_positive_integer(bad):
 def test_a_malformed_recipe_in_a_state_file_is_refused(sample, recipe):
     compressor = Compressor(1e-3, "rel")
     compressor.compress(sample[0])
-    tensors = dict(compressor.state.tensors)
-    name = next(iter(tensors))
-    tensors[name] = dataclasses.replace(tensors[name], recipe=recipe)
-    state = PredictorState(compressor.state.round, tensors, compressor.state.last_input_digest)  # checksummed anew
     with pytest.raises(GradzipError, match="malformed"):
-        PredictorState.from_bytes(state.to_bytes())
+        PredictorState.from_bytes(_with_recipe(compressor.state, recipe).to_bytes())
 
 
 def test_a_version_3_state_file_is_refused_by_name(sample):
@@ -123,11 +124,6 @@ def test_cli_search_every(tmp_path, gz, sample_rounds):
         outputs[every] = [p.read_bytes() for p in sorted(out.glob("*.grz"))]
     assert outputs["1"] != outputs["1000"]
     assert np.all([len(a) > 0 for a in outputs["1000"]])
-
-
-def _with_recipe(state: PredictorState, recipe: list) -> PredictorState:
-    tensors = {name: dataclasses.replace(t, recipe=list(recipe)) for name, t in state.tensors.items()}
-    return PredictorState.from_bytes(PredictorState(state.round, tensors, state.last_input_digest).to_bytes())
 
 
 @pytest.mark.parametrize("swap", [False, True])

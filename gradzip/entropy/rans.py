@@ -984,7 +984,6 @@ def _segments(n: int) -> list[tuple[int, int]]:
     return [(start, min(start + SEGMENT_ELEMENTS, n)) for start in range(0, n, SEGMENT_ELEMENTS)]
 
 
-
 def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
     symbols = np.empty(codes.size, np.uint16)
 
