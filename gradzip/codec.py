@@ -194,16 +194,19 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
 
 def recipe_of(record: dict) -> list | None:
     """What a record chose, as the next round's encoder may rebuild it: [predictor, variant,
-    low-rank kind] (None for a lossless record). A `low_rank` record's prediction is its part
-    alone, so its recipe is no prediction plus a "values" part. Encoder and decoder both take
-    it from the record, so their states agree."""
+    low-rank kind, rank] (None for a lossless record). A `low_rank` record's prediction is its
+    part alone, so its recipe is no prediction plus a "values" part. Encoder and decoder both
+    take it from the record, so their states agree."""
     if record["method"] != "quantized":
         return None
     params = record["params"]
+    rank = params.get("rank")
+    rank = rank if isinstance(rank, int) else None  # (an int in any record the decoder accepts)
     if params["predictor"] == "low_rank":
-        return ["none", None, "values"]
+        return ["none", None, "values", rank]
     variant = _variant(params)  # (a string in any record the decoder accepts that reads it)
-    return [params["predictor"], variant if isinstance(variant, str) else None, "linear" if "rank" in params else None]
+    return [params["predictor"], variant if isinstance(variant, str) else None, "linear" if "rank" in params else None,
+            rank]
 
 
 def _reused_recipe(previous: TensorState | None, shape, dtype: str, search_every: int) -> list | None:
@@ -256,11 +259,12 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     eb = absolute_bound(values, config)
     reuse = _reused_recipe(previous, shape, dtype, search_every)
     tries_low_rank = low_rank and config.coder == "rans" and low_rank_eligible(shape) and eb > 0 and math.isfinite(eb)
-    # between searches, only the kind of part the last record carried (if any)
-    low_rank_kinds = (LOW_RANK_KINDS if reuse is None else reuse[2:]) if tries_low_rank else ()
-    with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds) as values_part:
+    # between searches, only the kind of part the last record carried (if any), at its rank
+    low_rank_kinds = (LOW_RANK_KINDS if reuse is None else reuse[2:3]) if tries_low_rank else ()
+    rank = reuse[3] if reuse is not None and len(reuse) > 3 else None
+    with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds, rank) as values_part:
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
-                                         values_part, "linear" in low_rank_kinds, reuse)
+                                         values_part, _FitLowRank(rank) if "linear" in low_rank_kinds else None, reuse)
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, recipe_of(encoded.record),
                                   threads)
     return encoded
@@ -451,10 +455,11 @@ class _MergeEstimates:
 
 
 def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads=1,
-                           values_part=None, linear_part=False, reuse=None) -> Encoded:
+                           values_part=None, linear_part: "_FitLowRank | None" = None, reuse=None) -> Encoded:
     """values_part: None, or a call that gives the values' own low-rank part (see
-    _values_low_rank_part), where the tensor tries one; linear_part: whether it tries a part
-    added to a linear prediction; reuse: the recipe to rebuild instead of searching."""
+    _values_low_rank_part), where the tensor tries one; linear_part: None, or how to fit a
+    part added to a linear prediction, where it tries one; reuse: the recipe to rebuild
+    instead of searching."""
     if not (eb > 0 and math.isfinite(eb)):
         return _lossless(name, array, dtype, shape)
     if reuse is not None:
@@ -480,13 +485,13 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
-    low_rank_inside = linear_part and bool(recipe) and recipe[0] == "linear"
+    low_rank_inside = linear_part is not None and bool(recipe) and recipe[0] == "linear"
     predicted = [] if recipe and recipe[0] == "none" else _predicted_candidates(
-        values, dtype, shape, eb, config, previous, plain, recipe, _FIT_LOW_RANK if low_rank_inside else None)
+        values, dtype, shape, eb, config, previous, plain, recipe, linear_part if low_rank_inside else None)
     candidates += predicted
     if reuse is not None and reuse[0] != "none" and not predicted:  # the last recipe does not apply this round: search
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
-                                      values_part, linear_part)
+                                      values_part, None if linear_part is None else _FitLowRank(None))
     if not candidates:  # the sample's choice is not available on the whole tensor
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
@@ -496,9 +501,9 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         best = None  # (a context recipe oriented the plain codes in place: quantized again)
         plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False)
         best = _Candidate("none", plain, {}, [], plain.codes)
-    if values_part is not None or (linear_part and not low_rank_inside):
+    if values_part is not None or (linear_part is not None and not low_rank_inside):
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads, values_part,
-                              on_linear=linear_part and not low_rank_inside)
+                              on_linear=linear_part is not None and not low_rank_inside)
     if not plain_checked and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
@@ -549,11 +554,15 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     return best
 
 
-_FIT_LOW_RANK = "fit"  # for _linear_candidates: fit a low-rank part to its own residual
+class _FitLowRank(NamedTuple):
+    """For _linear_candidates: fit a low-rank part to the prediction's own residual, at this
+    rank (the last search's, between searches) or, with None, at the rank the fit finds."""
+
+    rank: int | None
 
 
 @contextlib.contextmanager
-def _values_low_rank_part(values, shape, eb, threads, wanted):
+def _values_low_rank_part(values, shape, eb, threads, wanted, rank=None):
     """Yields None where the tensor tries no low-rank part, else a call that returns the
     values' own part (_low_rank_part with no linear prediction). With more than one thread
     that fit runs in the background from the start, beside the choice of the best candidate,
@@ -562,23 +571,24 @@ def _values_low_rank_part(values, shape, eb, threads, wanted):
         yield None
         return
     if threads <= 1:
-        yield lambda: _low_rank_part(values, shape, eb, None, threads)
+        yield lambda: _low_rank_part(values, shape, eb, None, threads, rank)
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_low_rank_part, values, shape, eb, None, 1)
+        future = pool.submit(_low_rank_part, values, shape, eb, None, 1, rank)
         yield future.result
 
 
-def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads):
+def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads, rank=None):
     """(factors, params, sections) of the low-rank part of what the linear prediction (or
-    none) leaves of values, or None where the factors would not pay for themselves."""
+    none) leaves of values, or None where the factors would not pay for themselves (rank: as
+    fit_low_rank's)."""
     rows = shape[0]
     if linear is None:
         residual = values.astype(np.float32, copy=False)
     else:
         residual = np.empty(values.size, np.float32)
         linear_residual(values, linear.last, linear.second_last, linear.w_last, linear.w_second, linear.row_length, residual)
-    factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits)
+    factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits, rank)
     del residual
     if factors is None:
         return None
@@ -640,7 +650,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
     plain codes oriented in place (nothing else uses them then). low_rank: (factors, params,
-    sections) of a low-rank part added to the linear prediction, or _FIT_LOW_RANK to fit one."""
+    sections) of a low-rank part added to the linear prediction, or a _FitLowRank to fit one."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -738,8 +748,8 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low
         params, sections = {"weights": [_rounded(fit[0]), _rounded(fit[1])]}, []
         w_last, w_second = np.array(params["weights"][:1]), np.array(params["weights"][1:])
     prediction = _Prediction.linear(previous, w_last, w_second)
-    if low_rank == _FIT_LOW_RANK:
-        low_rank = _low_rank_part(values, previous.shape, eb, prediction, 1)
+    if isinstance(low_rank, _FitLowRank):
+        low_rank = _low_rank_part(values, previous.shape, eb, prediction, 1, low_rank.rank)
     if low_rank is not None:
         params, sections = {**params, **low_rank[1]}, sections + low_rank[2]
         prediction = _Prediction.linear(previous, w_last, w_second, low_rank[0])

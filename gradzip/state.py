@@ -29,7 +29,10 @@ from .errors import GradzipError, InputError
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
-STATE_VERSION = 4  # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions. 4: recipes
+# 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions. 4: recipes.
+# 5: a recipe carries its low-rank part's rank. Version 4 files still load (their recipes, no rank).
+STATE_VERSION = 5
+_READABLE_VERSIONS = (4, 5)
 _BYTES_PER_ELEMENT = 13  # ema f32, sign i8, last f32, second_last f32
 _DIGEST_SIZE = 8
 
@@ -43,8 +46,9 @@ class TensorState:
     sign: np.ndarray  # int8, flat
     last: np.ndarray  # float32, flat: the last round's reconstruction
     second_last: np.ndarray  # float32, flat: the one before
-    # What the last round's record chose, [predictor, variant, low-rank kind] (codec.recipe_of),
-    # for the encoder to reuse between its searches; None where it chose no quantization.
+    # What the last round's record chose, [predictor, variant, low-rank kind, rank]
+    # (codec.recipe_of; a version-4 file's lack the rank), for the encoder to reuse between its
+    # searches; None where it chose no quantization.
     recipe: list | None = None
 
     @classmethod
@@ -98,8 +102,9 @@ class PredictorState:
             raise GradzipError(f"{source}: not a gradzip state file")
         body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
         version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
-        if version != STATE_VERSION:  # before the checksum, which older versions computed otherwise
-            raise GradzipError(f"{source}: state format version {version} is not supported (expected {STATE_VERSION})")
+        if version not in _READABLE_VERSIONS:  # before the checksum, which older versions computed otherwise
+            raise GradzipError(f"{source}: state format version {version} is not supported "
+                               f"(expected {' or '.join(map(str, _READABLE_VERSIONS))})")
         if fingerprint([body]) != digest:
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         if header_len > len(body) - fixed:
@@ -120,14 +125,23 @@ class PredictorState:
                 if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
                 recipe = entry["recipe"]
-                if recipe is not None and not (isinstance(recipe, list) and len(recipe) == 3
-                                               and all(isinstance(part, str) or part is None for part in recipe)):
+                if recipe is not None and not _is_recipe(recipe, version):
                     raise ValueError("bad recipe")
                 state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
                                                                sign, last, second_last, recipe)
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
         return state
+
+
+def _is_recipe(recipe, version: int) -> bool:
+    """[predictor, variant, low-rank kind] of strings or None, then (from version 5) the rank:
+    an int or None."""
+    if not (isinstance(recipe, list) and len(recipe) == (3 if version == 4 else 4)):
+        return False
+    names, rank = recipe[:3], recipe[3:]
+    return (all(isinstance(part, str) or part is None for part in names)
+            and all(part is None or (type(part) is int and 0 < part <= 1 << 16) for part in rank))
 
 
 def _little_endian(array: np.ndarray) -> memoryview:

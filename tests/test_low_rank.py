@@ -5,7 +5,8 @@ import pytest
 
 import gradzip
 from gradzip.container import join_stream, split_stream
-from gradzip.predict.lowrank import MAX_RANK, eligible, factor_contexts, low_rank_offset
+from gradzip.entropy import rans
+from gradzip.predict.lowrank import MAX_RANK, RANKS, eligible, factor_contexts, fit_low_rank, low_rank_offset
 
 from test_core_roundtrip import run_rounds
 
@@ -67,6 +68,40 @@ def test_full_rank_noise_gets_no_low_rank_part():
         rounds.append({"fc.weight": update.astype(np.float32)})
     blobs = run_rounds(rounds, 1e-3, "rel")[2]
     assert not any("rank" in split_stream(b)[1][0][0]["params"] for b in blobs)
+
+
+def _fit(residual, eb, rank=None):
+    """(factors, ranks whose size was estimated) of one fit."""
+    estimated = []
+
+    def counting(codes, contexts, n_contexts):
+        if n_contexts > 1:  # the factors' estimate (one context per component), once per rank tried
+            estimated.append(n_contexts)
+        return rans.estimated_bits(codes, contexts, n_contexts)
+
+    return fit_low_rank(residual, eb, counting, rank), estimated
+
+
+def test_a_rank_hint_starts_the_walk_there_and_keeps_the_walk_s_choice():
+    """Between searches the encoder passes the last rank as a hint: the walk starts there (so
+    fewer sizes are estimated when the rank holds) and still ends at the same rank; a hint
+    that is not one of RANKS, or does not fit the layer, is ignored."""
+    rng = np.random.default_rng(8)
+    rows, cols = 256, 2048
+    residual = (rng.normal(size=(rows, 12)) @ rng.normal(size=(12, cols)) / 3 + 0.05 * rng.normal(size=(rows, cols)))
+    residual = residual.astype(np.float32)
+    eb = 1e-3 * float(residual.max() - residual.min())
+    walked, walked_ranks = _fit(residual, eb)
+    assert walked is not None
+    chosen = walked.left.shape[0]
+    hinted, hinted_ranks = _fit(residual, eb, chosen)
+    assert hinted.left.shape[0] == chosen
+    assert len(hinted_ranks) < len(walked_ranks), (hinted_ranks, walked_ranks)
+    for ignored in (5, 0, MAX_RANK * 2):
+        again, _ = _fit(residual, eb, ignored)
+        assert np.array_equal(again.left, walked.left) and np.array_equal(again.right, walked.right)
+    small, small_ranks = _fit(residual, eb, RANKS[0])  # sketches at most 4x the hint: ranks up to 16
+    assert small is not None and max(small_ranks) <= 4 * RANKS[0]
 
 
 def test_only_large_two_sided_views_are_eligible():

@@ -4,11 +4,14 @@ decoder's state, or a stream a search would have refused."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 
 import numpy as np
 import pytest
 
 from gradzip import Compressor, Decompressor, GradzipError, InputError
+from gradzip.checksum import fingerprint
 from gradzip.codec import recipe_of
 from gradzip.container import split_stream
 from gradzip.state import PredictorState
@@ -66,7 +69,8 @@ def test_states_carry_the_recipes_and_agree_across_a_reusing_sequence(sample, gz
     assert {n: t.recipe for n, t in again.tensors.items()} == {n: t.recipe for n, t in state.tensors.items()}
 
 
-@pytest.mark.parametrize("recipe", [["bogus", None, None], ["linear", "rows,scale_ema", "linear"], ["ema", "kernel", None]])
+@pytest.mark.parametrize("recipe", [["bogus", None, None, None], ["linear", "rows,scale_ema", "linear", 16],
+                                    ["ema", "kernel", None, None], ["none", None, "values", 5]])
 def test_a_recipe_that_does_not_apply_falls_back_to_a_search(sample, gz, recipe):
     """A state's recipe that names no candidate of this tensor (or none this config allows)
     is searched past, not trusted: the stream stays valid and within the bound."""
@@ -90,7 +94,10 @@ def test_search_every_must_be_a_positive_integer(bad):
         Compressor(1e-3, search_every=bad)
 
 
-@pytest.mark.parametrize("recipe", [[1, None, None], ["linear", None], "linear", ["a", "b", 3]])
+@pytest.mark.parametrize("recipe", [[1, None, None, None], ["linear", None], "linear", ["a", "b", 3, None],
+                                    ["linear", None, "linear"], ["linear", None, "linear", "16"],
+                                    ["linear", None, "linear", True], ["linear", None, "linear", 0],
+                                    ["linear", None, "linear", 16.0]])
 def test_a_malformed_recipe_in_a_state_file_is_refused(sample, recipe):
     compressor = Compressor(1e-3, "rel")
     compressor.compress(sample[0])
@@ -105,6 +112,39 @@ def test_a_version_3_state_file_is_refused_by_name(sample):
     data[8:12] = (3).to_bytes(4, "little")
     with pytest.raises(GradzipError, match="version 3 is not supported"):
         PredictorState.from_bytes(bytes(data))
+
+
+def _as_version_4(state: PredictorState) -> bytes:
+    """The state as the last release wrote it: version 4, recipes without their rank."""
+    head, *arrays = state._parts()
+    header_len = int.from_bytes(head[12:20], "little")
+    header = json.loads(head[20 : 20 + header_len])
+    for entry in header["tensors"]:
+        entry["recipe"] = entry["recipe"] and entry["recipe"][:3]
+    header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = b"".join([b"GRZSTATE" + struct.pack("<IQ", 4, len(header)) + header, *map(bytes, arrays)])
+    return body + fingerprint([body])
+
+
+def test_a_version_4_state_file_still_loads_and_carries_on(sample, gz):
+    """A sidecar written before recipes carried ranks keeps its sequence going: both sides
+    load it, rebuild its recipes (no rank hint) and agree on the round after."""
+    compressor = Compressor(1e-3, "rel", search_every=1000)
+    for tensors in sample[:4]:
+        compressor.compress(tensors)
+    old = _as_version_4(compressor.state)
+    loaded = PredictorState.from_bytes(old)
+    assert {n: t.recipe for n, t in loaded.tensors.items()} == {
+        n: t.recipe and t.recipe[:3] for n, t in compressor.state.tensors.items()}
+    compressor.state = loaded
+    blob = compressor.compress(sample[4])
+    decompressor = Decompressor(PredictorState.from_bytes(old))
+    out = decompressor.decompress(blob)
+    assert decompressor.state.to_bytes() == compressor.state.to_bytes()
+    for name, record in records(blob).items():
+        assert compressor.state.tensors[name].recipe == recipe_of(record)
+        assert len(recipe_of(record)) == 4
+        gz.assert_within_bound(sample[4][name], out[name], 1e-3, "rel", name)
 
 
 def test_cli_search_every(tmp_path, gz, sample_rounds):
