@@ -174,9 +174,10 @@ def _has_history(previous: TensorState | None, shape, dtype) -> bool:
 
 
 def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.ndarray, config: CodecConfig,
-                  recipe: list | None = None, threads: int = 1) -> TensorState:
+                  recipe: list | None = None, threads: int = 1, recon_hash: int | None = None) -> TensorState:
     """A new TensorState after this round's reconstruction (recon: flat float32/float64) and
-    the recipe of its record (threads: for a large tensor's element ranges)."""
+    the recipe of its record (threads: for a large tensor's element ranges), its digest
+    computed (recon_hash: the reconstruction's full XXH64, where the caller has it)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
     # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -189,6 +190,11 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
                   state.sign, state.last, threads)
     state.rounds += 1
     state.recipe = recipe
+    if previous is not None:
+        state.second_last_hash = previous.last_hash
+    if dtype == "F32":  # last is the reconstruction's own float32 bytes
+        state.last_hash = recon_hash
+    state.digest()  # here, in the tensor's own thread, not all at the round's end
     return state
 
 
@@ -228,6 +234,7 @@ class Encoded:
     recon: np.ndarray  # what the decoder will return, in the tensor's dtype and shape
     state: TensorState | None  # the tensor's state after this round (None if it carries none)
     ideal_code_bits: float  # ideal length of the codes under the coder's model (0 if not coded)
+    recon_hash: int = 0  # the XXH64 of recon's bytes as stored (the record checks its low 32 bits)
 
 
 @dataclass
@@ -266,7 +273,7 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, _FitLowRank(rank) if "linear" in low_rank_kinds else None, reuse)
     encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, recipe_of(encoded.record),
-                                  threads)
+                                  threads, encoded.recon_hash)
     return encoded
 
 
@@ -291,10 +298,11 @@ def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bit
     sections = _padded(sections, element_count(shape))
     payload = b"".join(data for _, data in sections)
     recon = np.ascontiguousarray(recon).reshape(shape)
+    recon_hash = _recon_hash(recon, dtype)
     record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
               "sections": [[section, len(data)] for section, data in sections],
-              "recon_check": _recon_hash(recon, dtype)}
-    return Encoded(record, payload, recon, None, ideal_code_bits)
+              "recon_check": recon_hash & _RECON_CHECK_MASK}
+    return Encoded(record, payload, recon, None, ideal_code_bits, recon_hash)
 
 
 # A record carries the low 32 bits of its reconstruction's XXH64: as strong a check as the
@@ -303,7 +311,7 @@ _RECON_CHECK_MASK = 0xFFFFFFFF
 
 
 def _recon_hash(recon: np.ndarray, dtype: str) -> int:
-    return xxh64(_little_endian_bytes(recon, dtype)) & _RECON_CHECK_MASK
+    return xxh64(_little_endian_bytes(recon, dtype))
 
 
 def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
@@ -983,12 +991,12 @@ def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: T
     segments of a large tensor. Raises CorruptStreamError."""
     name = record.get("name", "?")
     try:
-        array, state = _decode(record, payload, config, previous, threads)
+        array, state, recon_hash = _decode(record, payload, config, previous, threads)
     except CorruptStreamError as exc:
         raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
         raise CorruptStreamError(f"tensor {name!r}: malformed record ({type(exc).__name__}: {exc})") from None
-    if _recon_hash(array, record["dtype"]) != record["recon_check"]:
+    if recon_hash & _RECON_CHECK_MASK != record["recon_check"]:
         raise CorruptStreamError(f"tensor {name!r}: reconstruction checksum mismatch (encoder and decoder disagree)")
     return array, state
 
@@ -1014,8 +1022,10 @@ def _decode(record, payload, config, previous, threads=1):
         array = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads)
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
-    state = advance_state(previous, shape, dtype, widen(array, dtype), config, recipe_of(record), threads) if stateful else None
-    return array, state
+    recon_hash = _recon_hash(array, dtype)
+    state = (advance_state(previous, shape, dtype, widen(array, dtype), config, recipe_of(record), threads, recon_hash)
+             if stateful else None)
+    return array, state, recon_hash
 
 
 def _from_little_endian(raw, np_dtype, shape) -> np.ndarray:

@@ -8,8 +8,9 @@ same record). The state is updated
 only from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), per tensor its four arrays back to back (13 bytes per element), then an 8-byte
-fingerprint (XXH64) of everything before it.
+keys), per tensor its four arrays back to back (13 bytes per element), then the state's
+8-byte digest: the XXH64 of the bytes before the arrays and each tensor's own digest
+(docs/format.md).
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checksum import fingerprint
+from .checksum import fingerprint, xxh64
 from .errors import GradzipError, InputError
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
 # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions. 4: recipes.
-# 5: a recipe carries its low-rank part's rank. Version 4 files still load (their recipes, no rank).
+# 5: a recipe carries its low-rank part's rank, and the fingerprint hashes tensor by tensor
+# (PredictorState.digest). Version 4 files still load (their recipes, no rank).
 STATE_VERSION = 5
 _READABLE_VERSIONS = (4, 5)
 _BYTES_PER_ELEMENT = 13  # ema f32, sign i8, last f32, second_last f32
@@ -50,6 +52,24 @@ class TensorState:
     # (codec.recipe_of; a version-4 file's lack the rank), for the encoder to reuse between its
     # searches; None where it chose no quantization.
     recipe: list | None = None
+    # XXH64 of `last` and `second_last`, where the caller knows them: this round's second_last
+    # is the last round's last, and an F32 tensor's last is its reconstruction, which the
+    # record's check hashes anyway. Then digest() hashes 5 bytes an element, not 13.
+    last_hash: int | None = field(default=None, repr=False, compare=False)
+    second_last_hash: int | None = field(default=None, repr=False, compare=False)
+
+    def digest(self) -> bytes:
+        """8 bytes naming the four arrays, for the state's digest. Cached: a tensor state is
+        not modified once built (advance_state computes it in the tensor's own thread)."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            if self.last_hash is None:
+                self.last_hash = xxh64(_little_endian(self.last))
+            if self.second_last_hash is None:
+                self.second_last_hash = xxh64(_little_endian(self.second_last))
+            cached = self.__dict__["_digest"] = fingerprint(
+                [_little_endian(self.ema), _little_endian(self.sign), struct.pack("<QQ", self.last_hash, self.second_last_hash)])
+        return cached
 
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
@@ -64,35 +84,41 @@ class PredictorState:
     tensors: dict[str, TensorState] = field(default_factory=dict)
     last_input_digest: str = ""  # of the last round's input, to catch a round compressed twice
 
-    def _parts(self) -> list:
-        """The file's bytes before the digest, as pieces (arrays as views, not copies)."""
+    def _head(self) -> bytes:
+        """The file's bytes before the arrays: magic, version, header length and header."""
         entries = []
-        arrays = []
         offset = 0
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            arrays += [_little_endian(t.ema), _little_endian(t.sign), _little_endian(t.last), _little_endian(t.second_last)]
             entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
                             "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe})
             offset += t.ema.size * _BYTES_PER_ELEMENT
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
-        return [STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header, *arrays]
+        return STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header
 
-    def _checksum(self) -> bytes:
-        return fingerprint(self._parts())
+    def _parts(self) -> list:
+        """The file's bytes before the digest, as pieces (arrays as views, not copies)."""
+        arrays = []
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            arrays += [_little_endian(t.ema), _little_endian(t.sign), _little_endian(t.last), _little_endian(t.second_last)]
+        return [self._head(), *arrays]
 
     def to_bytes(self) -> bytes:
         return b"".join(self._parts()) + bytes.fromhex(self.digest())
 
     def digest(self) -> str:
-        """Short hex digest naming this exact state (stored in streams to catch mismatches).
+        """Short hex digest naming this exact state (stored in streams to catch mismatches, and
+        at the end of the file): the XXH64 of the file's head and each tensor's digest, so the
+        arrays are hashed tensor by tensor, each in the thread that built it.
 
         A state is not modified after construction (rounds build new ones), so it is cached.
         """
         cached = self.__dict__.get("_digest")
         if cached is None:
-            cached = self.__dict__["_digest"] = self._checksum().hex()
+            tensor_digests = [self.tensors[name].digest() for name in sorted(self.tensors)]
+            cached = self.__dict__["_digest"] = fingerprint([self._head(), *tensor_digests]).hex()
         return cached
 
     @classmethod
@@ -105,7 +131,7 @@ class PredictorState:
         if version not in _READABLE_VERSIONS:  # before the checksum, which older versions computed otherwise
             raise GradzipError(f"{source}: state format version {version} is not supported "
                                f"(expected {' or '.join(map(str, _READABLE_VERSIONS))})")
-        if fingerprint([body]) != digest:
+        if version == 4 and fingerprint([body]) != digest:  # (version 4 hashed the file whole)
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         if header_len > len(body) - fixed:
             raise GradzipError(f"{source}: state header exceeds the file")
@@ -113,10 +139,12 @@ class PredictorState:
             header = json.loads(body[fixed : fixed + header_len])
             arrays = memoryview(body)[fixed + header_len :]
             state = cls(round=int(header["round"]), last_input_digest=str(header["last_input_digest"]))
+            end = 0
             for entry in header["tensors"]:
                 n, offset = int(entry["elements"]), int(entry["offset"])
-                if n < 0 or offset < 0 or offset + _BYTES_PER_ELEMENT * n > len(arrays):
+                if n < 0 or offset != end or offset + _BYTES_PER_ELEMENT * n > len(arrays):
                     raise ValueError("array outside the file")
+                end = offset + _BYTES_PER_ELEMENT * n
                 ema = np.frombuffer(arrays[offset : offset + 4 * n], "<f4").astype(np.float32)
                 sign = np.frombuffer(arrays[offset + 4 * n : offset + 5 * n], np.int8).copy()
                 last = np.frombuffer(arrays[offset + 5 * n : offset + 9 * n], "<f4").astype(np.float32)
@@ -129,8 +157,14 @@ class PredictorState:
                     raise ValueError("bad recipe")
                 state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
                                                                sign, last, second_last, recipe)
+            if end != len(arrays):
+                raise ValueError("bytes after the last array")
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            if version == 5:  # (its checksum is checked once the tensors are read)
+                raise GradzipError(f"{source}: state file is corrupted or malformed ({type(exc).__name__})") from None
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
+        if version == 5 and bytes.fromhex(state.digest()) != digest:
+            raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         return state
 
 

@@ -226,3 +226,26 @@ def test_compressing_the_same_round_twice_is_detected(gz):
     assert c.state.to_bytes() == before
     c.compress(rounds[1])  # the sequence goes on
     assert c.state.round == 2
+
+
+def test_a_state_digest_is_the_same_rebuilt_from_its_file_in_every_dtype(gz):
+    """The live state's digest reuses hashes it already has (an F32 tensor's reconstruction,
+    the last round's last reconstruction); rebuilt from the file, every hash is taken from the
+    arrays. The two must agree in every dtype and every round, or a one-process-per-round
+    sequence would stop with a state mismatch."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    compressor, decompressor = Compressor(1e-3, "rel"), Decompressor()
+    for r in range(4):
+        base = rng.normal(size=(64, 40)) * (1 + r)
+        tensors = {"f32": base.astype(np.float32), "f16": base.astype(np.float16),
+                   "bf16": gz.bfloat16_from_float32(base.astype(np.float32)), "f64": base * 1.5,
+                   "f32_small": base[:8, :8].astype(np.float32)}
+        decompressor.decompress(compressor.compress(tensors))
+        live = compressor.state
+        assert live.digest() == decompressor.state.digest()
+        rebuilt = PredictorState.from_bytes(live.to_bytes())
+        assert rebuilt.digest() == live.digest(), r
+        assert {name: t.digest() for name, t in rebuilt.tensors.items()} == {
+            name: t.digest() for name, t in live.tensors.items()}
