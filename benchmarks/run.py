@@ -157,7 +157,9 @@ def summary_markdown(results, with_plots: bool) -> str:
         "that beats their raw bytes (SZ3's header can outweigh a bias); the others share one zstd frame per round. gradzip "
         "quantizes its small float tensors into one shared rANS stream. Speeds are single-threaded (except \"gradzip all threads\") MB/s of original data "
         "(10^6 bytes), the fastest of "
-        f"{first['settings']['repeats']} runs per round after a warm-up; peak memory is "
+        f"{first['settings']['repeats']} runs per round after a warm-up, the methods' runs alternating (each method's "
+        "first run of a round, then each one's second, ...) so a slow spell of the machine falls on all of them alike; "
+        "peak memory is "
         + ("the rise of resident memory during one compress or decompress call." if first["settings"]["memory"] == "rss"
            else "tracemalloc's peak (numpy and Python allocations only).")
         + " QSGD is not error-bounded; its error is reported at its size.",

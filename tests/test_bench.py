@@ -322,6 +322,42 @@ def test_stateful_repeats_give_the_same_sizes():
     assert [x["compressed_bytes"] for x in a["rounds"]] == [x["compressed_bytes"] for x in b["rounds"]]
 
 
+def test_methods_timed_runs_alternate_and_each_keeps_its_own_state(monkeypatch):
+    """Round by round, every method's k-th timed compression comes before any method's
+    (k+1)-th (likewise decompressions), so a slow spell of the machine falls on all of them;
+    and running beside the others changes no method's streams (each restores its own state)."""
+    rounds = synthetic_rounds(3, seed=4)
+    calls: list[tuple[str, str]] = []
+    original_make = {name: m.make for name, m in bench_methods.METHODS.items()}
+
+    def spying(name):
+        def make(*args):
+            session = original_make[name](*args)
+            compress, decompress = session.compress, session.decompress
+            session.compress = lambda *a: (calls.append(("c", name)), compress(*a))[1]
+            session.decompress = lambda *a: (calls.append(("d", name)), decompress(*a))[1]
+            return session
+        return make
+
+    for name in ("gradzip", "gradzip-nopred", "zstd"):
+        m = bench_methods.METHODS[name]
+        monkeypatch.setitem(bench_methods.METHODS, name, bench_methods.Method(
+            m.name, m.label, m.family, m.error_bounded, m.description, m.requires, spying(name)))
+    names = ("gradzip", "gradzip-nopred", "zstd")
+    together = run_bench(rounds, BenchConfig(error_bounds=(1e-3,), methods=names, repeats=3, memory=False))
+    # after the warm-ups (4 calls a method), per round: 3 x (one compression each), 3 x (one decompression each)
+    timed = calls[4 * len(names):]
+    per_round = 6 * len(names)
+    assert len(timed) == len(rounds) * per_round
+    for i in range(len(rounds)):
+        block = timed[i * per_round:(i + 1) * per_round]
+        assert block == [(kind, name) for kind in "cd" for _ in range(3) for name in names], block
+    for name in names:
+        alone = run_bench(rounds, _quick(error_bounds=(1e-3,), methods=(name,)))
+        sizes = [x["compressed_bytes"] for x in alone["results"][0]["methods"][name]["rounds"]]
+        assert sizes == [x["compressed_bytes"] for x in together["results"][0]["methods"][name]["rounds"]], name
+
+
 # ---------------------------------------------------------------- communication-time model
 
 

@@ -103,7 +103,7 @@ def print_tables(result: dict, console) -> None:
     data = result["data"]
     console.print(f"[bold]gradzip bench[/]: {data['rounds']} round(s), {data['tensors']} tensors, "
                   f"{_bytes(data['original_bytes'])} in all; mode {result['mode']}; "
-                  f"timing: fastest of {result['settings']['repeats']} per round, after warm-up")
+                  f"timing: fastest of {result['settings']['repeats']} per round, methods alternating, after warm-up")
     for entry in result["results"]:
         eb = entry["error_bound"]
         bound = f"rel {eb:g} (eb = {eb:g} x each tensor's range)" if result["mode"] == "rel" else f"abs {eb:g}"

@@ -12,8 +12,8 @@ never compared at different bounds.
 Figures per method and bound (JSON-ready dict, see `run_bench`):
 - sizes: compressed bytes, ratio and bits per value, total and per round;
 - speed: compress and decompress MB/s (10**6 bytes of original data per second), the minimum
-  over `repeats` runs of each round, after a warm-up on the first two rounds with a throwaway
-  session; the warm-up's extra time over the steady state (numba compilation or cache
+  over `repeats` runs of each round, the methods' runs alternating (see `_run_methods`), after
+  a warm-up on the first two rounds with a throwaway session per method; the warm-up's extra time over the steady state (numba compilation or cache
   loading, imports, first-call set-up) is reported separately as `warmup_overhead_seconds`;
   the fastest process CPU times are kept too (steadier than wall time on a busy machine);
 - errors: max abs error, max error / eb, PSNR (20 log10(range / RMSE), range the largest
@@ -246,20 +246,6 @@ class _RoundFigures:
     errors: _Errors = field(default_factory=_Errors)
 
 
-def _timed(fn, repeats: int, before: Callable[[], None]):
-    """(result, fastest wall seconds, fastest process CPU seconds) over `repeats` calls."""
-    best = best_cpu = math.inf
-    result = None
-    for _ in range(max(1, repeats)):
-        before()
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return result, best, best_cpu
-
-
 def _check_bounds(method: Method, packed: Packed, bounds: dict[str, float], round_label: str) -> None:
     for name, used in packed.used_bounds.items():
         if used != 0.0 and used != bounds.get(name):
@@ -267,104 +253,162 @@ def _check_bounds(method: Method, packed: Packed, bounds: dict[str, float], roun
                              f"the bench's bound is {bounds.get(name)!r}: refusing to compare at different bounds")
 
 
-def _run_method(method: Method, rounds: list[Round], bounds: list[dict[str, float]], mode: str, error_bound: float,
-                config: BenchConfig, lossy_limit: int, memory) -> dict:
-    def session():
-        return method.make(mode, error_bound, lossy_limit, config.seed)
+class _MethodRun:
+    """One method over the rounds at one bound: its session, and its figures round by round.
+    run_bench drives every method's run through a round at once, so their timed calls can
+    alternate (see _run_methods)."""
 
-    # Warm-up, at every bound (a new bound can reach code not compiled yet): a throwaway session
-    # over the first two rounds (prediction needs a second round).
-    throwaway = session()
-    t0 = time.perf_counter()
-    for r, b in zip(rounds[:2], bounds[:2]):
-        throwaway.decompress(throwaway.compress(r.tensors, b))
-    warmup_seconds = time.perf_counter() - t0
-    del throwaway
+    def __init__(self, method: Method, mode: str, error_bound: float, config: BenchConfig, lossy_limit: int, memory,
+                 rounds: list[Round], bounds: list[dict[str, float]]):
+        self.method, self.memory = method, memory
 
-    s = session()
-    per_round: list[_RoundFigures] = []
-    tensor_bytes: dict[str, list[int]] = {}
-    described: list[dict] = []
-    peak_memory = 0
-    payload = 0
-    for r, b in zip(rounds, bounds):
-        figures = _RoundFigures()
-        snap = s.snapshot()
-        sizes = set()
+        def session():
+            return method.make(mode, error_bound, lossy_limit, config.seed)
 
-        def compress_once():
-            packed = s.compress(r.tensors, b)
-            sizes.add(packed.nbytes)
-            return packed
+        # Warm-up, at every bound (a new bound can reach code not compiled yet): a throwaway
+        # session over the first two rounds (prediction needs a second round).
+        throwaway = session()
+        t0 = time.perf_counter()
+        for r, b in zip(rounds[:2], bounds[:2]):
+            throwaway.decompress(throwaway.compress(r.tensors, b))
+        self.warmup_seconds = time.perf_counter() - t0
+        del throwaway
+        self.s = session()
+        self.per_round: list[_RoundFigures] = []
+        self.tensor_bytes: dict[str, list[int]] = {}
+        self.described: list[dict] = []
+        self.peak_memory = 0
+        self.payload = 0
 
-        if memory is not None:
-            s.restore(snap)
-            memory.start()
-            s.compress(r.tensors, b)
-            peak_memory = max(peak_memory, memory.peak())
-        packed, figures.compress_seconds, figures.compress_cpu = _timed(compress_once, config.repeats, lambda: s.restore(snap))
-        if len(sizes) != 1:
-            raise BenchError(f"{method.name}: repeated compression of {r.label} gave different sizes {sorted(sizes)}")
-        _check_bounds(method, packed, b, r.label)
-        after_compress = s.snapshot()
-        if memory is not None:
-            memory.start()
-            s.decompress(packed)
-            peak_memory = max(peak_memory, memory.peak())
-            s.restore(after_compress)
-        recon, figures.decompress_seconds, figures.decompress_cpu = _timed(lambda: s.decompress(packed), config.repeats,
-                                                                          lambda: s.restore(after_compress))
+    def start_round(self, r: Round, b: dict[str, float]) -> None:
+        """The round's state to restore before each timed compression, and its memory probe."""
+        self.round, self.bounds, self.figures = r, b, _RoundFigures()
+        self.figures.compress_seconds = self.figures.compress_cpu = math.inf
+        self.figures.decompress_seconds = self.figures.decompress_cpu = math.inf
+        self.snap = self.s.snapshot()
+        self.sizes: set[int] = set()
+        if self.memory is not None:
+            self.memory.start()
+            self.s.compress(r.tensors, b)
+            self.peak_memory = max(self.peak_memory, self.memory.peak())
+
+    def compress_once(self) -> None:
+        self.s.restore(self.snap)
+        c0, t0 = time.process_time(), time.perf_counter()
+        packed = self.s.compress(self.round.tensors, self.bounds)
+        self.figures.compress_seconds = min(self.figures.compress_seconds, time.perf_counter() - t0)
+        self.figures.compress_cpu = min(self.figures.compress_cpu, time.process_time() - c0)
+        self.sizes.add(packed.nbytes)
+        self.packed = packed
+
+    def compressed(self) -> None:
+        """After the timed compressions: checks, the state to restore before each timed
+        decompression, and its memory probe."""
+        if len(self.sizes) != 1:
+            raise BenchError(f"{self.method.name}: repeated compression of {self.round.label} gave different sizes "
+                             f"{sorted(self.sizes)}")
+        _check_bounds(self.method, self.packed, self.bounds, self.round.label)
+        self.after_compress = self.s.snapshot()
+        if self.memory is not None:
+            self.memory.start()
+            self.s.decompress(self.packed)
+            self.peak_memory = max(self.peak_memory, self.memory.peak())
+            self.s.restore(self.after_compress)
+
+    def decompress_once(self) -> None:
+        self.s.restore(self.after_compress)
+        c0, t0 = time.process_time(), time.perf_counter()
+        self.recon = self.s.decompress(self.packed)
+        self.figures.decompress_seconds = min(self.figures.decompress_seconds, time.perf_counter() - t0)
+        self.figures.decompress_cpu = min(self.figures.decompress_cpu, time.process_time() - c0)
+
+    def end_round(self) -> None:
+        r, b, packed, recon, figures = self.round, self.bounds, self.packed, self.recon, self.figures
         figures.compressed_bytes = packed.nbytes
         if set(recon) != set(r.tensors):
-            raise BenchError(f"{method.name}: decompressed tensors {sorted(recon)} differ from the input's")
+            raise BenchError(f"{self.method.name}: decompressed tensors {sorted(recon)} differ from the input's")
         for name, original in r.tensors.items():
             figures.errors.add(compare(original, recon[name], b[name]))
-            tensor_bytes.setdefault(name, []).append(packed.tensor_bytes.get(name, 0))
-        described.append(s.describe(packed))
-        payload += packed.payload_bytes if packed.payload_bytes is not None else described[-1].get("payload_bytes", packed.nbytes)
-        del recon, packed
-        per_round.append(figures)
+            self.tensor_bytes.setdefault(name, []).append(packed.tensor_bytes.get(name, 0))
+        self.described.append(self.s.describe(packed))
+        self.payload += (packed.payload_bytes if packed.payload_bytes is not None
+                         else self.described[-1].get("payload_bytes", packed.nbytes))
+        del self.recon, self.packed
+        self.per_round.append(figures)
 
-    original = sum(r.original_bytes for r in rounds)
-    elements = sum(r.elements for r in rounds)
-    compressed = sum(f.compressed_bytes for f in per_round)
-    c_seconds = sum(f.compress_seconds for f in per_round)
-    d_seconds = sum(f.decompress_seconds for f in per_round)
-    errors = _Errors()
-    for f in per_round:
-        errors.add(f.errors)
-    result = {
-        "method": method.name, "label": method.label, "family": method.family, "error_bounded": method.error_bounded,
-        "original_bytes": original, "compressed_bytes": compressed,
-        "ratio": original / compressed if compressed else None,
-        # the tensors' own payloads, without the method's framing (gradzip: .grz header and records)
-        "payload_bytes": payload, "framing_bytes": compressed - payload,
-        "bits_per_value": 8 * compressed / elements if elements else 0.0,
-        "compress_seconds": c_seconds, "decompress_seconds": d_seconds,
-        "compress_mb_s": original / c_seconds / 1e6 if c_seconds else None,
-        "decompress_mb_s": original / d_seconds / 1e6 if d_seconds else None,
-        # process CPU time (all threads): a steadier figure than wall time on a busy machine
-        "compress_cpu_seconds": sum(f.compress_cpu for f in per_round),
-        "decompress_cpu_seconds": sum(f.decompress_cpu for f in per_round),
-        "warmup_seconds": warmup_seconds,
-        "warmup_overhead_seconds": max(0.0, warmup_seconds - sum(f.compress_seconds + f.decompress_seconds for f in per_round[:2])),
-        "max_abs_error": _num(errors.max_abs_error), "max_error_over_eb": _num(errors.max_error_over_eb),
-        "psnr": _num(errors.psnr), "nrmse": _num(errors.nrmse), "over_bound": errors.over_bound,
-        "peak_memory_bytes": peak_memory if memory is not None else None,
-        "rounds": [{"round": i, "input": r.label, "original_bytes": r.original_bytes, "compressed_bytes": f.compressed_bytes,
-                    "ratio": r.original_bytes / f.compressed_bytes if f.compressed_bytes else None,
-                    "bits_per_value": 8 * f.compressed_bytes / r.elements if r.elements else 0.0,
-                    "compress_seconds": f.compress_seconds, "decompress_seconds": f.decompress_seconds,
-                    "max_abs_error": _num(f.errors.max_abs_error), "psnr": _num(f.errors.psnr),
-                    "over_bound": f.errors.over_bound}
-                   for i, (r, f) in enumerate(zip(rounds, per_round))],
-        "tensor_bytes": tensor_bytes,
-        "comm_time": [comm_time(compress_seconds=c_seconds, decompress_seconds=d_seconds, compressed_bytes=compressed,
-                                original_bytes=original, rounds=len(rounds), bandwidth=bw) for bw in config.bandwidths],
-    }
-    if method.family == "gradzip":
-        result["gradzip"] = _gradzip_figures(described, s)
-    return result
+    def result(self, rounds: list[Round], config: BenchConfig) -> dict:
+        method, per_round, memory = self.method, self.per_round, self.memory
+        original = sum(r.original_bytes for r in rounds)
+        elements = sum(r.elements for r in rounds)
+        compressed = sum(f.compressed_bytes for f in per_round)
+        c_seconds = sum(f.compress_seconds for f in per_round)
+        d_seconds = sum(f.decompress_seconds for f in per_round)
+        errors = _Errors()
+        for f in per_round:
+            errors.add(f.errors)
+        result = {
+            "method": method.name, "label": method.label, "family": method.family, "error_bounded": method.error_bounded,
+            "original_bytes": original, "compressed_bytes": compressed,
+            "ratio": original / compressed if compressed else None,
+            # the tensors' own payloads, without the method's framing (gradzip: .grz header and records)
+            "payload_bytes": self.payload, "framing_bytes": compressed - self.payload,
+            "bits_per_value": 8 * compressed / elements if elements else 0.0,
+            "compress_seconds": c_seconds, "decompress_seconds": d_seconds,
+            "compress_mb_s": original / c_seconds / 1e6 if c_seconds else None,
+            "decompress_mb_s": original / d_seconds / 1e6 if d_seconds else None,
+            # process CPU time (all threads): a steadier figure than wall time on a busy machine
+            "compress_cpu_seconds": sum(f.compress_cpu for f in per_round),
+            "decompress_cpu_seconds": sum(f.decompress_cpu for f in per_round),
+            "warmup_seconds": self.warmup_seconds,
+            "warmup_overhead_seconds": max(0.0, self.warmup_seconds
+                                           - sum(f.compress_seconds + f.decompress_seconds for f in per_round[:2])),
+            "max_abs_error": _num(errors.max_abs_error), "max_error_over_eb": _num(errors.max_error_over_eb),
+            "psnr": _num(errors.psnr), "nrmse": _num(errors.nrmse), "over_bound": errors.over_bound,
+            "peak_memory_bytes": self.peak_memory if memory is not None else None,
+            "rounds": [{"round": i, "input": r.label, "original_bytes": r.original_bytes,
+                        "compressed_bytes": f.compressed_bytes,
+                        "ratio": r.original_bytes / f.compressed_bytes if f.compressed_bytes else None,
+                        "bits_per_value": 8 * f.compressed_bytes / r.elements if r.elements else 0.0,
+                        "compress_seconds": f.compress_seconds, "decompress_seconds": f.decompress_seconds,
+                        "max_abs_error": _num(f.errors.max_abs_error), "psnr": _num(f.errors.psnr),
+                        "over_bound": f.errors.over_bound}
+                       for i, (r, f) in enumerate(zip(rounds, per_round))],
+            "tensor_bytes": self.tensor_bytes,
+            "comm_time": [comm_time(compress_seconds=c_seconds, decompress_seconds=d_seconds, compressed_bytes=compressed,
+                                    original_bytes=original, rounds=len(rounds), bandwidth=bw)
+                          for bw in config.bandwidths],
+        }
+        if method.family == "gradzip":
+            result["gradzip"] = _gradzip_figures(self.described, self.s)
+        return result
+
+
+def _run_methods(methods: list[Method], rounds: list[Round], bounds: list[dict[str, float]], mode: str,
+                 error_bound: float, config: BenchConfig, lossy_limit: int, memory, say) -> dict[str, dict]:
+    """Every method over the rounds at one bound. Round by round, the timed calls of all the
+    methods alternate (each method's first compression, then each one's second, ...), so a
+    spell of a slow machine (this one's speed drifts by up to 2x within an hour) falls on all
+    of them alike instead of on whichever method ran then: their speed ratios are what it
+    measures best."""
+    runs = []
+    for method in methods:
+        say(f"{mode} {error_bound:g}: {method.label} (warm-up)")
+        runs.append(_MethodRun(method, mode, error_bound, config, lossy_limit, memory, rounds, bounds))
+    for i, (r, b) in enumerate(zip(rounds, bounds)):
+        say(f"{mode} {error_bound:g}: round {i + 1} of {len(rounds)}, {len(runs)} methods alternating")
+        for run in runs:
+            run.start_round(r, b)
+        for _ in range(config.repeats):
+            for run in runs:
+                run.compress_once()
+        for run in runs:
+            run.compressed()
+        for _ in range(config.repeats):
+            for run in runs:
+                run.decompress_once()
+        for run in runs:
+            run.end_round()
+    return {run.method.name: run.result(rounds, config) for run in runs}
 
 
 def _gradzip_figures(described: list[dict], session) -> dict:
@@ -464,7 +508,7 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
         "bandwidths_bit_per_s": list(config.bandwidths),
         "settings": {"repeats": config.repeats, "seed": config.seed, "lossy_limit": lossy_limit,
                      "memory": memory_method,
-                     "timing": "min over repeats per round, single process, after a warm-up on the first two rounds",
+                     "timing": "min over repeats per round, the methods alternating, single process, after a warm-up on the first two rounds",
                      "mb": "10**6 bytes of original data"},
         "data": {"rounds": len(rounds), "tensors": len(names), "original_bytes": sum(r.original_bytes for r in rounds),
                  "elements": sum(r.elements for r in rounds), "largest_tensor_bytes": largest,
@@ -477,10 +521,7 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
     for eb in config.error_bounds:
         bounds = [tensor_bounds(r.tensors, config.mode, eb) for r in rounds]
         entry = {"error_bound": eb, "bounds": {n: [b.get(n) for b in bounds] for n in names}, "methods": {}}
-        for method in runnable:
-            say(f"{config.mode} {eb:g}: {method.label}")
-            entry["methods"][method.name] = _run_method(method, rounds, bounds, config.mode, eb, config, lossy_limit,
-                                                        memory)
+        entry["methods"] = _run_methods(runnable, rounds, bounds, config.mode, eb, config, lossy_limit, memory, say)
         _relative_to(entry["methods"], "sz3")
         out["results"].append(entry)
     try:
