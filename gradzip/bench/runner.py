@@ -19,7 +19,8 @@ Figures per method and bound (JSON-ready dict, see `run_bench`):
 - errors: max abs error, max error / eb, PSNR (20 log10(range / RMSE), range the largest
   tensor value range, RMSE pooled over every float element, as `gradzip compress` reports),
   NRMSE, and the number of elements over the bound;
-- memory: see `_PeakMemory`;
+- memory: see `_PeakMemory`, measured per method in an untimed pass of its own over the rounds
+  (`_MethodRun.measure_memory`);
 - gradzip: the coder's efficiency (rANS code bytes against the ideal code length under its
   own model, measured in an untimed re-encoding), predictors and coders chosen, framing
   (`framing_bytes`: .grz header and records; baselines are charged none) and state size.
@@ -265,6 +266,7 @@ class _MethodRun:
         def session():
             return method.make(mode, error_bound, lossy_limit, config.seed)
 
+        self.session = session
         # Warm-up, at every bound (a new bound can reach code not compiled yet): a throwaway
         # session over the first two rounds (prediction needs a second round).
         throwaway = session()
@@ -280,17 +282,27 @@ class _MethodRun:
         self.peak_memory = 0
         self.payload = 0
 
+    def measure_memory(self, rounds: list[Round], bounds: list[dict[str, float]]) -> None:
+        """Peak memory of every compress and decompress call over the rounds, in a session of
+        its own and with no other method's calls in between: the probe reads the process's
+        resident memory, which the other methods' heaps would blur."""
+        s = self.session()
+        for r, b in zip(rounds, bounds):
+            self.memory.start()
+            packed = s.compress(r.tensors, b)
+            self.peak_memory = max(self.peak_memory, self.memory.peak())
+            self.memory.start()
+            s.decompress(packed)
+            self.peak_memory = max(self.peak_memory, self.memory.peak())
+            del packed
+
     def start_round(self, r: Round, b: dict[str, float]) -> None:
-        """The round's state to restore before each timed compression, and its memory probe."""
+        """The round's state to restore before each timed compression."""
         self.round, self.bounds, self.figures = r, b, _RoundFigures()
         self.figures.compress_seconds = self.figures.compress_cpu = math.inf
         self.figures.decompress_seconds = self.figures.decompress_cpu = math.inf
         self.snap = self.s.snapshot()
         self.sizes: set[int] = set()
-        if self.memory is not None:
-            self.memory.start()
-            self.s.compress(r.tensors, b)
-            self.peak_memory = max(self.peak_memory, self.memory.peak())
 
     def compress_once(self) -> None:
         self.s.restore(self.snap)
@@ -302,18 +314,13 @@ class _MethodRun:
         self.packed = packed
 
     def compressed(self) -> None:
-        """After the timed compressions: checks, the state to restore before each timed
-        decompression, and its memory probe."""
+        """After the timed compressions: checks, and the state to restore before each timed
+        decompression."""
         if len(self.sizes) != 1:
             raise BenchError(f"{self.method.name}: repeated compression of {self.round.label} gave different sizes "
                              f"{sorted(self.sizes)}")
         _check_bounds(self.method, self.packed, self.bounds, self.round.label)
         self.after_compress = self.s.snapshot()
-        if self.memory is not None:
-            self.memory.start()
-            self.s.decompress(self.packed)
-            self.peak_memory = max(self.peak_memory, self.memory.peak())
-            self.s.restore(self.after_compress)
 
     def decompress_once(self) -> None:
         self.s.restore(self.after_compress)
@@ -394,6 +401,10 @@ def _run_methods(methods: list[Method], rounds: list[Round], bounds: list[dict[s
     for method in methods:
         say(f"{mode} {error_bound:g}: {method.label} (warm-up)")
         runs.append(_MethodRun(method, mode, error_bound, config, lossy_limit, memory, rounds, bounds))
+    if memory is not None:
+        for run in runs:
+            say(f"{mode} {error_bound:g}: {run.method.label} (memory)")
+            run.measure_memory(rounds, bounds)
     for i, (r, b) in enumerate(zip(rounds, bounds)):
         say(f"{mode} {error_bound:g}: round {i + 1} of {len(rounds)}, {len(runs)} methods alternating")
         for run in runs:
