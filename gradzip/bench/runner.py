@@ -399,12 +399,10 @@ def _run_methods(methods: list[Method], rounds: list[Round], bounds: list[dict[s
     measures best."""
     runs = []
     for method in methods:
-        say(f"{mode} {error_bound:g}: {method.label} (warm-up)")
+        say(f"{mode} {error_bound:g}: {method.label} (warm-up, memory)")
         runs.append(_MethodRun(method, mode, error_bound, config, lossy_limit, memory, rounds, bounds))
-    if memory is not None:
-        for run in runs:
-            say(f"{mode} {error_bound:g}: {run.method.label} (memory)")
-            run.measure_memory(rounds, bounds)
+        if memory is not None:  # right after its own warm-up, as a process running it alone would be
+            runs[-1].measure_memory(rounds, bounds)
     for i, (r, b) in enumerate(zip(rounds, bounds)):
         say(f"{mode} {error_bound:g}: round {i + 1} of {len(rounds)}, {len(runs)} methods alternating")
         for run in runs:
