@@ -13,8 +13,9 @@ Figures per method and bound (JSON-ready dict, see `run_bench`):
 - sizes: compressed bytes, ratio and bits per value, total and per round;
 - speed: compress and decompress MB/s (10**6 bytes of original data per second), the minimum
   over `repeats` runs of each round, the methods' runs alternating (see `_run_methods`), after
-  a warm-up on the first two rounds with a throwaway session per method; the warm-up's extra time over the steady state (numba compilation or cache
-  loading, imports, first-call set-up) is reported separately as `warmup_overhead_seconds`;
+  a warm-up on the first two rounds with a throwaway session per method; the warm-up's extra
+  time over the steady state (numba compilation or cache loading, imports, first-call set-up)
+  is reported separately as `warmup_overhead_seconds`;
   the fastest process CPU times are kept too (steadier than wall time on a busy machine);
 - errors: max abs error, max error / eb, PSNR (20 log10(range / RMSE), range the largest
   tensor value range, RMSE pooled over every float element, as `gradzip compress` reports),
@@ -287,8 +288,8 @@ class _MethodRun:
         in a session of its own and with no other method's calls in between, as a client
         process compresses round after round and a server decompresses: the probe reads the
         process's resident memory, which other calls' heaps blur (compress and decompress
-        calls alternating in one session read cnn5fc at up to 39 MiB; a client process alone
-        at 17-23)."""
+        calls alternating in one session read cnn5fc at up to 39 MiB; a process that only
+        compresses, 16-23 MiB)."""
         s = self.session()
         packed = []
         for r, b in zip(rounds, bounds):
