@@ -7,6 +7,7 @@ import errno
 import io
 import os
 
+import numpy as np
 import pytest
 
 from gradzip import Compressor, Decompressor, GradzipError, StateMismatchError
@@ -233,8 +234,6 @@ def test_a_state_digest_is_the_same_rebuilt_from_its_file_in_every_dtype(gz):
     the last round's last reconstruction); rebuilt from the file, every hash is taken from the
     arrays. The two must agree in every dtype and every round, or a one-process-per-round
     sequence would stop with a state mismatch."""
-    import numpy as np
-
     rng = np.random.default_rng(4)
     compressor, decompressor = Compressor(1e-3, "rel"), Decompressor()
     for r in range(4):
