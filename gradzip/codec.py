@@ -477,18 +477,23 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         # a fraction of the passes, and one candidate's arrays in memory instead of all of theirs.
         recipe = _choice_on_sample(values, dtype, shape, eb, config, previous) if values.size > _SAMPLED_ABOVE else None
     itemsize = numpy_dtype(dtype).itemsize
-    plain = (None if recipe and recipe[0] in ("ema", "linear") and reuse is None
+    # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
+    # tensor worse than without it (a sampled recipe trusts the sample). Only the estimate is
+    # kept meanwhile: no prediction's arrays would add a candidate's memory to a large tensor,
+    # which estimates it on a sample of its rows where the recipe shifts the codes.
+    shifted = recipe is not None and recipe[0] in ("ema", "linear")
+    none_sampled = shifted and reuse is not None and values.size > _SAMPLED_ABOVE
+    plain = (None if shifted and (reuse is None or none_sampled)
              else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe))
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     plain_checked = plain is not None
-    # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
-    # tensor worse than without it (a sampled recipe trusts the sample). Only the estimate is
-    # kept meanwhile: no prediction's arrays would add a candidate's memory to a large tensor.
     none_bytes = math.inf
-    if reuse is not None and reuse[0] != "none":
+    if none_sampled:
+        none_bytes = _sampled_none_bytes(values, dtype, shape, eb, config, itemsize)
+    elif reuse is not None and reuse[0] != "none":
         none_bytes = _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize)
-        if recipe[0] in ("ema", "linear"):
+        if shifted:
             plain = None
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
@@ -606,24 +611,41 @@ def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads, ran
     return factors, {"rank": rank, "rank_step": factors.step}, sections
 
 
+def _sampler(shape, size) -> tuple:
+    """(step, sample shape, side section not scaled up, take): take(flat) is every step-th row
+    (or column, or element) of a tensor, about SAMPLE_ELEMENTS elements; the side section
+    covers the unsampled axis whole."""
+    step = -(-size // SAMPLE_ELEMENTS)
+    if len(shape) >= 2 and shape[0] // step >= 8:
+        def take(flat):
+            return np.ascontiguousarray(flat.reshape(shape[0], -1)[::step]).reshape(-1)
+        return step, (-(-shape[0] // step),) + tuple(shape[1:]), "col_scale", take
+    if len(shape) == 2 and shape[1] // step >= 8:
+        def take(flat):
+            return np.ascontiguousarray(flat.reshape(shape)[:, ::step]).reshape(-1)
+        return step, (shape[0], -(-shape[1] // step)), "row_scale", take
+    def take(flat):
+        return np.ascontiguousarray(flat[::step])
+    return step, (-(-size // step),), None, take
+
+
+def _sampled_none_bytes(values, dtype, shape, eb, config, itemsize) -> float:
+    """No prediction's estimated size, from a sample of the tensor: the payload scaled up,
+    the frequency table once."""
+    step, _, _, take = _sampler(shape, values.size)
+    plain = _quantize(take(values), dtype, eb, _NO_PREDICTION, keep_recon=False)
+    if config.coder != "rans":
+        return _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize) * step
+    contexts = np.zeros(plain.codes.size, np.uint8)
+    return (step * (rans.ideal_bits(plain.codes, contexts, 1) / 8 + plain.n_escaped * (itemsize + 2))
+            + rans.table_bits(plain.codes, contexts, 1) / 8)
+
+
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     """(predictor, variant, merge, fit) of the smallest candidate on about SAMPLE_ELEMENTS
     elements: every k-th row (or column, or element) of the tensor. The variant is the context
     source or shift signs, prefixed by "rows," for linear weights per row."""
-    step = -(-values.size // SAMPLE_ELEMENTS)
-    whole = None  # the side section that covers the unsampled axis whole (not scaled up)
-    if len(shape) >= 2 and shape[0] // step >= 8:
-        sample_shape, whole = (-(-shape[0] // step),) + tuple(shape[1:]), "col_scale"
-        def take(flat):
-            return np.ascontiguousarray(flat.reshape(shape[0], -1)[::step]).reshape(-1)
-    elif len(shape) == 2 and shape[1] // step >= 8:
-        sample_shape, whole = (shape[0], -(-shape[1] // step)), "row_scale"
-        def take(flat):
-            return np.ascontiguousarray(flat.reshape(shape)[:, ::step]).reshape(-1)
-    else:
-        sample_shape = (-(-values.size // step),)
-        def take(flat):
-            return np.ascontiguousarray(flat[::step])
+    step, sample_shape, whole, take = _sampler(shape, values.size)
     sample = take(values)
     sample_previous = None
     if _has_history(previous, shape, dtype):

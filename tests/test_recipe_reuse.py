@@ -167,14 +167,21 @@ def test_cli_search_every(tmp_path, gz, sample_rounds):
 
 
 @pytest.mark.parametrize("swap", [False, True])
-def test_a_rebuilt_recipe_still_competes_with_no_prediction(swap):
+@pytest.mark.parametrize("filters", [32, 1024])
+def test_a_rebuilt_recipe_still_competes_with_no_prediction(swap, filters, monkeypatch):
     """Conv kernels of one sign each whose elements keep a magnitude of 0.1 or 2 round after
     round: the EMA shift (kernel sign times the predicted magnitude) is rebuilt where it
     helps, and loses to no prediction in a round that swaps the two magnitudes, where it
-    would predict 2 for every 0.1 and 0.1 for every 2."""
+    would predict 2 for every 0.1 and 0.1 for every 2. A large layer (1024 filters, 147456
+    elements) estimates no prediction on a sample of its rows."""
+    from gradzip import codec
+
+    sampled = []
+    real_estimate = codec._sampled_none_bytes
+    monkeypatch.setattr(codec, "_sampled_none_bytes", lambda values, *rest: sampled.append(values.size) or real_estimate(values, *rest))
     rng = np.random.default_rng(3)
-    signs = rng.choice([-1.0, 1.0], size=(32, 16, 1, 1))
-    high = rng.random(size=(32, 16, 3, 3)) < 0.5
+    signs = rng.choice([-1.0, 1.0], size=(filters, 16, 1, 1))
+    high = rng.random(size=(filters, 16, 3, 3)) < 0.5
     rounds = []
     for r in range(4):
         magnitude = np.where(high != (swap and r == 3), 2.0, 0.1) * rng.normal(1.0, 0.05, size=high.shape)
@@ -185,6 +192,7 @@ def test_a_rebuilt_recipe_still_competes_with_no_prediction(swap):
     compressor.state = _with_recipe(compressor.state, ["ema", "kernel", None])
     record = records(compressor.compress(rounds[3]))["w"]
     assert record["params"]["predictor"] == ("none" if swap else "ema")
+    assert sampled == ([filters * 144] if filters * 144 > codec._SAMPLED_ABOVE else [])
 
 
 def test_one_round_per_process_gives_the_bytes_of_one_compressor(tmp_path, gz, sample_rounds, sample):
