@@ -160,8 +160,10 @@ def summary_markdown(results, with_plots: bool) -> str:
         f"{first['settings']['repeats']} runs per round after a warm-up, the methods' runs alternating (each method's "
         "first run of a round, then each one's second, ...) so a slow spell of the machine falls on all of them alike; "
         "peak memory is "
-        + ("the rise of resident memory during one compress or decompress call." if first["settings"]["memory"] == "rss"
-           else "tracemalloc's peak (numpy and Python allocations only).")
+        + ("the largest rise of resident memory during one compress or decompress call" if first["settings"]["memory"] == "rss"
+           else "tracemalloc's largest peak (numpy and Python allocations only) during one compress or decompress call")
+        + ", measured in a process that runs that method at that bound alone (after a warm-up on its first four rounds), "
+          "as a client or a server does."
         + " QSGD is not error-bounded; its error is reported at its size.",
         "",
     ]

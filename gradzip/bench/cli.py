@@ -150,9 +150,11 @@ def print_tables(result: dict, console) -> None:
                      "MB/s are understated and noisy; the JSON also has CPU-time figures[/]")
     memory = result["settings"]["memory"]
     if memory == "rss":
-        notes.append("peak mem: rise of resident memory (VmHWM) over a compress or decompress call, all allocators included")
+        notes.append("peak mem: largest rise of resident memory (VmHWM) over a compress or decompress call, all allocators "
+                     "included, in a process that runs that method at that bound alone")
     elif memory == "tracemalloc":
-        notes.append("peak mem: tracemalloc peak (numpy/Python allocations only; C/C++ and numba internals not seen)")
+        notes.append("peak mem: largest tracemalloc peak of a call (numpy/Python allocations only; C/C++ and numba "
+                     "internals not seen), in a process that runs that method at that bound alone")
     notes.append("QSGD is not error-bounded: its error is what it is at its size")
     for note in notes:
         console.print(f"[dim]note:[/] {note}")

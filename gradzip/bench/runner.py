@@ -20,8 +20,8 @@ Figures per method and bound (JSON-ready dict, see `run_bench`):
 - errors: max abs error, max error / eb, PSNR (20 log10(range / RMSE), range the largest
   tensor value range, RMSE pooled over every float element, as `gradzip compress` reports),
   NRMSE, and the number of elements over the bound;
-- memory: see `_PeakMemory`, measured per method in an untimed pass of its own over the rounds
-  (`_MethodRun.measure_memory`);
+- memory: see `_PeakMemory`, measured per method in a process of its own, before the timed
+  runs (`_memory_in_fresh_process`);
 - gradzip: the coder's efficiency (rANS code bytes against the ideal code length under its
   own model, measured in an untimed re-encoding), predictors and coders chosen, framing
   (`framing_bytes`: .grz header and records; baselines are charged none) and state size.
@@ -32,8 +32,11 @@ import ctypes
 import gc
 import math
 import os
+import pickle
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +238,57 @@ def _memory_probe():
     return _TracedMemory(), "tracemalloc"
 
 
+_MEMORY_WARMUP_ROUNDS = 4  # a search with two rounds of history and a reusing round: every kernel loaded
+
+
+def _memory_in_fresh_process(method: Method, job_path: str, probe: str, error_bound: float) -> int:
+    """Peak memory of `method` at one bound (see measure_memory_here), measured in a new
+    Python process that runs that method at that bound alone, as a client does: in the
+    bench's own process the probe reads the heap that other calls left (cnn5fc's compress
+    read 20-36 MiB there and 16-20 MiB alone; a small transformer 3.9 MiB against 1.2-1.6)."""
+    env = dict(os.environ)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this gradzip, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "gradzip.bench.memory_child", job_path, method.name, probe,
+                           repr(error_bound)], capture_output=True, text=True, env=env)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise BenchError(f"{method.name}: the memory pass failed in its own process: {last}")
+    return int(lines[-1])
+
+
+def measure_memory_here(job_path: str, method_name: str, probe_name: str, error_bound: str) -> int:
+    """The memory pass at one bound, in the process that calls it (the bench starts a fresh
+    one per method and bound): a warm-up session over the first rounds (compiled kernels and
+    caches load once, as in a process that has run a round before), then a new session whose
+    every compress call, round after round, and then every decompress call is measured, as
+    a client compresses and a server decompresses. Returns the largest peak, in bytes."""
+    with open(job_path, "rb") as f:
+        job = pickle.load(f)
+    method = resolve((method_name,))[0]
+    memory = _PeakMemory() if probe_name == "rss" else _TracedMemory()
+    eb = float(error_bound)
+    rounds = job["rounds"]
+    bounds = [tensor_bounds(r.tensors, job["mode"], eb) for r in rounds]
+    warm = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
+    for r, b in zip(rounds[:_MEMORY_WARMUP_ROUNDS], bounds):
+        warm.decompress(warm.compress(r.tensors, b))
+    del warm
+    session = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
+    packed, peak = [], 0
+    for r, b in zip(rounds, bounds):
+        memory.start()
+        packed.append(session.compress(r.tensors, b))
+        peak = max(peak, memory.peak())
+    for p in packed:
+        memory.start()
+        session.decompress(p)
+        peak = max(peak, memory.peak())
+    return peak
+
+
 # ---------------------------------------------------------------- one method at one bound
 
 
@@ -260,9 +314,9 @@ class _MethodRun:
     run_bench drives every method's run through a round at once, so their timed calls can
     alternate (see _run_methods)."""
 
-    def __init__(self, method: Method, mode: str, error_bound: float, config: BenchConfig, lossy_limit: int, memory,
-                 rounds: list[Round], bounds: list[dict[str, float]]):
-        self.method, self.memory = method, memory
+    def __init__(self, method: Method, mode: str, error_bound: float, config: BenchConfig, lossy_limit: int,
+                 peak_memory: int | None, rounds: list[Round], bounds: list[dict[str, float]]):
+        self.method, self.peak_memory = method, peak_memory
 
         def session():
             return method.make(mode, error_bound, lossy_limit, config.seed)
@@ -280,26 +334,7 @@ class _MethodRun:
         self.per_round: list[_RoundFigures] = []
         self.tensor_bytes: dict[str, list[int]] = {}
         self.described: list[dict] = []
-        self.peak_memory = 0
         self.payload = 0
-
-    def measure_memory(self, rounds: list[Round], bounds: list[dict[str, float]]) -> None:
-        """Peak memory of every compress call over the rounds, then of every decompress call,
-        in a session of its own and with no other method's calls in between, as a client
-        process compresses round after round and a server decompresses: the probe reads the
-        process's resident memory, which other calls' heaps blur (compress and decompress
-        calls alternating in one session read cnn5fc at up to 39 MiB; a process that only
-        compresses, 16-23 MiB)."""
-        s = self.session()
-        packed = []
-        for r, b in zip(rounds, bounds):
-            self.memory.start()
-            packed.append(s.compress(r.tensors, b))
-            self.peak_memory = max(self.peak_memory, self.memory.peak())
-        for p in packed:
-            self.memory.start()
-            s.decompress(p)
-            self.peak_memory = max(self.peak_memory, self.memory.peak())
 
     def start_round(self, r: Round, b: dict[str, float]) -> None:
         """The round's state to restore before each timed compression."""
@@ -349,7 +384,7 @@ class _MethodRun:
         self.per_round.append(figures)
 
     def result(self, rounds: list[Round], config: BenchConfig) -> dict:
-        method, per_round, memory = self.method, self.per_round, self.memory
+        method, per_round = self.method, self.per_round
         original = sum(r.original_bytes for r in rounds)
         elements = sum(r.elements for r in rounds)
         compressed = sum(f.compressed_bytes for f in per_round)
@@ -376,7 +411,7 @@ class _MethodRun:
                                            - sum(f.compress_seconds + f.decompress_seconds for f in per_round[:2])),
             "max_abs_error": _num(errors.max_abs_error), "max_error_over_eb": _num(errors.max_error_over_eb),
             "psnr": _num(errors.psnr), "nrmse": _num(errors.nrmse), "over_bound": errors.over_bound,
-            "peak_memory_bytes": self.peak_memory if memory is not None else None,
+            "peak_memory_bytes": self.peak_memory,
             "rounds": [{"round": i, "input": r.label, "original_bytes": r.original_bytes,
                         "compressed_bytes": f.compressed_bytes,
                         "ratio": r.original_bytes / f.compressed_bytes if f.compressed_bytes else None,
@@ -396,7 +431,7 @@ class _MethodRun:
 
 
 def _run_methods(methods: list[Method], rounds: list[Round], bounds: list[dict[str, float]], mode: str,
-                 error_bound: float, config: BenchConfig, lossy_limit: int, memory, say) -> dict[str, dict]:
+                 error_bound: float, config: BenchConfig, lossy_limit: int, peaks: dict[str, int], say) -> dict[str, dict]:
     """Every method over the rounds at one bound. Round by round, the timed calls of all the
     methods alternate (each method's first compression, then each one's second, ...), so a
     spell of a slow machine (this one's speed drifts by up to 2x within an hour) falls on all
@@ -404,10 +439,8 @@ def _run_methods(methods: list[Method], rounds: list[Round], bounds: list[dict[s
     measures best."""
     runs = []
     for method in methods:
-        say(f"{mode} {error_bound:g}: {method.label} (warm-up, memory)")
-        runs.append(_MethodRun(method, mode, error_bound, config, lossy_limit, memory, rounds, bounds))
-        if memory is not None:  # right after its own warm-up, as a process running it alone would be
-            runs[-1].measure_memory(rounds, bounds)
+        say(f"{mode} {error_bound:g}: {method.label} (warm-up)")
+        runs.append(_MethodRun(method, mode, error_bound, config, lossy_limit, peaks.get(method.name), rounds, bounds))
     for i, (r, b) in enumerate(zip(rounds, bounds)):
         say(f"{mode} {error_bound:g}: round {i + 1} of {len(rounds)}, {len(runs)} methods alternating")
         for run in runs:
@@ -507,9 +540,7 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
             skipped.append({"method": method.name, "reason": reason})
         else:
             runnable.append(method)
-    memory, memory_method = (None, None)
-    if config.memory:
-        memory, memory_method = _memory_probe()
+    memory_method = _memory_probe()[1] if config.memory else None
 
     names = list(dict.fromkeys(n for r in rounds for n in r.tensors))
     largest = max(a.nbytes for r in rounds for a in r.tensors.values())
@@ -532,10 +563,21 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
         "skipped": skipped,
         "results": [],
     }
+    peaks: dict[float, dict[str, int]] = {eb: {} for eb in config.error_bounds}
+    if memory_method is not None:  # before the timed runs, which it must not overlap
+        with tempfile.TemporaryDirectory(prefix="gradzip-bench-") as tmp:
+            job_path = os.path.join(tmp, "job.pickle")
+            with open(job_path, "wb") as f:
+                pickle.dump({"rounds": rounds, "mode": config.mode, "lossy_limit": lossy_limit, "seed": config.seed}, f,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            for eb in config.error_bounds:
+                for method in runnable:
+                    say(f"{config.mode} {eb:g}: {method.label} (memory, in a process of its own)")
+                    peaks[eb][method.name] = _memory_in_fresh_process(method, job_path, memory_method, eb)
     for eb in config.error_bounds:
         bounds = [tensor_bounds(r.tensors, config.mode, eb) for r in rounds]
         entry = {"error_bound": eb, "bounds": {n: [b.get(n) for b in bounds] for n in names}, "methods": {}}
-        entry["methods"] = _run_methods(runnable, rounds, bounds, config.mode, eb, config, lossy_limit, memory, say)
+        entry["methods"] = _run_methods(runnable, rounds, bounds, config.mode, eb, config, lossy_limit, peaks[eb], say)
         _relative_to(entry["methods"], "sz3")
         out["results"].append(entry)
     try:
