@@ -23,7 +23,8 @@ def _split(values) -> list[str]:
               help="Link bandwidths for the communication-time model, comma-separated (bit/s, or B/s for bytes).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Time each round this many times and keep the fastest.")
-@click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement.")
+@click.option("--no-memory", is_flag=True,
+              help="Skip the peak-memory measurement (each method at each bound runs once more, in a process of its own).")
 @click.option("--json", "json_path", help="Write every figure as JSON to this file ('-' for stdout).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the figures as a PNG (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no tables.")
@@ -87,13 +88,9 @@ def _f(value, fmt: str, none: str = "-") -> str:
 
 
 def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from ..cli import _fmt_bytes  # the main CLI's (imported here: it registers this module's command)
+
+    return "-" if n is None else _fmt_bytes(n)
 
 
 def print_tables(result: dict, console) -> None:
