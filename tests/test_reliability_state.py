@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 
 import numpy as np
@@ -248,3 +249,28 @@ def test_a_state_digest_is_the_same_rebuilt_from_its_file_in_every_dtype(gz):
         assert rebuilt.digest() == live.digest(), r
         assert {name: t.digest() for name, t in rebuilt.tensors.items()} == {
             name: t.digest() for name, t in live.tensors.items()}
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_a_first_rounds_zero_history_takes_no_resident_memory_and_reads_as_zeros():
+    """A tensor's first state keeps zeros as its second-to-last reconstruction, only ever read:
+    they must read (and hash, and save) as np.zeros would, stay a writable C array (a read-only
+    one compiles other kernel specializations), and take no resident memory when read."""
+    from gradzip.state import TensorState
+
+    n = 1 << 22
+    fresh = TensorState.fresh((1024, 4096), "F32")
+    plain = TensorState((1024, 4096), "F32", 0, fresh.ema, fresh.sign, fresh.last, np.zeros(n, np.float32))
+    zeros = fresh.second_last
+    assert zeros.dtype == np.float32 and zeros.shape == (n,) and zeros.flags.c_contiguous and zeros.flags.writeable
+    assert isinstance(getattr(zeros.base, "obj", zeros.base), mmap.mmap)  # not malloc's heap, which zeroes by writing
+    before = _resident_bytes()
+    assert not zeros.any()  # reads every page
+    assert _resident_bytes() - before < n  # under a quarter of its 16 MiB
+    assert fresh.digest() == plain.digest()
+    assert PredictorState(1, {"w": fresh}).to_bytes() == PredictorState(1, {"w": plain}).to_bytes()
