@@ -380,6 +380,16 @@ def test_comm_time_model():
     assert c["reduction"] == pytest.approx(0.6)
 
 
+def test_a_memory_pass_that_fails_in_its_process_is_a_bench_error(tmp_path):
+    """The memory pass runs in a child process: its failure must surface as one BenchError
+    naming the method and the child's last error line, not as a bad number."""
+    job = tmp_path / "job.pickle"
+    job.write_bytes(b"not a pickle")
+    method = bench_methods.resolve(("zstd",))[0]
+    with pytest.raises(BenchError, match=r"^zstd: the memory pass failed in its own process: .*UnpicklingError"):
+        bench_runner._memory_in_fresh_process(method, str(job), "rss", 1e-3)
+
+
 def test_memory_falls_back_to_tracemalloc(monkeypatch):
     class NoProc:
         available = False

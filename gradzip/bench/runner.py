@@ -244,8 +244,8 @@ _MEMORY_WARMUP_ROUNDS = 4  # a search with two rounds of history and a reusing r
 def _memory_in_fresh_process(method: Method, job_path: str, probe: str, error_bound: float) -> int:
     """Peak memory of `method` at one bound (see measure_memory_here), measured in a new
     Python process that runs that method at that bound alone, as a client does: in the
-    bench's own process the probe reads the heap that other calls left (cnn5fc's compress
-    read 20-36 MiB there and 16-20 MiB alone; a small transformer 3.9 MiB against 1.2-1.6)."""
+    bench's own process the probe read the heap that other calls had left (gradzip on
+    cnn5fc 20.0-35.6 MiB there, 19.0-24.0 alone; on a small transformer 3.9 MiB, 1.5-2.2)."""
     env = dict(os.environ)
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this gradzip, installed or not
