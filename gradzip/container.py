@@ -85,6 +85,12 @@ def _frame_decompressor() -> zstandard.ZstdDecompressor:
     return zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
 
 
+# Output buffer of a stream's frame (de)compression: zstd's recommended 128 KiB was allocated
+# per stream (per decompress step, too), a quarter of a small model's peak memory for frames
+# of a few hundred bytes; a larger frame just takes several chunks. The bytes are the same.
+_FRAME_CHUNK = 4096
+
+
 MAX_PAYLOAD_BYTES = 1 << 40
 _READ_CHUNK = 1 << 24
 
@@ -123,12 +129,12 @@ class StreamWriter:
     def __init__(self, out: BinaryIO):
         self._out = out
         self._compressor = _acquire_frame_compressor()
-        self._zstd = self._compressor.compressobj()
+        self._zstd = self._compressor.chunker(chunk_size=_FRAME_CHUNK)
 
     def _frame(self, obj: dict, last: bool = False) -> bytes:
         data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-        flush = zstandard.COMPRESSOBJ_FLUSH_FINISH if last else zstandard.COMPRESSOBJ_FLUSH_BLOCK
-        compressed = self._zstd.compress(data) + self._zstd.flush(flush)
+        # flush ends the zstd block (the frame decodes given the ones before); finish, the zstd frame
+        compressed = b"".join([*self._zstd.compress(data), *(self._zstd.finish() if last else self._zstd.flush())])
         return _varint(len(compressed)) + compressed
 
     def header(self, header: dict) -> None:
@@ -157,7 +163,7 @@ class StreamReader:
         self._in = source
         self._available = available  # bytes left, when known (guards against huge claims)
         self.bytes_read = 0
-        self._zstd = _frame_decompressor().decompressobj()
+        self._zstd = _frame_decompressor().decompressobj(write_size=_FRAME_CHUNK)
 
     def _read(self, n: int, what: str) -> bytes:
         if self._available is not None:

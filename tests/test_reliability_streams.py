@@ -343,3 +343,24 @@ def test_streams_are_the_same_bytes_whether_their_frame_context_is_fresh_reused_
     for writer in writers:
         writer.end(trailer)
     assert first.getvalue() == blob and second.getvalue() == blob
+
+
+def test_frames_larger_than_the_frame_chunk_round_trip_and_chunking_leaves_no_trace(streams):
+    """Frames are (de)compressed through 4 KiB output buffers: a frame that inflates to many
+    times that (a header with 40 KB of metadata, a record with 300 extra parameters) must come
+    back whole, and a stream's bytes must not depend on the chunk size."""
+    from gradzip import container
+
+    header, records, trailer = split_stream(streams[0])
+    header = {**header, "metadata": {f"key{i:04d}": "x" * 40 for i in range(1000)}}
+    record, payload = records[0]
+    records = [({**record, "note": list(range(300))}, payload), *records[1:]]
+    blob = join_stream(header, records, trailer)
+    again_header, again_records, again_trailer = split_stream(blob)
+    assert again_header == header and again_records == records and again_trailer == trailer
+    chunk = container._FRAME_CHUNK
+    try:
+        container._FRAME_CHUNK = 1 << 20
+        assert join_stream(header, records, trailer) == blob
+    finally:
+        container._FRAME_CHUNK = chunk
