@@ -79,14 +79,12 @@ class TensorState:
                    _untouched_zeros(n))
 
 
-# A tensor's first state keeps a zero second-to-last reconstruction that is only ever read.
-# In private anonymous pages it reads as the kernel's shared zero page and takes no resident
-# memory; np.zeros' heap pages did: 4 bytes an element, 10 MiB more on the first round of a
-# 3.2M-parameter transformer (47 -> 38 MiB, as its later rounds). An array under a page
-# stays on the heap (a tensor that small is bundled and has no state anyway).
-
-
 def _untouched_zeros(n: int) -> np.ndarray:
+    """n float32 zeros for a tensor's first state, whose second-to-last reconstruction is only
+    ever read. In private anonymous pages they read as the kernel's shared zero page and take
+    no resident memory; np.zeros' heap pages did: 4 bytes an element, 10 MiB more on the first
+    round of a 3.2M-parameter transformer (47 -> 38 MiB, as its later rounds). An array under
+    a page stays on the heap (a tensor that small is bundled, with no state, anyway)."""
     flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
     if 4 * n < mmap.PAGESIZE or None in flags:  # (Windows has neither flag)
         return np.zeros(n, np.float32)
