@@ -636,9 +636,8 @@ def _sampled_none_bytes(values, dtype, shape, eb, config, itemsize) -> float:
     plain = _quantize(take(values), dtype, eb, _NO_PREDICTION, keep_recon=False)
     if config.coder != "rans":
         return _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize) * step
-    contexts = np.zeros(plain.codes.size, np.uint8)
-    return (step * (rans.ideal_bits(plain.codes, contexts, 1) / 8 + plain.n_escaped * (itemsize + 2))
-            + rans.table_bits(plain.codes, contexts, 1) / 8)
+    ideal, table = rans.ideal_and_table_bits(plain.codes, np.zeros(plain.codes.size, np.uint8), 1)
+    return step * (ideal / 8 + plain.n_escaped * (itemsize + 2)) + table / 8
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:

@@ -905,6 +905,12 @@ def _table_bits_kernel(codes, contexts, n_contexts):
 
 
 @njit(cache=True, nogil=True)
+def _ideal_and_table_bits_kernel(codes, contexts, n_contexts):
+    status, histogram = _histogram(codes, contexts, n_contexts)
+    return status, (_histogram_ideal_bits(histogram), _histogram_table_bits(histogram))
+
+
+@njit(cache=True, nogil=True)
 def _estimate_merges_kernel(codes, contexts, n_contexts, max_shift):
     """(status, estimate of each merge 0..max_shift): contexts merged 2**shift at a time have
     the histogram of the unmerged ones with groups of rows summed, so one pass serves all."""
@@ -1125,6 +1131,13 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
     header, padding, and the final rANS states (8 bytes each; 4 states from 16384 elements
     on, else 1)."""
     return int(_measured(_table_bits_kernel, codes, contexts, n_contexts))
+
+
+def ideal_and_table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> tuple[float, int]:
+    """(ideal_bits, table_bits) from one pass over the codes, for an estimate that scales the
+    payload but not the tables (a sample's)."""
+    ideal, table = _measured(_ideal_and_table_bits_kernel, codes, contexts, n_contexts)
+    return float(ideal), int(table)
 
 
 def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, max_shift: int) -> np.ndarray:
