@@ -314,16 +314,26 @@ def _recon_hash(recon: np.ndarray, dtype: str) -> int:
     return xxh64(_little_endian_bytes(recon, dtype))
 
 
-def _quantize(values, dtype, eb, prediction, keep_recon=True) -> _Quantized:
+def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Quantized:
     """prediction: _NO_PREDICTION or an EMA shift. keep_recon=False (F32/F64 only):
     recon is None until _reconstructed rebuilds it, so a large tensor's reconstruction is not
-    held while its codes are coded."""
+    held while its codes are coded. threads: a large tensor's element ranges (the same bits)."""
     n = values.size
     codes = np.empty(n, np.int32)
     keep_recon = keep_recon or dtype in ("F16", "BF16")
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
-    n_escaped = quantize(values, *prediction.kernel_args(), eb, codes, recon, escaped)
+    args = prediction.kernel_args(threads)
+    ranges = _element_ranges(args, n, threads)
+    if len(ranges) == 1:
+        n_escaped = quantize(values, *args, eb, codes, recon, escaped)
+    else:
+        def run(span):
+            a, b = span
+            return quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
+                            escaped[a:b])
+
+        n_escaped = sum(each(run, ranges, threads))
     if dtype in ("F16", "BF16"):
         # The bound must hold after the cast back, so check again in the narrow dtype.
         recon = widen(narrow(recon, dtype), dtype).copy()
@@ -391,22 +401,35 @@ def _reconstructed(values, dtype, eb, quantized: _Quantized, threads: int = 1) -
 def _dequantized(codes, args, eb, recon, threads: int = 1) -> None:
     """dequantize(codes, *args, eb, recon), a large tensor in element ranges on up to
     `threads` threads (whole rows where the linear weights are per row): the same bits."""
-    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset = args
-    per_row = last.size > 0 and w_last.size > 1
-    ranges = spans(codes.size, threads, row_length if per_row else 1)
+    ranges = _element_ranges(args, codes.size, threads)
     if len(ranges) == 1:
         dequantize(codes, *args, eb, recon)
         return
 
     def run(span):
         a, b = span
-        def part(array):
-            return array[a:b] if array.size else array
-        rows = slice(a // row_length, -(-b // row_length)) if per_row else slice(None)
-        dequantize(codes[a:b], part(ema), mean, std, part(signs), part(last), part(second_last), w_last[rows],
-                   w_second[rows], row_length, part(offset), eb, recon[a:b])
+        dequantize(codes[a:b], *_ranged(args, a, b), eb, recon[a:b])
 
     each(run, ranges, threads)
+
+
+def _element_ranges(args, n, threads) -> list[tuple[int, int]]:
+    """The element ranges of a (de)quantization with kernel_args args on up to `threads`
+    threads: whole rows where the linear weights are per row."""
+    last, w_last, row_length = args[4], args[6], args[8]
+    return spans(n, threads, row_length if last.size > 0 and w_last.size > 1 else 1)
+
+
+def _ranged(args, a, b) -> tuple:
+    """kernel_args args for the elements [a, b) (a range from _element_ranges)."""
+    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset = args
+
+    def part(array):
+        return array[a:b] if array.size else array
+
+    rows = slice(a // row_length, -(-b // row_length)) if last.size > 0 and w_last.size > 1 else slice(None)
+    return (part(ema), mean, std, part(signs), part(last), part(second_last), w_last[rows], w_second[rows], row_length,
+            part(offset))
 
 
 @dataclass
@@ -480,11 +503,14 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     # A rebuilt recipe still competes with no prediction, so a reusing round never codes a
     # tensor worse than without it (a sampled recipe trusts the sample). Only the estimate is
     # kept meanwhile: no prediction's arrays would add a candidate's memory to a large tensor,
-    # which estimates it on a sample of its rows where the recipe shifts the codes.
+    # which estimates it on a sample of its rows where the recipe shifts the codes, or where
+    # it is no prediction plus the values' own low-rank part (then built only if that part
+    # loses to it).
     shifted = recipe is not None and recipe[0] in ("ema", "linear")
-    none_sampled = shifted and reuse is not None and values.size > _SAMPLED_ABOVE
-    plain = (None if shifted and (reuse is None or none_sampled)
-             else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe))
+    part_only = reuse is not None and recipe[0] == "none" and values_part is not None
+    none_sampled = (shifted or part_only) and reuse is not None and values.size > _SAMPLED_ABOVE
+    plain = (None if (shifted and reuse is None) or none_sampled
+             else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe, threads=threads))
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     plain_checked = plain is not None
@@ -500,23 +526,27 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
     low_rank_inside = linear_part is not None and bool(recipe) and recipe[0] == "linear"
     predicted = [] if recipe and recipe[0] == "none" else _predicted_candidates(
-        values, dtype, shape, eb, config, previous, plain, recipe, linear_part if low_rank_inside else None)
+        values, dtype, shape, eb, config, previous, plain, recipe, linear_part if low_rank_inside else None, threads)
     candidates += predicted
     if reuse is not None and reuse[0] != "none" and not predicted:  # the last recipe does not apply this round: search
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                       values_part, None if linear_part is None else _FitLowRank(None))
-    if not candidates:  # the sample's choice is not available on the whole tensor
+    if not candidates and not (part_only and none_sampled):  # the sample's choice is not available on the whole tensor
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
-    best = candidates[0] if len(candidates) == 1 else min(candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+    best = None if not candidates else candidates[0] if len(candidates) == 1 else min(
+        candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
     del candidates, predicted, plain  # the losers' arrays go before a low-rank candidate is built
-    if none_bytes < best.estimated_bytes(config.coder, itemsize):
+    if best is not None and none_bytes < best.estimated_bytes(config.coder, itemsize):
         best = None  # (a context recipe oriented the plain codes in place: quantized again)
-        plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False)
+        plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False, threads=threads)
         best = _Candidate("none", plain, {}, [], plain.codes)
     if values_part is not None or (linear_part is not None and not low_rank_inside):
         best = _with_low_rank(values, dtype, shape, eb, config, previous, best, itemsize, threads, values_part,
-                              on_linear=linear_part is not None and not low_rank_inside)
+                              on_linear=linear_part is not None and not low_rank_inside, best_bytes=none_bytes)
+    if best is None:  # no prediction's sampled estimate beat the low-rank part: build it
+        plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False, threads=threads)
+        best = _Candidate("none", plain, {}, [], plain.codes)
     if not plain_checked and best.quantized.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)
     codes_section, coder_params, bits = best.coded or _code(best.codes, config.coder, *best.coded_contexts(), measure_ideal,
@@ -529,8 +559,8 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 
 
-def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate, itemsize, threads, values_part,
-                   on_linear=True) -> _Candidate:
+def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate | None, itemsize, threads, values_part,
+                   on_linear=True, best_bytes=math.inf) -> _Candidate | None:
     """The best candidate, or one with a low-rank part where that is smaller (the factors'
     section included): the part of what a linear best's prediction leaves, added to it (same
     recipe, fit and merge; unless on_linear is False: already tried), and the part of the
@@ -539,8 +569,10 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
     reconstructions the linear prediction is made of carry their quantization noise, which
     is not low rank."""
     # One challenger at a time against the best so far, so a loser's arrays (codes, escape
-    # mask, contexts: 6 bytes an element) are freed before the next is built.
-    best_bytes = best.estimated_bytes(config.coder, itemsize)
+    # mask, contexts: 6 bytes an element) are freed before the next is built. best may be
+    # None, an estimate of best_bytes not built (None is returned if nothing beats it).
+    if best is not None:
+        best_bytes = best.estimated_bytes(config.coder, itemsize)
 
     def smaller(challengers, best):
         nonlocal best_bytes
@@ -550,16 +582,18 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate,
                 best, best_bytes = challenger, challenger_bytes
         return best
 
-    if on_linear and best.predictor == "linear":
+    if on_linear and best is not None and best.predictor == "linear":
         low_rank = _low_rank_part(values, shape, eb, best.quantized.prediction, threads)
         if low_rank is not None:
             fit = best.side_params.get("fit")
             recipe = ("linear", _variant(best.side_params), best.side_params.get("context_merge", 0), tuple(fit) if fit else None)
-            best = smaller(_predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank), best)
+            best = smaller(_predicted_candidates(values, dtype, shape, eb, config, previous, None, recipe, low_rank,
+                                                 threads), best)
     low_rank = values_part() if values_part is not None else None
     if low_rank is not None:
         factors, params, sections = low_rank
-        quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=factors), keep_recon=False)
+        quantized = _quantize(values, dtype, eb, _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS, low_rank=factors), keep_recon=False,
+                              threads=threads)
         alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
         best = smaller([alone], best)
         best = smaller(_residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
@@ -587,7 +621,7 @@ def _values_low_rank_part(values, shape, eb, threads, wanted, rank=None):
         yield lambda: _low_rank_part(values, shape, eb, None, threads, rank)
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_low_rank_part, values, shape, eb, None, 1, rank)
+        future = pool.submit(_low_rank_part, values, shape, eb, None, threads, rank)
         yield future.result
 
 
@@ -601,7 +635,7 @@ def _low_rank_part(values, shape, eb, linear: "_Prediction | None", threads, ran
     else:
         residual = np.empty(values.size, np.float32)
         linear_residual(values, linear.last, linear.second_last, linear.w_last, linear.w_second, linear.row_length, residual)
-    factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits, rank)
+    factors = fit_low_rank(residual.reshape(rows, -1), eb, rans.estimated_bits, rank, threads)
     del residual
     if factors is None:
         return None
@@ -673,7 +707,8 @@ def _variant(params: dict) -> str | None:
     return variant
 
 
-def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None) -> list[_Candidate]:
+def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None,
+                          threads=1) -> list[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
@@ -721,7 +756,8 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            shifted = _quantize(values, dtype, eb, _Prediction(previous.ema, mean, std, signs), keep_recon=recipe is None)
+            shifted = _quantize(values, dtype, eb, _Prediction(previous.ema, mean, std, signs), keep_recon=recipe is None,
+                                threads=threads)
             candidates.append(_Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections,
                                          shifted.codes))
     if config.magnitude_prediction and config.sign_prediction:
@@ -729,7 +765,8 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
             plain_variant, scale_variant = ("rows", "rows,scale_ema") if by_row else (None, "scale_ema")
             if not (wanted("linear", plain_variant) or (scales is not None and wanted("linear", scale_variant))):
                 continue
-            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=recipe is None, low_rank=low_rank)
+            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=recipe is None, low_rank=low_rank,
+                                        threads=threads)
             if wanted("linear", plain_variant):
                 candidates += linear
             if linear and scales is not None and wanted("linear", scale_variant):
@@ -760,7 +797,7 @@ def _rows_weighted(shape) -> bool:
     return len(shape) >= 2 and shape[0] >= 2 and element_count(shape) // shape[0] >= MIN_ROW_ELEMENTS
 
 
-def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low_rank=None) -> list[_Candidate]:
+def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low_rank=None, threads=1) -> list[_Candidate]:
     """The last two reconstructions weighted by least squares (in all or per row), codes
     oriented by the prediction's sign. Empty when the fit gives no usable weights."""
     rows = previous.shape[0] if by_row else 1
@@ -778,11 +815,11 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low
         w_last, w_second = np.array(params["weights"][:1]), np.array(params["weights"][1:])
     prediction = _Prediction.linear(previous, w_last, w_second)
     if isinstance(low_rank, _FitLowRank):
-        low_rank = _low_rank_part(values, previous.shape, eb, prediction, 1, low_rank.rank)
+        low_rank = _low_rank_part(values, previous.shape, eb, prediction, threads, low_rank.rank)
     if low_rank is not None:
         params, sections = {**params, **low_rank[1]}, sections + low_rank[2]
         prediction = _Prediction.linear(previous, w_last, w_second, low_rank[0])
-    quantized = _quantize(values, dtype, eb, prediction, keep_recon)  # codes oriented by the kernel
+    quantized = _quantize(values, dtype, eb, prediction, keep_recon, threads)  # codes oriented by the kernel
     return [_Candidate("linear", quantized, params, sections, quantized.codes)]
 
 

@@ -208,3 +208,42 @@ def test_one_round_per_process_gives_the_bytes_of_one_compressor(tmp_path, gz, s
         gz.assert_cli_ok(gz.run("compress", str(path), "-s", str(tmp_path / "c.state"), "-o", str(out), "-q"))
         assert out.read_bytes() == expected[r], f"round {r}"
     assert (tmp_path / "c.state").read_bytes() == compressor.state.to_bytes()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_rebuilt_low_rank_part_competes_with_no_prediction_estimated_on_a_sample(structured, monkeypatch):
+    """A large layer whose recipe is no prediction plus its values' low-rank part estimates no
+    prediction on a sample of its rows and quantizes it whole only where the part loses: a
+    round of noise (no part) is coded with no prediction, a low-rank round with the part;
+    both decode within the bound."""
+    from gradzip import codec
+
+    sampled, whole = [], []
+    real_estimate, real_quantize = codec._sampled_none_bytes, codec._quantize
+    monkeypatch.setattr(codec, "_sampled_none_bytes", lambda values, *rest: sampled.append(values.size) or real_estimate(values, *rest))
+
+    def quantize(values, dtype, eb, prediction, *rest, **kwargs):
+        if prediction is codec._NO_PREDICTION and values.size == 512 * 512:
+            whole.append(values.size)
+        return real_quantize(values, dtype, eb, prediction, *rest, **kwargs)
+
+    monkeypatch.setattr(codec, "_quantize", quantize)
+    rng = np.random.default_rng(11)
+    rounds = [{"w": (rng.normal(size=(512, 6)) @ rng.normal(size=(6, 512)) + 0.01 * rng.normal(size=(512, 512))).astype(np.float32)}
+              for _ in range(4)]
+    if not structured:
+        rounds[3] = {"w": rng.normal(size=(512, 512)).astype(np.float32)}
+    compressor, decompressor = Compressor(1e-2, "rel", search_every=1000), Decompressor()
+    for tensors in rounds[:3]:
+        decompressor.decompress(compressor.compress(tensors))
+    compressor.state = _with_recipe(compressor.state, ["none", None, "values", 8])
+    decompressor.state = compressor.state
+    sampled.clear(), whole.clear()
+    blob = compressor.compress(rounds[3])
+    assert records(blob)["w"]["params"]["predictor"] == ("low_rank" if structured else "none")
+    assert sampled == [512 * 512]
+    assert whole == ([] if structured else [512 * 512])
+    out = decompressor.decompress(blob)["w"]
+    bound = 1e-2 * float(np.ptp(rounds[3]["w"]))
+    assert np.abs(out.astype(np.float64) - rounds[3]["w"]).max() <= bound
+    assert decompressor.state.digest() == compressor.state.digest()
