@@ -32,7 +32,7 @@ from .errors import CorruptStreamError, InputError
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .parallel import each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
-                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts, scale_fit_sums,
+                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts_on, scale_fit_sums,
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
                              linear_residual, row_weights_as_floats)
@@ -454,22 +454,23 @@ class _Candidate:
             return np.zeros(self.codes.size, np.uint8), 1
         return merged_contexts(self.contexts, self.merge, self.n_contexts) if self.merge else (self.contexts, self.n_contexts)
 
-    def estimated_bytes(self, coder: str, itemsize: int) -> float:
+    def estimated_bytes(self, coder: str, itemsize: int, threads: int = 1) -> float:
         """Size estimate used to pick a candidate without entropy-coding every one (Huffman is
         cheap to run and has no estimate, so its coded section is kept for the winner); a
-        candidate compared more than once (the best so far) is estimated once."""
+        candidate compared more than once (the best so far) is estimated once. threads: a
+        large tensor's element ranges (the same estimate)."""
         if self.estimate is None:
-            self.estimate = self._estimated_bytes(coder, itemsize)
+            self.estimate = self._estimated_bytes(coder, itemsize, threads)
         return self.estimate
 
-    def _estimated_bytes(self, coder: str, itemsize: int) -> float:
+    def _estimated_bytes(self, coder: str, itemsize: int, threads: int) -> float:
         side = sum(len(data) for _, data in self.side_sections) + self.quantized.n_escaped * (itemsize + 2)
         if coder == "huffman":
             self.coded = _code(self.codes, coder, None, 1, False)
             return side + len(self.coded[0])
         if self.merge_estimates is not None:
-            return side + self.merge_estimates.bits(self.merge) / 8
-        return side + rans.estimated_bits(self.codes, *self.coded_contexts()) / 8
+            return side + self.merge_estimates.bits(self.merge, threads) / 8
+        return side + rans.estimated_bits(self.codes, *self.coded_contexts(), threads) / 8
 
 
 class _MergeEstimates:
@@ -479,9 +480,9 @@ class _MergeEstimates:
         self.codes, self.contexts, self.n_contexts = codes, contexts, n_contexts
         self._bits = None
 
-    def bits(self, merge: int) -> float:
+    def bits(self, merge: int, threads: int = 1) -> float:
         if self._bits is None:
-            self._bits = rans.estimated_bits_by_merge(self.codes, self.contexts, self.n_contexts, MAX_MERGE_SHIFT)
+            self._bits = rans.estimated_bits_by_merge(self.codes, self.contexts, self.n_contexts, MAX_MERGE_SHIFT, threads)
         return float(self._bits[merge])
 
 
@@ -518,7 +519,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     if none_sampled:
         none_bytes = _sampled_none_bytes(values, dtype, shape, eb, config, itemsize)
     elif reuse is not None and reuse[0] != "none":
-        none_bytes = _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize)
+        none_bytes = _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize, threads)
         if shifted:
             plain = None
     candidates = [] if plain is None or (recipe and recipe[0] != "none") else [_Candidate("none", plain, {}, [], plain.codes)]
@@ -535,9 +536,9 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
     best = None if not candidates else candidates[0] if len(candidates) == 1 else min(
-        candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize))
+        candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize, threads))
     del candidates, predicted, plain  # the losers' arrays go before a low-rank candidate is built
-    if best is not None and none_bytes < best.estimated_bytes(config.coder, itemsize):
+    if best is not None and none_bytes < best.estimated_bytes(config.coder, itemsize, threads):
         best = None  # (a context recipe oriented the plain codes in place: quantized again)
         plain = _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False, threads=threads)
         best = _Candidate("none", plain, {}, [], plain.codes)
@@ -572,12 +573,12 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate 
     # mask, contexts: 6 bytes an element) are freed before the next is built. best may be
     # None, an estimate of best_bytes not built (None is returned if nothing beats it).
     if best is not None:
-        best_bytes = best.estimated_bytes(config.coder, itemsize)
+        best_bytes = best.estimated_bytes(config.coder, itemsize, threads)
 
     def smaller(challengers, best):
         nonlocal best_bytes
         for challenger in challengers:
-            challenger_bytes = challenger.estimated_bytes(config.coder, itemsize)
+            challenger_bytes = challenger.estimated_bytes(config.coder, itemsize, threads)
             if challenger_bytes < best_bytes:
                 best, best_bytes = challenger, challenger_bytes
         return best
@@ -597,7 +598,7 @@ def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate 
         alone = _Candidate("low_rank", quantized, params, sections, quantized.codes)
         best = smaller([alone], best)
         best = smaller(_residual_scale_candidates(alone, shape, eb, _NO_STATE, 0.0, 0.0,
-                                                  {**params, "contexts": "scale", "sign_oriented": False}, None), best)
+                                                  {**params, "contexts": "scale", "sign_oriented": False}, None, threads), best)
     return best
 
 
@@ -725,7 +726,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         if scales is None or not wanted("context", "scale"):
             return []
         return _scale_candidates(values, plain.codes, plain, scales, eb, _NO_STATE, 0.0, 0.0,
-                                 {"contexts": "scale", "sign_oriented": False}, recipe)
+                                 {"contexts": "scale", "sign_oriented": False}, recipe, threads=threads)
     mean, std = magnitude_stats(values)
     if not (math.isfinite(mean) and math.isfinite(std)):
         return []  # statistics overflow only for values near the float max
@@ -751,7 +752,7 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
                 if (source == "scale_ema" and not config.magnitude_prediction) or not wanted("context", source):
                     continue
                 candidates += _scale_candidates(values, oriented, plain, scales, eb, ema, mean, std,
-                                                {**params, "contexts": source}, recipe)
+                                                {**params, "contexts": source}, recipe, threads=threads)
     if config.magnitude_prediction and config.sign_prediction and wanted("ema", "kernel"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
@@ -775,11 +776,11 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
                 # scales are the residual's: a row that persists has a small residual however
                 # large its values (3.0-3.4% of the cnn5fc streams at rel 1e-3).
                 params = {**side, **linear[0].side_params, "sign_oriented": True, "contexts": "scale_ema"}
-                candidates += _residual_scale_candidates(linear[0], shape, eb, previous.ema, mean, std, params, recipe)
+                candidates += _residual_scale_candidates(linear[0], shape, eb, previous.ema, mean, std, params, recipe, threads)
     return candidates
 
 
-def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, params, recipe) -> list[_Candidate]:
+def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, params, recipe, threads=1) -> list[_Candidate]:
     """Scale-context candidates of a prediction's residual (linear or low rank): the row and
     column levels and the fit are taken of |q| 2eb rather than |x|, and the prediction's own
     side sections are sent along. Empty where the shape has no scales."""
@@ -787,7 +788,7 @@ def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, para
     if scales is None:
         return []
     return _scale_candidates(base.codes, base.codes, base.quantized, scales, eb, ema, mean, std, params, recipe,
-                             predictor=base.predictor, extra_sections=base.side_sections)
+                             predictor=base.predictor, extra_sections=base.side_sections, threads=threads)
 
 
 def _rows_weighted(shape) -> bool:
@@ -824,10 +825,11 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low
 
 
 def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, params, recipe, predictor="context",
-                      extra_sections=()) -> list[_Candidate]:
+                      extra_sections=(), threads=1) -> list[_Candidate]:
     """Scale-context candidates: the weights of the row-and-column level and the predicted
     level are fitted to this tensor (or taken from the recipe), then every merge is tried.
-    extra_sections: the prediction's own side sections, sent along."""
+    extra_sections: the prediction's own side sections, sent along. threads: a large
+    tensor's rows."""
     if recipe and recipe[3] is not None:
         weights = recipe[3]
     else:
@@ -835,7 +837,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         scale_fit_sums(values, scales.unit, scales.rows, scales.cols, eb, ema, mean, std, sums)
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
-    scale_contexts(scales.rows, scales.cols, eb, ema, mean, std, *weights, contexts)
+    scale_contexts_on(scales.rows, scales.cols, eb, ema, mean, std, *weights, contexts, threads)
     return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales.sections],
                                values.size, recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
 
@@ -1130,7 +1132,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         factors = _decoded_low_rank(params, sections, shape, threads) if "rank" in params else None
         prediction = _Prediction.linear(previous, w_last, w_second, factors)  # dequantize orients the codes back
         if "contexts" in params:  # coded under contexts, as a `context` record's
-            contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
+            contexts, n_contexts, oriented = _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads)
             if not oriented:
                 raise CorruptStreamError("a linear prediction orients its codes")
     elif predictor == "ema":
@@ -1145,9 +1147,9 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         if "contexts" in params:  # the residual's scales; codes oriented by the offset's sign, not the previous one
             if params["contexts"] != "scale" or params["sign_oriented"] is not False:
                 raise CorruptStreamError("bad low-rank contexts")
-            contexts, n_contexts, _ = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
+            contexts, n_contexts, _ = _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads)
     elif predictor == "context":
-        contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous)
+        contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads)
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
@@ -1186,7 +1188,7 @@ def _decoded_low_rank(params, sections, shape, threads) -> Factors:
     return Factors(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step)
 
 
-def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):
+def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1):
     """(contexts, n_contexts, sign_oriented) of a `context` record, as the encoder built them."""
     source = params["contexts"]
     orient = params["sign_oriented"]
@@ -1210,8 +1212,8 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous):
                 or not all(0 <= w <= MAX_WEIGHT for w in fit[:2]) or not -MAX_OFFSET <= fit[2] <= MAX_OFFSET
                 or (source == "scale" and fit[1] != 0)):
             raise CorruptStreamError("bad scale-context fit")
-        scale_contexts(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std,
-                       fit[0], fit[1], fit[2], contexts)
+        scale_contexts_on(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std,
+                          fit[0], fit[1], fit[2], contexts, threads)
     shift = params["context_merge"]
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
         raise CorruptStreamError("bad context merge")

@@ -74,7 +74,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ..errors import CorruptStreamError
-from ..parallel import each
+from ..parallel import each, spans
 
 # ---- token alphabet ------------------------------------------------------------------
 
@@ -915,13 +915,20 @@ def _estimate_merges_kernel(codes, contexts, n_contexts, max_shift):
     """(status, estimate of each merge 0..max_shift): contexts merged 2**shift at a time have
     the histogram of the unmerged ones with groups of rows summed, so one pass serves all."""
     status, histogram = _histogram(codes, contexts, n_contexts)
+    return status, _merged_estimates(histogram, max_shift)
+
+
+@njit(cache=True, nogil=True)
+def _merged_estimates(histogram, max_shift):
+    """_estimate_merges_kernel's estimates from the histogram."""
+    n_contexts = histogram.shape[0]
     estimates = np.empty(max_shift + 1)
     for shift in range(max_shift + 1):
         merged = np.zeros((((n_contexts - 1) >> shift) + 1, histogram.shape[1]), np.int64)
         for c in range(n_contexts):
             merged[c >> shift] += histogram[c]
         estimates[shift] = _histogram_ideal_bits(merged) + _histogram_table_bits(merged)
-    return status, estimates
+    return estimates
 
 
 # ---- public API ----------------------------------------------------------------------
@@ -1140,13 +1147,25 @@ def ideal_and_table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: in
     return float(ideal), int(table)
 
 
-def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, max_shift: int) -> np.ndarray:
+def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, max_shift: int,
+                            threads: int = 1) -> np.ndarray:
     """estimated_bits under contexts >> shift (n_contexts merged alike) for every shift in
-    0..max_shift, from one pass over the codes."""
-    return _measured(lambda c, x, n: _estimate_merges_kernel(c, x, n, max_shift), codes, contexts, n_contexts)
+    0..max_shift, from one pass over the codes (a large array's in element ranges on up to
+    `threads` threads, whose histograms add up exactly)."""
+    codes = _check_codes(codes)
+    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    ranges = spans(codes.size, threads)
+    if len(ranges) == 1:
+        status, estimates = _estimate_merges_kernel(codes, contexts, n_contexts, max_shift)
+        _check_status(status)
+        return estimates
+    parts = each(lambda span: _histogram(codes[span[0]:span[1]], contexts[span[0]:span[1]], n_contexts), ranges, threads)
+    for status, _ in parts:
+        _check_status(status)
+    return _merged_estimates(sum(histogram for _, histogram in parts), max_shift)
 
 
-def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> float:
+def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: int = 1) -> float:
     """ideal_bits + table_bits in one pass: what encode's output will take at most, give or
     take the few bytes of header and final states."""
-    return float(estimated_bits_by_merge(codes, contexts, n_contexts, 0)[0])
+    return float(estimated_bits_by_merge(codes, contexts, n_contexts, 0, threads)[0])

@@ -16,6 +16,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from ..parallel import each, spans
+
 # Bucket 0 holds predicted magnitudes below 1/8 of a step; each next bucket doubles.
 N_MAGNITUDE_BUCKETS = 12
 _SMALLEST_BUCKET_LOG2 = -3
@@ -241,6 +243,23 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
                 if with_prediction:
                     predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, at) * inv_step)
                 contexts[at] = _fitted_bucket(term, predicted, w_ema)
+
+
+def scale_contexts_on(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts, threads=1) -> None:
+    """scale_contexts, a large tensor's in ranges of whole rows on up to `threads` threads
+    (each element's context is its own: the same contexts)."""
+    row_size = max(1, contexts.size // max(row_levels.size, 1))
+    ranges = spans(contexts.size, threads, row_size)
+    if len(ranges) == 1:
+        scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
+        return
+
+    def run(span):
+        a, b = span
+        scale_contexts(row_levels[a // row_size:-(-b // row_size)], col_levels, eb, ema[a:b] if ema.size else ema, mean, std,
+                       w_scale, w_ema, offset, contexts[a:b])
+
+    each(run, ranges, threads)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
