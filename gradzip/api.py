@@ -279,6 +279,7 @@ class Compressor:
                 if encoded.state is not None:
                     new_tensors[name] = encoded.state
                 reports[position] = _report(encoded, array, self.report_errors)
+                del encoded  # its reconstruction and payload, before the next tensor is encoded
                 if on_tensor:
                     on_tensor(name)
         report.tensors = [reports[position] for position in sorted(reports)]

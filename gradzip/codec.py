@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from decimal import ROUND_DOWN, Decimal
@@ -511,7 +512,7 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     part_only = reuse is not None and recipe[0] == "none" and values_part is not None
     none_sampled = (shifted or part_only) and reuse is not None and values.size > _SAMPLED_ABOVE
     plain = (None if (shifted and reuse is None) or none_sampled
-             else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=not recipe, threads=threads))
+             else _quantize(values, dtype, eb, _NO_PREDICTION, keep_recon=False, threads=threads))
     if plain is not None and plain.n_escaped > _ESCAPE_SHARE_FOR_LOSSLESS * values.size:
         return _lossless(name, array, dtype, shape)  # bound below the data's resolution
     plain_checked = plain is not None
@@ -526,17 +527,22 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     # A large tensor's sampled linear recipe fits its low-rank part as it is built (one build,
     # one candidate's arrays); elsewhere the part is tried after the choice, below.
     low_rank_inside = linear_part is not None and bool(recipe) and recipe[0] == "linear"
-    predicted = [] if recipe and recipe[0] == "none" else _predicted_candidates(
+    predicted = () if recipe and recipe[0] == "none" else _predicted_candidates(
         values, dtype, shape, eb, config, previous, plain, recipe, linear_part if low_rank_inside else None, threads)
-    candidates += predicted
-    if reuse is not None and reuse[0] != "none" and not predicted:  # the last recipe does not apply this round: search
+    best = candidates[0] if candidates else None
+    any_predicted = False
+    for candidate in predicted:  # one at a time: a loser's arrays go before the next is built
+        any_predicted = True
+        if best is None or candidate.estimated_bytes(config.coder, itemsize, threads) < best.estimated_bytes(
+                config.coder, itemsize, threads):
+            best = candidate
+        del candidate
+    if reuse is not None and reuse[0] != "none" and not any_predicted:  # the last recipe does not apply this round: search
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                       values_part, None if linear_part is None else _FitLowRank(None))
-    if not candidates and not (part_only and none_sampled):  # the sample's choice is not available on the whole tensor
+    if best is None and not (part_only and none_sampled):  # the sample's choice is not available on the whole tensor
         return _quantized_or_lossless(name, array, values, dtype, shape, eb, config, None, measure_ideal, threads,
                                       values_part, linear_part)
-    best = None if not candidates else candidates[0] if len(candidates) == 1 else min(
-        candidates, key=lambda c: c.estimated_bytes(config.coder, itemsize, threads))
     del candidates, predicted, plain  # the losers' arrays go before a low-rank candidate is built
     if best is not None and none_bytes < best.estimated_bytes(config.coder, itemsize, threads):
         best = None  # (a context recipe oriented the plain codes in place: quantized again)
@@ -709,13 +715,15 @@ def _variant(params: dict) -> str | None:
 
 
 def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, recipe=None, low_rank=None,
-                          threads=1) -> list[_Candidate]:
+                          threads=1) -> Iterator[_Candidate]:
     """The coding-context candidates (from this round's row and column scales, from the
     state, or both), the EMA-shift candidate and the linear candidates (plain and under scale
     contexts), where the shape and the state allow them; with a recipe (predictor, variant,
     merge, fit), only that candidate (in every merge if its merge is None), built with the
     plain codes oriented in place (nothing else uses them then). low_rank: (factors, params,
-    sections) of a low-rank part added to the linear prediction, or a _FitLowRank to fit one."""
+    sections) of a low-rank part added to the linear prediction, or a _FitLowRank to fit one.
+    A generator: a caller that keeps only the best so far holds one candidate's arrays at a
+    time (plus the plain codes the context candidates share)."""
     def wanted(predictor, source=None):
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
@@ -723,16 +731,15 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     wants_scale = config.coder == "rans" and (recipe is None or (recipe[1] or "").split(",")[-1].startswith("scale"))
     scales = _scale_side(values, shape) if wants_scale else None
     if not history:
-        if scales is None or not wanted("context", "scale"):
-            return []
-        return _scale_candidates(values, plain.codes, plain, scales, eb, _NO_STATE, 0.0, 0.0,
-                                 {"contexts": "scale", "sign_oriented": False}, recipe, threads=threads)
+        if scales is not None and wanted("context", "scale"):
+            yield from _scale_candidates(values, plain.codes, plain, scales, eb, _NO_STATE, 0.0, 0.0,
+                                         {"contexts": "scale", "sign_oriented": False}, recipe, threads=threads)
+        return
     mean, std = magnitude_stats(values)
     if not (math.isfinite(mean) and math.isfinite(std)):
-        return []  # statistics overflow only for values near the float max
+        return  # statistics overflow only for values near the float max
     mean, std = _rounded(mean), _rounded(std)
     side = {"mean": mean, "std": std}
-    candidates = []
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
         oriented = plain.codes if recipe else plain.codes.copy()
         if config.sign_prediction:
@@ -745,39 +752,41 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
             contexts = np.zeros(values.size, np.uint8)
             if config.magnitude_prediction:
                 magnitude_contexts(previous.ema, mean, std, eb, contexts)
-            candidates += _context_candidates(plain, oriented, contexts, {**params, "contexts": own}, [], values.size,
-                                              recipe, N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
+            yield from _context_candidates(plain, oriented, contexts, {**params, "contexts": own}, [], values.size,
+                                           recipe, N_MAGNITUDE_BUCKETS if config.magnitude_prediction else 1)
+            del contexts
         if scales is not None:
             for source, ema in (("scale", _NO_STATE), ("scale_ema", previous.ema)):
                 if (source == "scale_ema" and not config.magnitude_prediction) or not wanted("context", source):
                     continue
-                candidates += _scale_candidates(values, oriented, plain, scales, eb, ema, mean, std,
-                                                {**params, "contexts": source}, recipe, threads=threads)
+                yield from _scale_candidates(values, oriented, plain, scales, eb, ema, mean, std,
+                                             {**params, "contexts": source}, recipe, threads=threads)
+        del oriented
     if config.magnitude_prediction and config.sign_prediction and wanted("ema", "kernel"):
         sign_prediction = _sign_prediction(values, shape, config.tau, previous.sign)
         if sign_prediction is not None:
             signs, shift_params, shift_sections = sign_prediction
-            shifted = _quantize(values, dtype, eb, _Prediction(previous.ema, mean, std, signs), keep_recon=recipe is None,
+            shifted = _quantize(values, dtype, eb, _Prediction(previous.ema, mean, std, signs), keep_recon=False,
                                 threads=threads)
-            candidates.append(_Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections,
-                                         shifted.codes))
+            yield _Candidate("ema", shifted, {**side, "signs": "kernel", **shift_params}, shift_sections, shifted.codes)
+            del shifted
     if config.magnitude_prediction and config.sign_prediction:
         for by_row in (False, True) if _rows_weighted(shape) else (False,):
             plain_variant, scale_variant = ("rows", "rows,scale_ema") if by_row else (None, "scale_ema")
             if not (wanted("linear", plain_variant) or (scales is not None and wanted("linear", scale_variant))):
                 continue
-            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=recipe is None, low_rank=low_rank,
+            linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=False, low_rank=low_rank,
                                         threads=threads)
             if wanted("linear", plain_variant):
-                candidates += linear
+                yield from linear
             if linear and scales is not None and wanted("linear", scale_variant):
                 # Late in training updates persist so strongly that the prediction pays even
                 # on top of the scale contexts (the 1M-element FC layer). The row and column
                 # scales are the residual's: a row that persists has a small residual however
                 # large its values (3.0-3.4% of the cnn5fc streams at rel 1e-3).
                 params = {**side, **linear[0].side_params, "sign_oriented": True, "contexts": "scale_ema"}
-                candidates += _residual_scale_candidates(linear[0], shape, eb, previous.ema, mean, std, params, recipe, threads)
-    return candidates
+                yield from _residual_scale_candidates(linear[0], shape, eb, previous.ema, mean, std, params, recipe, threads)
+            del linear
 
 
 def _residual_scale_candidates(base: _Candidate, shape, eb, ema, mean, std, params, recipe, threads=1) -> list[_Candidate]:
