@@ -21,9 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gradzip.allocator import one_malloc_arena
 from gradzip.blas import one_blas_thread
 
 one_blas_thread()  # before anything loads numpy
+one_malloc_arena()
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data"

@@ -10,9 +10,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from .allocator import one_malloc_arena
 from .blas import one_blas_thread
 
 one_blas_thread()  # before anything loads numpy
+one_malloc_arena()
 
 import click  # noqa: E402
 from rich.console import Console  # noqa: E402

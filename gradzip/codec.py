@@ -17,6 +17,7 @@ keeps the recipe of each tensor's last record (recipe_of); between full searches
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -691,14 +692,16 @@ def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
     if _has_history(previous, shape, dtype):
         sample_previous = TensorState(sample_shape, dtype, previous.rounds, take(previous.ema), take(previous.sign),
                                       take(previous.last), take(previous.second_last))
-    plain = _quantize(sample, dtype, eb, _NO_PREDICTION)
-    candidates = [_Candidate("none", plain, {}, [], plain.codes)]
-    candidates += _predicted_candidates(sample, dtype, sample_shape, eb, config, sample_previous, plain, None)
+    plain = _quantize(sample, dtype, eb, _NO_PREDICTION, keep_recon=False)
+
     def whole_tensor_bytes(candidate):
         unscaled = sum(len(data) for section, data in candidate.side_sections if section == whole)
         return (candidate.estimated_bytes(config.coder, numpy_dtype(dtype).itemsize) - unscaled) * step + unscaled
 
-    best = min(candidates, key=whole_tensor_bytes)
+    # min over the generator keeps one candidate besides the best (a sample's arrays, by 8 or so)
+    best = min(itertools.chain([_Candidate("none", plain, {}, [], plain.codes)],
+                               _predicted_candidates(sample, dtype, sample_shape, eb, config, sample_previous, plain, None)),
+               key=whole_tensor_bytes)
     # The sample's tables weigh more than the whole tensor's: scale contexts try every merge
     # again on the whole tensor (with the sample's fit); other large tensors use no merge.
     fit = best.side_params.get("fit")

@@ -460,3 +460,26 @@ def test_the_command_asks_for_one_openblas_thread_before_numpy_loads(preset, exp
              "print(loaded_early, os.environ['OPENBLAS_NUM_THREADS'])")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", expected]
+
+
+@pytest.mark.parametrize("preset", [None, "4"])
+def test_one_malloc_arena_asks_glibc_unless_the_user_chose(monkeypatch, preset):
+    """Per-thread malloc arenas kept freed arrays resident per thread (gradzip/allocator.py):
+    the command and the bench ask for one arena, unless MALLOC_ARENA_MAX says otherwise."""
+    from gradzip import allocator
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    if preset is None:
+        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_ARENA_MAX", preset)
+    allocator.one_malloc_arena()
+    assert calls == ([(-8, 1)] if preset is None else [])
