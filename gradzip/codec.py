@@ -44,7 +44,7 @@ from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
 from .quantize import RADIUS, dequantize, finite_range, quantize
-from .state import TensorState
+from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
 # Tensors this small gain nothing from lossy coding (side information would dominate).
@@ -176,10 +176,10 @@ def _has_history(previous: TensorState | None, shape, dtype) -> bool:
 
 
 def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.ndarray, config: CodecConfig,
-                  recipe: list | None = None, threads: int = 1, recon_hash: int | None = None) -> TensorState:
-    """A new TensorState after this round's reconstruction (recon: flat float32/float64) and
-    the recipe of its record (threads: for a large tensor's element ranges), its digest
-    computed (recon_hash: the reconstruction's full XXH64, where the caller has it)."""
+                  recon_hash: int, recipe: list | None = None, threads: int = 1) -> TensorState:
+    """A new TensorState after this round's reconstruction (recon: flat float32/float64; its
+    full XXH64 as stored, recon_hash, names the new state) and the recipe of its record
+    (threads: for a large tensor's element ranges)."""
     if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
         previous = None
     # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -192,11 +192,8 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
                   state.sign, state.last, threads)
     state.rounds += 1
     state.recipe = recipe
-    if previous is not None:
-        state.second_last_hash = previous.last_hash
-    if dtype == "F32":  # last is the reconstruction's own float32 bytes
-        state.last_hash = recon_hash
-    state.digest()  # here, in the tensor's own thread, not all at the round's end
+    state.chain = chained_digest(NO_HISTORY if previous is None else previous.digest(), state.rounds, config.beta,
+                                 recon_hash)
     return state
 
 
@@ -274,8 +271,8 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds, rank) as values_part:
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, _FitLowRank(rank) if "linear" in low_rank_kinds else None, reuse)
-    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, recipe_of(encoded.record),
-                                  threads, encoded.recon_hash)
+    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, encoded.recon_hash,
+                                  recipe_of(encoded.record), threads)
     return encoded
 
 
@@ -1095,7 +1092,7 @@ def _decode(record, payload, config, previous, threads=1):
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
     recon_hash = _recon_hash(array, dtype)
-    state = (advance_state(previous, shape, dtype, widen(array, dtype), config, recipe_of(record), threads, recon_hash)
+    state = (advance_state(previous, shape, dtype, widen(array, dtype), config, recon_hash, recipe_of(record), threads)
              if stateful else None)
     return array, state, recon_hash
 

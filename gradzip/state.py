@@ -8,9 +8,14 @@ same record). The state is updated
 only from reconstructed values, so compressor and decompressor hold byte-identical states.
 
 File layout (little-endian): b"GRZSTATE", u32 version, u64 header length, header JSON (sorted
-keys), per tensor its four arrays back to back (13 bytes per element), then the state's
-8-byte digest: the XXH64 of the bytes before the arrays and each tensor's own digest
-(docs/format.md).
+keys; per tensor its digest among the rest), per tensor its four arrays back to back (13 bytes
+per element), then the XXH64 of all the bytes before it (docs/format.md).
+
+A tensor's digest names its arrays by their history rather than by hashing them: the XXH64
+of the previous state's digest, the round count, the EMA weight and the XXH64 of this round's
+reconstruction, from which the fold builds the arrays deterministically on both sides (the
+record's check already makes both reconstructions identical). Hashing the arrays took 5
+bytes an element every round on each side; the file's own checksum covers them on disk.
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
 # 2: XXH64 fingerprint (1: CRC-32 and Adler-32). 3: the last two reconstructions. 4: recipes.
-# 5: a recipe carries its low-rank part's rank, and the fingerprint hashes tensor by tensor
-# (PredictorState.digest). Version 4 files still load (their recipes, no rank).
-STATE_VERSION = 5
-_READABLE_VERSIONS = (4, 5)
+# 5: a recipe carries its low-rank part's rank, and the fingerprint hashes tensor by tensor.
+# 6: tensor digests chained over the rounds, kept in the header; a checksum of the whole file.
+# Version 4 and 5 files still load: their tensors' digests are hashed from the arrays.
+STATE_VERSION = 6
+_READABLE_VERSIONS = (4, 5, 6)
 _BYTES_PER_ELEMENT = 13  # ema f32, sign i8, last f32, second_last f32
-_DIGEST_SIZE = 8
+_CHECKSUM_SIZE = 8
 
 
 @dataclass
@@ -56,21 +62,15 @@ class TensorState:
     # XXH64 of `last` and `second_last`, where the caller knows them: this round's second_last
     # is the last round's last, and an F32 tensor's last is its reconstruction, which the
     # record's check hashes anyway. Then digest() hashes 5 bytes an element, not 13.
-    last_hash: int | None = field(default=None, repr=False, compare=False)
-    second_last_hash: int | None = field(default=None, repr=False, compare=False)
+    # 8 bytes naming the arrays (module docstring): set by advance_state and by loading; a
+    # state with no known history (built by hand, or from a version 4/5 file) is named by its
+    # arrays instead.
+    chain: bytes | None = field(default=None, repr=False, compare=False)
 
     def digest(self) -> bytes:
-        """8 bytes naming the four arrays, for the state's digest. Cached: a tensor state is
-        not modified once built (advance_state computes it in the tensor's own thread)."""
-        cached = self.__dict__.get("_digest")
-        if cached is None:
-            if self.last_hash is None:
-                self.last_hash = xxh64(_little_endian(self.last))
-            if self.second_last_hash is None:
-                self.second_last_hash = xxh64(_little_endian(self.second_last))
-            cached = self.__dict__["_digest"] = fingerprint(
-                [_little_endian(self.ema), _little_endian(self.sign), struct.pack("<QQ", self.last_hash, self.second_last_hash)])
-        return cached
+        if self.chain is None:
+            self.chain = array_digest(self)
+        return self.chain
 
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
@@ -91,27 +91,48 @@ def _untouched_zeros(n: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, 4 * n, flags=flags[0] | flags[1]), np.float32)
 
 
+def chained_digest(previous: bytes, rounds: int, beta: float, recon_hash: int) -> bytes:
+    """A tensor's digest after a round: the arrays are the fold of the previous ones (named by
+    `previous`; 8 zero bytes before the first round) and this round's reconstruction (its
+    XXH64 as stored), with EMA weight beta."""
+    return xxh64(struct.pack("<8sQdQ", previous, rounds, beta, recon_hash)).to_bytes(8, "little")
+
+
+NO_HISTORY = bytes(8)
+
+
+def array_digest(state: TensorState) -> bytes:
+    """8 bytes hashed from a tensor's arrays (version 5's tensor digest): the XXH64 of its EMA
+    and sign bytes followed by the XXH64s of its last two reconstructions."""
+    hashes = struct.pack("<QQ", xxh64(_little_endian(state.last)), xxh64(_little_endian(state.second_last)))
+    return fingerprint([_little_endian(state.ema), _little_endian(state.sign), hashes])
+
+
 @dataclass
 class PredictorState:
     round: int = 0  # rounds completed
     tensors: dict[str, TensorState] = field(default_factory=dict)
     last_input_digest: str = ""  # of the last round's input, to catch a round compressed twice
 
-    def _head(self) -> bytes:
-        """The file's bytes before the arrays: magic, version, header length and header."""
+    def _head(self, version: int = STATE_VERSION) -> bytes:
+        """The file's bytes before the arrays: magic, version, header length and header (as
+        `version` wrote it: before 6, without the tensors' digests)."""
         entries = []
         offset = 0
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
-                            "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe})
+            entry = {"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
+                     "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe}
+            if version >= 6:
+                entry["digest"] = t.digest().hex()
+            entries.append(entry)
             offset += t.ema.size * _BYTES_PER_ELEMENT
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
-        return STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header
+        return STATE_MAGIC + struct.pack("<IQ", version, len(header)) + header
 
     def _parts(self) -> list:
-        """The file's bytes before the digest, as pieces (arrays as views, not copies)."""
+        """The file's bytes before its checksum, as pieces (arrays as views, not copies)."""
         arrays = []
         for name in sorted(self.tensors):
             t = self.tensors[name]
@@ -119,32 +140,31 @@ class PredictorState:
         return [self._head(), *arrays]
 
     def to_bytes(self) -> bytes:
-        return b"".join(self._parts()) + bytes.fromhex(self.digest())
+        body = b"".join(self._parts())
+        return body + xxh64(body).to_bytes(_CHECKSUM_SIZE, "little")
 
     def digest(self) -> str:
-        """Short hex digest naming this exact state (stored in streams to catch mismatches, and
-        at the end of the file): the XXH64 of the file's head and each tensor's digest, so the
-        arrays are hashed tensor by tensor, each in the thread that built it.
+        """Short hex digest naming this exact state (stored in streams to catch mismatches):
+        the XXH64 of the file's head, which holds every tensor's digest.
 
         A state is not modified after construction (rounds build new ones), so it is cached.
         """
         cached = self.__dict__.get("_digest")
         if cached is None:
-            tensor_digests = [self.tensors[name].digest() for name in sorted(self.tensors)]
-            cached = self.__dict__["_digest"] = fingerprint([self._head(), *tensor_digests]).hex()
+            cached = self.__dict__["_digest"] = xxh64(self._head()).to_bytes(8, "little").hex()
         return cached
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "state") -> "PredictorState":
         fixed = len(STATE_MAGIC) + 12
-        if len(data) < fixed + _DIGEST_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
+        if len(data) < fixed + _CHECKSUM_SIZE or data[: len(STATE_MAGIC)] != STATE_MAGIC:
             raise GradzipError(f"{source}: not a gradzip state file")
-        body, digest = data[:-_DIGEST_SIZE], data[-_DIGEST_SIZE:]
+        body, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
         version, header_len = struct.unpack_from("<IQ", body, len(STATE_MAGIC))
         if version not in _READABLE_VERSIONS:  # before the checksum, which older versions computed otherwise
             raise GradzipError(f"{source}: state format version {version} is not supported "
-                               f"(expected {' or '.join(map(str, _READABLE_VERSIONS))})")
-        if version == 4 and fingerprint([body]) != digest:  # (version 4 hashed the file whole)
+                               f"(expected {', '.join(map(str, _READABLE_VERSIONS))})")
+        if version != 5 and xxh64(body).to_bytes(_CHECKSUM_SIZE, "little") != checksum:  # (4 and 6 hash the file whole)
             raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         if header_len > len(body) - fixed:
             raise GradzipError(f"{source}: state header exceeds the file")
@@ -168,17 +188,26 @@ class PredictorState:
                 recipe = entry["recipe"]
                 if recipe is not None and not _is_recipe(recipe, version):
                     raise ValueError("bad recipe")
+                chain = _stored_digest(entry["digest"]) if version >= 6 else None
                 state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
-                                                               sign, last, second_last, recipe)
+                                                               sign, last, second_last, recipe, chain)
             if end != len(arrays):
                 raise ValueError("bytes after the last array")
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             if version == 5:  # (its checksum is checked once the tensors are read)
                 raise GradzipError(f"{source}: state file is corrupted or malformed ({type(exc).__name__})") from None
             raise GradzipError(f"{source}: state file is malformed ({type(exc).__name__})") from None
-        if version == 5 and bytes.fromhex(state.digest()) != digest:
-            raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
+        if version == 5:
+            tensor_digests = [state.tensors[name].digest() for name in sorted(state.tensors)]
+            if fingerprint([state._head(5), *tensor_digests]) != checksum:
+                raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         return state
+
+
+def _stored_digest(text) -> bytes:
+    if not (isinstance(text, str) and len(text) == 2 * _CHECKSUM_SIZE):
+        raise ValueError("bad tensor digest")
+    return bytes.fromhex(text)
 
 
 def _is_recipe(recipe, version: int) -> bool:

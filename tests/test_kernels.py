@@ -165,6 +165,37 @@ def test_folding_a_round_in_place_gives_what_it_gives_out_of_place():
     assert np.array_equal(ema, before) and np.array_equal(out, in_place)
 
 
+@pytest.mark.parametrize("case", ["normal", "odd_length", "constant_magnitude", "tiny_spread", "non_finite", "huge"])
+def test_magnitude_statistics_match_numpy(case):
+    """The one-pass statistics (and the two passes they fall back to where the variance
+    cancels or a sum is not finite) against numpy's mean and standard deviation of the finite
+    magnitudes. A constant magnitude must give a spread of exactly 0 (z = 0), not a rounding
+    residue that the EMA would amplify."""
+    rng = np.random.default_rng(12)
+    values = rng.normal(size=4003) * 1e-3
+    if case == "odd_length":
+        values = values[:7]
+    elif case == "constant_magnitude":
+        values = np.where(values > 0, 0.25, -0.25)
+    elif case == "tiny_spread":
+        values = 1.0 + rng.normal(size=4003) * 1e-9
+    elif case == "non_finite":
+        values[[0, 10, 4002]] = [np.nan, np.inf, -np.inf]
+    elif case == "huge":
+        values = 1e155 * (1.0 + values)  # squares overflow; deviations from the mean do not
+    finite = np.abs(values[np.isfinite(values)])
+    for dtype in (np.float64, np.float32):
+        if case == "huge" and dtype == np.float32:
+            continue
+        mean, std = magnitude_stats(values.astype(dtype))
+        reference = finite.astype(dtype).astype(np.float64)
+        assert mean == pytest.approx(reference.mean(), rel=1e-12), dtype
+        if case == "constant_magnitude":
+            assert std == 0.0
+        else:
+            assert std == pytest.approx(reference.std(), rel=1e-9), dtype
+
+
 @pytest.mark.parametrize("first_round", [True, False])
 def test_folding_a_round_in_matches_a_numpy_reference(first_round):
     """The EMA of normalized magnitudes (non-finite values count as z = 0, and all count as 0
@@ -199,7 +230,7 @@ def test_advancing_a_state_leaves_the_previous_one_untouched():
                            np.sign(rng.normal(size=1000)).astype(np.int8), rng.normal(size=1000).astype(np.float32),
                            rng.normal(size=1000).astype(np.float32))
     copies = [a.copy() for a in (previous.ema, previous.sign, previous.last, previous.second_last)]
-    after = advance_state(previous, (20, 50), "F32", rng.normal(size=1000).astype(np.float32), CodecConfig(1e-3, "abs"))
+    after = advance_state(previous, (20, 50), "F32", rng.normal(size=1000).astype(np.float32), CodecConfig(1e-3, "abs"), 0)
     assert all(np.array_equal(a, b) for a, b in zip(copies, (previous.ema, previous.sign, previous.last, previous.second_last)))
     assert after.rounds == 3 and after.second_last is previous.last and not np.array_equal(after.ema, previous.ema)
 

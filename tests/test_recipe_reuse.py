@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradzip import Compressor, Decompressor, GradzipError, InputError
-from gradzip.checksum import fingerprint
+from gradzip.checksum import fingerprint, xxh64
 from gradzip.codec import recipe_of
 from gradzip.container import split_stream
 from gradzip.state import PredictorState
@@ -144,6 +144,45 @@ def test_a_version_4_state_file_still_loads_and_carries_on(sample, gz):
     for name, record in records(blob).items():
         assert compressor.state.tensors[name].recipe == recipe_of(record)
         assert len(recipe_of(record)) == 4
+        gz.assert_within_bound(sample[4][name], out[name], 1e-3, "rel", name)
+
+
+def _as_version_5(state: PredictorState) -> bytes:
+    """The state as the last release wrote it (docs/format.md): version 5, no tensor digests
+    in the header, and a fingerprint over the head and each tensor's digest hashed from its
+    arrays."""
+    head, *arrays = state._parts()
+    header_len = int.from_bytes(head[12:20], "little")
+    header = json.loads(head[20 : 20 + header_len])
+    for entry in header["tensors"]:
+        del entry["digest"]
+    header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = b"GRZSTATE" + struct.pack("<IQ", 5, len(header)) + header
+    tensor_digests = [fingerprint([bytes(ema), bytes(sign), struct.pack("<QQ", xxh64(bytes(last)), xxh64(bytes(second)))])
+                      for ema, sign, last, second in zip(*[iter(arrays)] * 4)]
+    return b"".join([head, *map(bytes, arrays)]) + fingerprint([head, *tensor_digests])
+
+
+def test_a_version_5_state_file_still_loads_checks_its_fingerprint_and_carries_on(sample, gz):
+    """A sidecar written before digests were chained keeps its sequence going on both sides,
+    and a damaged one is still refused."""
+    compressor = Compressor(1e-3, "rel")
+    for tensors in sample[:4]:
+        compressor.compress(tensors)
+    old = _as_version_5(compressor.state)
+    loaded = PredictorState.from_bytes(old)
+    assert {n: t.recipe for n, t in loaded.tensors.items()} == {n: t.recipe for n, t in compressor.state.tensors.items()}
+    damaged = bytearray(old)
+    damaged[len(old) // 2] ^= 0x04  # an array byte: only the fingerprint catches it
+    with pytest.raises(GradzipError, match="corrupted"):
+        PredictorState.from_bytes(bytes(damaged))
+    compressor.state = loaded
+    blob = compressor.compress(sample[4])
+    decompressor = Decompressor(PredictorState.from_bytes(old))
+    out = decompressor.decompress(blob)
+    assert decompressor.state.to_bytes() == compressor.state.to_bytes()
+    assert PredictorState.from_bytes(compressor.state.to_bytes()).digest() == compressor.state.digest()
+    for name in out:
         gz.assert_within_bound(sample[4][name], out[name], 1e-3, "rel", name)
 
 
