@@ -8,6 +8,7 @@ after the whole round has been encoded (or decoded and verified).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -365,7 +366,22 @@ class _CountingWriter:
 class DecodedRound:
     tensors: dict[str, np.ndarray]
     header: dict
-    report: RoundReport
+    records: list = field(repr=False)  # (record, payload bytes) in stream order, for the report
+    stream_bytes: int = 0
+
+    @functools.cached_property
+    def report(self) -> RoundReport:
+        """Per-tensor sizes and settings, in round order: built when asked for (a library
+        caller who only wants the tensors skips 5% of a small model's decompression)."""
+        reports: dict[str, TensorReport] = {}
+        for record, payload_bytes in self.records:
+            if record.get("method") == "bundle":
+                reports.update(_bundle_member_reports(record, payload_bytes))
+            else:
+                reports[record["name"]] = _record_report(record, payload_bytes)
+        report = RoundReport(self.header["round"], [reports[name] for name in self.tensors], self.header)
+        report.stream_bytes = self.stream_bytes
+        return report
 
 
 class Decompressor:
@@ -396,20 +412,22 @@ class Decompressor:
             raise CorruptStreamError("header metadata is not a map of strings")
         check_state(self.state, stream_round, stream_digest)
         new_tensors = dict(self.state.tensors)
-        report = RoundReport(stream_round, header=header)
         arrays: dict[str, np.ndarray] = {}
         bundle_positions: dict[int, str] = {}
         stream_order: list[str] = []  # tensors with records of their own, in stream order
-        reports: dict[str, TensorReport] = {}
+        claimed: set[str] = set()
+        records: list[tuple[dict, int]] = []
 
         def claim(name) -> None:
             if not isinstance(name, str):
                 raise CorruptStreamError("tensor record without a name")
-            if name in arrays or name in reports:
+            if name in claimed:
                 raise CorruptStreamError(f"tensor {name!r} appears twice")
+            claimed.add(name)
 
         def tensor_records():
             for record, payload in reader.records():
+                records.append((record, len(payload)))
                 if record.get("method") == "bundle":
                     for position, name, array in decode_bundle(record, payload):
                         claim(name)
@@ -417,31 +435,25 @@ class Decompressor:
                             raise CorruptStreamError("two bundle members at one position")
                         bundle_positions[position] = name
                         arrays[name] = array
-                    reports.update(_bundle_member_reports(record, len(payload)))
                     continue
                 claim(record.get("name"))
-                reports[record["name"]] = None  # reserve the name
                 yield record, payload
 
         def decode(item):
             record, payload = item
-            return record, len(payload), decode_tensor(record, payload, config, self.state.tensors.get(record["name"]),
-                                                       self.threads)
+            return record, decode_tensor(record, payload, config, self.state.tensors.get(record["name"]), self.threads)
 
         with ordered_map(decode, tensor_records(), self.threads,
                          lambda item: _record_elements(item[0]) >= THREADED_MIN_ELEMENTS) as decoded_tensors:
-            for record, payload_bytes, (array, state) in decoded_tensors:
+            for record, (array, state) in decoded_tensors:
                 name = record["name"]
                 arrays[name] = array
                 stream_order.append(name)
                 if state is not None:
                     new_tensors[name] = state
-                reports[name] = _record_report(record, payload_bytes)
         tensors = _in_round_order(bundle_positions, stream_order, arrays)
-        report.tensors = [reports[name] for name in tensors]
         reader.expect_end_of_input()
         after = PredictorState(self.state.round + 1, new_tensors, input_digest)
-        report.stream_bytes = reader.bytes_read
         trailer = reader.trailer
         if trailer.get("tensors") != len(tensors) or header.get("tensor_count") != len(tensors):
             raise CorruptStreamError("tensor count does not match the header")
@@ -449,7 +461,7 @@ class Decompressor:
             raise CorruptStreamError("state after decoding differs from the compressor's (digest mismatch)")
         if advance:
             self.state = after
-        return DecodedRound(tensors, header, report)
+        return DecodedRound(tensors, header, records, reader.bytes_read)
 
     def save_state(self, path: str | os.PathLike) -> None:
         save_state(self.state, path)

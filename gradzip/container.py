@@ -170,8 +170,13 @@ class StreamReader:
             if n > self._available:
                 raise CorruptStreamError(f"truncated stream: {what} needs {n} bytes, {self._available} left")
             self._available -= n
-        chunks = []
-        remaining = n
+        chunk = self._in.read(min(n, _READ_CHUNK))
+        if len(chunk) == n:  # the usual case: one read (a pipe may return less)
+            self.bytes_read += n
+            return chunk
+        chunks, remaining = [chunk], n - len(chunk)
+        if not chunk:
+            raise CorruptStreamError(f"truncated stream while reading {what}")
         while remaining:
             chunk = self._in.read(min(remaining, _READ_CHUNK))
             if not chunk:

@@ -364,3 +364,34 @@ def test_frames_larger_than_the_frame_chunk_round_trip_and_chunking_leaves_no_tr
         assert join_stream(header, records, trailer) == blob
     finally:
         container._FRAME_CHUNK = chunk
+
+
+class _Trickle(io.RawIOBase):
+    """A source that returns at most 7 bytes a read, as a pipe may."""
+
+    def __init__(self, data: bytes):
+        self._data, self._at = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = 7 if n < 0 else min(n, 7)
+        chunk = self._data[self._at : self._at + n]
+        self._at += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_a_source_returning_short_reads_decodes_the_same_and_its_truncation_is_caught(streams, available):
+    blob, before, after, _ = streams
+    decompressor = Decompressor(PredictorState.from_bytes(before))
+    decoded = decompressor.decompress_from(_Trickle(blob), len(blob) if available else None)
+    expected = Decompressor(PredictorState.from_bytes(before)).decompress(blob)
+    assert all(np.array_equal(decoded.tensors[k], v, equal_nan=True) for k, v in expected.items())
+    assert decompressor.state.to_bytes() == after and decoded.report.stream_bytes == len(blob)
+    cut = blob[: len(blob) - 3]
+    decompressor = Decompressor(PredictorState.from_bytes(before))
+    with pytest.raises(CorruptStreamError, match="truncated"):
+        decompressor.decompress_from(_Trickle(cut), len(cut) if available else None)
+    assert decompressor.state.to_bytes() == before
