@@ -152,6 +152,19 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
 
 
 @numba.njit(cache=True, nogil=True)
+def dequantize_runs(codes, run_ends, ebs, recon):
+    """dequantize without prediction over consecutive runs of codes, run r (ending before
+    run_ends[r]) at bound ebs[r], into recon (float64): a bundle's members in one call. The
+    same expression as dequantize's, so cast to a member's float type it is the same value."""
+    start = 0
+    for r in range(run_ends.size):
+        two_eb = 2.0 * ebs[r]
+        for i in range(start, run_ends[r]):
+            recon[i] = _reconstruct(0.0, two_eb, np.float64(codes[i]))
+        start = run_ends[r]
+
+
+@numba.njit(cache=True, nogil=True)
 def finite_range(values):
     """(count, min, max) of the finite elements, in one pass (rel mode's value range)."""
     count = 0
