@@ -109,11 +109,9 @@ class RoundReport:
 
 def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     """Fingerprint of a round's names, dtypes, shapes and bytes: catches a round passed twice."""
-    parts = []
-    for name, array in tensors.items():
-        parts += [json.dumps([name, dtype_name(array), list(array.shape)]).encode(),
-                  np.ascontiguousarray(array).reshape(-1).view(np.uint8)]
-    return fingerprint(parts).hex()
+    layout = json.dumps([[name, dtype_name(array), list(array.shape)] for name, array in tensors.items()]).encode()
+    # (the layout fixes each tensor's byte length, so the bytes need no separators)
+    return fingerprint([layout, *(np.ascontiguousarray(array).reshape(-1).view(np.uint8) for array in tensors.values())]).hex()
 
 
 # A tensor this small is coded in the calling thread: a worker's hand-off and the GIL cost

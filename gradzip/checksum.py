@@ -142,7 +142,11 @@ def _xxh64_whole(raw, seed, lanes):
 
 def xxh64(data, seed: int = 0) -> int:
     """XXH64 of a bytes-like object or a numpy array's bytes."""
-    return int(_xxh64_whole(_bytes_of(data), np.uint64(seed), _initial_lanes(seed)))
+    lanes = _SEED_0_LANES.copy() if seed == 0 else _initial_lanes(seed)  # (building them costs more than a small hash)
+    return int(_xxh64_whole(_bytes_of(data), np.uint64(seed), lanes))
+
+
+_SEED_0_LANES = _initial_lanes(0)
 
 
 def fingerprint(parts) -> bytes:

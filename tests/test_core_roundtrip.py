@@ -529,3 +529,23 @@ def test_large_persistent_updates_take_the_linear_prediction_through_the_sample(
     for r, (tensors, out) in enumerate(zip(rounds, decoded)):
         gz.assert_within_bound(tensors["w"], out["w"], 1e-2, "rel", f"round {r}")
     assert any(split_stream(b)[1][0][0]["params"]["predictor"] == "linear" for b in blobs)
+
+
+def test_the_input_digest_tells_apart_rounds_that_differ_only_in_layout():
+    """The digest that refuses a round compressed twice hashes the names, dtypes and shapes
+    first and the bytes after: the same bytes split, named, typed or shaped otherwise must
+    give another digest, and the same round the same one."""
+    from gradzip.api import tensors_digest
+
+    values = np.arange(6, dtype=np.float32)
+    base = {"a": values[:4], "b": values[4:]}
+    variants = [
+        {"a": values[:3], "b": values[3:]},
+        {"b": values[:4], "a": values[4:]},
+        {"a": values[:4].reshape(2, 2), "b": values[4:]},
+        {"a": values[:4].view(np.int32), "b": values[4:]},
+        {"a": values[:4], "c": values[4:]},
+    ]
+    digest = tensors_digest(base)
+    assert tensors_digest({"a": values[:4].copy(), "b": values[4:].copy()}) == digest
+    assert len({digest, *(tensors_digest(v) for v in variants)}) == 1 + len(variants)
