@@ -345,6 +345,23 @@ def test_streams_are_the_same_bytes_whether_their_frame_context_is_fresh_reused_
     assert first.getvalue() == blob and second.getvalue() == blob
 
 
+def test_streams_read_the_same_whether_their_frame_decompressor_is_fresh_reused_open_twice_or_abandoned(streams):
+    """A finished reader's zstd decompressor serves the next one on its thread; two readers
+    open at once must each get their own, and one left mid-stream (a damaged stream) must not
+    hand back a decompressor that a later stream would then read wrongly."""
+    blob = streams[0]
+    expected = split_stream(blob)
+    assert split_stream(blob) == expected  # reused
+    readers = [StreamReader(io.BytesIO(blob), len(blob)) for _ in range(2)]
+    assert readers[0].header() == readers[1].header() == expected[0]
+    pairs = list(zip(readers[0].records(), readers[1].records()))  # the two streams' frames interleaved
+    assert [a for a, _ in pairs] == [b for _, b in pairs] == expected[1] and readers[0].trailer == expected[2]
+    cut = blob[: len(blob) - 40]
+    with pytest.raises(CorruptStreamError):
+        split_stream(cut)
+    assert split_stream(blob) == expected
+
+
 def test_frames_larger_than_the_frame_chunk_round_trip_and_chunking_leaves_no_trace(streams):
     """Frames are (de)compressed through 4 KiB output buffers: a frame that inflates to many
     times that (a header with 40 KB of metadata, a record with 300 extra parameters) must come

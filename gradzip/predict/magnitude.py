@@ -20,45 +20,79 @@ DEFAULT_BETA = 0.6
 # One pass's variance, E|x|^2 - (E|x|)^2, is kept when it is at least this share of E|x|^2;
 # below it the subtraction cancels too many digits and two passes recompute it.
 _ONE_PASS_MIN_SPREAD = 1e-6
+_CHUNK_BLOCKS = 512  # blocks of 8 elements summed per chunk (a multiple of 4: 8 KiB of scratch)
 
 
 @numba.njit(cache=True, nogil=True)
 def magnitude_stats(values):
     """Mean and standard deviation of |x| over the finite elements (0, 0 if none).
 
-    One pass in four partial sums of |x| and |x|^2 without finiteness checks (1.6x faster
-    than two passes, which were 2x faster than checked loops; the fixed order keeps both
-    sides' states identical). Where the variance cancels, or a sum is not finite, two
-    passes recompute the statistics."""
+    One pass without finiteness checks: each block of 8 elements gets its sum of |x| and of
+    |x|^2 in a fixed tree (a loop whose iterations are independent, which the compiler
+    vectorizes), block b's sums go to partial sum b mod 4, and the elements after the last
+    whole block to partial sum 0. The order is fixed, so both sides' states stay identical;
+    4x faster than the two passes of four partial sums before (0.36 against 1.5 ns an
+    element). Where the variance cancels, or a sum is not finite, two passes recompute the
+    statistics."""
     n = values.size
     if n == 0:
         return 0.0, 0.0
-    n4 = n - n % 4
+    n_blocks = n // 8
+    block_s = np.empty(min(n_blocks, _CHUNK_BLOCKS))
+    block_q = np.empty(block_s.size)
     s0 = s1 = s2 = s3 = 0.0
     q0 = q1 = q2 = q3 = 0.0
-    for i in range(0, n4, 4):
-        a0 = abs(np.float64(values[i]))
-        a1 = abs(np.float64(values[i + 1]))
-        a2 = abs(np.float64(values[i + 2]))
-        a3 = abs(np.float64(values[i + 3]))
-        s0 += a0
-        s1 += a1
-        s2 += a2
-        s3 += a3
-        q0 += a0 * a0
-        q1 += a1 * a1
-        q2 += a2 * a2
-        q3 += a3 * a3
-    for i in range(n4, n):
-        a0 = abs(np.float64(values[i]))
-        s0 += a0
-        q0 += a0 * a0
+    for start in range(0, n_blocks, _CHUNK_BLOCKS):
+        count = min(n_blocks - start, _CHUNK_BLOCKS)
+        _block_sums(values[8 * start : 8 * (start + count)], block_s[:count], block_q[:count])
+        whole = count - count % 4
+        for b in range(0, whole, 4):
+            s0 += block_s[b]
+            s1 += block_s[b + 1]
+            s2 += block_s[b + 2]
+            s3 += block_s[b + 3]
+            q0 += block_q[b]
+            q1 += block_q[b + 1]
+            q2 += block_q[b + 2]
+            q3 += block_q[b + 3]
+        if count > whole:  # (the last chunk only)
+            s0 += block_s[whole]
+            q0 += block_q[whole]
+        if count > whole + 1:
+            s1 += block_s[whole + 1]
+            q1 += block_q[whole + 1]
+        if count > whole + 2:
+            s2 += block_s[whole + 2]
+            q2 += block_q[whole + 2]
+    for i in range(8 * n_blocks, n):
+        a = abs(np.float64(values[i]))
+        s0 += a
+        q0 += a * a
     mean = ((s0 + s1) + (s2 + s3)) / n
     mean_square = ((q0 + q1) + (q2 + q3)) / n
     spread = mean_square - mean * mean
     if math.isfinite(mean_square) and spread >= _ONE_PASS_MIN_SPREAD * mean_square and spread > 0.0:
         return mean, math.sqrt(spread)
     return _two_pass_magnitude_stats(values)
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_sums(values, block_s, block_q):
+    """block_s[k], block_q[k]: the sums of |x| and |x|^2 over values[8k : 8k + 8], each in one
+    fixed tree. (Written over the outputs' length, from 8k: LLVM vectorizes this form, not
+    one that offsets the index by an argument, 2.3x apart.)"""
+    for k in range(block_s.size):
+        j = 8 * k
+        a0 = abs(np.float64(values[j]))
+        a1 = abs(np.float64(values[j + 1]))
+        a2 = abs(np.float64(values[j + 2]))
+        a3 = abs(np.float64(values[j + 3]))
+        a4 = abs(np.float64(values[j + 4]))
+        a5 = abs(np.float64(values[j + 5]))
+        a6 = abs(np.float64(values[j + 6]))
+        a7 = abs(np.float64(values[j + 7]))
+        block_s[k] = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+        block_q[k] = ((a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3)) + ((a4 * a4 + a5 * a5) + (a6 * a6 + a7 * a7))
 
 
 @numba.njit(cache=True, nogil=True)
