@@ -65,39 +65,34 @@ def _frame_compressor() -> zstandard.ZstdCompressor:
                                     write_checksum=False, write_dict_id=False)
 
 
-# A stream's frames are one zstd stream, so two streams open at once must never share a
-# compression context. A finished stream hands its context back for the next one on its
-# thread: a fresh context touches 0.6 MiB every stream (a third of a small model's compress
-# memory), a reused one nothing, and its output is the same bytes.
-_idle_frame_compressors = threading.local()
+class _IdlePerThread:
+    """(De)compression contexts a finished stream hands back for the next one on its thread.
 
+    A stream's frames are one zstd stream, so two streams open at once must never share a
+    context; a stream abandoned midway (damaged input) does not hand its back. A fresh
+    compression context touches 0.6 MiB every stream (a third of a small model's compress
+    memory), a fresh decompressor loads the dictionary (19 us, 2% of a small model's
+    decompression); a reused one neither, and the bytes are the same (a new chunker or
+    decompressobj starts its context afresh)."""
 
-def _acquire_frame_compressor() -> zstandard.ZstdCompressor:
-    idle = _idle_frame_compressors.__dict__.setdefault("idle", [])
-    return idle.pop() if idle else _frame_compressor()
+    def __init__(self, make):
+        self._make = make
+        self._local = threading.local()
 
+    def acquire(self):
+        idle = self._local.__dict__.setdefault("idle", [])
+        return idle.pop() if idle else self._make()
 
-def _release_frame_compressor(compressor: zstandard.ZstdCompressor) -> None:
-    _idle_frame_compressors.__dict__.setdefault("idle", []).append(compressor)
+    def release(self, context) -> None:
+        self._local.__dict__.setdefault("idle", []).append(context)
 
 
 def _frame_decompressor() -> zstandard.ZstdDecompressor:
     return zstandard.ZstdDecompressor(dict_data=_FRAME_DICT)
 
 
-# Likewise a reader's decompressor (a fresh one loads the dictionary: 19 us a stream, 2% of a
-# small model's decompression); one abandoned mid-stream is not handed back. A new
-# decompressobj starts the context afresh.
-_idle_frame_decompressors = threading.local()
-
-
-def _acquire_frame_decompressor() -> zstandard.ZstdDecompressor:
-    idle = _idle_frame_decompressors.__dict__.setdefault("idle", [])
-    return idle.pop() if idle else _frame_decompressor()
-
-
-def _release_frame_decompressor(decompressor: zstandard.ZstdDecompressor) -> None:
-    _idle_frame_decompressors.__dict__.setdefault("idle", []).append(decompressor)
+_frame_compressors = _IdlePerThread(_frame_compressor)
+_frame_decompressors = _IdlePerThread(_frame_decompressor)
 
 
 # Output buffer of a stream's frame (de)compression: zstd's recommended 128 KiB was allocated
@@ -143,7 +138,7 @@ class StreamWriter:
 
     def __init__(self, out: BinaryIO):
         self._out = out
-        self._compressor = _acquire_frame_compressor()
+        self._compressor = _frame_compressors.acquire()
         self._zstd = self._compressor.chunker(chunk_size=_FRAME_CHUNK)
 
     def _frame(self, obj: dict, last: bool = False) -> bytes:
@@ -167,7 +162,7 @@ class StreamWriter:
     def end(self, trailer: dict) -> None:
         frame = self._frame({"kind": "end", **trailer}, last=True)
         # (a writer abandoned before its end keeps its context: it is then simply not reused)
-        _release_frame_compressor(self._compressor)
+        _frame_compressors.release(self._compressor)
         self._out.write(frame + struct.pack("<I", _crc(frame)))
 
 
@@ -178,7 +173,7 @@ class StreamReader:
         self._in = source
         self._available = available  # bytes left, when known (guards against huge claims)
         self.bytes_read = 0
-        self._decompressor = _acquire_frame_decompressor()
+        self._decompressor = _frame_decompressors.acquire()
         self._zstd = self._decompressor.decompressobj(write_size=_FRAME_CHUNK)
 
     def _read(self, n: int, what: str) -> bytes:
@@ -261,7 +256,7 @@ class StreamReader:
             if record["kind"] == "end":
                 self._check(_crc(frame), "end frame")
                 self.trailer = record
-                _release_frame_decompressor(self._decompressor)
+                _frame_decompressors.release(self._decompressor)
                 return
             name = record.get("name", "?")
             payload = self._read(payload_size(record), f"payload of {name!r}")
