@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from .errors import CorruptStreamError, GradzipError, InputError, StateMismatchError  # noqa: E402
+from .kernel_cache import drop_stale_kernels  # noqa: E402
+
+drop_stale_kernels()  # before any kernel loads from the cache
 
 __all__ = ["Compressor", "Decompressor", "GradzipError", "CorruptStreamError", "StateMismatchError",
            "InputError", "GradzipWarning", "__version__"]
