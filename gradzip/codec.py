@@ -1094,6 +1094,8 @@ def _decode(record, payload, config, previous, threads=1):
         raise CorruptStreamError(f"shape {list(shape)} is too large for a {len(payload)}-byte payload")
     sections = _split_sections(record["sections"], payload)
     params = record["params"]
+    if not isinstance(params, dict):  # (the round's report, built later, reads it too)
+        raise CorruptStreamError("bad params")
     method = record["method"]
     stateful = carries_state(dtype, shape, config)
     if method == "lossless":

@@ -181,7 +181,7 @@ class StreamReader:
             if n > self._available:
                 raise CorruptStreamError(f"truncated stream: {what} needs {n} bytes, {self._available} left")
             self._available -= n
-        chunk = self._in.read(min(n, _READ_CHUNK))
+        chunk = self._in.read(min(n, _READ_CHUNK)) or b""  # (a non-blocking source may return None)
         if len(chunk) == n:  # the usual case: one read (a pipe may return less)
             self.bytes_read += n
             return chunk

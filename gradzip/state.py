@@ -205,9 +205,12 @@ class PredictorState:
 
 
 def _stored_digest(text) -> bytes:
-    if not (isinstance(text, str) and len(text) == 2 * _CHECKSUM_SIZE):
-        raise ValueError("bad tensor digest")
+    if not (isinstance(text, str) and len(text) == 2 * _CHECKSUM_SIZE and set(text) <= _HEX_DIGITS):
+        raise ValueError("bad tensor digest")  # (bytes.fromhex alone would take spaces)
     return bytes.fromhex(text)
+
+
+_HEX_DIGITS = set("0123456789abcdef")
 
 
 def _is_recipe(recipe, version: int) -> bool:

@@ -165,7 +165,8 @@ def test_folding_a_round_in_place_gives_what_it_gives_out_of_place():
     assert np.array_equal(ema, before) and np.array_equal(out, in_place)
 
 
-@pytest.mark.parametrize("case", ["normal", "odd_length", "constant_magnitude", "tiny_spread", "non_finite", "huge"])
+@pytest.mark.parametrize("case", ["normal", "odd_length", "constant_magnitude", "tiny_spread", "non_finite", "huge",
+                                  "tiny"])
 def test_magnitude_statistics_match_numpy(case):
     """The one-pass statistics (and the two passes they fall back to where the variance
     cancels or a sum is not finite) against numpy's mean and standard deviation of the finite
@@ -183,17 +184,19 @@ def test_magnitude_statistics_match_numpy(case):
         values[[0, 10, 4002]] = [np.nan, np.inf, -np.inf]
     elif case == "huge":
         values = 1e155 * (1.0 + values)  # squares overflow; deviations from the mean do not
+    elif case == "tiny":
+        values = values * 1e-157  # squares in float64's subnormals
     finite = np.abs(values[np.isfinite(values)])
     for dtype in (np.float64, np.float32):
-        if case == "huge" and dtype == np.float32:
+        if case in ("huge", "tiny") and dtype == np.float32:
             continue
         mean, std = magnitude_stats(values.astype(dtype))
         reference = finite.astype(dtype).astype(np.float64)
-        assert mean == pytest.approx(reference.mean(), rel=1e-12), dtype
+        assert mean == pytest.approx(reference.mean(), rel=1e-12, abs=0), dtype
         if case == "constant_magnitude":
             assert std == 0.0
         else:
-            assert std == pytest.approx(reference.std(), rel=1e-9), dtype
+            assert std == pytest.approx(reference.std(), rel=1e-9, abs=0), dtype
 
 
 @pytest.mark.parametrize("first_round", [True, False])
@@ -315,3 +318,42 @@ def test_the_offset_on_threads_gives_the_same_bits():
     low_rank_offset(left, right, 3e-7, one, 1)
     low_rank_offset(left, right, 3e-7, two, 2)
     np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
+
+
+def test_the_kernel_cache_stamp_covers_every_kernel_module():
+    from gradzip.kernel_cache import KERNEL_MODULES, PACKAGE
+
+    defining = {str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "njit" in path.read_text()}
+    assert defining == set(KERNEL_MODULES)
+
+
+def test_cached_kernels_are_dropped_when_any_kernel_source_changes(tmp_path, monkeypatch):
+    """numba recompiles a cached kernel only when its own file changes, not a file whose
+    kernel it inlines: so any kernel file's change drops all of the package's cached kernels."""
+    import os
+
+    from gradzip.kernel_cache import KERNEL_MODULES, STAMP_NAME, drop_stale_kernels
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    package = tmp_path / "pkg"
+    for name in KERNEL_MODULES:
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("# kernels\n")
+    cached = package / "predict" / "__pycache__" / "history.fold_round-16.py311.nbi"
+
+    def cache_kernels():
+        cached.parent.mkdir(exist_ok=True)
+        cached.write_bytes(b"index")
+
+    cache_kernels()
+    assert drop_stale_kernels(package) and not cached.exists()  # never stamped
+    assert (package / "__pycache__" / STAMP_NAME).is_file()
+    cache_kernels()
+    assert not drop_stale_kernels(package) and cached.exists()  # unchanged sources keep it
+    magnitude = package / "predict" / "magnitude.py"
+    os.utime(magnitude, ns=(magnitude.stat().st_atime_ns, magnitude.stat().st_mtime_ns + 10**9))
+    assert drop_stale_kernels(package) and not cached.exists()  # another file's kernel changed
+    cache_kernels()
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    (package / "quantize.py").write_text("# kernels, edited\n")
+    assert not drop_stale_kernels(package) and cached.exists()  # numba's rules there

@@ -412,3 +412,27 @@ def test_a_source_returning_short_reads_decodes_the_same_and_its_truncation_is_c
     with pytest.raises(CorruptStreamError, match="truncated"):
         decompressor.decompress_from(_Trickle(cut), len(cut) if available else None)
     assert decompressor.state.to_bytes() == before
+
+
+@pytest.mark.parametrize("bad_params", [None, [], "x"])
+def test_a_record_whose_params_are_not_a_map_is_refused_before_the_state_advances(bad_params):
+    """The round's report is built when asked for, after the state has advanced: so
+    everything it reads must have been checked while decoding. A record's params (a lossless
+    record's decoding reads none of them) are the one part it reads that decoding did not."""
+    rounds = small_rounds()
+    for tensors in rounds:
+        tensors["ids"] = np.arange(2000, dtype=np.int64)  # a lossless record of its own
+    compressor = Compressor(1e-2, "rel")
+    compressor.compress(rounds[0])
+    before = compressor.state.to_bytes()
+    blob = compressor.compress(rounds[1])
+    header, records, trailer = split_stream(blob)
+    assert any(record.get("method") == "lossless" for record, _ in records)
+    decoded = Decompressor(PredictorState.from_bytes(before)).decompress_from(io.BytesIO(blob), len(blob))
+    assert [t.name for t in decoded.report.tensors] == list(decoded.tensors) == list(rounds[1])
+    for i, (record, payload) in enumerate(records):
+        damaged = join_stream(header, [*records[:i], ({**record, "params": bad_params}, payload), *records[i + 1:]], trailer)
+        decompressor = Decompressor(PredictorState.from_bytes(before))
+        with pytest.raises(CorruptStreamError):
+            decompressor.decompress(damaged)
+        assert decompressor.state.to_bytes() == before, record.get("name", record.get("method"))

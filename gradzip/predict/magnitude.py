@@ -18,8 +18,10 @@ DEFAULT_BETA = 0.6
 
 
 # One pass's variance, E|x|^2 - (E|x|)^2, is kept when it is at least this share of E|x|^2;
-# below it the subtraction cancels too many digits and two passes recompute it.
+# below it the subtraction cancels too many digits and two passes recompute it. Likewise
+# below a mean square where squares of typical elements fall into float64's subnormals.
 _ONE_PASS_MIN_SPREAD = 1e-6
+_ONE_PASS_MIN_SQUARE = 1e-290
 _CHUNK_BLOCKS = 512  # blocks of 8 elements summed per chunk (a multiple of 4: 8 KiB of scratch)
 
 
@@ -71,7 +73,8 @@ def magnitude_stats(values):
     mean = ((s0 + s1) + (s2 + s3)) / n
     mean_square = ((q0 + q1) + (q2 + q3)) / n
     spread = mean_square - mean * mean
-    if math.isfinite(mean_square) and spread >= _ONE_PASS_MIN_SPREAD * mean_square and spread > 0.0:
+    if (math.isfinite(mean_square) and mean_square >= _ONE_PASS_MIN_SQUARE
+            and spread >= _ONE_PASS_MIN_SPREAD * mean_square and spread > 0.0):
         return mean, math.sqrt(spread)
     return _two_pass_magnitude_stats(values)
 
