@@ -286,3 +286,18 @@ def test_a_rebuilt_low_rank_part_competes_with_no_prediction_estimated_on_a_samp
     bound = 1e-2 * float(np.ptp(rounds[3]["w"]))
     assert np.abs(out.astype(np.float64) - rounds[3]["w"]).max() <= bound
     assert decompressor.state.digest() == compressor.state.digest()
+
+
+def test_a_state_file_whose_tensor_digest_is_not_16_hex_digits_is_refused(sample):
+    """Checked even under a valid checksum: bytes.fromhex alone would take "00 11 22 33 4455"."""
+    compressor = Compressor(1e-3, "rel")
+    compressor.compress(sample[0])
+    head, *arrays = compressor.state._parts()
+    header_len = int.from_bytes(head[12:20], "little")
+    header = json.loads(head[20 : 20 + header_len])
+    for bad in ("00 11 22 33 4455", "0011223344556677aa", "00112233445566zz", 17):
+        header["tensors"][0]["digest"] = bad
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        body = b"".join([b"GRZSTATE" + struct.pack("<IQ", 6, len(text)) + text, *map(bytes, arrays)])
+        with pytest.raises(GradzipError, match="malformed"):
+            PredictorState.from_bytes(body + xxh64(body).to_bytes(8, "little"))

@@ -436,3 +436,19 @@ def test_a_record_whose_params_are_not_a_map_is_refused_before_the_state_advance
         with pytest.raises(CorruptStreamError):
             decompressor.decompress(damaged)
         assert decompressor.state.to_bytes() == before, record.get("name", record.get("method"))
+
+
+def test_a_source_whose_read_returns_none_is_a_truncated_stream(streams):
+    """A non-blocking raw source returns None when it has nothing: that is the end of what
+    the decoder gets, not a TypeError."""
+    blob, before, _, header_end = streams
+
+    class Dry(_Trickle):
+        def read(self, n: int = -1):
+            return super().read(n) or None
+
+    for cut in (header_end, len(blob) - 5):  # a read that starts at the end, one that runs into it
+        decompressor = Decompressor(PredictorState.from_bytes(before))
+        with pytest.raises(CorruptStreamError, match="truncated"):
+            decompressor.decompress_from(Dry(blob[:cut]))
+        assert decompressor.state.to_bytes() == before
