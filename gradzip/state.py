@@ -59,9 +59,6 @@ class TensorState:
     # (codec.recipe_of; a version-4 file's lack the rank), for the encoder to reuse between its
     # searches; None where it chose no quantization.
     recipe: list | None = None
-    # XXH64 of `last` and `second_last`, where the caller knows them: this round's second_last
-    # is the last round's last, and an F32 tensor's last is its reconstruction, which the
-    # record's check hashes anyway. Then digest() hashes 5 bytes an element, not 13.
     # 8 bytes naming the arrays (module docstring): set by advance_state and by loading; a
     # state with no known history (built by hand, or from a version 4/5 file) is named by its
     # arrays instead.

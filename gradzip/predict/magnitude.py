@@ -73,8 +73,9 @@ def magnitude_stats(values):
     mean = ((s0 + s1) + (s2 + s3)) / n
     mean_square = ((q0 + q1) + (q2 + q3)) / n
     spread = mean_square - mean * mean
+    # (mean_square >= _ONE_PASS_MIN_SQUARE makes the spread's bound, and so the spread, positive)
     if (math.isfinite(mean_square) and mean_square >= _ONE_PASS_MIN_SQUARE
-            and spread >= _ONE_PASS_MIN_SPREAD * mean_square and spread > 0.0):
+            and spread >= _ONE_PASS_MIN_SPREAD * mean_square):
         return mean, math.sqrt(spread)
     return _two_pass_magnitude_stats(values)
 
