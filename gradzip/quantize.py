@@ -165,6 +165,49 @@ def dequantize_runs(codes, run_ends, ebs, recon):
 
 
 @numba.njit(cache=True, nogil=True)
+def quantize_runs(values, run_ends, ebs, codes, recon):
+    """quantize without prediction over consecutive runs of values, run r (ending before
+    run_ends[r]) at bound ebs[r], into codes and recon (values' dtype): a bundle's float32
+    members in one call. Returns each run's escape count (a run with any escape is stored
+    exactly, so its codes and recon are not used; so is a run whose bound is not positive
+    and finite, which counts all its elements as escaped and is not read). The element's
+    expression is quantize's, so a run's codes and recon are what quantize gives its member alone."""
+    escapes = np.zeros(run_ends.size, np.int64)
+    recon_type = recon.dtype.type
+    start = 0
+    for r in range(run_ends.size):
+        eb = ebs[r]
+        two_eb = 2.0 * eb
+        if not (eb > 0.0 and math.isfinite(eb)):
+            escapes[r] = run_ends[r] - start
+            start = run_ends[r]
+            continue
+        n_escaped = 0
+        for i in range(start, run_ends[r]):
+            q, value, ok = _code_and_recon(np.float64(values[i]), 0.0, eb, two_eb, recon_type)
+            codes[i] = q
+            recon[i] = value
+            n_escaped += not ok
+        escapes[r] = n_escaped
+        start = run_ends[r]
+    return escapes
+
+
+@numba.njit(cache=True, nogil=True)
+def finite_ranges(values, run_ends):
+    """finite_range of each run of values (run r ends before run_ends[r]): counts, mins, maxes."""
+    counts = np.zeros(run_ends.size, np.int64)
+    los = np.full(run_ends.size, math.inf)
+    his = np.full(run_ends.size, -math.inf)
+    start = 0
+    for r in range(run_ends.size):
+        count, lo, hi = finite_range(values[start:run_ends[r]])
+        counts[r], los[r], his[r] = count, lo, hi
+        start = run_ends[r]
+    return counts, los, his
+
+
+@numba.njit(cache=True, nogil=True)
 def finite_range(values):
     """(count, min, max) of the finite elements, in one pass (rel mode's value range)."""
     count = 0
