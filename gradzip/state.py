@@ -63,6 +63,20 @@ class TensorState:
     # state with no known history (built by hand, or from a version 4/5 file) is named by its
     # arrays instead.
     chain: bytes | None = field(default=None, repr=False, compare=False)
+    # This tensor's entry of the file's header, split at its offset (see _current_head).
+    _entry: tuple | None = field(default=None, repr=False, compare=False)
+
+    def head_entry(self, name: str) -> tuple[str, str]:
+        """(JSON before the offset's value, JSON after it) of this tensor's header entry, keys
+        sorted; rebuilt where a field it holds changed (a caller may set a recipe by hand, so
+        that is compared by its repr: 16.0 == 16 and True == 1 in Python, not in the file)."""
+        key = (name, self.dtype, self.rounds, self.shape, repr(self.recipe), self.digest(), self.ema.size)
+        if self._entry is None or self._entry[0] != key:
+            before = (f'{{"digest":"{self.digest().hex()}","dtype":{_json(self.dtype)},"elements":{_json(int(self.ema.size))},'
+                      f'"name":{_json(name)},"offset":')
+            after = f',"recipe":{_json(self.recipe)},"rounds":{_json(self.rounds)},"shape":{_json(list(self.shape))}}}'
+            self._entry = (key, before, after)
+        return self._entry[1], self._entry[2]
 
     def digest(self) -> bytes:
         if self.chain is None:
@@ -96,6 +110,7 @@ def chained_digest(previous: bytes, rounds: int, beta: float, recon_hash: int) -
 
 
 NO_HISTORY = bytes(8)
+_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
 def array_digest(state: TensorState) -> bytes:
@@ -114,6 +129,8 @@ class PredictorState:
     def _head(self, version: int = STATE_VERSION) -> bytes:
         """The file's bytes before the arrays: magic, version, header length and header (as
         `version` wrote it: before 6, without the tensors' digests)."""
+        if version == STATE_VERSION:
+            return self._current_head()
         entries = []
         offset = 0
         for name in sorted(self.tensors):
@@ -127,6 +144,20 @@ class PredictorState:
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
         return STATE_MAGIC + struct.pack("<IQ", version, len(header)) + header
+
+    def _current_head(self) -> bytes:
+        """_head() of this version, the bytes json.dumps(sort_keys=True) would give, built from
+        each tensor's entry cached around its offset: this head is hashed every round on both
+        sides (digest()), and dumping it whole took 45 us on a 30-tensor transformer."""
+        pieces, offset = [], 0
+        for name in sorted(self.tensors):
+            t = self.tensors[name]
+            before, after = t.head_entry(name)
+            pieces.append(f"{before}{offset}{after}")
+            offset += t.ema.size * _BYTES_PER_ELEMENT
+        header = (f'{{"last_input_digest":{_json(self.last_input_digest)},"round":{_json(self.round)},'
+                  f'"tensors":[{",".join(pieces)}]}}').encode()
+        return STATE_MAGIC + struct.pack("<IQ", STATE_VERSION, len(header)) + header
 
     def _parts(self) -> list:
         """The file's bytes before its checksum, as pieces (arrays as views, not copies)."""

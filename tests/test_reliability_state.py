@@ -304,3 +304,31 @@ def test_a_search_rounds_allocations_stay_within_three_tensors_and_the_state(bou
     finally:
         tracemalloc.stop()
     assert peak <= 3 * rounds[2]["conv.weight"].nbytes + len(compressor.state.to_bytes())
+
+
+def test_the_state_file_header_is_the_json_of_its_entries():
+    """The header is assembled from cached pieces per tensor: it must read as the sorted-key
+    JSON of the same entries, names that need escaping included, and follow a new round."""
+    import json
+    import struct
+
+    from gradzip.state import STATE_MAGIC
+
+    rng = np.random.default_rng(4)
+    names = ["w", 'quote"and\\slash', "ünïcode.weight", "tab\tname", "z" * 40]
+    compressor = Compressor(1e-2)
+    tensors = {name: rng.standard_normal((8, 300 + i)).astype(np.float32) for i, name in enumerate(names)}
+    tensors["scalar_ish"] = rng.standard_normal(5000).astype(np.float64)
+    for _ in range(3):
+        compressor.compress({name: array * rng.uniform(0.5, 2) for name, array in tensors.items()})
+        state = compressor.state
+        entries, offset = [], 0
+        for name in sorted(state.tensors):
+            t = state.tensors[name]
+            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds, "offset": offset,
+                            "elements": int(t.ema.size), "recipe": t.recipe, "digest": t.digest().hex()})
+            offset += 13 * t.ema.size
+        header = json.dumps({"round": state.round, "last_input_digest": state.last_input_digest, "tensors": entries},
+                            sort_keys=True, separators=(",", ":")).encode()
+        assert state._head() == STATE_MAGIC + struct.pack("<IQ", 6, len(header)) + header
+        assert PredictorState.from_bytes(state.to_bytes()).digest() == state.digest()
