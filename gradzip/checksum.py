@@ -149,6 +149,12 @@ def xxh64(data, seed: int = 0) -> int:
 _SEED_0_LANES = _initial_lanes(0)
 
 
+@numba.njit(cache=True, nogil=True)
+def xxh64_kernel(raw):
+    """xxh64(raw) (seed 0; raw: uint8) inside a kernel that hashes what it computed."""
+    return _xxh64_whole(raw, np.uint64(0), _SEED_0_LANES.copy())
+
+
 def fingerprint(parts) -> bytes:
     """8 bytes naming a sequence of byte strings: the XXH64 of their concatenation, little-endian."""
     stream, small, small_bytes = Xxh64(), [], 0

@@ -32,8 +32,9 @@ from . import lossless
 from .checksum import xxh64
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
+from .fused_decode import decode_and_fold
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
-from .parallel import each, spans
+from .parallel import MIN_SPAN, each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
                               magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts_on, scale_fit_sums,
                               scale_levels)
@@ -187,21 +188,43 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     """A new TensorState after this round's reconstruction (recon: flat float32/float64; its
     full XXH64 as stored, recon_hash, names the new state) and the recipe of its record
     (threads: for a large tensor's element ranges)."""
-    if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
-        previous = None
-    # Every new array is overwritten whole (the EMA from the old one); states are not
-    # modified once built, so the new one shares the old one's last reconstruction.
-    state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
-        previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
-        np.empty_like(previous.last), previous.last)
-    # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
-    fold_round_on(state.ema if previous is None else previous.ema, recon, config.beta, state.rounds == 0, state.ema,
-                  state.sign, state.last, threads)
-    state.rounds += 1
-    state.recipe = recipe
-    state.chain = chained_digest(NO_HISTORY if previous is None else previous.digest(), state.rounds, config.beta,
-                                 recon_hash)
-    return state
+    fold = _Fold.of(previous, shape, dtype)
+    fold.fill(recon, config, threads)
+    return fold.sealed(config, recon_hash, recipe)
+
+
+class _Fold(NamedTuple):
+    """A new state whose arrays are still to be folded (from `ema`, the previous EMA or
+    zeros), then sealed: advance_state's two halves, which the fused decoder fills between."""
+
+    state: TensorState
+    previous: TensorState | None
+    ema: np.ndarray
+    first_round: bool
+
+    @classmethod
+    def of(cls, previous: TensorState | None, shape, dtype: str) -> "_Fold":
+        if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
+            previous = None
+        # Every new array is overwritten whole (the EMA from the old one); states are not
+        # modified once built, so the new one shares the old one's last reconstruction.
+        state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
+            previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
+            np.empty_like(previous.last), previous.last)
+        return cls(state, previous, state.ema if previous is None else previous.ema, state.rounds == 0)
+
+    def fill(self, recon: np.ndarray, config: CodecConfig, threads: int = 1) -> None:
+        # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
+        fold_round_on(self.ema, recon, config.beta, self.first_round, self.state.ema, self.state.sign, self.state.last,
+                      threads)
+
+    def sealed(self, config: CodecConfig, recon_hash: int, recipe: list | None) -> TensorState:
+        state = self.state
+        state.rounds += 1
+        state.recipe = recipe
+        state.chain = chained_digest(NO_HISTORY if self.previous is None else self.previous.digest(), state.rounds,
+                                     config.beta, recon_hash)
+        return state
 
 
 def recipe_of(record: dict) -> list | None:
@@ -1169,7 +1192,12 @@ def _decode(record, payload, config, previous, threads=1):
     if method == "lossless":
         array = _from_little_endian(lossless.decompress(sections["data"], n * np_dtype.itemsize), np_dtype, shape)
     elif method == "quantized" and stateful:
-        array = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads)
+        fold = _Fold.of(previous, shape, dtype)
+        array, recon_hash = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads, fold)
+        if recon_hash is None:  # (else the fused decoder hashed it and filled the state)
+            recon_hash = _recon_hash(array, dtype)
+            fold.fill(widen(array, dtype), config, threads)
+        return array, fold.sealed(config, recon_hash, recipe_of(record)), recon_hash
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
     recon_hash = _recon_hash(array, dtype)
@@ -1198,7 +1226,9 @@ def _split_sections(declared, payload) -> dict[str, memoryview]:
     return sections
 
 
-def _decode_quantized(params, sections, dtype, shape, n, config, previous, threads=1):
+def _decode_quantized(params, sections, dtype, shape, n, config, previous, threads=1, fold: _Fold | None = None):
+    """(the tensor, None), or where fold is given and the record fits the fused decoder
+    (_fused_decode_fits), (the tensor, its reconstruction's XXH64) with fold's state filled."""
     eb = float(params["eb"])
     if not (eb > 0 and math.isfinite(eb)):
         raise CorruptStreamError("bad error bound")
@@ -1243,14 +1273,22 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
-    codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
-    if orient:
-        orient_by_sign(codes, previous.sign)
-    recon = np.empty(n, compute_dtype(dtype))
-    _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
     n_escaped = params["escaped"]
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")
+    recon = np.empty(n, compute_dtype(dtype))
+    if fold is not None and _fused_decode_fits(params, dtype, n, n_escaped):
+        inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
+        if inputs is not None:
+            status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
+                                                 eb, recon, fold.ema, config.beta, fold.first_round, fold.state.ema,
+                                                 fold.state.sign, fold.state.last)
+            rans.check_status(status)
+            return recon.reshape(shape), int(recon_hash)
+    codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
+    if orient:
+        orient_by_sign(codes, previous.sign)
+    _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
     if n_escaped:
         index = np.cumsum(np.frombuffer(lossless.decompress(sections["escape_index"], 8 * n_escaped), "<u8"), dtype=np.uint64)
         if index[-1] >= n or (n_escaped > 1 and not np.all(index[1:] > index[:-1])):
@@ -1259,7 +1297,16 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * bits_dtype.itemsize), bits_dtype.newbyteorder("<"))
         exact = as_bfloat16(exact) if dtype == "BF16" else exact
         recon[index.astype(np.int64)] = widen(exact, dtype)
-    return narrow(recon, dtype).reshape(shape)
+    return narrow(recon, dtype).reshape(shape), None
+
+
+def _fused_decode_fits(params, dtype, n, n_escaped) -> bool:
+    """Whether the fused decoder (fused_decode.py) gives this record's bits: rANS codes in one
+    stream, no escapes to patch in before the hash, a dtype that is its own computed values
+    and hashed as native bytes (little-endian hosts), and few enough elements that
+    dequantizing and folding would each be one call on any thread count."""
+    return (params["coder"] == "rans" and n_escaped == 0 and dtype in ("F32", "F64") and _LITTLE_ENDIAN_HOST
+            and n < 2 * MIN_SPAN)
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> Factors:

@@ -986,7 +986,7 @@ def _check_codes(codes):
     return _for_kernels(codes)
 
 
-def _check_status(status):
+def check_status(status):
     if status == ERR_MAGNITUDE_RANGE:
         raise ValueError(f"codes must satisfy |q| <= {MAX_MAGNITUDE}")
     if status != OK:
@@ -1034,7 +1034,7 @@ def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
     segments = _segments(codes.size)
     tokenized = each(tokenize, segments, threads)
     for status, _, _ in tokenized:
-        _check_status(status)
+        check_status(status)
     histogram = np.sum([h for _, h, _ in tokenized], axis=0).reshape(n_contexts, 1 << TOKEN_SHIFT)
     prob_bits, precision, sent, freqs, starts = _build_model(histogram)
     table = _encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
@@ -1071,8 +1071,8 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
     if rans_start + 4 * sum(n for _, n in sizes) != raw.size:
         raise CorruptStreamError("section lengths do not match the data size")
     status, context_info, slot_tokens, symbol_info, bit_pos = _decode_model(table_words, n_table_words, contexts, n_contexts)
-    _check_status(status)
-    _check_status(_bits_end_exactly(table_words, n_table_words, bit_pos))
+    check_status(status)
+    check_status(_bits_end_exactly(table_words, n_table_words, bit_pos))
 
     jobs = []
     for (start, stop), (n_extra, n_rans) in zip(segments, sizes):
@@ -1088,7 +1088,7 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
                                codes[start:stop])
 
     for status in each(decode_segment, jobs, threads):
-        _check_status(status)
+        check_status(status)
 
 
 def encode(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: int = 1) -> bytes:
@@ -1103,7 +1103,7 @@ def encode(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: in
     if codes.size >= SEGMENTED_FROM:
         return _encode_segmented(codes, contexts, n_contexts, threads)
     status, bit_words, rans_words = _encode_kernel(codes, contexts, n_contexts)
-    _check_status(status)
+    check_status(status)
     header = _varint(bit_words.size)
     rans_start = len(header) + 4 * bit_words.size
     out = np.empty(rans_start + 4 * rans_words.size, np.uint8)
@@ -1127,6 +1127,12 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, thre
     if contexts.size >= SEGMENTED_FROM:
         _decode_segmented(raw, contexts, n_contexts, codes, threads)
         return codes
+    check_status(_decode_kernel(*_stream_words(raw), contexts, n_contexts, codes))
+    return codes
+
+
+def _stream_words(raw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """(bit_words, n_bit_words, rans_words) of an unsegmented stream, as _decode_kernel reads them."""
     n_bit_words, offset = _read_varint(raw)
     rans_start = offset + 4 * n_bit_words
     if rans_start > raw.size or (raw.size - rans_start) % 4:
@@ -1134,15 +1140,37 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, thre
     # copies: aligned native-endian arrays for the kernels, the bit section with 4 zero pads
     bit_words = _padded_words(raw[offset:rans_start])
     rans_words = raw[rans_start:].view("<u4").astype(np.uint32)
-    _check_status(_decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes))
-    return codes
+    return bit_words, n_bit_words, rans_words
+
+
+def decode_inputs(data: bytes | memoryview, contexts: np.ndarray | None, n_contexts: int, n: int) -> tuple | None:
+    """For a caller that decodes n codes inside its own kernel: the arguments of
+    decode_stream_kernel before codes (contexts checked as decode checks them; None: all in
+    context 0), or None where the stream is empty or segmented (use decode).  Raises
+    CorruptStreamError as decode does."""
+    if n == 0 or n >= SEGMENTED_FROM:
+        return None
+    if contexts is None:
+        if n_contexts != 1:
+            raise ValueError("contexts are needed for more than one context")
+        contexts = np.zeros(n, np.uint8)
+    else:
+        contexts = _check_contexts(contexts, n_contexts)
+        if contexts.size != n:
+            raise ValueError(f"{n} codes but {contexts.size} contexts")
+    return (*_stream_words(np.frombuffer(data, dtype=np.uint8)), contexts, n_contexts)
+
+
+# The decoding kernel itself, for callers that compose it (fused_decode.py): it fills codes
+# and returns a status for check_status.
+decode_stream_kernel = _decode_kernel
 
 
 def _measured(kernel, codes, contexts, n_contexts):
     codes = _check_codes(codes)
     contexts = _check_contexts(contexts, n_contexts, codes.size)
     status, bits = kernel(codes, contexts, n_contexts)
-    _check_status(status)
+    check_status(status)
     return bits
 
 
@@ -1178,11 +1206,11 @@ def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts:
     ranges = spans(codes.size, threads)
     if len(ranges) == 1:
         status, estimates = _estimate_merges_kernel(codes, contexts, n_contexts, max_shift)
-        _check_status(status)
+        check_status(status)
         return estimates
     parts = each(lambda span: _histogram(codes[span[0]:span[1]], contexts[span[0]:span[1]], n_contexts), ranges, threads)
     for status, _ in parts:
-        _check_status(status)
+        check_status(status)
     return _merged_estimates(sum(histogram for _, histogram in parts), max_shift)
 
 

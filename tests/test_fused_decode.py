@@ -1,0 +1,76 @@
+"""The fused decoder (one kernel per small record) gives the general path's tensors and states,
+bit for bit, for every kind of record it takes, and fails as the general path does."""
+from collections import Counter
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import gradzip
+from gradzip import codec
+from gradzip.container import join_stream, split_stream
+
+
+def _rank_one_rounds(count, rng, dtype=np.float32):
+    rounds = []
+    for _ in range(count):
+        rows, cols = np.exp(rng.normal(0, 1.5, 192)), np.exp(rng.normal(0, 1.5, 180))
+        rounds.append((np.outer(rows, cols) * rng.normal(size=(192, 180))).astype(dtype))
+    return rounds
+
+
+def _sequences(sample_rounds):
+    """Rounds that make the encoder pick every predictor the fused path serves."""
+    rng = np.random.default_rng(21)
+    yield "sample_data", [load_file(path) for path in sample_rounds[:5]]
+    base = rng.standard_normal((256, 300)).astype(np.float32)  # 76800 elements: low rank is eligible
+    low_rank = [(np.outer(rng.standard_normal(256), rng.standard_normal(300)) * 5 + 0.01 * base).astype(np.float32)
+                for _ in range(4)]
+    yield "mixed", [{"outer": outer, "outer64": outer64, "low_rank": part, "kernel": rng.standard_normal((64, 32, 3, 3)).astype(np.float32)}
+                    for outer, outer64, part in zip(_rank_one_rounds(4, rng), _rank_one_rounds(4, rng, np.float64), low_rank)]
+
+
+@pytest.mark.parametrize("bound", [1e-2, 1e-4])
+def test_fused_decoding_gives_the_general_paths_tensors_and_states(sample_rounds, monkeypatch, bound):
+    taken = Counter()
+    fused = codec.decode_and_fold
+
+    def counted(*args):
+        taken["records"] += 1
+        return fused(*args)
+
+    monkeypatch.setattr(codec, "decode_and_fold", counted)
+    predictors = Counter()
+    for name, rounds in _sequences(sample_rounds):
+        compressor = gradzip.Compressor(bound)
+        fused_side, general_side = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
+        for tensors in rounds:
+            blob = compressor.compress(tensors)
+            predictors.update(r["params"].get("predictor") for r, _ in split_stream(blob)[1] if r.get("method") == "quantized")
+            out = fused_side.decompress(blob)
+            with monkeypatch.context() as general:
+                general.setattr(codec, "_fused_decode_fits", lambda *args: False)
+                expected = general_side.decompress(blob)
+            for tensor in expected:
+                assert out[tensor].dtype == expected[tensor].dtype and out[tensor].tobytes() == expected[tensor].tobytes(), (name, tensor)
+            assert fused_side.state.to_bytes() == general_side.state.to_bytes() == compressor.state.to_bytes(), name
+    assert taken["records"] >= 20
+    assert {"linear", "context", "low_rank"} <= set(predictors), predictors
+
+
+def test_damaged_codes_fail_on_the_fused_path_and_leave_the_state(sample_rounds):
+    rounds = [load_file(path) for path in sample_rounds[:3]]
+    compressor, decompressor = gradzip.Compressor(1e-3), gradzip.Decompressor(threads=1)
+    for tensors in rounds[:2]:
+        decompressor.decompress(compressor.compress(tensors))
+    header, records, trailer = split_stream(compressor.compress(rounds[2]))
+    record, payload = next((r, p) for r, p in records if r.get("method") == "quantized")
+    assert codec._fused_decode_fits(record["params"], record["dtype"], int(np.prod(record["shape"])), record["params"]["escaped"])
+    before = decompressor.state.to_bytes()
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0x10  # inside the codes section
+    index = records.index((record, payload))
+    records[index] = (record, bytes(damaged))
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, records, trailer))
+    assert decompressor.state.to_bytes() == before
