@@ -1192,10 +1192,13 @@ def _decode(record, payload, config, previous, threads=1):
     if method == "lossless":
         array = _from_little_endian(lossless.decompress(sections["data"], n * np_dtype.itemsize), np_dtype, shape)
     elif method == "quantized" and stateful:
-        fold = _Fold.of(previous, shape, dtype)
+        # The fused decoder fills the new state's arrays; elsewhere they are made after
+        # decoding, when the codes are gone (4 bytes an element less at the peak).
+        fold = _Fold.of(previous, shape, dtype) if _fused_decode_fits(params, dtype, n) else None
         array, recon_hash = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads, fold)
         if recon_hash is None:  # (else the fused decoder hashed it and filled the state)
             recon_hash = _recon_hash(array, dtype)
+            fold = _Fold.of(previous, shape, dtype)
             fold.fill(widen(array, dtype), config, threads)
         return array, fold.sealed(config, recon_hash, recipe_of(record)), recon_hash
     else:
@@ -1277,7 +1280,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")
     recon = np.empty(n, compute_dtype(dtype))
-    if fold is not None and _fused_decode_fits(params, dtype, n, n_escaped):
+    if fold is not None and n_escaped == 0:
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
@@ -1300,13 +1303,14 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     return narrow(recon, dtype).reshape(shape), None
 
 
-def _fused_decode_fits(params, dtype, n, n_escaped) -> bool:
+def _fused_decode_fits(params, dtype, n) -> bool:
     """Whether the fused decoder (fused_decode.py) gives this record's bits: rANS codes in one
-    stream, no escapes to patch in before the hash, a dtype that is its own computed values
-    and hashed as native bytes (little-endian hosts), and few enough elements that
-    dequantizing and folding would each be one call on any thread count."""
-    return (params["coder"] == "rans" and n_escaped == 0 and dtype in ("F32", "F64") and _LITTLE_ENDIAN_HOST
-            and n < 2 * MIN_SPAN)
+    stream, no escapes to patch in before the hash (the count is validated where it is
+    read), a dtype that is its own computed values and hashed as native bytes (little-endian
+    hosts), and few enough elements that dequantizing and folding would each be one call on
+    any thread count."""
+    return (params.get("coder") == "rans" and params.get("escaped") == 0 and dtype in ("F32", "F64")
+            and _LITTLE_ENDIAN_HOST and 0 < n < 2 * MIN_SPAN)
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> Factors:

@@ -28,8 +28,11 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     sign_out and last_out; return (status, XXH64 of recon's bytes). The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); fold_ema ..
-    last_out: history.fold_round's. On a status other than OK nothing after decoding ran."""
-    codes = np.empty(recon.size, np.int32)
+    last_out: history.fold_round's. On a status other than OK nothing after decoding ran.
+    The codes live in ema_out's memory (float32, as many elements) until the fold overwrites
+    it: 4 bytes an element less at the peak. The fold reads ema_out's old contents only where
+    it is also fold_ema, on a first round, whose EMA ignores them."""
+    codes = ema_out.view(np.int32)
     status = decode_stream_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes)
     if status != OK:
         return status, np.uint64(0)
