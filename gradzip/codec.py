@@ -207,11 +207,20 @@ class _Fold(NamedTuple):
         if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
             previous = None
         # Every new array is overwritten whole (the EMA from the old one); states are not
-        # modified once built, so the new one shares the old one's last reconstruction.
+        # modified once built, so the new one shares the old one's last reconstruction. The
+        # new arrays take the state's own dtypes and the tensor's size, whatever a state
+        # built by hand holds.
+        n = element_count(shape)
         state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
-            previous.shape, dtype, previous.rounds, np.empty_like(previous.ema), np.empty_like(previous.sign),
-            np.empty_like(previous.last), previous.last)
+            previous.shape, dtype, previous.rounds, np.empty(n, np.float32), np.empty(n, np.int8), np.empty(n, np.float32),
+            previous.last)
         return cls(state, previous, state.ema if previous is None else previous.ema, state.rounds == 0)
+
+    def fits(self, n: int) -> bool:
+        """Whether the EMA the fold reads is what the fused decoder reads unchecked: n float32
+        elements, contiguous (a state built by hand may hold another; the general path copes
+        with it). The new arrays are made so (of)."""
+        return self.ema.dtype == np.float32 and self.ema.size == n and self.ema.flags.c_contiguous
 
     def fill(self, recon: np.ndarray, config: CodecConfig, threads: int = 1) -> None:
         # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
@@ -1009,7 +1018,7 @@ def _bundle_members_quantized(members, dtypes, config) -> list:
         quantized[i] = _bundle_member_quantized(members[i][2], dtypes[i], config)
     if not fused:
         return quantized
-    values = np.concatenate([members[i][2].reshape(-1) for i in fused]).astype(np.float32, copy=False)
+    values = np.concatenate([np.ascontiguousarray(members[i][2]).reshape(-1) for i in fused]).astype(np.float32, copy=False)
     run_ends = np.cumsum([members[i][2].size for i in fused])
     if config.mode == "abs":
         ebs = np.full(len(fused), float(config.error_bound))
@@ -1282,7 +1291,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")
     recon = np.empty(n, compute_dtype(dtype))
-    if fold is not None and n_escaped == 0:
+    if fold is not None and n_escaped == 0 and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),

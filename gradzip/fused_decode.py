@@ -28,7 +28,8 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     sign_out and last_out; return (status, XXH64 of recon's bytes). The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); fold_ema ..
-    last_out: history.fold_round's. On a status other than OK nothing after decoding ran.
+    last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
+    the caller checks (codec._Fold.fits). On a status other than OK nothing after decoding ran.
     The codes live in ema_out's memory (float32, as many elements) until the fold overwrites
     it: 4 bytes an element less at the peak. The fold reads ema_out's old contents only where
     it is also fold_ema, on a first round, whose EMA ignores them."""

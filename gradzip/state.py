@@ -68,9 +68,9 @@ class TensorState:
 
     def head_entry(self, name: str) -> tuple[str, str]:
         """(JSON before the offset's value, JSON after it) of this tensor's header entry, keys
-        sorted; rebuilt where a field it holds changed (a caller may set a recipe by hand, so
-        that is compared by its repr: 16.0 == 16 and True == 1 in Python, not in the file)."""
-        key = (name, self.dtype, self.rounds, self.shape, repr(self.recipe), self.digest(), self.ema.size)
+        sorted; rebuilt where a field it holds changed (a caller may set fields by hand, so
+        they are compared by their repr: 16.0 == 16 and True == 1 in Python, not in the file)."""
+        key = (name, repr(self.dtype), repr(self.rounds), repr(self.shape), repr(self.recipe), self.digest(), self.ema.size)
         if self._entry is None or self._entry[0] != key:
             before = (f'{{"digest":"{self.digest().hex()}","dtype":{_json(self.dtype)},"elements":{_json(int(self.ema.size))},'
                       f'"name":{_json(name)},"offset":')

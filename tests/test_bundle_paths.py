@@ -96,3 +96,15 @@ def test_bound_rounding_truncates_the_exact_value():
     for value in (0.0, -1.0, math.inf):
         assert codec._rounded_down(value) == value
     assert math.isnan(codec._rounded_down(math.nan))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_matrix_members_are_flattened_like_arrays():
+    """np.matrix passes the input check as an ndarray subclass; its reshape(-1) stays 2-D."""
+    rng = np.random.default_rng(2)
+    tensors = {"a": np.matrix(rng.standard_normal((3, 4)).astype(np.float32)),
+               "b": np.matrix(rng.standard_normal((2, 5)).astype(np.float32))}
+    out = gradzip.Decompressor().decompress(gradzip.Compressor(1e-2).compress(tensors))
+    for name, array in tensors.items():
+        assert out[name].shape == array.shape
+        assert np.abs(out[name] - np.asarray(array)).max() <= 1e-2 * (array.max() - array.min())

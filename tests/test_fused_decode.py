@@ -74,3 +74,28 @@ def test_damaged_codes_fail_on_the_fused_path_and_leave_the_state(sample_rounds)
     with pytest.raises(gradzip.CorruptStreamError):
         decompressor.decompress(join_stream(header, records, trailer))
     assert decompressor.state.to_bytes() == before
+
+
+@pytest.mark.parametrize("odd", ["float64 ema", "strided ema"])
+def test_a_hand_built_state_with_an_odd_ema_decodes_on_the_general_path(odd):
+    """TensorState documents a float32 EMA of the tensor's size, but a caller may build one
+    otherwise; the fused decoder, which reads it unchecked, must not take it (a float64 EMA
+    once made it read past its arrays: SIGSEGV)."""
+    from gradzip.state import PredictorState, TensorState
+
+    rng = np.random.default_rng(5)
+    rounds = [{"w": rng.standard_normal((100, 50)).astype(np.float32)} for _ in range(3)]
+    compressor, decompressor = gradzip.Compressor(1e-2), gradzip.Decompressor(threads=1)
+    for tensors in rounds[:2]:
+        decompressor.decompress(compressor.compress(tensors))
+    blob = compressor.compress(rounds[2])
+    old = decompressor.state.tensors["w"]
+    ema = old.ema.astype(np.float64) if odd == "float64 ema" else np.repeat(old.ema, 2)[::2]
+    hand = TensorState(old.shape, old.dtype, old.rounds, ema, old.sign, old.last, old.second_last, old.recipe, old.chain)
+    assert not codec._Fold.of(hand, old.shape, old.dtype).fits(old.ema.size)
+    state = PredictorState(decompressor.state.round, {"w": hand}, decompressor.state.last_input_digest)
+    decoded = gradzip.Decompressor(state, threads=1)
+    out = decoded.decompress(blob)
+    reference = gradzip.Decompressor(decompressor.state, threads=1)
+    assert np.array_equal(out["w"], reference.decompress(blob)["w"])
+    assert decoded.state.to_bytes() == reference.state.to_bytes()

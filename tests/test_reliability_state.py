@@ -332,3 +332,10 @@ def test_the_state_file_header_is_the_json_of_its_entries():
                             sort_keys=True, separators=(",", ":")).encode()
         assert state._head() == STATE_MAGIC + struct.pack("<IQ", 6, len(header)) + header
         assert PredictorState.from_bytes(state.to_bytes()).digest() == state.digest()
+    # Fields set by hand after the entry was cached, to values equal in Python but not in JSON.
+    tensor = state.tensors["w"]
+    before = state._head()
+    tensor.rounds = True if tensor.rounds == 1 else float(tensor.rounds)
+    assert state._head() != before and (b'"rounds":true' in state._head() or b'"rounds":3.0' in state._head())
+    tensor.shape = tuple(float(s) for s in tensor.shape)
+    assert b'"shape":[8.0,300.0]' in state._head()
