@@ -1209,7 +1209,8 @@ def _decode(record, payload, config, previous, threads=1):
         array, recon_hash = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads, fold)
         if recon_hash is None:  # (else the fused decoder hashed it and filled the state)
             recon_hash = _recon_hash(array, dtype)
-            fold = _Fold.of(previous, shape, dtype)
+            if fold is None:  # (one that the fused decoder passed up is still untouched)
+                fold = _Fold.of(previous, shape, dtype)
             fold.fill(widen(array, dtype), config, threads)
         return array, fold.sealed(config, recon_hash, recipe_of(record)), recon_hash
     else:

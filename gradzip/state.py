@@ -64,7 +64,7 @@ class TensorState:
     # arrays instead.
     chain: bytes | None = field(default=None, repr=False, compare=False)
     # This tensor's entry of the file's header, split at its offset (see _current_head).
-    _entry: tuple | None = field(default=None, repr=False, compare=False)
+    _entry: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def head_entry(self, name: str) -> tuple[str, str]:
         """(JSON before the offset's value, JSON after it) of this tensor's header entry, keys
@@ -135,11 +135,8 @@ class PredictorState:
         offset = 0
         for name in sorted(self.tensors):
             t = self.tensors[name]
-            entry = {"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
-                     "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe}
-            if version >= 6:
-                entry["digest"] = t.digest().hex()
-            entries.append(entry)
+            entries.append({"name": name, "shape": list(t.shape), "dtype": t.dtype, "rounds": t.rounds,
+                            "offset": offset, "elements": int(t.ema.size), "recipe": t.recipe})
             offset += t.ema.size * _BYTES_PER_ELEMENT
         header = json.dumps({"round": self.round, "last_input_digest": self.last_input_digest, "tensors": entries},
                             sort_keys=True, separators=(",", ":")).encode()
