@@ -138,7 +138,11 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
     """The per-tensor absolute bound: eb itself, or eb times the finite value range (rel)."""
     if config.mode == "abs":
         return float(config.error_bound)
-    count, lo, hi = finite_range(values)
+    return _relative_bound(config, *finite_range(values))
+
+
+def _relative_bound(config: CodecConfig, count: int, lo: float, hi: float) -> float:
+    """rel mode's bound from the finite values' count, min and max (0 where there are none)."""
     if count == 0:
         return 0.0
     # rel*hi - rel*lo cannot overflow where hi - lo can (values near the float max).
@@ -1024,8 +1028,7 @@ def _bundle_members_quantized(members, dtypes, config) -> list:
         ebs = np.full(len(fused), float(config.error_bound))
     else:
         counts, los, his = finite_ranges(values, run_ends)
-        ebs = np.array([_rounded_down(config.error_bound * hi - config.error_bound * lo) if count else 0.0
-                        for count, lo, hi in zip(counts.tolist(), los.tolist(), his.tolist())])
+        ebs = np.array([_relative_bound(config, *run) for run in zip(counts.tolist(), los.tolist(), his.tolist())])
     codes = np.empty(values.size, np.int32)
     recon = np.empty(values.size, np.float32)
     escapes = quantize_runs(values, run_ends, ebs, codes, recon)
@@ -1051,8 +1054,7 @@ def _bundle_member_quantized(array, dtype, config) -> tuple[float, _Quantized] |
 
 def _exact_data(members, dtypes) -> tuple[bytes, bytes, bool]:
     """(raw bytes of the members stored exactly, the data section, whether it is zstd)."""
-    raw = _joined_little_endian(array for _, _, array in members) if _LITTLE_ENDIAN_HOST else b"".join(
-        _little_endian_bytes(array, dtype) for (_, _, array), dtype in zip(members, dtypes))
+    raw = _joined_little_endian([array for _, _, array in members], dtypes)
     packed = lossless.compress(raw) if raw else b""
     use_zstd = len(packed) < len(raw)  # float noise does not compress; skip zstd's frame then
     return raw, packed if use_zstd else raw, use_zstd
@@ -1064,12 +1066,12 @@ def _exact_bundle_bytes(members, dtypes) -> int:
     return max(len(data), len(raw) // MAX_ELEMENTS_PER_PAYLOAD_BYTE + 1)
 
 
-def _joined_little_endian(arrays) -> bytes:
-    """The arrays' bytes, one after another, on a little-endian host: a native contiguous
-    array is its stored bytes (BF16 included: its bit patterns); others go through
-    _little_endian_bytes."""
-    return b"".join(array if array.dtype.isnative and array.flags.c_contiguous
-                    else _little_endian_bytes(array, dtype_name(array)) for array in arrays)
+def _joined_little_endian(arrays, dtypes) -> bytes:
+    """The arrays' stored bytes (_little_endian_bytes), one after another, without a call per
+    array where it is its stored bytes already (native and contiguous on a little-endian
+    host, BF16 included: its bit patterns): a bundle's members are small."""
+    return b"".join(array if _LITTLE_ENDIAN_HOST and array.dtype.isnative and array.flags.c_contiguous
+                    else _little_endian_bytes(array, dtype) for array, dtype in zip(arrays, dtypes))
 
 
 def _bundle(members, dtypes, quantized) -> EncodedBundle:
@@ -1091,8 +1093,7 @@ def _bundle(members, dtypes, quantized) -> EncodedBundle:
     sections = _padded(sections, len(raw) + n_coded)
     # Members are small: one join and one hash beat a hash update per member.
     ordered = [recons[name] for _, name, _ in members]
-    recon_check = xxh64(_joined_little_endian(ordered) if _LITTLE_ENDIAN_HOST else b"".join(
-        _little_endian_bytes(recon, dtype) for recon, dtype in zip(ordered, dtypes)))
+    recon_check = xxh64(_joined_little_endian(ordered, dtypes))
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw), "coded": n_coded},
               "sections": [[section, len(data)] for section, data in sections], "recon_check": recon_check & _RECON_CHECK_MASK}
     return EncodedBundle(record, b"".join(data for _, data in sections), recons)
@@ -1158,8 +1159,7 @@ def _decode_bundle(record, payload):
             raw_offset += nbytes
         members.append((position, name, array))
     arrays = [array for _, _, array in members]
-    recon_bytes = _joined_little_endian(arrays) if _LITTLE_ENDIAN_HOST else b"".join(
-        _little_endian_bytes(array, dtype) for array, (_, _, dtype, *_) in zip(arrays, layout))
+    recon_bytes = _joined_little_endian(arrays, [dtype for _, _, dtype, *_ in layout])
     if xxh64(recon_bytes) & _RECON_CHECK_MASK != record["recon_check"]:
         raise CorruptStreamError("reconstruction checksum mismatch")
     return members

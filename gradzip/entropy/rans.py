@@ -1155,9 +1155,7 @@ def decode_inputs(data: bytes | memoryview, contexts: np.ndarray | None, n_conte
             raise ValueError("contexts are needed for more than one context")
         contexts = np.zeros(n, np.uint8)
     else:
-        contexts = _check_contexts(contexts, n_contexts)
-        if contexts.size != n:
-            raise ValueError(f"{n} codes but {contexts.size} contexts")
+        contexts = _check_contexts(contexts, n_contexts, n)
     return (*_stream_words(np.frombuffer(data, dtype=np.uint8)), contexts, n_contexts)
 
 
