@@ -110,26 +110,38 @@ class Xxh64:
     def __init__(self, seed: int = 0):
         self.seed = np.uint64(seed)
         self.lanes = _initial_lanes(seed)
-        self.pending = np.empty(0, np.uint8)  # under 32 bytes not yet folded in
+        self.pending = np.empty(32, np.uint8)  # the first n_pending bytes: not yet folded in
+        self.n_pending = 0
         self.length = 0
 
     def update(self, data) -> "Xxh64":
         raw = _bytes_of(data)
         self.length += raw.size
-        if self.pending.size:
-            need = 32 - self.pending.size
-            if raw.size < need:
-                self.pending = np.concatenate([self.pending, raw])
-                return self
-            _stripes(self.lanes, np.concatenate([self.pending, raw[:need]]))
-            raw = raw[need:]
-        if raw.size >= 32:
-            _stripes(self.lanes, raw)
-        self.pending = raw[raw.size - raw.size % 32:].copy()
+        self.n_pending = int(_absorb(self.lanes, self.pending, self.n_pending, raw))
         return self
 
     def digest(self) -> int:
-        return int(_finish(self.lanes, self.seed, self.length, self.pending))
+        return int(_finish(self.lanes, self.seed, self.length, self.pending[:self.n_pending]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _absorb(lanes, pending, n_pending, raw):
+    """Fold raw (uint8) in behind the n_pending bytes held in pending (32 bytes); returns how
+    many bytes pending holds after (one kernel call an update: its Python steps, joining the
+    pending bytes to the next piece, cost more than hashing a small tensor)."""
+    start = 0
+    if n_pending > 0:
+        start = min(32 - n_pending, raw.size)
+        pending[n_pending:n_pending + start] = raw[:start]
+        n_pending += start
+        if n_pending < 32:
+            return n_pending
+        _stripes(lanes, pending)
+    body = raw[start:]
+    _stripes(lanes, body)
+    tail = body.size % 32
+    pending[:tail] = body[body.size - tail:]
+    return tail
 
 
 @numba.njit(cache=True, nogil=True)

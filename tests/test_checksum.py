@@ -86,3 +86,17 @@ def test_fingerprint_joins_small_parts_without_changing_the_digest():
     whole = b"".join(p.tobytes() for p in parts)
     assert fingerprint(parts) == xxh64(whole).to_bytes(8, "little")
     assert fingerprint([bytes(p) for p in parts]) == fingerprint(parts)
+
+
+def test_streaming_in_many_small_pieces_matches_the_whole():
+    """Pieces shorter than a stripe, and pieces that fill the held bytes exactly, straddle
+    them or leave them empty, in every order."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 256, 5_000, dtype=np.uint8).tobytes()
+    for trial in range(40):
+        stream, at = Xxh64(trial), 0
+        while at < len(data):
+            size = int(rng.choice([0, 1, 3, 31, 32, 33, 64, 100]))
+            stream.update(data[at:at + size])
+            at += size
+        assert stream.digest() == xxh64(data, trial), trial
