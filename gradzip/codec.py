@@ -33,6 +33,7 @@ from .checksum import xxh64
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .fused_decode import decode_and_fold
+from .fused_encode import reconstruct_and_fold
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .parallel import MIN_SPAN, each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
@@ -319,8 +320,9 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
     with _values_low_rank_part(values, shape, eb, threads, "values" in low_rank_kinds, rank) as values_part:
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, _FitLowRank(rank) if "linear" in low_rank_kinds else None, reuse)
-    encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, encoded.recon_hash,
-                                  recipe_of(encoded.record), threads)
+    if encoded.state is None:  # (a small tensor's reconstruction may have been folded as it was made)
+        encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, encoded.recon_hash,
+                                      recipe_of(encoded.record), threads)
     return encoded
 
 
@@ -346,11 +348,13 @@ def _padded(sections: list, elements: int) -> list:
     return sections + [("padding", bytes(shortfall))] if shortfall > 0 else sections
 
 
-def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bits) -> Encoded:
+def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bits, recon_hash=None) -> Encoded:
+    """recon_hash: the XXH64 of recon's bytes where the caller has it."""
     sections = _padded(sections, element_count(shape))
     payload = b"".join(data for _, data in sections)
     recon = np.ascontiguousarray(recon).reshape(shape)
-    recon_hash = _recon_hash(recon, dtype)
+    if recon_hash is None:
+        recon_hash = _recon_hash(recon, dtype)
     record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
               "sections": [[section, len(data)] for section, data in sections],
               "recon_check": recon_hash & _RECON_CHECK_MASK}
@@ -614,6 +618,17 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
     if recon is None:
+        fold = _Fold.of(previous, shape, dtype) if _fused_decode_fits(params, dtype, values.size) else None
+        if fold is not None and fold.fits(values.size):  # (then nothing escaped: the params say so)
+            recon = np.empty(values.size, compute_dtype(dtype))
+            quantized = best.quantized
+            recon_hash = int(reconstruct_and_fold(quantized.codes, _NO_SIGNS if quantized.oriented_by is None else quantized.oriented_by,
+                                                  *quantized.prediction.kernel_args(threads), eb, recon, fold.ema, config.beta,
+                                                  fold.first_round, fold.state.ema, fold.state.sign, fold.state.last))
+            quantized.oriented_by = None
+            encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
+            encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
+            return encoded
         recon = _reconstructed(values, dtype, eb, best.quantized, threads)
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
 

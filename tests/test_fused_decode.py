@@ -99,3 +99,29 @@ def test_a_hand_built_state_with_an_odd_ema_decodes_on_the_general_path(odd):
     reference = gradzip.Decompressor(decompressor.state, threads=1)
     assert np.array_equal(out["w"], reference.decompress(blob)["w"])
     assert decoded.state.to_bytes() == reference.state.to_bytes()
+
+
+@pytest.mark.parametrize("bound", [1e-2, 1e-4])
+def test_the_fused_encoder_tail_gives_the_general_paths_streams_and_states(sample_rounds, monkeypatch, bound):
+    """The encoder's one-kernel tail (reconstruct, hash, fold) against its three calls: the
+    same records, payloads and states round after round, for every predictor it serves."""
+    taken = Counter()
+    fused = codec.reconstruct_and_fold
+
+    def counted(*args):
+        taken["tensors"] += 1
+        return fused(*args)
+
+    monkeypatch.setattr(codec, "reconstruct_and_fold", counted)
+    for name, rounds in _sequences(sample_rounds):
+        fused_side, general_side = gradzip.Compressor(bound, threads=1), gradzip.Compressor(bound, threads=1)
+        for tensors in rounds:
+            blob = fused_side.compress(tensors)
+            with monkeypatch.context() as general:
+                general.setattr(codec, "_fused_decode_fits", lambda *args: False)
+                expected = general_side.compress(tensors)
+            assert blob == expected, name
+            assert fused_side.state.to_bytes() == general_side.state.to_bytes(), name
+            for report, general_report in zip(fused_side.last_report.tensors, general_side.last_report.tensors):
+                assert report == general_report, (name, report.name)
+    assert taken["tensors"] >= 20

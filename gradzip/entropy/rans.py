@@ -1104,13 +1104,9 @@ def encode(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: in
         return _encode_segmented(codes, contexts, n_contexts, threads)
     status, bit_words, rans_words = _encode_kernel(codes, contexts, n_contexts)
     check_status(status)
-    header = _varint(bit_words.size)
-    rans_start = len(header) + 4 * bit_words.size
-    out = np.empty(rans_start + 4 * rans_words.size, np.uint8)
-    out[: len(header)] = np.frombuffer(header, np.uint8)
-    out[len(header) : rans_start] = bit_words.astype("<u4", copy=False).view(np.uint8)
-    out[rans_start:] = rans_words.astype("<u4", copy=False).view(np.uint8)
-    return out.tobytes()
+    # (joined bytes: filling one preallocated array took 2.9 us of a small tensor's 33)
+    return b"".join((_varint(bit_words.size), bit_words.astype("<u4", copy=False).tobytes(),
+                     rans_words.astype("<u4", copy=False).tobytes()))
 
 
 def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, threads: int = 1) -> np.ndarray:
