@@ -224,7 +224,10 @@ class _Fold(NamedTuple):
     first_round: bool
 
     @classmethod
-    def of(cls, previous: TensorState | None, shape, dtype: str) -> "_Fold":
+    def of(cls, previous: TensorState | None, shape, dtype: str, new_ema: np.ndarray | None = None) -> "_Fold":
+        """new_ema: memory for the new EMA (n contiguous float32, overwritten whole) instead of
+        a new array (on a first round the fold also reads it as the old EMA, which that
+        round's EMA ignores)."""
         if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
             previous = None
         # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -232,9 +235,9 @@ class _Fold(NamedTuple):
         # new arrays take the state's own dtypes and the tensor's size, whatever a state
         # built by hand holds.
         n = element_count(shape)
-        state = TensorState.fresh(shape, dtype) if previous is None else TensorState(
-            previous.shape, dtype, previous.rounds, np.empty(n, np.float32), np.empty(n, np.int8), np.empty(n, np.float32),
-            previous.last)
+        state = TensorState.fresh(shape, dtype, new_ema) if previous is None else TensorState(
+            previous.shape, dtype, previous.rounds, np.empty(n, np.float32) if new_ema is None else new_ema,
+            np.empty(n, np.int8), np.empty(n, np.float32), previous.last)
         return cls(state, previous, state.ema if previous is None else previous.ema, state.rounds == 0)
 
     def fits(self, n: int) -> bool:
@@ -629,19 +632,36 @@ def _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previo
     sections = [("codes", codes_section), *best.side_sections, *_escape_sections(array, dtype, best.quantized)]
     recon = best.quantized.recon
     if recon is None:
-        fold = _Fold.of(previous, shape, dtype) if _fused_decode_fits(params, dtype, values.size) else None
-        if fold is not None and fold.fits(values.size):  # (then nothing escaped: the params say so)
-            recon = np.empty(values.size, compute_dtype(dtype))
-            quantized = best.quantized
-            recon_hash = int(reconstruct_and_fold(quantized.codes, _NO_SIGNS if quantized.oriented_by is None else quantized.oriented_by,
-                                                  *quantized.prediction.kernel_args(threads), eb, recon, fold.ema, config.beta,
-                                                  fold.first_round, fold.state.ema, fold.state.sign, fold.state.last))
-            quantized.oriented_by = None
-            encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
-            encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
-            return encoded
+        if _fused_fits(dtype, values.size):
+            return _fused_tail(name, values, dtype, shape, eb, config, previous, best.quantized, params, sections, bits)
         recon = _reconstructed(values, dtype, eb, best.quantized, threads)
     return _encoded(name, dtype, shape, "quantized", params, sections, narrow(recon, dtype), bits)
+
+
+def _fused_tail(name, values, dtype, shape, eb, config, previous, quantized: _Quantized, params, sections, bits) -> Encoded:
+    """The Encoded of a small tensor whose codes are entropy-coded, with its new state: what
+    _reconstructed, _encoded and advance_state give, from one kernel call (fused_encode.py).
+    The codes are spent: their memory becomes the new EMA (the new arrays would otherwise add
+    5 bytes an element to a small model's peak)."""
+    n = values.size
+    codes = quantized.codes
+    reusable = codes.dtype == np.int32 and codes.size == n and codes.flags.c_contiguous
+    fold = _Fold.of(previous, shape, dtype, codes.view(np.float32) if reusable else None)
+    if not fold.fits(n):  # (a state built by hand: the general path copes with it)
+        return _encoded(name, dtype, shape, "quantized", params, sections,
+                        narrow(_reconstructed(values, dtype, eb, quantized), dtype), bits)
+    escape_index, escape_values = _NO_ESCAPES if not quantized.n_escaped else (
+        np.flatnonzero(quantized.escaped), values[quantized.escaped])
+    recon = np.empty(n, compute_dtype(dtype))
+    orient_signs = _NO_SIGNS if quantized.oriented_by is None else quantized.oriented_by
+    quantized.oriented_by = None
+    recon_hash = int(reconstruct_and_fold(codes, orient_signs, *quantized.prediction.kernel_args(), eb, recon,
+                                          escape_index, escape_values.astype(recon.dtype, copy=False), fold.ema,
+                                          config.beta, fold.first_round, fold.state.ema, fold.state.sign,
+                                          fold.state.last))
+    encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
+    encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
+    return encoded
 
 
 def _with_low_rank(values, dtype, shape, eb, config, previous, best: _Candidate | None, itemsize, threads, values_part,
@@ -1320,41 +1340,56 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
-    n_escaped = params["escaped"]
-    if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
-        raise CorruptStreamError("bad escape count")
+    escape_index, escape_values = _decoded_escapes(params, sections, dtype, n)
     recon = np.empty(n, compute_dtype(dtype))
-    if fold is not None and n_escaped == 0 and fold.fits(n):
+    if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
-                                                 eb, recon, fold.ema, config.beta, fold.first_round, fold.state.ema,
-                                                 fold.state.sign, fold.state.last)
+                                                 eb, recon, escape_index, escape_values, fold.ema, config.beta,
+                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last)
             rans.check_status(status)
             return recon.reshape(shape), int(recon_hash)
     codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
         orient_by_sign(codes, previous.sign)
     _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
-    if n_escaped:
-        index = np.cumsum(np.frombuffer(lossless.decompress(sections["escape_index"], 8 * n_escaped), "<u8"), dtype=np.uint64)
-        if index[-1] >= n or (n_escaped > 1 and not np.all(index[1:] > index[:-1])):
-            raise CorruptStreamError("escape positions out of order or out of range")
-        bits_dtype = numpy_dtype(dtype) if dtype not in ("BF16",) else np.dtype(np.uint16)
-        exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * bits_dtype.itemsize), bits_dtype.newbyteorder("<"))
-        exact = as_bfloat16(exact) if dtype == "BF16" else exact
-        recon[index.astype(np.int64)] = widen(exact, dtype)
+    if escape_index.size:
+        recon[escape_index] = escape_values
     return narrow(recon, dtype).reshape(shape), None
 
 
+_NO_ESCAPES = (np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+def _decoded_escapes(params, sections, dtype, n) -> tuple[np.ndarray, np.ndarray]:
+    """(positions as int64, values in the computed dtype, writable) of a record's escaped
+    elements, checked in range and in order; empty arrays where none escaped."""
+    n_escaped = params["escaped"]
+    if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
+        raise CorruptStreamError("bad escape count")
+    if not n_escaped:
+        return _NO_ESCAPES[0], np.empty(0, compute_dtype(dtype))
+    index = np.cumsum(np.frombuffer(lossless.decompress(sections["escape_index"], 8 * n_escaped), "<u8"), dtype=np.uint64)
+    if index[-1] >= n or (n_escaped > 1 and not np.all(index[1:] > index[:-1])):
+        raise CorruptStreamError("escape positions out of order or out of range")
+    bits_dtype = numpy_dtype(dtype) if dtype not in ("BF16",) else np.dtype(np.uint16)
+    exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * bits_dtype.itemsize), bits_dtype.newbyteorder("<"))
+    exact = as_bfloat16(exact) if dtype == "BF16" else exact
+    return index.astype(np.int64), np.array(widen(exact, dtype), copy=True)
+
+
+def _fused_fits(dtype, n) -> bool:
+    """Whether the fused kernels (fused_encode.py, fused_decode.py) give a tensor's bits: a
+    dtype that is its own computed values and hashed as native bytes (little-endian hosts),
+    and few enough elements that dequantizing and folding would each be one call on any
+    thread count."""
+    return dtype in ("F32", "F64") and _LITTLE_ENDIAN_HOST and 0 < n < 2 * MIN_SPAN
+
+
 def _fused_decode_fits(params, dtype, n) -> bool:
-    """Whether the fused decoder (fused_decode.py) gives this record's bits: rANS codes in one
-    stream, no escapes to patch in before the hash (the count is validated where it is
-    read), a dtype that is its own computed values and hashed as native bytes (little-endian
-    hosts), and few enough elements that dequantizing and folding would each be one call on
-    any thread count."""
-    return (params.get("coder") == "rans" and params.get("escaped") == 0 and dtype in ("F32", "F64")
-            and _LITTLE_ENDIAN_HOST and 0 < n < 2 * MIN_SPAN)
+    """Whether the fused decoder takes this record: _fused_fits, and rANS codes."""
+    return params.get("coder") == "rans" and _fused_fits(dtype, n)
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> Factors:

@@ -1,5 +1,6 @@
 """One kernel call for what the decoder does to a quantized record after reading it: entropy
-decoding, orienting, dequantizing, hashing the reconstruction and folding it into the state.
+decoding, orienting, dequantizing, patching in the escaped values, hashing the
+reconstruction and folding it into the state.
 
 It composes the kernels of those modules (entropy/rans.py, predict/context.py, quantize.py,
 checksum.py, predict/history.py) and adds no arithmetic of its own, so it gives their bits.
@@ -17,17 +18,18 @@ from .checksum import xxh64_kernel
 from .entropy.rans import OK, decode_stream_kernel
 from .predict.context import orient_by_sign
 from .predict.history import fold_round
-from .quantize import dequantize
+from .quantize import dequantize, patch_escapes
 
 
 @numba.njit(cache=True, nogil=True)
 def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, orient_signs,
                     ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
-                    fold_ema, beta, first_round, ema_out, sign_out, last_out):
+                    escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out):
     """Fill recon (float32 or float64, the tensor's own dtype) and the new state's ema_out,
     sign_out and last_out; return (status, XXH64 of recon's bytes). The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
-    ema .. offset: the prediction's kernel arguments (quantize.dequantize); fold_ema ..
+    ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
+    escape_values: quantize.patch_escapes' (validated by the caller); fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
     the caller checks (codec._Fold.fits). On a status other than OK nothing after decoding ran.
     The codes live in ema_out's memory (float32, as many elements) until the fold overwrites
@@ -40,6 +42,7 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     if orient_signs.size > 0:
         orient_by_sign(codes, orient_signs)
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
+    patch_escapes(recon, escape_index, escape_values)
     recon_hash = xxh64_kernel(recon.view(np.uint8))
     fold_round(fold_ema, recon, beta, first_round, ema_out, sign_out, last_out)
     return OK, recon_hash

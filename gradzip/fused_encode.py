@@ -1,12 +1,13 @@
 """One kernel call for the encoder's tail on a small tensor: undoing the codes' orientation,
-dequantizing them into the reconstruction the decoder will build, hashing it and folding it
-into the new state.
+dequantizing them into the reconstruction the decoder will build, patching in the escaped
+values, hashing it and folding it into the new state.
 
 The encoder's mirror of fused_decode.py: it composes the same modules' kernels
 (predict/context.py, quantize.py, checksum.py, predict/history.py) and adds no arithmetic, so
 its bits are theirs. Three calls and the Python between them cost a 2304-element conv
-layer about 8 of its 150 us a round (codec.py takes this path under the decoder's own
-conditions, _fused_decode_fits, and where nothing escaped).
+layer about 8 of its 150 us a round (codec.py takes this path for every small float32 or
+float64 tensor, _fused_fits: a kernel first used rounds later would load then, adding a
+megabyte or so to that call's memory).
 """
 from __future__ import annotations
 
@@ -16,21 +17,24 @@ import numpy as np
 from .checksum import xxh64_kernel
 from .predict.context import orient_by_sign
 from .predict.history import fold_round
-from .quantize import dequantize
+from .quantize import dequantize, patch_escapes
 
 
 @numba.njit(cache=True, nogil=True)
 def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second, row_length,
-                         offset, eb, recon, fold_ema, beta, first_round, ema_out, sign_out, last_out):
+                         offset, eb, recon, escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out,
+                         last_out):
     """Fill recon (float32 or float64, the tensor's own dtype) from codes and the new state's
     ema_out, sign_out and last_out; return the XXH64 of recon's bytes. orient_signs: the
     signs the codes were oriented by in place (empty: none), oriented back here; ema ..
-    offset: the prediction's kernel arguments (quantize.dequantize); fold_ema .. last_out:
-    history.fold_round's, each as long as recon and of a state's own dtypes, which the
-    caller checks (codec._Fold.fits)."""
+    offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
+    escape_values: quantize.patch_escapes'; fold_ema .. last_out: history.fold_round's, each
+    as long as recon and of a state's own dtypes, which the caller checks (codec._Fold.fits).
+    ema_out may be the codes' own memory: they are read before the fold writes it."""
     if orient_signs.size > 0:
         orient_by_sign(codes, orient_signs)
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
+    patch_escapes(recon, escape_index, escape_values)
     recon_hash = xxh64_kernel(recon.view(np.uint8))
     fold_round(fold_ema, recon, beta, first_round, ema_out, sign_out, last_out)
     return recon_hash

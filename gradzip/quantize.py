@@ -151,6 +151,14 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
         recon[i] = recon_type(_reconstruct(p, two_eb, np.float64(codes[i])))
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def patch_escapes(recon, escape_index, escape_values):
+    """recon[escape_index[k]] = escape_values[k]: the values stored exactly, where the
+    quantizer's code would have missed the bound (positions in range: the caller checks)."""
+    for k in range(escape_index.size):
+        recon[escape_index[k]] = escape_values[k]
+
+
 @numba.njit(cache=True, nogil=True)
 def dequantize_runs(codes, run_ends, ebs, recon):
     """dequantize without prediction over consecutive runs of codes, run r (ending before

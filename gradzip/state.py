@@ -88,10 +88,12 @@ class TensorState:
         return self.chain
 
     @classmethod
-    def fresh(cls, shape: tuple[int, ...], dtype: str) -> "TensorState":
+    def fresh(cls, shape: tuple[int, ...], dtype: str, ema: np.ndarray | None = None) -> "TensorState":
+        """A tensor's state before its first round (ema: memory for the EMA, which the first
+        round's fold overwrites whole, instead of zeros)."""
         n = element_count(shape)
-        return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32), np.zeros(n, np.int8), np.zeros(n, np.float32),
-                   _untouched_zeros(n))
+        return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32) if ema is None else ema, np.zeros(n, np.int8),
+                   np.zeros(n, np.float32), _untouched_zeros(n))
 
 
 def _untouched_zeros(n: int) -> np.ndarray:

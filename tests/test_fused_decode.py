@@ -118,10 +118,59 @@ def test_the_fused_encoder_tail_gives_the_general_paths_streams_and_states(sampl
         for tensors in rounds:
             blob = fused_side.compress(tensors)
             with monkeypatch.context() as general:
-                general.setattr(codec, "_fused_decode_fits", lambda *args: False)
+                general.setattr(codec, "_fused_fits", lambda *args: False)
                 expected = general_side.compress(tensors)
             assert blob == expected, name
             assert fused_side.state.to_bytes() == general_side.state.to_bytes(), name
             for report, general_report in zip(fused_side.last_report.tensors, general_side.last_report.tensors):
                 assert report == general_report, (name, report.name)
     assert taken["tensors"] >= 20
+
+
+def _rounds_with_escapes(count=5):
+    """Small float32 and float64 tensors whose NaN, infinities and (at an absolute bound) huge
+    values escape the quantizer, at new positions every round."""
+    rng = np.random.default_rng(5)
+    rounds = []
+    for _ in range(count):
+        tensors = {}
+        for name, dtype in (("w32", np.float32), ("w64", np.float64)):
+            values = rng.standard_normal((48, 90)).astype(dtype)
+            flat = values.reshape(-1)
+            flat[rng.choice(flat.size, 12, replace=False)] = [np.nan, np.inf, -np.inf, 3e38, -3e38, 1e30] * 2
+            tensors[name] = values
+        rounds.append(tensors)
+    return rounds
+
+
+@pytest.mark.parametrize("bound, mode", [(1e-2, "rel"), (1e-3, "abs")])
+def test_the_fused_paths_patch_escaped_values_as_the_general_ones(monkeypatch, bound, mode):
+    seen = Counter()
+    encode_tail, decode = codec.reconstruct_and_fold, codec.decode_and_fold
+
+    def counted_tail(*args):
+        seen["encoded with escapes"] += args[14].size > 0  # escape_index
+        return encode_tail(*args)
+
+    def counted_decode(*args):
+        seen["decoded with escapes"] += args[18].size > 0
+        return decode(*args)
+
+    monkeypatch.setattr(codec, "reconstruct_and_fold", counted_tail)
+    monkeypatch.setattr(codec, "decode_and_fold", counted_decode)
+    fused_side, general_side = gradzip.Compressor(bound, mode, threads=1), gradzip.Compressor(bound, mode, threads=1)
+    fused_reader, general_reader = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
+    for tensors in _rounds_with_escapes():
+        blob = fused_side.compress(tensors)
+        out = fused_reader.decompress(blob)
+        with monkeypatch.context() as general:
+            general.setattr(codec, "_fused_fits", lambda *args: False)
+            assert general_side.compress(tensors) == blob
+            expected = general_reader.decompress(blob)
+        for name, original in tensors.items():
+            assert out[name].tobytes() == expected[name].tobytes(), name
+            exact = ~np.isfinite(original)
+            assert np.array_equal(out[name][exact], original[exact], equal_nan=True), name
+        assert (fused_side.state.to_bytes() == general_side.state.to_bytes() == fused_reader.state.to_bytes()
+                == general_reader.state.to_bytes())
+    assert seen["encoded with escapes"] >= 4 and seen["decoded with escapes"] >= 4, seen
