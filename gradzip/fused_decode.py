@@ -2,8 +2,10 @@
 decoding, orienting, dequantizing, patching in the escaped values, hashing the
 reconstruction and folding it into the state.
 
-It composes the kernels of those modules (entropy/rans.py, predict/context.py, quantize.py,
-checksum.py, predict/history.py) and adds no arithmetic of its own, so it gives their bits.
+It composes rans.py's decoding kernel with the encoder's own tail (fused_encode.py, itself
+composed from the kernels of predict/context.py, quantize.py, checksum.py and
+predict/history.py) and adds no arithmetic of its own, so it gives their bits, and both
+sides run one body for everything after the codes.
 On a tensor of a few thousand elements numba's dispatch of four calls and the Python
 between them cost more than the work (a 4096-element transformer record: 59 -> 45 us). The
 codec takes this path where each of those steps would run as one call anyway (codec.py,
@@ -14,11 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .checksum import xxh64_kernel
 from .entropy.rans import OK, decode_stream_kernel
-from .predict.context import orient_by_sign
-from .predict.history import fold_round
-from .quantize import dequantize, patch_escapes
+from .fused_encode import reconstruct_and_fold
 
 
 @numba.njit(cache=True, nogil=True)
@@ -39,10 +38,7 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     status = decode_stream_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes)
     if status != OK:
         return status, np.uint64(0)
-    if orient_signs.size > 0:
-        orient_by_sign(codes, orient_signs)
-    dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
-    patch_escapes(recon, escape_index, escape_values)
-    recon_hash = xxh64_kernel(recon.view(np.uint8))
-    fold_round(fold_ema, recon, beta, first_round, ema_out, sign_out, last_out)
-    return OK, recon_hash
+    # from here on, what the encoder does once its codes are coded
+    return OK, reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second,
+                                    row_length, offset, eb, recon, escape_index, escape_values, fold_ema, beta,
+                                    first_round, ema_out, sign_out, last_out)

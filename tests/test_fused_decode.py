@@ -30,16 +30,23 @@ def _sequences(sample_rounds):
                     for outer, outer64, part in zip(_rank_one_rounds(4, rng), _rank_one_rounds(4, rng, np.float64), low_rank)]
 
 
+def _count_calls(monkeypatch, kernel_name, counter, key, escape_index_at=None):
+    """Replace one of codec's fused kernels by one that counts its calls under counter[key]
+    (with escape_index_at, only the calls whose argument there, the escape index, is not
+    empty)."""
+    kernel = getattr(codec, kernel_name)
+
+    def counted(*args):
+        counter[key] += 1 if escape_index_at is None else int(args[escape_index_at].size > 0)
+        return kernel(*args)
+
+    monkeypatch.setattr(codec, kernel_name, counted)
+
+
 @pytest.mark.parametrize("bound", [1e-2, 1e-4])
 def test_fused_decoding_gives_the_general_paths_tensors_and_states(sample_rounds, monkeypatch, bound):
     taken = Counter()
-    fused = codec.decode_and_fold
-
-    def counted(*args):
-        taken["records"] += 1
-        return fused(*args)
-
-    monkeypatch.setattr(codec, "decode_and_fold", counted)
+    _count_calls(monkeypatch, "decode_and_fold", taken, "records")
     predictors = Counter()
     for name, rounds in _sequences(sample_rounds):
         compressor = gradzip.Compressor(bound)
@@ -106,13 +113,7 @@ def test_the_fused_encoder_tail_gives_the_general_paths_streams_and_states(sampl
     """The encoder's one-kernel tail (reconstruct, hash, fold) against its three calls: the
     same records, payloads and states round after round, for every predictor it serves."""
     taken = Counter()
-    fused = codec.reconstruct_and_fold
-
-    def counted(*args):
-        taken["tensors"] += 1
-        return fused(*args)
-
-    monkeypatch.setattr(codec, "reconstruct_and_fold", counted)
+    _count_calls(monkeypatch, "reconstruct_and_fold", taken, "tensors")
     for name, rounds in _sequences(sample_rounds):
         fused_side, general_side = gradzip.Compressor(bound, threads=1), gradzip.Compressor(bound, threads=1)
         for tensors in rounds:
@@ -146,18 +147,8 @@ def _rounds_with_escapes(count=5):
 @pytest.mark.parametrize("bound, mode", [(1e-2, "rel"), (1e-3, "abs")])
 def test_the_fused_paths_patch_escaped_values_as_the_general_ones(monkeypatch, bound, mode):
     seen = Counter()
-    encode_tail, decode = codec.reconstruct_and_fold, codec.decode_and_fold
-
-    def counted_tail(*args):
-        seen["encoded with escapes"] += args[14].size > 0  # escape_index
-        return encode_tail(*args)
-
-    def counted_decode(*args):
-        seen["decoded with escapes"] += args[18].size > 0
-        return decode(*args)
-
-    monkeypatch.setattr(codec, "reconstruct_and_fold", counted_tail)
-    monkeypatch.setattr(codec, "decode_and_fold", counted_decode)
+    _count_calls(monkeypatch, "reconstruct_and_fold", seen, "encoded with escapes", escape_index_at=14)
+    _count_calls(monkeypatch, "decode_and_fold", seen, "decoded with escapes", escape_index_at=18)
     fused_side, general_side = gradzip.Compressor(bound, mode, threads=1), gradzip.Compressor(bound, mode, threads=1)
     fused_reader, general_reader = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
     for tensors in _rounds_with_escapes():
