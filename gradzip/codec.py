@@ -541,6 +541,8 @@ class _Candidate:
             return side + len(self.coded[0])
         if self.merge_estimates is not None:
             return side + self.merge_estimates.bits(self.merge, threads) / 8
+        if self.contexts is None:
+            return side + rans.estimated_bits(self.codes, None, 1, threads) / 8
         return side + rans.estimated_bits(self.codes, *self.coded_contexts(), threads) / 8
 
 

@@ -442,3 +442,17 @@ def test_damaged_segmented_streams():
     decode_or_corrupt(data, contexts[:-1], 5)
     decode_or_corrupt(data, np.concatenate([contexts, contexts[: rans.SEGMENT_ELEMENTS]]), 5)
     decode_or_corrupt(data, np.zeros_like(contexts), 5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2304, 70_000, 600_000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_context_estimate_without_contexts_equals_the_one_with_zero_contexts(n, threads):
+    rng = np.random.default_rng(n)
+    for codes in (np.round(rng.laplace(0, 6, n)).astype(np.int32),
+                  np.where(rng.random(n) < 0.98, 0, rng.integers(-(1 << 20), 1 << 20, n)).astype(np.int32)):
+        expected = rans.estimated_bits(codes, np.zeros(n, np.uint8), 1, threads)
+        assert rans.estimated_bits(codes, None, 1, threads) == expected
+    with pytest.raises(ValueError):
+        rans.estimated_bits(np.full(3, 1 << 25, np.int32), None, 1)
+    with pytest.raises(ValueError):
+        rans.estimated_bits(np.zeros(3, np.int32), None, 2)

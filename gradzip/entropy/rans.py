@@ -284,6 +284,18 @@ def _count_tokens(codes, contexts, histogram):
 
 
 @njit(cache=True, nogil=True)
+def _count_tokens_in_one_context(codes, histogram):
+    """_count_tokens with every element in context 0, without a contexts array (a small
+    tensor's estimate cost as much again in making and checking one)."""
+    magnitude_bits = 0
+    for i in range(codes.size):
+        token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
+        magnitude_bits |= magnitude
+        histogram[np.uint64(token)] += 1
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
+
+
+@njit(cache=True, nogil=True)
 def _tokenize(codes, contexts, symbols, histogram, extra_words):
     """_count_tokens that also stores symbols[i] = contexts[i] << TOKEN_SHIFT | token (what the
     rANS encoder indexes its tables with) and packs the extra bits into extra_words from bit 0,
@@ -940,6 +952,14 @@ def _estimate_merges_kernel(codes, contexts, n_contexts, max_shift):
 
 
 @njit(cache=True, nogil=True)
+def _estimate_one_context_kernel(codes):
+    """(status, estimate) of codes all in one context."""
+    histogram = np.zeros((1, 1 << TOKEN_SHIFT), np.int64)
+    status = _count_tokens_in_one_context(codes, histogram.reshape(-1))
+    return status, _merged_estimates(histogram, 0)[0]
+
+
+@njit(cache=True, nogil=True)
 def _merged_estimates(histogram, max_shift):
     """_estimate_merges_kernel's estimates from the histogram."""
     n_contexts = histogram.shape[0]
@@ -1208,7 +1228,17 @@ def estimated_bits_by_merge(codes: np.ndarray, contexts: np.ndarray, n_contexts:
     return _merged_estimates(sum(histogram for _, histogram in parts), max_shift)
 
 
-def estimated_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: int = 1) -> float:
+def estimated_bits(codes: np.ndarray, contexts: np.ndarray | None, n_contexts: int, threads: int = 1) -> float:
     """ideal_bits + table_bits in one pass: what encode's output will take at most, give or
-    take the few bytes of header and final states."""
+    take the few bytes of header and final states. contexts None: every code in context 0
+    (n_contexts 1)."""
+    if contexts is None:
+        if n_contexts != 1:
+            raise ValueError("contexts are needed for more than one context")
+        codes = _check_codes(codes)
+        if len(spans(codes.size, threads)) == 1:
+            status, bits = _estimate_one_context_kernel(codes)
+            check_status(status)
+            return float(bits)
+        contexts = np.zeros(codes.size, np.uint8)
     return float(estimated_bits_by_merge(codes, contexts, n_contexts, 0, threads)[0])
