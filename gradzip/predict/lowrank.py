@@ -110,7 +110,8 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits, rank: int | No
     smallest: the smallest of all where that size is unimodal in the rank, as it was in every
     corpus fit; a rank the walk does not visit is not checked for values near the float
     limits (any rank it visits that meets them means no part). The step puts the offset's
-    rounding error near eb / 2. estimated_bits(codes, contexts, n_contexts) is the coder's size estimate.
+    rounding error near eb / 2. estimated_bits(codes, contexts, n_contexts) is the coder's size estimate
+    (contexts None: all in one context).
     rank: a hint (the last search's rank, between searches), where it is one of RANKS that
     fits: the walk starts there, among ranks up to _HINT_SKETCH_FACTOR times it, so the sketch
     is no wider than that.
@@ -157,7 +158,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits, rank: int | No
     two_eb = 2.0 * eb
     scale = len(sample) / rows
     sampled = residual[sample].ravel()  # (a copy: taken once, not per rank)
-    best_bits = estimated_bits(_codes_of(sampled, two_eb), np.zeros(sampled.size, np.uint8), 1) / scale
+    best_bits = estimated_bits(_codes_of(sampled, two_eb), None, 1) / scale
 
     def sized(rank):
         """(estimated bits, factors) with `rank` components, or None for values near the float
@@ -176,7 +177,7 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits, rank: int | No
         low_rank_offset(q_left[:, sample], q_right, step, offset)
         codes = _codes_of(sampled - offset, two_eb)
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
-        bits = (estimated_bits(codes, np.zeros(codes.size, np.uint8), 1) / scale
+        bits = (estimated_bits(codes, None, 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
         return bits, Factors(q_left, q_right, step)
 
