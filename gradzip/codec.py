@@ -17,6 +17,7 @@ keeps the recipe of each tensor's last record (recipe_of); between full searches
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import sys
@@ -122,12 +123,11 @@ class CodecConfig:
             raise InputError(f"min_lossy_elements must be >= 0, not {self.min_lossy_elements!r}")
 
     def to_dict(self) -> dict:
-        # (a fresh copy of a cached one: asdict took 9 us of every round's header)
-        cached = self.__dict__.get("_as_dict")
-        if cached is None:
-            cached = asdict(self)
-            object.__setattr__(self, "_as_dict", cached)  # frozen: the settings never change
-        return dict(cached)
+        return dict(self._as_dict)  # (a fresh copy of a cached one: asdict took 9 us of every round's header)
+
+    @functools.cached_property
+    def _as_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CodecConfig":
