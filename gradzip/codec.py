@@ -47,7 +47,7 @@ from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
-from .quantize import RADIUS, dequantize, dequantize_runs, finite_range, finite_ranges, quantize, quantize_runs
+from .quantize import RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, value_range
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -155,7 +155,7 @@ def absolute_bound(values: np.ndarray, config: CodecConfig) -> float:
     """The per-tensor absolute bound: eb itself, or eb times the finite value range (rel)."""
     if config.mode == "abs":
         return float(config.error_bound)
-    return _relative_bound(config, *finite_range(values))
+    return _relative_bound(config, *value_range(values))
 
 
 def _relative_bound(config: CodecConfig, count: int, lo: float, hi: float) -> float:

