@@ -38,9 +38,9 @@ from .fused_encode import reconstruct_and_fold
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .parallel import MIN_SPAN, each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
-                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts_on, scale_fit_sums,
+                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts_on, scale_fit_sums_on,
                               scale_levels)
-from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums,
+from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums_on,
                              linear_residual, row_weights_as_floats)
 from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank
 from .predict.lowrank import eligible as low_rank_eligible
@@ -914,7 +914,7 @@ def _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=True, low
     oriented by the prediction's sign. Empty when the fit gives no usable weights."""
     rows = previous.shape[0] if by_row else 1
     sums = np.zeros((rows, 5))
-    linear_fit_sums(values, previous.last, previous.second_last, values.size // rows, sums)
+    linear_fit_sums_on(values, previous.last, previous.second_last, values.size // rows, sums, threads)
     if by_row:
         weights = fitted_row_weights(sums, previous.rounds >= 2)
         params, sections = {"weights": "rows"}, [("row_weights", lossless.compress(weights.astype("<i2").tobytes()))]
@@ -945,7 +945,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         weights = recipe[3]
     else:
         sums = np.zeros(9)
-        scale_fit_sums(values, scales.unit, scales.rows, scales.cols, eb, ema, mean, std, sums)
+        scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, eb, ema, mean, std, sums, threads)
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
     scale_contexts_on(scales.rows, scales.cols, eb, ema, mean, std, *weights, contexts, threads)

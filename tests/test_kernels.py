@@ -310,6 +310,47 @@ def test_spans_cover_the_elements_in_aligned_ranges(n, threads, align):
     assert 1 <= len(ranges) <= max(1, min(threads, n // MIN_SPAN))
 
 
+@pytest.mark.parametrize("rows", [1, 333])
+def test_linear_fit_sums_on_threads_give_the_same_bits(rows):
+    from gradzip.predict.linear import linear_fit_sums_on
+
+    rng = np.random.default_rng(rows)
+    n = rows * (600_000 // rows)
+    values, last, second = (rng.laplace(size=n).astype(np.float32) for _ in range(3))
+    last[::1001] = np.nan
+    outputs = []
+    for threads in (1, 2, 3):
+        sums = np.zeros((rows, 5))
+        linear_fit_sums_on(values, last, second, n // rows, sums, threads)
+        outputs.append(sums)
+    assert np.isfinite(outputs[0]).all()
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(outputs[0].view(np.uint64), other.view(np.uint64))
+
+
+@pytest.mark.parametrize("shape", [(700, 1000), (96, 400, 3, 3)])
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_scale_fit_sums_on_threads_give_the_same_sums(shape, with_ema):
+    from gradzip.predict.context import scale_fit_sums_on
+
+    rng = np.random.default_rng(len(shape))
+    values = (rng.normal(size=shape) * rng.uniform(0.01, 10.0, (shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
+    values = values.reshape(-1)
+    rows, cols = shape[0], shape[1]
+    row_levels, col_levels = np.empty(rows, np.int16), np.empty(cols, np.int16)
+    scale_levels(values, 1.0, rows, cols, row_levels, col_levels)
+    row_levels[3] = ZERO_LEVEL
+    ema = rng.normal(size=values.size).astype(np.float32) if with_ema else np.empty(0, np.float32)
+    outputs = []
+    for threads in (1, 2, 3):
+        sums = np.zeros(9)
+        scale_fit_sums_on(values, 1.0, row_levels, col_levels, 1e-3, ema, 0.5, 0.25, sums, threads)
+        outputs.append(sums)
+    assert outputs[0][0] > 0
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(outputs[0], other)
+
+
 @pytest.mark.parametrize("first_round", [True, False])
 def test_folding_a_large_round_on_threads_gives_the_same_bits(first_round):
     from gradzip.predict.history import fold_round_on

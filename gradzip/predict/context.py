@@ -312,6 +312,26 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
         sums[slot] += acc[slot]
 
 
+def scale_fit_sums_on(values, unit, row_levels, col_levels, eb, ema, mean, std, sums, threads=1) -> None:
+    """scale_fit_sums, a large tensor's in ranges of whole rows on up to `threads` threads:
+    the sums are integers (exact in any order), so the same sums."""
+    row_size = max(1, values.size // max(row_levels.size, 1))
+    ranges = spans(values.size, threads, row_size)
+    if len(ranges) == 1:
+        scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums)
+        return
+
+    def run(span):
+        a, b = span
+        part = np.zeros(sums.size)
+        scale_fit_sums(values[a:b], unit, row_levels[a // row_size:-(-b // row_size)], col_levels, eb,
+                       ema[a:b] if ema.size else ema, mean, std, part)
+        return part
+
+    for part in each(run, ranges, threads):
+        sums += part
+
+
 def fitted_weights(sums: np.ndarray, with_prediction: bool) -> tuple[int, int, int]:
     """(w_scale, w_ema, offset) in sixteenths from scale_fit_sums, by least squares; the plain
     mean of S and P (or S alone) where the fit is degenerate."""

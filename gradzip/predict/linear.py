@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from ..quantize import linear_at  # the one spelling of the prediction
+from ..parallel import each, spans
 from . import ENCODER_SUMS
 
 # Fitted weights beyond this are not sent (the fit is then degenerate, not informative).
@@ -54,6 +55,22 @@ def linear_fit_sums(values, last, second_last, row_length, sums):
         sums[row, 2] = s22
         sums[row, 3] = s1x
         sums[row, 4] = s2x
+
+
+def linear_fit_sums_on(values, last, second_last, row_length, sums, threads=1) -> None:
+    """linear_fit_sums, per-row sums of a large tensor in ranges of whole rows on up to
+    `threads` threads: each row's sums come from one call over that row either way, so they
+    are the same. Tensor-wide sums (one row) take one call."""
+    ranges = spans(values.size, threads, row_length) if sums.shape[0] > 1 else [(0, values.size)]
+    if len(ranges) == 1:
+        linear_fit_sums(values, last, second_last, row_length, sums)
+        return
+
+    def run(span):
+        a, b = span
+        linear_fit_sums(values[a:b], last[a:b], second_last[a:b], row_length, sums[a // row_length:-(-b // row_length)])
+
+    each(run, ranges, threads)
 
 
 def fitted_row_weights(sums: np.ndarray, two_rounds: bool) -> np.ndarray:
