@@ -47,7 +47,8 @@ from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
-from .quantize import RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, value_range
+from .quantize import (RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, recheck_as_bfloat16,
+                       value_range)
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -404,8 +405,9 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
                             escaped[a:b])
 
         n_escaped = sum(each(run, ranges, threads))
-    if dtype in ("F16", "BF16"):
-        # The bound must hold after the cast back, so check again in the narrow dtype.
+    if dtype == "BF16":  # the bound must hold after the cast back: checked again in BF16
+        n_escaped += recheck_as_bfloat16(values, recon, codes, escaped, eb)
+    elif dtype == "F16":  # likewise
         recon = widen(narrow(recon, dtype), dtype).copy()
         with np.errstate(over="ignore", invalid="ignore"):
             over = ~(np.abs(values.astype(np.float64) - recon.astype(np.float64)) <= eb) & ~escaped

@@ -43,18 +43,22 @@ def original_bits(array: np.ndarray, dtype: str) -> np.ndarray:
     return flat.astype(flat.dtype.newbyteorder("<"), copy=False)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def bfloat16_bits(b):
+    """The BF16 bits of the float32 with bits b (uint32), rounded to nearest even."""
+    if (b & 0x7F800000) == 0x7F800000 and (b & 0x007FFFFF) != 0:
+        # NaN: truncate, so a NaN that came from BF16 keeps its exact bits (signalling ones
+        # too); set the quiet bit only where truncation would leave an infinity.
+        high = np.uint16(b >> 16)
+        return high if (high & 0x7F) != 0 else np.uint16(high | 0x0040)
+    rounding = np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))
+    return np.uint16((b + rounding) >> 16)
+
+
 @numba.njit(cache=True, nogil=True)
 def _float32_to_bfloat16_bits(values):
     out = np.empty(values.size, np.uint16)
     bits = values.view(np.uint32)
     for i in range(values.size):
-        b = bits[i]
-        if (b & 0x7F800000) == 0x7F800000 and (b & 0x007FFFFF) != 0:
-            # NaN: truncate, so a NaN that came from BF16 keeps its exact bits (signalling ones
-            # too); set the quiet bit only where truncation would leave an infinity.
-            high = np.uint16(b >> 16)
-            out[i] = high if (high & 0x7F) != 0 else np.uint16(high | 0x0040)
-        else:
-            rounding = np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))
-            out[i] = np.uint16((b + rounding) >> 16)
+        out[i] = bfloat16_bits(bits[i])
     return out

@@ -12,6 +12,8 @@ import math
 import numba
 import numpy as np
 
+from .floats import bfloat16_bits
+
 # Codes live in (-RADIUS, RADIUS); larger residuals are escaped. 2**15 as in SZ3.
 RADIUS = 1 << 15
 _BLOCK = 4096  # elements of a linear row quantized at a time (see quantize)
@@ -213,6 +215,27 @@ def finite_ranges(values, run_ends):
         counts[r], los[r], his[r] = count, lo, hi
         start = run_ends[r]
     return counts, los, his
+
+
+@numba.njit(cache=True, nogil=True)
+def recheck_as_bfloat16(values, recon, codes, escaped, eb):
+    """The bound in the narrow dtype, for BF16: each element's reconstruction (float32) is
+    narrowed to BF16 and widened back in place (as widen(narrow(recon))), and one that is
+    then further than eb from values escapes (code 0, recon = values). Escaped elements hold
+    their value already, exact in BF16. Returns how many escaped here. One pass instead of
+    numpy's six over the tensor (a BF16 round's post-check took a third of its time)."""
+    bits = recon.view(np.uint32)
+    added = 0
+    for i in range(values.size):
+        if escaped[i]:
+            continue
+        bits[i] = np.uint32(bfloat16_bits(bits[i])) << 16
+        if not abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
+            escaped[i] = True
+            codes[i] = 0
+            recon[i] = values[i]
+            added += 1
+    return added
 
 
 # From this many elements value_range tries numpy's vectorized min and max first (two calls'

@@ -12,7 +12,7 @@ from gradzip.predict.history import fold_round
 from gradzip.predict.linear import linear_fit_sums
 from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import magnitude_stats
-from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, value_range
+from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, recheck_as_bfloat16, value_range
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
 
@@ -139,6 +139,45 @@ def test_linear_fit_sums_leave_out_non_finite_elements_like_a_plain_reference(ro
     expected = np.stack([(a * a).sum(1), (a * b).sum(1), (b * b).sum(1), (a * x).sum(1), (b * x).sum(1)], axis=1)
     assert np.isfinite(sums).all()
     assert np.allclose(sums, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_bfloat16_recheck_gives_what_narrowing_and_widening_give():
+    """The one-pass BF16 check against numpy's widen(narrow()) and mask: the same
+    reconstruction bits, codes and escapes, with values that round up to infinity when
+    narrowed, subnormals, NaN and Inf, ties of the rounding, and elements escaped before."""
+    from gradzip.floats import narrow, widen
+
+    rng = np.random.default_rng(11)
+    n = 5000
+    bits = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    bits[:4] = [0x7F80, 0xFF80, 0x7FC1, 0x0001]  # +Inf, -Inf, a NaN, a subnormal
+    bits[4] = 0x7F7F  # the largest finite BF16
+    values = widen(bits.view(np.uint16), "BF16")
+    newly_escaped = kept = 0
+    for scale in (1e-36, 1e-30, 1.0, 1e30, 3e38):
+        with np.errstate(over="ignore", invalid="ignore"):
+            recon = (values.astype(np.float64) + rng.uniform(-1.0, 1.0, n) * scale).astype(np.float32)
+        recon[4] = np.float32(3.4e38)  # rounds to BF16 infinity
+        recon[5::97] = values[5::97] + np.float32(2.0 ** -20) * np.sign(values[5::97])  # near rounding ties
+        escaped = ~np.isfinite(values) | (rng.random(n) < 0.05)
+        recon[escaped] = values[escaped]
+        codes = rng.integers(-50, 50, n).astype(np.int32)
+        codes[escaped] = 0
+        bound = max(scale, 1e-45)
+        expected_recon = widen(narrow(recon, "BF16"), "BF16").copy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= bound) & ~escaped
+        expected_codes, expected_escaped = codes.copy(), escaped | over
+        expected_codes[over] = 0
+        expected_recon[over] = values[over]
+        added = recheck_as_bfloat16(values, recon, codes, escaped, bound)
+        assert added == int(over.sum())
+        np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
+        np.testing.assert_array_equal(codes, expected_codes)
+        np.testing.assert_array_equal(escaped, expected_escaped)
+        newly_escaped += added
+        kept += int((~escaped).sum())
+    assert newly_escaped > 0 and kept > 0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
