@@ -662,7 +662,7 @@ def _fused_tail(name, values, dtype, shape, eb, config, previous, quantized: _Qu
     recon_hash = int(reconstruct_and_fold(codes, orient_signs, *quantized.prediction.kernel_args(), eb, recon,
                                           escape_index, escape_values.astype(recon.dtype, copy=False), fold.ema,
                                           config.beta, fold.first_round, fold.state.ema, fold.state.sign,
-                                          fold.state.last))
+                                          fold.state.last, _NOT_NARROWED))
     encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
     encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
     return encoded
@@ -1349,11 +1349,12 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
+            narrowed = np.empty(n, np.uint16) if dtype == "BF16" else _NOT_NARROWED
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
                                                  eb, recon, escape_index, escape_values, fold.ema, config.beta,
-                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last)
+                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last, narrowed)
             rans.check_status(status)
-            return recon.reshape(shape), int(recon_hash)
+            return (as_bfloat16(narrowed) if narrowed.size else recon).reshape(shape), int(recon_hash)
     codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
         orient_by_sign(codes, previous.sign)
@@ -1364,6 +1365,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
 
 
 _NO_ESCAPES = (np.empty(0, np.int64), np.empty(0, np.float32))
+_NOT_NARROWED = np.empty(0, np.uint16)  # the fused kernels' `narrowed` for F32 and F64 tensors
 
 
 def _decoded_escapes(params, sections, dtype, n) -> tuple[np.ndarray, np.ndarray]:
@@ -1383,17 +1385,19 @@ def _decoded_escapes(params, sections, dtype, n) -> tuple[np.ndarray, np.ndarray
     return index.astype(np.int64), np.array(widen(exact, dtype), copy=True)
 
 
-def _fused_fits(dtype, n) -> bool:
-    """Whether the fused kernels (fused_encode.py, fused_decode.py) give a tensor's bits: a
-    dtype that is its own computed values and hashed as native bytes (little-endian hosts),
-    and few enough elements that dequantizing and folding would each be one call on any
-    thread count."""
-    return dtype in ("F32", "F64") and _LITTLE_ENDIAN_HOST and 0 < n < 2 * MIN_SPAN
+def _fused_fits(dtype, n, dtypes=("F32", "F64")) -> bool:
+    """Whether the fused kernels (fused_encode.py, fused_decode.py) give a tensor's bits: one
+    of dtypes, hashed as native bytes (little-endian hosts), and few enough elements that
+    dequantizing and folding would each be one call on any thread count. The encoder's
+    tail takes F32 and F64, whose computed values are their own (it keeps a BF16 tensor's
+    reconstruction for the check after narrowing, so that tail is the general one)."""
+    return dtype in dtypes and _LITTLE_ENDIAN_HOST and 0 < n < 2 * MIN_SPAN
 
 
 def _fused_decode_fits(params, dtype, n) -> bool:
-    """Whether the fused decoder takes this record: _fused_fits, and rANS codes."""
-    return params.get("coder") == "rans" and _fused_fits(dtype, n)
+    """Whether the fused decoder takes this record: rANS codes, and _fused_fits with BF16
+    too (narrowed in the kernel)."""
+    return params.get("coder") == "rans" and _fused_fits(dtype, n, ("F32", "F64", "BF16"))
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> Factors:

@@ -56,6 +56,18 @@ def bfloat16_bits(b):
 
 
 @numba.njit(cache=True, nogil=True)
+def narrow_to_bfloat16_in_place(values, narrowed):
+    """narrowed = the BF16 bits of float32 values (as narrow gives them), and values widened
+    back from them in place (as widen gives them): a BF16 tensor's reconstruction and the
+    float32 values its state folds."""
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        high = bfloat16_bits(bits[i])
+        narrowed[i] = high
+        bits[i] = np.uint32(high) << 16
+
+
+@numba.njit(cache=True, nogil=True)
 def _float32_to_bfloat16_bits(values):
     out = np.empty(values.size, np.uint16)
     bits = values.view(np.uint32)

@@ -23,9 +23,10 @@ from .fused_encode import reconstruct_and_fold
 @numba.njit(cache=True, nogil=True)
 def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, orient_signs,
                     ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
-                    escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out):
+                    escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out, narrowed):
     """Fill recon (float32 or float64, the tensor's own dtype) and the new state's ema_out,
-    sign_out and last_out; return (status, XXH64 of recon's bytes). The rANS arguments are
+    sign_out and last_out; return (status, XXH64 of recon's bytes). narrowed: for a BF16
+    tensor its bits, filled from recon (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes' (validated by the caller); fold_ema ..
@@ -41,4 +42,4 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     # from here on, what the encoder does once its codes are coded
     return OK, reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second,
                                     row_length, offset, eb, recon, escape_index, escape_values, fold_ema, beta,
-                                    first_round, ema_out, sign_out, last_out)
+                                    first_round, ema_out, sign_out, last_out, narrowed)

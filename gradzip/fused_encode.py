@@ -3,8 +3,8 @@ dequantizing them into the reconstruction the decoder will build, patching in th
 values, hashing it and folding it into the new state.
 
 The encoder's mirror of fused_decode.py: it composes the same modules' kernels
-(predict/context.py, quantize.py, checksum.py, predict/history.py) and adds no arithmetic, so
-its bits are theirs. Three calls and the Python between them cost a 2304-element conv
+(predict/context.py, quantize.py, floats.py, checksum.py, predict/history.py) and adds no
+arithmetic, so its bits are theirs. Three calls and the Python between them cost a 2304-element conv
 layer about 8 of its 150 us a round (codec.py takes this path for every small float32 or
 float64 tensor, _fused_fits: a kernel first used rounds later would load then, adding a
 megabyte or so to that call's memory).
@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from .checksum import xxh64_kernel
+from .floats import narrow_to_bfloat16_in_place
 from .predict.context import orient_by_sign
 from .predict.history import fold_round
 from .quantize import dequantize, patch_escapes
@@ -23,9 +24,11 @@ from .quantize import dequantize, patch_escapes
 @numba.njit(cache=True, nogil=True)
 def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second, row_length,
                          offset, eb, recon, escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out,
-                         last_out):
+                         last_out, narrowed):
     """Fill recon (float32 or float64, the tensor's own dtype) from codes and the new state's
-    ema_out, sign_out and last_out; return the XXH64 of recon's bytes. orient_signs: the
+    ema_out, sign_out and last_out; return the XXH64 of recon's bytes. Where narrowed (uint16)
+    is not empty the tensor is BF16: recon (float32) is narrowed into it (floats.narrow's
+    rounding) and widened back in place, and the hash and the fold take those. orient_signs: the
     signs the codes were oriented by in place (empty: none), oriented back here; ema ..
     offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes'; fold_ema .. last_out: history.fold_round's, each
@@ -35,6 +38,10 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
         orient_by_sign(codes, orient_signs)
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
     patch_escapes(recon, escape_index, escape_values)
-    recon_hash = xxh64_kernel(recon.view(np.uint8))
+    if narrowed.size > 0:
+        narrow_to_bfloat16_in_place(recon, narrowed)
+        recon_hash = xxh64_kernel(narrowed.view(np.uint8))
+    else:
+        recon_hash = xxh64_kernel(recon.view(np.uint8))
     fold_round(fold_ema, recon, beta, first_round, ema_out, sign_out, last_out)
     return recon_hash

@@ -165,3 +165,38 @@ def test_the_fused_paths_patch_escaped_values_as_the_general_ones(monkeypatch, b
         assert (fused_side.state.to_bytes() == general_side.state.to_bytes() == fused_reader.state.to_bytes()
                 == general_reader.state.to_bytes())
     assert seen["encoded with escapes"] >= 4 and seen["decoded with escapes"] >= 4, seen
+
+
+@pytest.mark.parametrize("bound, mode", [(1e-2, "rel"), (1e-4, "rel"), (1e-3, "abs")])
+def test_fused_bfloat16_decoding_gives_the_general_paths_tensors_and_states(sample_rounds, gz, monkeypatch, bound, mode):
+    """A BF16 record decodes in the fused kernel, narrowed there: the general path's tensors
+    (BF16 bits), states and errors, escapes (NaN, infinities, values that narrow to
+    infinity) included."""
+    from gradzip.tensorio import dtype_name
+
+    narrowed = Counter()
+
+    def counted(*args, kernel=codec.decode_and_fold):
+        narrowed["records"] += int(args[-1].size > 0)
+        return kernel(*args)
+
+    monkeypatch.setattr(codec, "decode_and_fold", counted)
+    rng = np.random.default_rng(8)
+    compressor = gradzip.Compressor(bound, mode, threads=1)
+    fused_side, general_side = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
+    for path in sample_rounds[:5]:
+        tensors = {name: gz.bfloat16_from_float32(values) for name, values in load_file(path).items()}
+        odd = rng.standard_normal((40, 60)).astype(np.float32)
+        odd.reshape(-1)[rng.choice(odd.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, 3.4e38, -3.39e38, 1e30]
+        tensors["odd"] = gz.bfloat16_from_float32(odd)
+        blob = compressor.compress(tensors)
+        out = fused_side.decompress(blob)
+        with monkeypatch.context() as general:
+            general.setattr(codec, "_fused_decode_fits", lambda *args: False)
+            expected = general_side.decompress(blob)
+        for name, original in tensors.items():
+            assert dtype_name(out[name]) == dtype_name(expected[name]) == "BF16", name
+            assert out[name].tobytes() == expected[name].tobytes(), name
+        gz.assert_within_bound(tensors["odd"], out["odd"], bound, mode)
+        assert fused_side.state.to_bytes() == general_side.state.to_bytes() == compressor.state.to_bytes()
+    assert narrowed["records"] >= 20, narrowed
