@@ -3,7 +3,7 @@ decoding, orienting, dequantizing, patching in the escaped values, hashing the
 reconstruction and folding it into the state.
 
 It composes rans.py's decoding kernel with the encoder's own tail (fused_encode.py, itself
-composed from the kernels of predict/context.py, quantize.py, checksum.py and
+composed from the kernels of predict/context.py, quantize.py, floats.py, checksum.py and
 predict/history.py) and adds no arithmetic of its own, so it gives their bits, and both
 sides run one body for everything after the codes.
 On a tensor of a few thousand elements numba's dispatch of four calls and the Python
@@ -24,9 +24,10 @@ from .fused_encode import reconstruct_and_fold
 def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, orient_signs,
                     ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
                     escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out, narrowed):
-    """Fill recon (float32 or float64, the tensor's own dtype) and the new state's ema_out,
-    sign_out and last_out; return (status, XXH64 of recon's bytes). narrowed: for a BF16
-    tensor its bits, filled from recon (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
+    """Fill recon (float32 or float64: the tensor's computed values) and the new state's
+    ema_out, sign_out and last_out; return (status, XXH64 of the tensor's bytes). narrowed:
+    for a BF16 tensor (float32 recon) its BF16 bits, filled from recon and hashed instead
+    (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes' (validated by the caller); fold_ema ..

@@ -27,8 +27,9 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
                          last_out, narrowed):
     """Fill recon (float32 or float64, the tensor's own dtype) from codes and the new state's
     ema_out, sign_out and last_out; return the XXH64 of recon's bytes. Where narrowed (uint16)
-    is not empty the tensor is BF16: recon (float32) is narrowed into it (floats.narrow's
-    rounding) and widened back in place, and the hash and the fold take those. orient_signs: the
+    is not empty the tensor is BF16 (the caller passes it only with a float32 recon): recon is
+    narrowed into it (floats.narrow's rounding) and widened back in place, and the hash takes
+    the BF16 bits and the fold the widened values. orient_signs: the
     signs the codes were oriented by in place (empty: none), oriented back here; ema ..
     offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes'; fold_ema .. last_out: history.fold_round's, each

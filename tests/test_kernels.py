@@ -349,7 +349,7 @@ def test_spans_cover_the_elements_in_aligned_ranges(n, threads, align):
     assert 1 <= len(ranges) <= max(1, min(threads, n // MIN_SPAN))
 
 
-@pytest.mark.parametrize("rows", [1, 333])
+@pytest.mark.parametrize("rows", [2, 333])
 def test_linear_fit_sums_on_threads_give_the_same_bits(rows):
     from gradzip.predict.linear import linear_fit_sums_on
 

@@ -17,7 +17,13 @@ from numba import types
 from numba.extending import intrinsic
 
 from ..parallel import each, spans
-from . import ENCODER_SUMS
+
+# numba fastmath flags of the encoder-only float sums (linear fits, scale levels): only
+# reassociation, so LLVM vectorizes their reductions, and never 'nnan'/'ninf' (their
+# finiteness checks must stay). What they yield is sent, so the decoder never recomputes it;
+# kernels both sides run never use fastmath (docs/guarantees.md). Defined in a kernel module,
+# so a change of it drops every cached kernel (kernel_cache.py), as numba would not.
+ENCODER_SUMS = {"reassoc"}
 
 # Bucket 0 holds predicted magnitudes below 1/8 of a step; each next bucket doubles.
 N_MAGNITUDE_BUCKETS = 12

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..quantize import linear_at  # the one spelling of the prediction
 from ..parallel import each, spans
-from . import ENCODER_SUMS
+from .context import ENCODER_SUMS
 
 # Fitted weights beyond this are not sent (the fit is then degenerate, not informative).
 MAX_LINEAR_WEIGHT = 4.0
