@@ -396,18 +396,22 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     escaped = np.empty(n, np.bool_)
     args = prediction.kernel_args(threads)
     ranges = _element_ranges(args, n, threads)
+    bfloat16 = dtype == "BF16"  # the bound must hold after the cast back: checked again in BF16
     if len(ranges) == 1:
         n_escaped = quantize(values, *args, eb, codes, recon, escaped)
+        if bfloat16:
+            n_escaped += recheck_as_bfloat16(values, recon, codes, escaped, eb)
     else:
         def run(span):
             a, b = span
-            return quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
-                            escaped[a:b])
+            count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
+                             escaped[a:b])
+            if bfloat16:  # (element by element: the same bits in any ranges)
+                count += recheck_as_bfloat16(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb)
+            return count
 
         n_escaped = sum(each(run, ranges, threads))
-    if dtype == "BF16":  # the bound must hold after the cast back: checked again in BF16
-        n_escaped += recheck_as_bfloat16(values, recon, codes, escaped, eb)
-    elif dtype == "F16":  # likewise
+    if dtype == "F16":  # likewise, in F16
         recon = widen(narrow(recon, dtype), dtype).copy()
         with np.errstate(over="ignore", invalid="ignore"):
             over = ~(np.abs(values.astype(np.float64) - recon.astype(np.float64)) <= eb) & ~escaped
