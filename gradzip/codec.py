@@ -48,7 +48,7 @@ from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
 from .quantize import (RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, recheck_as_bfloat16,
-                       value_range)
+                       recheck_as_float16, value_range)
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -396,31 +396,25 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     escaped = np.empty(n, np.bool_)
     args = prediction.kernel_args(threads)
     ranges = _element_ranges(args, n, threads)
-    bfloat16 = dtype == "BF16"  # the bound must hold after the cast back: checked again in BF16
+    recheck = _RECHECK_NARROWED.get(dtype)  # the bound must hold after the cast back: checked again there
     if len(ranges) == 1:
         n_escaped = quantize(values, *args, eb, codes, recon, escaped)
-        if bfloat16:
-            n_escaped += recheck_as_bfloat16(values, recon, codes, escaped, eb)
+        if recheck is not None:
+            n_escaped += recheck(values, recon, codes, escaped, eb)
     else:
         def run(span):
             a, b = span
             count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
                              escaped[a:b])
-            if bfloat16:  # (element by element: the same bits in any ranges)
-                count += recheck_as_bfloat16(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb)
+            if recheck is not None:  # (element by element: the same bits in any ranges)
+                count += recheck(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb)
             return count
 
         n_escaped = sum(each(run, ranges, threads))
-    if dtype == "F16":  # likewise, in F16
-        recon = widen(narrow(recon, dtype), dtype).copy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            over = ~(np.abs(values.astype(np.float64) - recon.astype(np.float64)) <= eb) & ~escaped
-        if over.any():
-            escaped |= over
-            codes[over] = 0
-            recon[over] = values[over]
-            n_escaped += int(over.sum())
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
+
+
+_RECHECK_NARROWED = {"BF16": recheck_as_bfloat16, "F16": recheck_as_float16}
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,49 @@ def bfloat16_bits(b):
     return np.uint16((b + rounding) >> 16)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def float16_bits(b):
+    """The F16 bits of the float32 with bits b (uint32), rounded to nearest even, for a finite
+    or infinite value (beyond F16's range: infinity), as numpy's cast gives them (a test
+    compares every float32 exponent near F16's range, ties and carries included). Not for
+    NaN: the quantizer narrows only values it reconstructed, which are finite."""
+    sign = np.uint16((b >> 16) & 0x8000)
+    exponent = np.int64((b >> 23) & 0xFF) - 127
+    mantissa = np.int64(b & 0x7FFFFF)
+    if exponent > 15:
+        return np.uint16(sign | 0x7C00)
+    if exponent >= -14:  # normal in F16 (a carry out of the mantissa rounds up the exponent)
+        kept, dropped = mantissa >> 13, mantissa & 0x1FFF
+        up = np.int64((dropped > 0x1000) | ((dropped == 0x1000) & ((kept & 1) == 1)))
+        return np.uint16(sign | (((exponent + 15) << 10) + kept + up))
+    if exponent < -25:
+        return sign
+    full = mantissa | 0x800000  # subnormal in F16: units of 2**-24
+    shift = -exponent - 1
+    kept, dropped, half = full >> shift, full & ((np.int64(1) << shift) - 1), np.int64(1) << (shift - 1)
+    up = np.int64((dropped > half) | ((dropped == half) & ((kept & 1) == 1)))
+    return np.uint16(sign | (kept + up))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def float16_as_float32_bits(h):
+    """The float32 bits of the F16 value with bits h (exact, as numpy's cast)."""
+    sign = np.uint32(h & 0x8000) << 16
+    exponent = np.int64((h >> 10) & 0x1F)
+    mantissa = np.uint32(h & 0x3FF)
+    if exponent == 0x1F:
+        return sign | np.uint32(0x7F800000) | (mantissa << 13)
+    if exponent == 0:
+        if mantissa == 0:
+            return sign
+        exponent = 1
+        while (mantissa & 0x400) == 0:
+            mantissa <<= 1
+            exponent -= 1
+        mantissa &= 0x3FF
+    return sign | (np.uint32(exponent - 15 + 127) << 23) | (mantissa << 13)
+
+
 @numba.njit(cache=True, nogil=True)
 def narrow_to_bfloat16_in_place(values, narrowed):
     """narrowed = the BF16 bits of float32 values (as narrow gives them), and values widened

@@ -12,7 +12,8 @@ from gradzip.predict.history import fold_round
 from gradzip.predict.linear import linear_fit_sums
 from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import magnitude_stats
-from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, recheck_as_bfloat16, value_range
+from gradzip.quantize import (RADIUS, dequantize, finite_range, quantize, recheck_as_bfloat16, recheck_as_float16,
+                              value_range)
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
 
@@ -171,6 +172,87 @@ def test_bfloat16_recheck_gives_what_narrowing_and_widening_give():
         expected_codes[over] = 0
         expected_recon[over] = values[over]
         added = recheck_as_bfloat16(values, recon, codes, escaped, bound)
+        assert added == int(over.sum())
+        np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
+        np.testing.assert_array_equal(codes, expected_codes)
+        np.testing.assert_array_equal(escaped, expected_escaped)
+        newly_escaped += added
+        kept += int((~escaped).sum())
+    assert newly_escaped > 0 and kept > 0
+
+
+def _float16_casts(bits):
+    """float16_bits and float16_as_float32_bits over uint32 float32 bits, in a kernel."""
+    import numba
+
+    from gradzip.floats import float16_as_float32_bits, float16_bits
+
+    @numba.njit
+    def casts(bits, narrowed, widened):
+        for i in range(bits.size):
+            narrowed[i] = float16_bits(bits[i])
+            widened[i] = float16_as_float32_bits(narrowed[i])
+
+    narrowed, widened = np.empty(bits.size, np.uint16), np.empty(bits.size, np.uint32)
+    casts(bits, narrowed, widened)
+    return narrowed, widened
+
+
+def test_the_float16_casts_match_numpys():
+    """The kernels' F16 rounding and widening give numpy's bits: every F16 value, rounding
+    ties, carries into the exponent, subnormals, overflow and 2M random float32 values near
+    F16's range (every float32 that is not NaN was checked once, 2026-11-28: no mismatch)."""
+    rng = np.random.default_rng(13)
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite_half = every_half[~np.isnan(every_half)].astype(np.float32).view(np.uint32)
+    exponents = rng.integers(127 - 30, 127 + 20, 2_000_000).astype(np.uint32)
+    random = (rng.integers(0, 2, exponents.size).astype(np.uint32) << 31) | (exponents << 23) | rng.integers(
+        0, 1 << 23, exponents.size).astype(np.uint32)
+    ties = []
+    for exponent in range(127 - 26, 127 + 17):  # halfway cases: kept bits even and odd, normal and subnormal
+        for upper in (0, 1, 2, 3, 0x3FE, 0x3FF):
+            shift = 13 if exponent >= 127 - 14 else 13 + (127 - 14 - exponent)
+            if shift > 24:
+                continue
+            mantissa = ((upper << shift) | (1 << (shift - 1))) & 0x7FFFFF
+            for low in (0, 1):
+                ties.append((exponent << 23) | mantissa | low)
+    ties = np.array(ties, np.uint32)
+    edges = np.array([0x7F800000, 0xFF800000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x47800000, 0x00000001, 0x80000000,
+                      0x33000000, 0x33000001, 0x337FFFFF, 0x387FE000, 0x387FF000, 0x38800000], np.uint32)
+    bits = np.concatenate([finite_half, random, ties, ties | np.uint32(0x80000000), edges])
+    narrowed, widened = _float16_casts(bits)
+    with np.errstate(over="ignore"):
+        expected = bits.view(np.float32).astype(np.float16)
+    np.testing.assert_array_equal(narrowed, expected.view(np.uint16))
+    np.testing.assert_array_equal(widened, expected.astype(np.float32).view(np.uint32))
+
+
+def test_float16_recheck_gives_what_numpys_casts_and_the_mask_give():
+    """The one-pass F16 check against numpy's casts and mask, as test_bfloat16_recheck...:
+    values that round up to infinity, subnormals, NaN and Inf, elements escaped before."""
+    rng = np.random.default_rng(14)
+    n = 6000
+    halves = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    halves[:5] = [0x7C00, 0xFC00, 0x7E01, 0x0001, 0x7BFF]  # +Inf, -Inf, a NaN, a subnormal, the largest F16
+    values = halves.view(np.float16).astype(np.float32)
+    newly_escaped = kept = 0
+    for scale in (1e-8, 1e-4, 1.0, 100.0):
+        with np.errstate(over="ignore", invalid="ignore"):
+            recon = (values.astype(np.float64) + rng.uniform(-1.0, 1.0, n) * scale).astype(np.float32)
+        recon[4] = np.float32(65519.0)  # rounds to F16's largest value, 65520 and up to infinity
+        recon[5] = np.float32(65520.0)
+        escaped = ~np.isfinite(values) | (rng.random(n) < 0.05)
+        recon[escaped] = values[escaped]
+        codes = rng.integers(-50, 50, n).astype(np.int32)
+        codes[escaped] = 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            expected_recon = recon.astype(np.float16).astype(np.float32)
+            over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= scale) & ~escaped
+        expected_codes, expected_escaped = codes.copy(), escaped | over
+        expected_codes[over] = 0
+        expected_recon[over] = values[over]
+        added = recheck_as_float16(values, recon, codes, escaped, scale)
         assert added == int(over.sum())
         np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
         np.testing.assert_array_equal(codes, expected_codes)
