@@ -660,7 +660,7 @@ def _fused_tail(name, values, dtype, shape, eb, config, previous, quantized: _Qu
     recon_hash = int(reconstruct_and_fold(codes, orient_signs, *quantized.prediction.kernel_args(), eb, recon,
                                           escape_index, escape_values.astype(recon.dtype, copy=False), fold.ema,
                                           config.beta, fold.first_round, fold.state.ema, fold.state.sign,
-                                          fold.state.last, _NOT_NARROWED))
+                                          fold.state.last, _NOT_NARROWED, False))
     encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
     encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
     return encoded
@@ -1347,12 +1347,14 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
-            narrowed = np.empty(n, np.uint16) if dtype == "BF16" else _NOT_NARROWED
+            narrowed = np.empty(n, np.uint16) if dtype in ("BF16", "F16") else _NOT_NARROWED
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
                                                  eb, recon, escape_index, escape_values, fold.ema, config.beta,
-                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last, narrowed)
+                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last, narrowed,
+                                                 dtype == "F16")
             rans.check_status(status)
-            return (as_bfloat16(narrowed) if narrowed.size else recon).reshape(shape), int(recon_hash)
+            array = recon if not narrowed.size else as_bfloat16(narrowed) if dtype == "BF16" else narrowed.view(np.float16)
+            return array.reshape(shape), int(recon_hash)
     codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
         orient_by_sign(codes, previous.sign)
@@ -1394,8 +1396,8 @@ def _fused_fits(dtype, n, dtypes=("F32", "F64")) -> bool:
 
 def _fused_decode_fits(params, dtype, n) -> bool:
     """Whether the fused decoder takes this record: rANS codes, and _fused_fits with BF16
-    too (narrowed in the kernel)."""
-    return params.get("coder") == "rans" and _fused_fits(dtype, n, ("F32", "F64", "BF16"))
+    and F16 too (narrowed in the kernel)."""
+    return params.get("coder") == "rans" and _fused_fits(dtype, n, ("F32", "F64", "BF16", "F16"))
 
 
 def _decoded_low_rank(params, sections, shape, threads) -> Factors:

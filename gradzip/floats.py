@@ -22,6 +22,8 @@ def widen(array: np.ndarray, dtype: str) -> np.ndarray:
     flat = np.ascontiguousarray(array).reshape(-1)
     if dtype == "BF16":
         return (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if flat.dtype == np.float16:  # (native order) numpy's cast, about 2x faster in a kernel
+        return _float16_to_float32_bits(flat.view(np.uint16)).view(np.float32)
     return flat.astype(compute_dtype(dtype), copy=False)
 
 
@@ -30,6 +32,8 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return as_bfloat16(_float32_to_bfloat16_bits(np.ascontiguousarray(values, dtype=np.float32)))
     if dtype == "F16":
+        if values.dtype == np.float32:  # numpy's cast (overflow to inf included), in a kernel
+            return _float32_to_float16_bits(np.ascontiguousarray(values).reshape(-1)).view(np.float16)
         with np.errstate(over="ignore"):  # overflow to inf is caught by the bound check
             return values.astype(np.float16)
     return values
@@ -57,13 +61,15 @@ def bfloat16_bits(b):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def float16_bits(b):
-    """The F16 bits of the float32 with bits b (uint32), rounded to nearest even, for a finite
-    or infinite value (beyond F16's range: infinity), as numpy's cast gives them (a test
-    compares every float32 exponent near F16's range, ties and carries included). Not for
-    NaN: the quantizer narrows only values it reconstructed, which are finite."""
+    """The F16 bits of the float32 with bits b (uint32), rounded to nearest even (beyond F16's
+    range: infinity), as numpy's cast gives them, NaN included: its top 10 payload bits, one
+    more where they are all 0 (tests compare every F16 value, every NaN payload, and every
+    float32 exponent near F16's range, ties and carries included)."""
     sign = np.uint16((b >> 16) & 0x8000)
     exponent = np.int64((b >> 23) & 0xFF) - 127
     mantissa = np.int64(b & 0x7FFFFF)
+    if exponent == 128 and mantissa != 0:
+        return np.uint16(sign | 0x7C00 | (mantissa >> 13) | np.int64((mantissa >> 13) == 0))
     if exponent > 15:
         return np.uint16(sign | 0x7C00)
     if exponent >= -14:  # normal in F16 (a carry out of the mantissa rounds up the exponent)
@@ -108,6 +114,34 @@ def narrow_to_bfloat16_in_place(values, narrowed):
         high = bfloat16_bits(bits[i])
         narrowed[i] = high
         bits[i] = np.uint32(high) << 16
+
+
+@numba.njit(cache=True, nogil=True)
+def narrow_to_float16_in_place(values, narrowed):
+    """narrow_to_bfloat16_in_place for F16: narrowed = the F16 bits of float32 values (numpy's
+    cast), and values widened back from them in place."""
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        half = float16_bits(bits[i])
+        narrowed[i] = half
+        bits[i] = float16_as_float32_bits(half)
+
+
+@numba.njit(cache=True, nogil=True)
+def _float32_to_float16_bits(values):
+    out = np.empty(values.size, np.uint16)
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        out[i] = float16_bits(bits[i])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _float16_to_float32_bits(halves):
+    out = np.empty(halves.size, np.uint32)
+    for i in range(halves.size):
+        out[i] = float16_as_float32_bits(halves[i])
+    return out
 
 
 @numba.njit(cache=True, nogil=True)

@@ -23,11 +23,12 @@ from .fused_encode import reconstruct_and_fold
 @numba.njit(cache=True, nogil=True)
 def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, orient_signs,
                     ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
-                    escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out, narrowed):
+                    escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out, last_out, narrowed,
+                    float16):
     """Fill recon (float32 or float64: the tensor's computed values) and the new state's
     ema_out, sign_out and last_out; return (status, XXH64 of the tensor's bytes). narrowed:
-    for a BF16 tensor (float32 recon) its BF16 bits, filled from recon and hashed instead
-    (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
+    for a BF16 or F16 tensor (float32 recon; float16 says which) its bits, filled from recon
+    and hashed instead (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
     rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes' (validated by the caller); fold_ema ..
@@ -43,4 +44,4 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     # from here on, what the encoder does once its codes are coded
     return OK, reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second,
                                     row_length, offset, eb, recon, escape_index, escape_values, fold_ema, beta,
-                                    first_round, ema_out, sign_out, last_out, narrowed)
+                                    first_round, ema_out, sign_out, last_out, narrowed, float16)

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from .checksum import xxh64_kernel
-from .floats import narrow_to_bfloat16_in_place
+from .floats import narrow_to_bfloat16_in_place, narrow_to_float16_in_place
 from .predict.context import orient_by_sign
 from .predict.history import fold_round
 from .quantize import dequantize, patch_escapes
@@ -24,12 +24,12 @@ from .quantize import dequantize, patch_escapes
 @numba.njit(cache=True, nogil=True)
 def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second, row_length,
                          offset, eb, recon, escape_index, escape_values, fold_ema, beta, first_round, ema_out, sign_out,
-                         last_out, narrowed):
+                         last_out, narrowed, float16):
     """Fill recon (float32 or float64, the tensor's own dtype) from codes and the new state's
     ema_out, sign_out and last_out; return the XXH64 of recon's bytes. Where narrowed (uint16)
-    is not empty the tensor is BF16 (the caller passes it only with a float32 recon): recon is
-    narrowed into it (floats.narrow's rounding) and widened back in place, and the hash takes
-    the BF16 bits and the fold the widened values. orient_signs: the
+    is not empty the tensor is BF16, or F16 where float16 is True (the caller passes it only
+    with a float32 recon): recon is narrowed into it (floats.narrow's rounding) and widened
+    back in place, and the hash takes the narrow bits and the fold the widened values. orient_signs: the
     signs the codes were oriented by in place (empty: none), oriented back here; ema ..
     offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes'; fold_ema .. last_out: history.fold_round's, each
@@ -40,7 +40,10 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
     patch_escapes(recon, escape_index, escape_values)
     if narrowed.size > 0:
-        narrow_to_bfloat16_in_place(recon, narrowed)
+        if float16:
+            narrow_to_float16_in_place(recon, narrowed)
+        else:
+            narrow_to_bfloat16_in_place(recon, narrowed)
         recon_hash = xxh64_kernel(narrowed.view(np.uint8))
     else:
         recon_hash = xxh64_kernel(recon.view(np.uint8))

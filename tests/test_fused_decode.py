@@ -167,35 +167,41 @@ def test_the_fused_paths_patch_escaped_values_as_the_general_ones(monkeypatch, b
     assert seen["encoded with escapes"] >= 4 and seen["decoded with escapes"] >= 4, seen
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
 @pytest.mark.parametrize("bound, mode", [(1e-2, "rel"), (1e-4, "rel"), (1e-3, "abs")])
-def test_fused_bfloat16_decoding_gives_the_general_paths_tensors_and_states(sample_rounds, gz, monkeypatch, bound, mode):
-    """A BF16 record decodes in the fused kernel, narrowed there: the general path's tensors
-    (BF16 bits), states and errors, escapes (NaN, infinities, values near the BF16 maximum)
-    included."""
+def test_fused_narrow_float_decoding_gives_the_general_paths_tensors_and_states(sample_rounds, gz, monkeypatch, dtype,
+                                                                                 bound, mode):
+    """A BF16 or F16 record decodes in the fused kernel, narrowed there: the general path's
+    tensors (their bits), states and errors, escapes (NaN, infinities, values near the
+    dtype's maximum) included."""
     from gradzip.tensorio import dtype_name
 
     narrowed = Counter()
 
     def counted(*args, kernel=codec.decode_and_fold):
-        narrowed["records"] += int(args[-1].size > 0)
+        narrowed["records"] += int(args[-2].size > 0)
         return kernel(*args)
+
+    def cast(values):
+        return gz.bfloat16_from_float32(values) if dtype == "BF16" else np.asarray(values, np.float32).astype(np.float16)
 
     monkeypatch.setattr(codec, "decode_and_fold", counted)
     rng = np.random.default_rng(8)
     compressor = gradzip.Compressor(bound, mode, threads=1)
     fused_side, general_side = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
+    largest = 3.38e38 if dtype == "BF16" else 65500.0
     for path in sample_rounds[:5]:
-        tensors = {name: gz.bfloat16_from_float32(values) for name, values in load_file(path).items()}
+        tensors = {name: cast(values) for name, values in load_file(path).items()}
         odd = rng.standard_normal((40, 60)).astype(np.float32)
-        odd.reshape(-1)[rng.choice(odd.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, 3.38e38, -3.3e38, 1e30]
-        tensors["odd"] = gz.bfloat16_from_float32(odd)
+        odd.reshape(-1)[rng.choice(odd.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, largest, -largest, 1e3]
+        tensors["odd"] = cast(odd)
         blob = compressor.compress(tensors)
         out = fused_side.decompress(blob)
         with monkeypatch.context() as general:
             general.setattr(codec, "_fused_decode_fits", lambda *args: False)
             expected = general_side.decompress(blob)
         for name, original in tensors.items():
-            assert dtype_name(out[name]) == dtype_name(expected[name]) == "BF16", name
+            assert dtype_name(out[name]) == dtype_name(expected[name]) == dtype, name
             assert out[name].tobytes() == expected[name].tobytes(), name
         gz.assert_within_bound(tensors["odd"], out["odd"], bound, mode)
         assert fused_side.state.to_bytes() == general_side.state.to_bytes() == compressor.state.to_bytes()
