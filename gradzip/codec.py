@@ -47,8 +47,7 @@ from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
-from .quantize import (RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, recheck_as_bfloat16,
-                       recheck_as_float16, value_range)
+from .quantize import RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, recheck_narrowed, value_range
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -396,25 +395,22 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     escaped = np.empty(n, np.bool_)
     args = prediction.kernel_args(threads)
     ranges = _element_ranges(args, n, threads)
-    recheck = _RECHECK_NARROWED.get(dtype)  # the bound must hold after the cast back: checked again there
+    narrow_dtype = dtype in ("F16", "BF16")  # the bound must hold after the cast back: checked again there
     if len(ranges) == 1:
         n_escaped = quantize(values, *args, eb, codes, recon, escaped)
-        if recheck is not None:
-            n_escaped += recheck(values, recon, codes, escaped, eb)
+        if narrow_dtype:
+            n_escaped += recheck_narrowed(values, recon, codes, escaped, eb, dtype == "F16")
     else:
         def run(span):
             a, b = span
             count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
                              escaped[a:b])
-            if recheck is not None:  # (element by element: the same bits in any ranges)
-                count += recheck(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb)
+            if narrow_dtype:  # (element by element: the same bits in any ranges)
+                count += recheck_narrowed(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb, dtype == "F16")
             return count
 
         n_escaped = sum(each(run, ranges, threads))
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
-
-
-_RECHECK_NARROWED = {"BF16": recheck_as_bfloat16, "F16": recheck_as_float16}
 
 
 @dataclass(frozen=True)

@@ -104,27 +104,28 @@ def float16_as_float32_bits(h):
     return sign | (np.uint32(exponent - 15 + 127) << 23) | (mantissa << 13)
 
 
-@numba.njit(cache=True, nogil=True)
-def narrow_to_bfloat16_in_place(values, narrowed):
-    """narrowed = the BF16 bits of float32 values (as narrow gives them), and values widened
-    back from them in place (as widen gives them): a BF16 tensor's reconstruction and the
-    float32 values its state folds."""
-    bits = values.view(np.uint32)
-    for i in range(values.size):
-        high = bfloat16_bits(bits[i])
-        narrowed[i] = high
-        bits[i] = np.uint32(high) << 16
+@numba.njit(cache=True, nogil=True, inline="always")
+def narrowed_bits(b, float16):
+    """The F16 (float16 True) or BF16 bits of the float32 with bits b, as narrow rounds."""
+    return float16_bits(b) if float16 else bfloat16_bits(b)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def widened_bits(h, float16):
+    """The float32 bits of the F16 (float16 True) or BF16 value with bits h, as widen gives."""
+    return float16_as_float32_bits(h) if float16 else np.uint32(np.uint32(h) << 16)
 
 
 @numba.njit(cache=True, nogil=True)
-def narrow_to_float16_in_place(values, narrowed):
-    """narrow_to_bfloat16_in_place for F16: narrowed = the F16 bits of float32 values (numpy's
-    cast), and values widened back from them in place."""
+def narrow_in_place(values, narrowed, float16):
+    """narrowed = the F16 (float16 True) or BF16 bits of float32 values (as narrow gives
+    them), and values widened back from them in place (as widen gives them): such a tensor's
+    reconstruction and the float32 values its state folds."""
     bits = values.view(np.uint32)
     for i in range(values.size):
-        half = float16_bits(bits[i])
+        half = narrowed_bits(bits[i], float16)
         narrowed[i] = half
-        bits[i] = float16_as_float32_bits(half)
+        bits[i] = widened_bits(half, float16)
 
 
 @numba.njit(cache=True, nogil=True)

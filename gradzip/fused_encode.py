@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from .checksum import xxh64_kernel
-from .floats import narrow_to_bfloat16_in_place, narrow_to_float16_in_place
+from .floats import narrow_in_place
 from .predict.context import orient_by_sign
 from .predict.history import fold_round
 from .quantize import dequantize, patch_escapes
@@ -40,10 +40,7 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
     patch_escapes(recon, escape_index, escape_values)
     if narrowed.size > 0:
-        if float16:
-            narrow_to_float16_in_place(recon, narrowed)
-        else:
-            narrow_to_bfloat16_in_place(recon, narrowed)
+        narrow_in_place(recon, narrowed, float16)
         recon_hash = xxh64_kernel(narrowed.view(np.uint8))
     else:
         recon_hash = xxh64_kernel(recon.view(np.uint8))

@@ -12,8 +12,7 @@ from gradzip.predict.history import fold_round
 from gradzip.predict.linear import linear_fit_sums
 from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import magnitude_stats
-from gradzip.quantize import (RADIUS, dequantize, finite_range, quantize, recheck_as_bfloat16, recheck_as_float16,
-                              value_range)
+from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, recheck_narrowed, value_range
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
 
@@ -142,45 +141,6 @@ def test_linear_fit_sums_leave_out_non_finite_elements_like_a_plain_reference(ro
     assert np.allclose(sums, expected, rtol=1e-12, atol=1e-9)
 
 
-def test_bfloat16_recheck_gives_what_narrowing_and_widening_give():
-    """The one-pass BF16 check against numpy's widen(narrow()) and mask: the same
-    reconstruction bits, codes and escapes, with values that round up to infinity when
-    narrowed, subnormals, NaN and Inf, ties of the rounding, and elements escaped before."""
-    from gradzip.floats import narrow, widen
-
-    rng = np.random.default_rng(11)
-    n = 5000
-    bits = rng.integers(0, 1 << 16, n).astype(np.uint16)
-    bits[:4] = [0x7F80, 0xFF80, 0x7FC1, 0x0001]  # +Inf, -Inf, a NaN, a subnormal
-    bits[4] = 0x7F7F  # the largest finite BF16
-    values = widen(bits.view(np.uint16), "BF16")
-    newly_escaped = kept = 0
-    for scale in (1e-36, 1e-30, 1.0, 1e30, 3e38):
-        with np.errstate(over="ignore", invalid="ignore"):
-            recon = (values.astype(np.float64) + rng.uniform(-1.0, 1.0, n) * scale).astype(np.float32)
-        recon[4] = np.float32(3.4e38)  # rounds to BF16 infinity
-        recon[5::97] = values[5::97] + np.float32(2.0 ** -20) * np.sign(values[5::97])  # near rounding ties
-        escaped = ~np.isfinite(values) | (rng.random(n) < 0.05)
-        recon[escaped] = values[escaped]
-        codes = rng.integers(-50, 50, n).astype(np.int32)
-        codes[escaped] = 0
-        bound = max(scale, 1e-45)
-        expected_recon = widen(narrow(recon, "BF16"), "BF16").copy()
-        with np.errstate(over="ignore", invalid="ignore"):
-            over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= bound) & ~escaped
-        expected_codes, expected_escaped = codes.copy(), escaped | over
-        expected_codes[over] = 0
-        expected_recon[over] = values[over]
-        added = recheck_as_bfloat16(values, recon, codes, escaped, bound)
-        assert added == int(over.sum())
-        np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
-        np.testing.assert_array_equal(codes, expected_codes)
-        np.testing.assert_array_equal(escaped, expected_escaped)
-        newly_escaped += added
-        kept += int((~escaped).sum())
-    assert newly_escaped > 0 and kept > 0
-
-
 def _float16_casts(bits):
     """float16_bits and float16_as_float32_bits over uint32 float32 bits, in a kernel."""
     import numba
@@ -230,31 +190,48 @@ def test_the_float16_casts_match_numpys():
     np.testing.assert_array_equal(widened, expected.astype(np.float32).view(np.uint32))
 
 
-def test_float16_recheck_gives_what_numpys_casts_and_the_mask_give():
-    """The one-pass F16 check against numpy's casts and mask, as test_bfloat16_recheck...:
-    values that round up to infinity, subnormals, NaN and Inf, elements escaped before."""
-    rng = np.random.default_rng(14)
+def _numpy_round_trip(recon, dtype, gz):
+    """widen(narrow(recon)) by numpy alone: the test's reference for the kernels' casts."""
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return recon.astype(np.float16).astype(np.float32)
+    return (gz.bfloat16_from_float32(recon).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_the_narrow_recheck_gives_what_numpys_casts_and_the_mask_give(gz, dtype):
+    """The one-pass check after narrowing against numpy's casts and mask: the same
+    reconstruction bits, codes and escapes, with values that round up to infinity,
+    subnormals, NaN and Inf, near rounding ties and elements escaped before."""
+    rng = np.random.default_rng(11 if dtype == "BF16" else 14)
     n = 6000
     halves = rng.integers(0, 1 << 16, n).astype(np.uint16)
-    halves[:5] = [0x7C00, 0xFC00, 0x7E01, 0x0001, 0x7BFF]  # +Inf, -Inf, a NaN, a subnormal, the largest F16
-    values = halves.view(np.float16).astype(np.float32)
+    if dtype == "BF16":  # +Inf, -Inf, a NaN, a subnormal, the largest finite value
+        halves[:5] = [0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x7F7F]
+        values, scales, beyond = (halves.astype(np.uint32) << 16).view(np.float32), (1e-36, 1e-30, 1.0, 1e30, 3e38), (3.4e38, 3.39e38)
+    else:
+        halves[:5] = [0x7C00, 0xFC00, 0x7E01, 0x0001, 0x7BFF]
+        values, scales, beyond = halves.view(np.float16).astype(np.float32), (1e-8, 1e-4, 1.0, 100.0), (65519.0, 65520.0)
     newly_escaped = kept = 0
-    for scale in (1e-8, 1e-4, 1.0, 100.0):
+    for scale in scales:
         with np.errstate(over="ignore", invalid="ignore"):
             recon = (values.astype(np.float64) + rng.uniform(-1.0, 1.0, n) * scale).astype(np.float32)
-        recon[4] = np.float32(65519.0)  # rounds to F16's largest value, 65520 and up to infinity
-        recon[5] = np.float32(65520.0)
+        recon[4:6] = beyond  # round to the largest value, or up to infinity
+        with np.errstate(invalid="ignore"):
+            recon[6::97] = values[6::97] + np.float32(2.0 ** -20) * np.sign(values[6::97])  # near rounding ties
         escaped = ~np.isfinite(values) | (rng.random(n) < 0.05)
         recon[escaped] = values[escaped]
         codes = rng.integers(-50, 50, n).astype(np.int32)
         codes[escaped] = 0
+        bound = max(scale, 1e-45)
+        expected_recon = _numpy_round_trip(recon, dtype, gz)
+        expected_recon[escaped] = values[escaped]
         with np.errstate(over="ignore", invalid="ignore"):
-            expected_recon = recon.astype(np.float16).astype(np.float32)
-            over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= scale) & ~escaped
+            over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= bound) & ~escaped
         expected_codes, expected_escaped = codes.copy(), escaped | over
         expected_codes[over] = 0
         expected_recon[over] = values[over]
-        added = recheck_as_float16(values, recon, codes, escaped, scale)
+        added = recheck_narrowed(values, recon, codes, escaped, bound, dtype == "F16")
         assert added == int(over.sum())
         np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
         np.testing.assert_array_equal(codes, expected_codes)
