@@ -30,10 +30,10 @@ def widen(array: np.ndarray, dtype: str) -> np.ndarray:
 def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     """Cast computed values back to the tensor's dtype (flat), rounding to nearest even."""
     if dtype == "BF16":
-        return as_bfloat16(_float32_to_bfloat16_bits(np.ascontiguousarray(values, dtype=np.float32)))
+        return as_bfloat16(_narrowed(np.ascontiguousarray(values, dtype=np.float32), False))
     if dtype == "F16":
         if values.dtype == np.float32:  # numpy's cast (overflow to inf included), in a kernel
-            return _float32_to_float16_bits(np.ascontiguousarray(values).reshape(-1)).view(np.float16)
+            return _narrowed(np.ascontiguousarray(values).reshape(-1), True).view(np.float16)
         with np.errstate(over="ignore"):  # overflow to inf is caught by the bound check
             return values.astype(np.float16)
     return values
@@ -129,15 +129,6 @@ def narrow_in_place(values, narrowed, float16):
 
 
 @numba.njit(cache=True, nogil=True)
-def _float32_to_float16_bits(values):
-    out = np.empty(values.size, np.uint16)
-    bits = values.view(np.uint32)
-    for i in range(values.size):
-        out[i] = float16_bits(bits[i])
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
 def _float16_to_float32_bits(halves):
     out = np.empty(halves.size, np.uint32)
     for i in range(halves.size):
@@ -146,9 +137,10 @@ def _float16_to_float32_bits(halves):
 
 
 @numba.njit(cache=True, nogil=True)
-def _float32_to_bfloat16_bits(values):
+def _narrowed(values, float16):
+    """The F16 (float16 True) or BF16 bits of float32 values."""
     out = np.empty(values.size, np.uint16)
     bits = values.view(np.uint32)
     for i in range(values.size):
-        out[i] = bfloat16_bits(bits[i])
+        out[i] = narrowed_bits(bits[i], float16)
     return out
