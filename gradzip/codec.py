@@ -47,7 +47,8 @@ from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
-from .quantize import RADIUS, dequantize, dequantize_runs, finite_ranges, quantize, quantize_runs, recheck_narrowed, value_range
+from .quantize import (RADIUS, dequantize, dequantize_runs, finite_ranges, patch_escape_deltas, quantize, quantize_runs,
+                       recheck_narrowed, value_range)
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -307,6 +308,7 @@ class _Quantized:
     n_escaped: int
     prediction: "_Prediction"  # what the codes are residuals of
     oriented_by: np.ndarray | None = None  # the signs the codes were multiplied by, in place
+    deltas: np.ndarray | None = None  # F16/BF16: each escaped element's delta (recheck_narrowed), uint16
 
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
@@ -396,21 +398,24 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     args = prediction.kernel_args(threads)
     ranges = _element_ranges(args, n, threads)
     narrow_dtype = dtype in ("F16", "BF16")  # the bound must hold after the cast back: checked again there
+    deltas = np.empty(n if narrow_dtype else 0, np.uint16)
     if len(ranges) == 1:
         n_escaped = quantize(values, *args, eb, codes, recon, escaped)
         if narrow_dtype:
-            n_escaped += recheck_narrowed(values, recon, codes, escaped, eb, dtype == "F16")
+            n_escaped += recheck_narrowed(values, *args, eb, codes, recon, escaped, deltas, dtype == "F16")
     else:
         def run(span):
             a, b = span
             count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
                              escaped[a:b])
             if narrow_dtype:  # (element by element: the same bits in any ranges)
-                count += recheck_narrowed(values[a:b], recon[a:b], codes[a:b], escaped[a:b], eb, dtype == "F16")
+                count += recheck_narrowed(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b], escaped[a:b],
+                                          deltas[a:b], dtype == "F16")
             return count
 
         n_escaped = sum(each(run, ranges, threads))
-    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction)
+    return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction,
+                      deltas=deltas if narrow_dtype else None)
 
 
 @dataclass(frozen=True)
@@ -531,7 +536,7 @@ class _Candidate:
         return self.estimate
 
     def _estimated_bytes(self, coder: str, itemsize: int, threads: int) -> float:
-        side = sum(len(data) for _, data in self.side_sections) + self.quantized.n_escaped * (itemsize + 2)
+        side = sum(len(data) for _, data in self.side_sections) + _escape_bytes(self.quantized, itemsize)
         if coder == "huffman":
             self.coded = _code(self.codes, coder, None, 1, False)
             return side + len(self.coded[0])
@@ -540,6 +545,12 @@ class _Candidate:
         if self.contexts is None:
             return side + rans.estimated_bits(self.codes, None, 1, threads) / 8
         return side + rans.estimated_bits(self.codes, *self.coded_contexts(), threads) / 8
+
+
+def _escape_bytes(quantized: _Quantized, itemsize: int) -> float:
+    """Estimated size of a quantization's escapes: a position and a value each, where an F16
+    or BF16 element's value is a delta of a few bits (its code is counted with the others)."""
+    return quantized.n_escaped * (2 if quantized.deltas is not None else itemsize + 2)
 
 
 class _MergeEstimates:
@@ -654,7 +665,7 @@ def _fused_tail(name, values, dtype, shape, eb, config, previous, quantized: _Qu
     orient_signs = _NO_SIGNS if quantized.oriented_by is None else quantized.oriented_by
     quantized.oriented_by = None
     recon_hash = int(reconstruct_and_fold(codes, orient_signs, *quantized.prediction.kernel_args(), eb, recon,
-                                          escape_index, escape_values.astype(recon.dtype, copy=False), fold.ema,
+                                          escape_index, escape_values.astype(recon.dtype, copy=False), _NO_DELTAS, fold.ema,
                                           config.beta, fold.first_round, fold.state.ema, fold.state.sign,
                                           fold.state.last, _NOT_NARROWED, False))
     encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
@@ -774,7 +785,7 @@ def _sampled_none_bytes(values, dtype, shape, eb, config, itemsize) -> float:
     if config.coder != "rans":
         return _Candidate("none", plain, {}, [], plain.codes).estimated_bytes(config.coder, itemsize) * step
     ideal, table = rans.ideal_and_table_bits(plain.codes, np.zeros(plain.codes.size, np.uint8), 1)
-    return step * (ideal / 8 + plain.n_escaped * (itemsize + 2)) + table / 8
+    return step * (ideal / 8 + _escape_bytes(plain, itemsize)) + table / 8
 
 
 def _choice_on_sample(values, dtype, shape, eb, config, previous) -> tuple:
@@ -1027,6 +1038,9 @@ def _escape_sections(array, dtype, quantized: _Quantized) -> list:
         return []
     index = np.flatnonzero(quantized.escaped)
     gaps = np.diff(index, prepend=0).astype("<u8")  # small, zstd-friendly
+    if quantized.deltas is not None:  # F16/BF16: differences from the decoder's narrowed values
+        return [("escape_index", lossless.compress(gaps.tobytes())),
+                ("escape_delta", lossless.compress(quantized.deltas[index].astype("<u2").tobytes()))]
     exact = original_bits(array, dtype)[index]
     return [("escape_index", lossless.compress(gaps.tobytes())), ("escape_value", lossless.compress(exact.tobytes()))]
 
@@ -1338,14 +1352,15 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
-    escape_index, escape_values = _decoded_escapes(params, sections, dtype, n)
+    escape_index, escape_values, escape_deltas = _decoded_escapes(params, sections, dtype, n)
     recon = np.empty(n, compute_dtype(dtype))
     if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
             narrowed = np.empty(n, np.uint16) if dtype in ("BF16", "F16") else _NOT_NARROWED
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
-                                                 eb, recon, escape_index, escape_values, fold.ema, config.beta,
+                                                 eb, recon, escape_index, escape_values, escape_deltas, fold.ema,
+                                                 config.beta,
                                                  fold.first_round, fold.state.ema, fold.state.sign, fold.state.last, narrowed,
                                                  dtype == "F16")
             rans.check_status(status)
@@ -1355,30 +1370,37 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     if orient:
         orient_by_sign(codes, previous.sign)
     _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
-    if escape_index.size:
+    if escape_deltas.size:
+        patch_escape_deltas(recon, escape_index, escape_deltas, dtype == "F16")
+    elif escape_index.size:
         recon[escape_index] = escape_values
     return narrow(recon, dtype).reshape(shape), None
 
 
 _NO_ESCAPES = (np.empty(0, np.int64), np.empty(0, np.float32))
+_NO_DELTAS = np.empty(0, np.uint16)  # the escapes' deltas of an F32 or F64 tensor
 _NOT_NARROWED = np.empty(0, np.uint16)  # the fused kernels' `narrowed` for F32 and F64 tensors
 
 
-def _decoded_escapes(params, sections, dtype, n) -> tuple[np.ndarray, np.ndarray]:
-    """(positions as int64, values in the computed dtype, writable) of a record's escaped
-    elements, checked in range and in order; empty arrays where none escaped."""
+def _decoded_escapes(params, sections, dtype, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions as int64, values in the computed dtype, writable; deltas) of a record's
+    escaped elements, positions checked in range and in order. An F16 or BF16 record stores
+    deltas (recheck_narrowed; values then empty), others values (deltas then empty); all
+    empty where none escaped."""
     n_escaped = params["escaped"]
     if not isinstance(n_escaped, int) or not 0 <= n_escaped <= n:
         raise CorruptStreamError("bad escape count")
     if not n_escaped:
-        return _NO_ESCAPES[0], np.empty(0, compute_dtype(dtype))
+        return _NO_ESCAPES[0], np.empty(0, compute_dtype(dtype)), _NO_DELTAS
     index = np.cumsum(np.frombuffer(lossless.decompress(sections["escape_index"], 8 * n_escaped), "<u8"), dtype=np.uint64)
     if index[-1] >= n or (n_escaped > 1 and not np.all(index[1:] > index[:-1])):
         raise CorruptStreamError("escape positions out of order or out of range")
-    bits_dtype = numpy_dtype(dtype) if dtype not in ("BF16",) else np.dtype(np.uint16)
-    exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * bits_dtype.itemsize), bits_dtype.newbyteorder("<"))
-    exact = as_bfloat16(exact) if dtype == "BF16" else exact
-    return index.astype(np.int64), np.array(widen(exact, dtype), copy=True)
+    if dtype in ("F16", "BF16"):
+        deltas = np.frombuffer(lossless.decompress(sections["escape_delta"], 2 * n_escaped), "<u2").astype(np.uint16)
+        return index.astype(np.int64), np.empty(0, np.float32), deltas
+    exact = np.frombuffer(lossless.decompress(sections["escape_value"], n_escaped * numpy_dtype(dtype).itemsize),
+                          numpy_dtype(dtype).newbyteorder("<"))
+    return index.astype(np.int64), np.array(widen(exact, dtype), copy=True), _NO_DELTAS
 
 
 def _fused_fits(dtype, n, dtypes=("F32", "F64")) -> bool:

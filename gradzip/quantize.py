@@ -2,7 +2,9 @@
 
 q = round((x - p) / (2 eb)), x' = p + 2 eb q. An element is *escaped* (stored exactly) when
 |q| would reach RADIUS, when x or the residual is not finite, when x is -0.0 (so signed zeros
-survive), or when x', after the cast back to the tensor's dtype, is further than eb from x. Encoder and decoder both reconstruct with
+survive), or when x', after the cast back to the tensor's dtype, is further than eb from x (an F16 or
+BF16 element that escapes only there keeps its code, and the stream stores its value as a
+difference from the decoder's narrowed x'). Encoder and decoder both reconstruct with
 `_reconstruct`, so they agree bit for bit (no fastmath anywhere here).
 """
 from __future__ import annotations
@@ -217,27 +219,70 @@ def finite_ranges(values, run_ends):
     return counts, los, his
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _decoded_at(i, code, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, two_eb):
+    """The value dequantize rebuilds for element i from its code, as float64 (the caller
+    casts it to the recon dtype): its expressions, so the same bits. A range's arguments index
+    rows from the range's start, as _ranged cuts them."""
+    q = np.float64(code)
+    if last.size > 0:
+        row = i // row_length
+        p = linear_at(w_last[row], w_second[row], last[i], second_last[i])
+        if offset.size > 0:
+            p += np.float64(offset[i])
+        return _reconstruct(p, two_eb, -q if p < 0.0 else q)
+    if offset.size > 0:
+        p = np.float64(offset[i])
+        return _reconstruct(p, two_eb, -q if p < 0.0 else q)
+    p = 0.0 if ema.size == 0 else _ema_shift_at(ema, mean, std, signs, i)
+    return _reconstruct(p, two_eb, q)
+
+
 @numba.njit(cache=True, nogil=True)
-def recheck_narrowed(values, recon, codes, escaped, eb, float16):
-    """The bound in the narrow dtype, for F16 (float16 True) or BF16: each element's
-    reconstruction (float32) is narrowed and widened back in place (as widen(narrow(recon))),
-    and one that is then further than eb from values escapes (code 0, recon = values).
-    Escaped elements hold their value already, exact in the narrow dtype (narrowing and
-    widening give it back unchanged, NaN payloads too). Returns how many escaped here. One
-    pass instead of numpy's casts and masks (a third of a BF16 round's time, half of an F16
-    one's)."""
+def recheck_narrowed(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes,
+                     recon, escaped, deltas, float16):
+    """The bound in the narrow dtype, for F16 (float16 True) or BF16, after quantize filled
+    codes, recon (float32) and escaped with these prediction arguments. Each element's
+    reconstruction is narrowed and widened back in place (as widen(narrow(recon))); one that
+    is then further than eb from its value escapes, keeping its code. For every escaped
+    element deltas[i] = its value's narrow bits minus the narrow bits of what the decoder
+    rebuilds from its code, mod 2**16 (patch_escape_deltas adds it back): a near miss is a
+    step or two of the narrow dtype's spacing, so a delta costs a few bits where the value
+    cost 16 (stream format 8). recon then holds the value (exact in the narrow dtype:
+    narrowing and widening give it back unchanged, NaN payloads too); other deltas are left
+    unset. Returns how many escaped here. One pass instead of numpy's casts and masks."""
+    two_eb = 2.0 * eb
     bits = recon.view(np.uint32)
+    value_bits = values.view(np.uint32)
     added = 0
     for i in range(values.size):
-        if escaped[i]:
-            continue
-        bits[i] = widened_bits(narrowed_bits(bits[i], float16), float16)
-        if not abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
+        if escaped[i]:  # recon holds the value: the decoder's is rebuilt from the code (0)
+            recon[i] = np.float32(_decoded_at(i, codes[i], ema, mean, std, signs, last, second_last, w_last, w_second,
+                                              row_length, offset, two_eb))
+            rebuilt = narrowed_bits(bits[i], float16)
+            recon[i] = values[i]
+        else:
+            rebuilt = narrowed_bits(bits[i], float16)
+            bits[i] = widened_bits(rebuilt, float16)
+            if abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
+                continue
             escaped[i] = True
-            codes[i] = 0
             recon[i] = values[i]
             added += 1
+        deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - np.uint32(rebuilt)) & 0xFFFF)
     return added
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def patch_escape_deltas(recon, escape_index, escape_deltas, float16):
+    """An F16 (float16 True) or BF16 tensor's escaped elements in its float32 recon, before
+    narrowing: the narrow bits recon[escape_index[k]] rounds to, plus escape_deltas[k] mod
+    2**16 (recheck_narrowed), widened (positions in range: the caller checks)."""
+    bits = recon.view(np.uint32)
+    for k in range(escape_index.size):
+        i = escape_index[k]
+        half = (np.uint32(narrowed_bits(bits[i], float16)) + np.uint32(escape_deltas[k])) & 0xFFFF
+        bits[i] = widened_bits(np.uint16(half), float16)
 
 
 # From this many elements value_range tries numpy's vectorized min and max first (two calls'

@@ -173,7 +173,7 @@ def test_fused_narrow_float_decoding_gives_the_general_paths_tensors_and_states(
                                                                                  bound, mode):
     """A BF16 or F16 record decodes in the fused kernel, narrowed there: the general path's
     tensors (their bits), states and errors, escapes (NaN, infinities, values near the
-    dtype's maximum) included."""
+    dtype's maximum, stored as deltas from the narrowed reconstruction) included."""
     from gradzip.tensorio import dtype_name
 
     narrowed = Counter()
@@ -196,6 +196,8 @@ def test_fused_narrow_float_decoding_gives_the_general_paths_tensors_and_states(
         odd.reshape(-1)[rng.choice(odd.size, 6, replace=False)] = [np.nan, np.inf, -np.inf, largest, -largest, 1e3]
         tensors["odd"] = cast(odd)
         blob = compressor.compress(tensors)
+        narrowed["escape deltas"] += sum(any(section == "escape_delta" for section, _ in record["sections"])
+                                         for record, _ in split_stream(blob)[1])
         out = fused_side.decompress(blob)
         with monkeypatch.context() as general:
             general.setattr(codec, "_fused_decode_fits", lambda *args: False)
@@ -205,4 +207,4 @@ def test_fused_narrow_float_decoding_gives_the_general_paths_tensors_and_states(
             assert out[name].tobytes() == expected[name].tobytes(), name
         gz.assert_within_bound(tensors["odd"], out["odd"], bound, mode)
         assert fused_side.state.to_bytes() == general_side.state.to_bytes() == compressor.state.to_bytes()
-    assert narrowed["records"] >= 20, narrowed
+    assert narrowed["records"] >= 20 and narrowed["escape deltas"] >= 5, narrowed

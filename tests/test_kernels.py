@@ -12,7 +12,8 @@ from gradzip.predict.history import fold_round
 from gradzip.predict.linear import linear_fit_sums
 from gradzip.predict.lowrank import Factors, low_rank_offset
 from gradzip.predict.magnitude import magnitude_stats
-from gradzip.quantize import RADIUS, dequantize, finite_range, quantize, recheck_narrowed, value_range
+from gradzip.quantize import (RADIUS, dequantize, finite_range, patch_escape_deltas, quantize, recheck_narrowed,
+                              value_range)
 from gradzip.state import TensorState
 from gradzip.tensorio import as_bfloat16, dtype_name
 
@@ -198,11 +199,21 @@ def _numpy_round_trip(recon, dtype, gz):
     return (gz.bfloat16_from_float32(recon).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def _numpy_narrow_bits(values, dtype, gz):
+    """The F16 or BF16 bits of float32 values by numpy alone."""
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).view(np.uint16)
+    return gz.bfloat16_from_float32(values).view(np.uint16)
+
+
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
 def test_the_narrow_recheck_gives_what_numpys_casts_and_the_mask_give(gz, dtype):
     """The one-pass check after narrowing against numpy's casts and mask: the same
     reconstruction bits, codes and escapes, with values that round up to infinity,
-    subnormals, NaN and Inf, near rounding ties and elements escaped before."""
+    subnormals, NaN and Inf, near rounding ties and elements escaped before; and every
+    escaped element's delta, added back by patch_escape_deltas to what the decoder rebuilds
+    from its code, gives the value's bits (NaN payloads included)."""
     rng = np.random.default_rng(11 if dtype == "BF16" else 14)
     n = 6000
     halves = rng.integers(0, 1 << 16, n).astype(np.uint16)
@@ -212,6 +223,7 @@ def test_the_narrow_recheck_gives_what_numpys_casts_and_the_mask_give(gz, dtype)
     else:
         halves[:5] = [0x7C00, 0xFC00, 0x7E01, 0x0001, 0x7BFF]
         values, scales, beyond = halves.view(np.float16).astype(np.float32), (1e-8, 1e-4, 1.0, 100.0), (65519.0, 65520.0)
+    no_state, no_weights = np.empty(0, np.float32), np.empty(0, np.float64)
     newly_escaped = kept = 0
     for scale in scales:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -222,23 +234,86 @@ def test_the_narrow_recheck_gives_what_numpys_casts_and_the_mask_give(gz, dtype)
         escaped = ~np.isfinite(values) | (rng.random(n) < 0.05)
         recon[escaped] = values[escaped]
         codes = rng.integers(-50, 50, n).astype(np.int32)
-        codes[escaped] = 0
         bound = max(scale, 1e-45)
+        # what the decoder rebuilds before narrowing: the recon given (no prediction: 2 eb q
+        # stands behind it), or for an element escaped before, 2 eb times its code
+        with np.errstate(over="ignore"):
+            rebuilt = np.where(escaped, (2.0 * bound * codes.astype(np.float64)).astype(np.float32), recon)
         expected_recon = _numpy_round_trip(recon, dtype, gz)
         expected_recon[escaped] = values[escaped]
         with np.errstate(over="ignore", invalid="ignore"):
             over = ~(np.abs(values.astype(np.float64) - expected_recon.astype(np.float64)) <= bound) & ~escaped
         expected_codes, expected_escaped = codes.copy(), escaped | over
-        expected_codes[over] = 0
         expected_recon[over] = values[over]
-        added = recheck_narrowed(values, recon, codes, escaped, bound, dtype == "F16")
+        # (the values' own bits: numpy's BF16 reference quiets a signalling NaN, which must not)
+        expected_deltas = (halves.astype(np.int64) - _numpy_narrow_bits(rebuilt, dtype, gz).astype(np.int64)) % (1 << 16)
+        deltas = np.zeros(n, np.uint16)
+        added = recheck_narrowed(values, no_state, 0.0, 0.0, np.empty(0, np.int8), no_state, no_state, no_weights,
+                                 no_weights, 1, no_state, bound, codes, recon, escaped, deltas, dtype == "F16")
         assert added == int(over.sum())
         np.testing.assert_array_equal(recon.view(np.uint32), expected_recon.view(np.uint32))
-        np.testing.assert_array_equal(codes, expected_codes)
+        np.testing.assert_array_equal(codes, expected_codes)  # a near miss keeps its code
         np.testing.assert_array_equal(escaped, expected_escaped)
+        np.testing.assert_array_equal(deltas[escaped], expected_deltas[escaped])
+        index = np.flatnonzero(escaped)
+        patched = rebuilt.copy()
+        patch_escape_deltas(patched, index, deltas[index], dtype == "F16")
+        patched_bits = patched.view(np.uint32)[index]
+        if dtype == "BF16":  # widened BF16 bits: exact, NaN payloads too
+            np.testing.assert_array_equal(patched_bits >> 16, halves[index])
+            np.testing.assert_array_equal(patched_bits & 0xFFFF, 0)
+        else:
+            np.testing.assert_array_equal(patched[index].astype(np.float16).view(np.uint16), halves[index])
         newly_escaped += added
         kept += int((~escaped).sum())
     assert newly_escaped > 0 and kept > 0
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("predictor", ["linear", "linear rows with offset", "offset", "ema", "none"])
+def test_the_recheck_rebuilds_an_escaped_element_as_dequantize_does(gz, dtype, predictor):
+    """The narrow recheck's deltas are taken from what dequantize rebuilds from each escaped
+    element's code under every kind of prediction: patched back in, they give the value."""
+    rng = np.random.default_rng(5)
+    rows, row_length = 8, 300
+    n = rows * row_length
+    unit = 0.05 if dtype == "BF16" else 3.0  # the largest values' narrow spacing near eb: near misses
+    values = _numpy_round_trip(rng.standard_normal(n).astype(np.float32) * unit, dtype, gz)
+    values[::211] = np.nan
+    values[::307] = -0.0
+    last = rng.standard_normal(n).astype(np.float32) * unit
+    second = rng.standard_normal(n).astype(np.float32) * unit
+    no_state, no_weights = np.empty(0, np.float32), np.empty(0, np.float64)
+    ema, mean, std, signs = no_state, 0.0, 0.0, np.empty(0, np.int8)
+    w_last, w_second, length, offset, kept_last, kept_second = no_weights, no_weights, 1, no_state, no_state, no_state
+    if predictor.startswith("linear"):
+        kept_last, kept_second = last, second
+        by_rows = "rows" in predictor
+        w_last = rng.uniform(0.2, 0.9, rows if by_rows else 1)
+        w_second = rng.uniform(-0.3, 0.3, rows if by_rows else 1)
+        length = row_length if by_rows else n
+    if "offset" in predictor:
+        offset = (rng.standard_normal(n) * unit / 5).astype(np.float32)
+    if predictor == "ema":
+        ema, mean, std = np.abs(last), unit / 50, 0.9
+        signs = np.where(second < 0, -1, 1).astype(np.int8)
+    args = (ema, mean, std, signs, kept_last, kept_second, w_last, w_second, length, offset)
+    eb = 4e-3
+    codes, recon, escaped = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.bool_)
+    quantize(values, *args, eb, codes, recon, escaped)
+    codes[escaped] = rng.integers(-9, 10, int(escaped.sum()))  # any code: its delta is taken from it
+    deltas = np.zeros(n, np.uint16)
+    added = recheck_narrowed(values, *args, eb, codes, recon, escaped, deltas, dtype == "F16")
+    rebuilt = np.empty(n, np.float32)
+    dequantize(codes, *args, eb, rebuilt)
+    index = np.flatnonzero(escaped)
+    assert added > 0 and index.size > added  # near misses, and NaN and -0.0 escaped by quantize
+    patch_escape_deltas(rebuilt, index, deltas[index], dtype == "F16")
+    # the decoder's narrowed values: the encoder's reconstruction, the value where escaped
+    np.testing.assert_array_equal(_numpy_narrow_bits(rebuilt, dtype, gz), _numpy_narrow_bits(recon, dtype, gz))
+    np.testing.assert_array_equal(_numpy_narrow_bits(rebuilt[index], dtype, gz), _numpy_narrow_bits(values[index], dtype, gz))
+    finite = np.isfinite(values)
+    assert np.all(np.abs(recon[finite].astype(np.float64) - values[finite]) <= eb) and np.isnan(recon[~finite]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
