@@ -47,8 +47,8 @@ from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
 from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
-from .quantize import (RADIUS, dequantize, dequantize_runs, finite_ranges, patch_escape_deltas, quantize, quantize_runs,
-                       recheck_narrowed, value_range)
+from .quantize import (RADIUS, dequantize, dequantize_runs, escaped_deltas, finite_ranges, patch_escape_deltas, quantize,
+                       quantize_runs, recheck_narrowed, value_range)
 from .state import NO_HISTORY, TensorState, chained_digest
 from .tensorio import as_bfloat16, dtype_name, element_count, numpy_dtype
 
@@ -397,25 +397,35 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     escaped = np.empty(n, np.bool_)
     args = prediction.kernel_args(threads)
     ranges = _element_ranges(args, n, threads)
-    narrow_dtype = dtype in ("F16", "BF16")  # the bound must hold after the cast back: checked again there
+    narrow_dtype = dtype in ("F16", "BF16")  # the bound must hold after the cast back: checked there
     deltas = np.empty(n if narrow_dtype else 0, np.uint16)
+    check_bound = math.inf if narrow_dtype else eb
     if len(ranges) == 1:
-        n_escaped = quantize(values, *args, eb, codes, recon, escaped)
+        n_escaped = quantize(values, *args, eb, codes, recon, escaped, check_bound)
         if narrow_dtype:
-            n_escaped += recheck_narrowed(values, *args, eb, codes, recon, escaped, deltas, dtype == "F16")
+            n_escaped += _rechecked(values, args, eb, codes, recon, escaped, deltas, dtype == "F16")
     else:
         def run(span):
             a, b = span
             count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
-                             escaped[a:b])
+                             escaped[a:b], check_bound)
             if narrow_dtype:  # (element by element: the same bits in any ranges)
-                count += recheck_narrowed(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b], escaped[a:b],
-                                          deltas[a:b], dtype == "F16")
+                count += _rechecked(values[a:b], _ranged(args, a, b), eb, codes[a:b], recon[a:b], escaped[a:b],
+                                    deltas[a:b], dtype == "F16")
             return count
 
         n_escaped = sum(each(run, ranges, threads))
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction,
                       deltas=deltas if narrow_dtype else None)
+
+
+def _rechecked(values, args, eb, codes, recon, escaped, deltas, float16) -> int:
+    """recheck_narrowed, then escaped_deltas where quantize escaped any element: how many
+    escaped in the recheck."""
+    added, escaped_before = recheck_narrowed(values, eb, recon, escaped, deltas, float16)
+    if escaped_before:
+        escaped_deltas(values, *args, eb, codes, recon, escaped, deltas, float16)
+    return added
 
 
 @dataclass(frozen=True)

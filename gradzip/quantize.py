@@ -38,23 +38,27 @@ def _ema_shift_at(ema, mean, std, signs, i):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _code_and_recon(x, p, eb, two_eb, recon_type):
+def _code_and_recon(x, p, bound, two_eb, recon_type):
     """(code, reconstruction, True) for x against prediction p, or (0, any, False) when x
-    must be escaped. Branch-free (selects, not jumps), so the loops around it vectorize:
+    must be escaped: when the reconstruction is further than bound from x, or x is not
+    representable. Branch-free (selects, not jumps), so the loops around it vectorize:
     1.5x faster on a 768 x 3072 layer. abs(scaled) < ... is False for NaN and Inf."""
     scaled = (x - p) / two_eb
     not_negative_zero = (x != 0.0) | (math.copysign(1.0, x) > 0.0)
     representable = (abs(scaled) < RADIUS - 1) & not_negative_zero
     q = math.floor(scaled + 0.5) if representable else 0.0
     r = recon_type(_reconstruct(p, two_eb, q))
-    ok = representable & (abs(x - np.float64(r)) <= eb)
+    ok = representable & (abs(x - np.float64(r)) <= bound)
     return (np.int32(q) if ok else np.int32(0)), r, ok
 
 
 @numba.njit(cache=True, nogil=True)
 def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes, recon,
-             escaped):
+             escaped, bound):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
+    bound: what a reconstruction is checked against, eb; or for an F16 or BF16 tensor inf,
+    as its check comes after narrowing (recheck_narrowed), which is where an element that
+    misses keeps its code.
 
     values: float32/float64, 1-D. The prediction p, element by element in float64 in the
     order docs/format.md gives (so both sides compute it alike, with no prediction buffer):
@@ -92,7 +96,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
                 p = linear_at(a, b, last_row[j], second_row[j])
                 if with_offset:
                     p += np.float64(offset_row[j])
-                q, r, ok = _code_and_recon(np.float64(x_row[j]), p, eb, two_eb, recon_type)
+                q, r, ok = _code_and_recon(np.float64(x_row[j]), p, bound, two_eb, recon_type)
                 codes_row[j] = -q if p < 0.0 else q
                 escaped_row[j] = not ok
                 n_escaped += not ok
@@ -102,7 +106,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     if offset.size > 0:  # low rank alone: the offset, codes oriented by its sign as the linear ones
         for i in range(values.size):
             p = np.float64(offset[i])
-            q, r, ok = _code_and_recon(np.float64(values[i]), p, eb, two_eb, recon_type)
+            q, r, ok = _code_and_recon(np.float64(values[i]), p, bound, two_eb, recon_type)
             codes[i] = -q if p < 0.0 else q
             escaped[i] = not ok
             n_escaped += not ok
@@ -112,7 +116,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     none = ema.size == 0
     for i in range(values.size):
         p = 0.0 if none else _ema_shift_at(ema, mean, std, signs, i)
-        q, r, ok = _code_and_recon(np.float64(values[i]), p, eb, two_eb, recon_type)
+        q, r, ok = _code_and_recon(np.float64(values[i]), p, bound, two_eb, recon_type)
         codes[i] = q
         escaped[i] = not ok
         n_escaped += not ok
@@ -239,38 +243,63 @@ def _decoded_at(i, code, ema, mean, std, signs, last, second_last, w_last, w_sec
 
 
 @numba.njit(cache=True, nogil=True)
-def recheck_narrowed(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes,
-                     recon, escaped, deltas, float16):
-    """The bound in the narrow dtype, for F16 (float16 True) or BF16, after quantize filled
-    codes, recon (float32) and escaped with these prediction arguments. Each element's
-    reconstruction is narrowed and widened back in place (as widen(narrow(recon))); one that
-    is then further than eb from its value escapes, keeping its code. For every escaped
-    element deltas[i] = its value's narrow bits minus the narrow bits of what the decoder
-    rebuilds from its code, mod 2**16 (patch_escape_deltas adds it back): a near miss is a
+def recheck_narrowed(values, eb, recon, escaped, deltas, float16):
+    """The bound in the narrow dtype, for F16 (float16 True) or BF16, after quantize (bound
+    inf) filled recon (float32) and escaped. Each element's reconstruction is narrowed and
+    widened back in place (as widen(narrow(recon))); one that is then further than eb from
+    its value escapes, keeping its code, and deltas[i] = its value's narrow bits minus those
+    of its reconstruction, mod 2**16 (patch_escape_deltas adds them back): a near miss is a
     step or two of the narrow dtype's spacing, so a delta costs a few bits where the value
     cost 16 (stream format 8). recon then holds the value (exact in the narrow dtype:
-    narrowing and widening give it back unchanged, NaN payloads too); other deltas are left
-    unset. Returns how many escaped here. One pass instead of numpy's casts and masks."""
-    two_eb = 2.0 * eb
+    narrowing and widening give it back unchanged, NaN payloads too). Returns (how many
+    escaped here, how many quantize escaped: their deltas are escaped_deltas' to fill). One
+    pass instead of numpy's casts and masks."""
+    # float16 a constant in each copy of the loop: with the choice inside it the loop ran
+    # 1.4x slower (LLVM no longer took the choice out of the loop); and a call to another
+    # kernel in here, even after the loop, made it 1.5x slower: the caller makes that call
+    if float16:
+        return _recheck_loop(values, eb, recon, escaped, deltas, True)
+    return _recheck_loop(values, eb, recon, escaped, deltas, False)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _recheck_loop(values, eb, recon, escaped, deltas, float16):
     bits = recon.view(np.uint32)
     value_bits = values.view(np.uint32)
-    added = 0
+    added = escaped_before = 0
     for i in range(values.size):
-        if escaped[i]:  # recon holds the value: the decoder's is rebuilt from the code (0)
+        if escaped[i]:
+            escaped_before += 1
+            continue
+        rebuilt = narrowed_bits(bits[i], float16)
+        bits[i] = widened_bits(rebuilt, float16)
+        if abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
+            continue
+        escaped[i] = True
+        recon[i] = values[i]
+        added += 1
+        deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - np.uint32(rebuilt)) & 0xFFFF)
+    return added, escaped_before
+
+
+@numba.njit(cache=True, nogil=True)
+def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes,
+                   recon, escaped, deltas, float16):
+    """After recheck_narrowed, where quantize escaped any element (NaN, Inf, -0.0, beyond the
+    codes' range: code 0; rare): every escaped element's delta, from the value dequantize
+    rebuilds from its code with these prediction arguments (a near miss's comes out as it
+    was). recon holds the value: the decoder's is built in its place for its bits, then put
+    back."""
+    bits = recon.view(np.uint32)
+    value_bits = values.view(np.uint32)
+    two_eb = 2.0 * eb
+    for i in range(values.size):
+        if escaped[i]:
             recon[i] = np.float32(_decoded_at(i, codes[i], ema, mean, std, signs, last, second_last, w_last, w_second,
                                               row_length, offset, two_eb))
-            rebuilt = narrowed_bits(bits[i], float16)
+            deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16))
+                                   - np.uint32(narrowed_bits(bits[i], float16))) & 0xFFFF)
             recon[i] = values[i]
-        else:
-            rebuilt = narrowed_bits(bits[i], float16)
-            bits[i] = widened_bits(rebuilt, float16)
-            if abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
-                continue
-            escaped[i] = True
-            recon[i] = values[i]
-            added += 1
-        deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - np.uint32(rebuilt)) & 0xFFFF)
-    return added
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
