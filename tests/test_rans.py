@@ -456,3 +456,36 @@ def test_one_context_estimate_without_contexts_equals_the_one_with_zero_contexts
         rans.estimated_bits(np.full(3, 1 << 25, np.int32), None, 1)
     with pytest.raises(ValueError):
         rans.estimated_bits(np.zeros(3, np.int32), None, 2)
+
+
+@njit
+def _tokens_of(codes):
+    out = np.empty((codes.size, 3), np.int64)
+    for i in range(codes.size):
+        out[i, 0], out[i, 1], out[i, 2] = rans._token(np.int64(codes[i]))
+    return out
+
+
+def test_tabled_tokens_are_the_tokens_the_arithmetic_gives():
+    """Codes in the table's range take their token and extra bits from TOKEN_AND_BITS: each
+    names its code (sign, base magnitude plus that many raw bits), as the arithmetic's do
+    beyond the table, and the table is that arithmetic's (its Python spelling, which is
+    checked against the kernel's on codes beyond the table, up to the largest magnitude)."""
+    limit = rans.TABLED_CODES
+    inside = np.arange(-limit, limit, dtype=np.int64)
+    rng = np.random.default_rng(3)
+    beyond = np.concatenate([np.arange(limit, limit + 4100), -np.arange(limit + 1, limit + 4100),
+                             rng.integers(limit, rans.MAX_MAGNITUDE + 1, 20000) * rng.choice([-1, 1], 20000),
+                             [rans.MAX_MAGNITUDE, -rans.MAX_MAGNITUDE]]).astype(np.int64)
+    for codes in (inside, beyond):
+        tokens, magnitudes, n_bits = _tokens_of(codes).T
+        np.testing.assert_array_equal(magnitudes, np.abs(codes))
+        base, extra = rans.TOKEN_BASE[tokens], rans.TOKEN_EXTRA_BITS[tokens]
+        np.testing.assert_array_equal(n_bits, extra)
+        assert np.all((base <= magnitudes) & (magnitudes < base + (1 << extra)) | (codes == 0) & (tokens == 0))
+        np.testing.assert_array_equal(rans.TOKEN_NEGATIVE[tokens], (codes < 0).astype(np.int64))
+    formula = np.array([rans._formula_token(int(q)) for q in beyond])
+    np.testing.assert_array_equal(formula, _tokens_of(beyond)[:, [0, 2]])
+    table = np.array([rans._formula_token(int(q)) for q in inside])
+    np.testing.assert_array_equal(rans.TOKEN_AND_BITS & 0xFF, table[:, 0])
+    np.testing.assert_array_equal(rans.TOKEN_AND_BITS >> 8, table[:, 1])
