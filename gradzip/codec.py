@@ -1370,9 +1370,8 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
             narrowed = np.empty(n, np.uint16) if dtype in ("BF16", "F16") else _NOT_NARROWED
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
                                                  eb, recon, escape_index, escape_values, escape_deltas, fold.ema,
-                                                 config.beta,
-                                                 fold.first_round, fold.state.ema, fold.state.sign, fold.state.last, narrowed,
-                                                 dtype == "F16")
+                                                 config.beta, fold.first_round, fold.state.ema, fold.state.sign,
+                                                 fold.state.last, narrowed, dtype == "F16")
             rans.check_status(status)
             array = recon if not narrowed.size else as_bfloat16(narrowed) if dtype == "BF16" else narrowed.view(np.float16)
             return array.reshape(shape), int(recon_hash)
