@@ -308,7 +308,7 @@ class _Quantized:
     n_escaped: int
     prediction: "_Prediction"  # what the codes are residuals of
     oriented_by: np.ndarray | None = None  # the signs the codes were multiplied by, in place
-    deltas: np.ndarray | None = None  # F16/BF16: each escaped element's delta (recheck_narrowed), uint16
+    deltas: np.ndarray | None = None  # F16/BF16: uint16, each escaped element's delta (recheck_narrowed); others unset
 
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
@@ -558,8 +558,10 @@ class _Candidate:
 
 
 def _escape_bytes(quantized: _Quantized, itemsize: int) -> float:
-    """Estimated size of a quantization's escapes: a position and a value each, where an F16
-    or BF16 element's value is a delta of a few bits (its code is counted with the others)."""
+    """Estimated size of a quantization's escapes: for a value stored whole, its bytes and 2
+    for its position; for an F16 or BF16 element 2 in all (after zstd, its position took
+    about 0.8 bytes and its delta 0.5 on the BF16 transformer at rel 1e-3; its code is
+    counted with the others)."""
     return quantized.n_escaped * (2 if quantized.deltas is not None else itemsize + 2)
 
 

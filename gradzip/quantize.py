@@ -252,8 +252,9 @@ def recheck_narrowed(values, eb, recon, escaped, deltas, float16):
     step or two of the narrow dtype's spacing, so a delta costs a few bits where the value
     cost 16 (stream format 8). recon then holds the value (exact in the narrow dtype:
     narrowing and widening give it back unchanged, NaN payloads too). Returns (how many
-    escaped here, how many quantize escaped: their deltas are escaped_deltas' to fill). One
-    pass instead of numpy's casts and masks."""
+    escaped here, how many quantize escaped: their deltas are escaped_deltas' to fill). (A
+    near miss's reconstruction is never NaN: quantize escapes those.) One pass instead of
+    numpy's casts and masks."""
     # float16 a constant in each copy of the loop: with the choice inside it the loop ran
     # 1.4x slower (LLVM no longer took the choice out of the loop); and a call to another
     # kernel in here, even after the loop, made it 1.5x slower: the caller makes that call
@@ -287,9 +288,9 @@ def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_s
                    recon, escaped, deltas, float16):
     """After recheck_narrowed, where quantize escaped any element (NaN, Inf, -0.0, beyond the
     codes' range: code 0; rare): every escaped element's delta, from the value dequantize
-    rebuilds from its code with these prediction arguments (a near miss's comes out as it
-    was). recon holds the value: the decoder's is built in its place for its bits, then put
-    back."""
+    rebuilds from its code with these prediction arguments (_delta_base; a near miss's comes
+    out as it was). recon holds the value: the decoder's is built in its place for its bits,
+    then put back."""
     bits = recon.view(np.uint32)
     value_bits = values.view(np.uint32)
     two_eb = 2.0 * eb
@@ -297,20 +298,30 @@ def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_s
         if escaped[i]:
             recon[i] = np.float32(_decoded_at(i, codes[i], ema, mean, std, signs, last, second_last, w_last, w_second,
                                               row_length, offset, two_eb))
-            deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16))
-                                   - np.uint32(narrowed_bits(bits[i], float16))) & 0xFFFF)
+            deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - _delta_base(recon, bits, i, float16))
+                                  & 0xFFFF)
             recon[i] = values[i]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _delta_base(recon, bits, i, float16):
+    """What an escaped element's delta is taken from: the narrow bits its reconstruction
+    rounds to, or 0 where that is NaN. A NaN made by arithmetic (inf - inf in a prediction
+    from a state holding infinities) has the sign IEEE 754 leaves to the hardware: x86 sets
+    it, AArch64 does not, and a stream must decode alike on both."""
+    return np.uint32(0) if math.isnan(recon[i]) else np.uint32(narrowed_bits(bits[i], float16))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def patch_escape_deltas(recon, escape_index, escape_deltas, float16):
     """An F16 (float16 True) or BF16 tensor's escaped elements in its float32 recon, before
-    narrowing: the narrow bits recon[escape_index[k]] rounds to, plus escape_deltas[k] mod
-    2**16 (recheck_narrowed), widened (positions in range: the caller checks)."""
+    narrowing: the narrow bits recon[escape_index[k]] rounds to (0 where it is NaN), plus
+    escape_deltas[k] mod 2**16 (recheck_narrowed), widened (positions in range: the caller
+    checks)."""
     bits = recon.view(np.uint32)
     for k in range(escape_index.size):
         i = escape_index[k]
-        half = (np.uint32(narrowed_bits(bits[i], float16)) + np.uint32(escape_deltas[k])) & 0xFFFF
+        half = (_delta_base(recon, bits, i, float16) + np.uint32(escape_deltas[k])) & 0xFFFF
         bits[i] = widened_bits(np.uint16(half), float16)
 
 

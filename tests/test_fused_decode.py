@@ -4,6 +4,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import zstandard
 from safetensors.numpy import load_file
 
 import gradzip
@@ -208,3 +209,42 @@ def test_fused_narrow_float_decoding_gives_the_general_paths_tensors_and_states(
         gz.assert_within_bound(tensors["odd"], out["odd"], bound, mode)
         assert fused_side.state.to_bytes() == general_side.state.to_bytes() == compressor.state.to_bytes()
     assert narrowed["records"] >= 20 and narrowed["escape deltas"] >= 5, narrowed
+
+
+@pytest.mark.parametrize("damage", ["section renamed escape_value", "delta changed", "delta section shortened"])
+def test_a_narrow_records_escape_deltas_are_checked(gz, damage):
+    """A BF16 record's escape_delta section, renamed to the values' section, one delta changed
+    or a delta short: a CorruptStreamError, and the state stays as it was."""
+    rng = np.random.default_rng(4)
+    compressor, decompressor = gradzip.Compressor(1e-3), gradzip.Decompressor(threads=1)
+    values = rng.standard_normal((64, 96)).astype(np.float32)
+    for _ in range(2):
+        tensors = {"w": gz.bfloat16_from_float32(values)}
+        decompressor.decompress(compressor.compress(tensors))
+        values = values * 0.9 + rng.standard_normal(values.shape).astype(np.float32) * 0.3
+    header, records, trailer = split_stream(compressor.compress({"w": gz.bfloat16_from_float32(values)}))
+    (record, payload), = records
+    names = [name for name, _ in record["sections"]]
+    assert "escape_delta" in names and record["params"]["escaped"] > 10, record
+    start = sum(size for _, size in record["sections"][:names.index("escape_delta")])
+    size = dict(record["sections"])["escape_delta"]
+    if damage == "section renamed escape_value":
+        record = {**record, "sections": [["escape_value" if name == "escape_delta" else name, size]
+                                         for name, size in record["sections"]]}
+    elif damage == "delta changed":
+        deltas = bytearray(zstandard.ZstdDecompressor().decompress(payload[start:start + size]))
+        deltas[6] ^= 1
+        frame = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(deltas))
+        payload = payload[:start] + frame + payload[start + size:]
+        record = {**record, "sections": [[name, len(frame) if name == "escape_delta" else n]
+                                         for name, n in record["sections"]]}
+    else:
+        deltas = zstandard.ZstdDecompressor().decompress(payload[start:start + size])
+        frame = zstandard.ZstdCompressor(write_content_size=True).compress(deltas[:-2])
+        payload = payload[:start] + frame + payload[start + size:]
+        record = {**record, "sections": [[name, len(frame) if name == "escape_delta" else n]
+                                         for name, n in record["sections"]]}
+    before = decompressor.state.to_bytes()
+    with pytest.raises(gradzip.CorruptStreamError):
+        decompressor.decompress(join_stream(header, [(record, payload)], trailer))
+    assert decompressor.state.to_bytes() == before
