@@ -1050,11 +1050,10 @@ def _escape_sections(array, dtype, quantized: _Quantized) -> list:
         return []
     index = np.flatnonzero(quantized.escaped)
     gaps = np.diff(index, prepend=0).astype("<u8")  # small, zstd-friendly
+    positions = ("escape_index", lossless.compress(gaps.tobytes()))
     if quantized.deltas is not None:  # F16/BF16: differences from the decoder's narrowed values
-        return [("escape_index", lossless.compress(gaps.tobytes())),
-                ("escape_delta", lossless.compress(quantized.deltas[index].astype("<u2").tobytes()))]
-    exact = original_bits(array, dtype)[index]
-    return [("escape_index", lossless.compress(gaps.tobytes())), ("escape_value", lossless.compress(exact.tobytes()))]
+        return [positions, ("escape_delta", lossless.compress(quantized.deltas[index].astype("<u2").tobytes()))]
+    return [positions, ("escape_value", lossless.compress(original_bits(array, dtype)[index].tobytes()))]
 
 
 @dataclass

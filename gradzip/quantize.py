@@ -279,7 +279,7 @@ def _recheck_loop(values, eb, recon, escaped, deltas, float16):
         escaped[i] = True
         recon[i] = values[i]
         added += 1
-        deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - np.uint32(rebuilt)) & 0xFFFF)
+        deltas[i] = _delta(value_bits[i], np.uint32(rebuilt), float16)
     return added, escaped_before
 
 
@@ -298,9 +298,14 @@ def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_s
         if escaped[i]:
             recon[i] = np.float32(_decoded_at(i, codes[i], ema, mean, std, signs, last, second_last, w_last, w_second,
                                               row_length, offset, two_eb))
-            deltas[i] = np.uint16((np.uint32(narrowed_bits(value_bits[i], float16)) - _delta_base(recon, bits, i, float16))
-                                  & 0xFFFF)
+            deltas[i] = _delta(value_bits[i], _delta_base(recon, bits, i, float16), float16)
             recon[i] = values[i]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _delta(value_bits, base, float16):
+    """An escaped element's delta: the narrow bits of its value (float32 bits) minus base, mod 2**16."""
+    return np.uint16((np.uint32(narrowed_bits(value_bits, float16)) - base) & 0xFFFF)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
