@@ -119,6 +119,16 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 THREADED_MIN_ELEMENTS = 1 << 16
 
 
+def kernel_threads(elements: int, round_elements: int, threads: int) -> int:
+    """Threads one tensor's kernels split their element ranges over: all of them only for a
+    tensor the other tensors of its round cannot keep the threads busy beside (more than
+    1/threads of the round's large-tensor elements), else one. Splitting every tensor while
+    the tensors themselves run on the threads cost more than it gained: hand-offs and the
+    GIL (12 layers of 196k-262k elements, two threads: 1.18x one thread's compression with
+    every tensor split, see docs/performance.md). Any split gives the same bits."""
+    return threads if elements * threads > round_elements else 1
+
+
 class _Inline:
     """A call made in the consuming thread when its result is wanted, in a pool's queue."""
 
@@ -267,10 +277,13 @@ class Compressor:
                 if on_tensor:
                     on_tensor(name)
 
+        round_elements = sum(array.size for _, _, array in large)
+
         def encode(item):
             _, name, array = item
-            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits, self.threads,
-                                 self.low_rank, self.search_every)
+            return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits,
+                                 kernel_threads(array.size, round_elements, self.threads), self.low_rank,
+                                 self.search_every)
 
         with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):
@@ -437,9 +450,14 @@ class Decompressor:
                 claim(record.get("name"))
                 yield record, payload
 
+        # The records arrive one by one, so the round's size is the state's (the same model's
+        # last round; none on a first round, whose tensors then each take every thread).
+        round_elements = sum(tensor.ema.size for tensor in self.state.tensors.values())
+
         def decode(item):
             record, payload = item
-            return record, decode_tensor(record, payload, config, self.state.tensors.get(record["name"]), self.threads)
+            threads = kernel_threads(_record_elements(record), round_elements, self.threads)
+            return record, decode_tensor(record, payload, config, self.state.tensors.get(record["name"]), threads)
 
         with ordered_map(decode, tensor_records(), self.threads,
                          lambda item: _record_elements(item[0]) >= THREADED_MIN_ELEMENTS) as decoded_tensors:

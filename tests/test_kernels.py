@@ -651,3 +651,39 @@ def test_a_large_bfloat16_tensor_gives_the_same_stream_on_any_thread_count(gz):
     decompressor = gradzip.Decompressor(threads=2)
     for (blob, _), tensors in zip(outputs[0], rounds):
         gz.assert_within_bound(tensors["w"], decompressor.decompress(blob)["w"], 1e-3, "rel")
+
+
+def test_kernel_threads_split_only_a_tensor_that_dominates_its_round():
+    from gradzip.api import kernel_threads
+
+    assert kernel_threads(1 << 20, (1 << 20) + 5000, 2) == 2  # cnn5fc's FC layer: alone on the threads
+    assert kernel_threads(1 << 18, 12 << 18, 2) == 1  # one of 12 equal layers: the layers share the threads
+    assert kernel_threads(1 << 18, 2 << 18, 2) == 1  # two equal layers: one each
+    assert kernel_threads(1 << 18, 3 << 18, 4) == 4
+    assert kernel_threads(1 << 18, 0, 2) == 2  # a first round's decoder knows no sizes: every thread
+
+
+def test_layers_on_the_threads_give_the_same_streams_as_one_thread(gz):
+    """Several large layers in a round each run their kernels on one thread while a dominant
+    one splits them (api.kernel_threads): streams, states and decoded tensors are the same on
+    1, 2 and 3 threads."""
+    import gradzip
+
+    rng = np.random.default_rng(5)
+    shapes = {"a": (512, 512), "b": (640, 512), "c": (96, 64), "big": (1024, 1536)}
+    base = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    rounds = [{name: values * np.float32(0.8) + rng.standard_normal(values.shape).astype(np.float32) * np.float32(0.3)
+               for name, values in base.items()} for _ in range(3)]
+    rounds[1].pop("big")  # a round without the dominant layer: the others then split theirs
+    outputs, decoded = [], []
+    for threads in (1, 2, 3):
+        compressor = gradzip.Compressor(1e-3, threads=threads)
+        outputs.append([(compressor.compress(tensors), compressor.state.to_bytes()) for tensors in rounds])
+        decompressor = gradzip.Decompressor(threads=threads)
+        decoded.append([decompressor.decompress(blob) for blob, _ in outputs[threads - 1]])
+        assert decompressor.state.to_bytes() == compressor.state.to_bytes()
+    assert outputs[0] == outputs[1] == outputs[2]
+    for tensors, *same in zip(rounds, *decoded):
+        for name, values in tensors.items():
+            assert all(np.array_equal(other[name], same[0][name]) for other in same[1:])
+            gz.assert_within_bound(values, same[0][name], 1e-3, "rel")
