@@ -28,6 +28,7 @@ from .container import StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
 from .metrics import measure, psnr
+from .parallel import available_cpus
 from .predict.magnitude import DEFAULT_BETA
 from .predict.sign import DEFAULT_TAU
 from .checksum import fingerprint
@@ -117,6 +118,15 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 # A tensor this small is coded in the calling thread: a worker's hand-off and the GIL cost
 # more than its kernels run (all threads ran small models at 0.6x of one thread before).
 THREADED_MIN_ELEMENTS = 1 << 16
+
+
+def _checked_threads(threads: int | None) -> int:
+    """A Compressor's or Decompressor's thread count: None means every CPU the process may use."""
+    if threads is None:
+        return available_cpus()
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise InputError(f"threads must be a positive integer or None, not {threads!r}")
+    return threads
 
 
 def kernel_threads(elements: int, round_elements: int, threads: int) -> int:
@@ -217,7 +227,7 @@ class Compressor:
         # encoder's choices (speed against ratio): decoding needs no setting
         self.low_rank = low_rank
         self.search_every = search_every
-        self.threads = threads or os.cpu_count() or 1  # tensors encoded at once
+        self.threads = _checked_threads(threads)  # tensors encoded at once
         self.report_ideal_bits = report_ideal_bits  # costs an extra pass per tensor; for benchmarks
         self.report_errors = report_errors  # max error and PSNR in last_report: one more pass per tensor
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
@@ -400,7 +410,7 @@ class Decompressor:
 
     def __init__(self, state: PredictorState | None = None, threads: int | None = None):
         self.state = state if state is not None else PredictorState()
-        self.threads = threads or os.cpu_count() or 1  # tensors decoded at once
+        self.threads = _checked_threads(threads)  # tensors decoded at once
 
     def decompress(self, blob: bytes) -> dict[str, np.ndarray]:
         return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors

@@ -157,6 +157,10 @@ def _check_stdout(outputs) -> None:
         raise CliError("refusing to write binary data to a terminal; use -o FILE or a pipe")
 
 
+threads_option = click.option(
+    "-j", "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Threads for large tensors (default: every CPU this process may use). The bytes do not depend on it.")
+
 state_option = click.option("-s", "--state", "state_path", required=True, type=click.Path(dir_okay=False),
                             help="Predictor state sidecar (created if missing, updated after each round).")
 
@@ -178,10 +182,11 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 @click.option("--search-every", type=click.IntRange(min=1), default=None, metavar="N",
               help="Try every candidate encoding every N rounds and rebuild the last round's choice in between "
                    "(default 4; 1: search every round, the smallest streams, slower).")
+@threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--json", "json_path", help="Also write the per-file summary as JSON to this file ('-' for stdout).")
 def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, expected_round, allow_repeat, exact_small,
-             no_low_rank, search_every, quiet, json_path):
+             no_low_rank, search_every, threads, quiet, json_path):
     """Compress one client's rounds, in order, to .grz streams."""
     with user_errors():
         from .api import Compressor
@@ -199,6 +204,7 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
                                     tau=DEFAULT_TAU if tau is None else tau, state=load_state(state_path),
                                     allow_repeat=allow_repeat, exact_small=exact_small, low_rank=not no_low_rank,
+                                    threads=threads,
                                     **({} if search_every is None else {"search_every": search_every}))
             if expected_round is not None and expected_round != compressor.state.round:
                 raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
@@ -229,8 +235,9 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
 @click.option("-o", "--output", help="Output file ('-' for stdout), or a directory for several inputs.")
 @click.option("--format", "out_format", type=click.Choice(["safetensors", "npy", "npz"]), help="Output format (default: the input's original format).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@threads_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
-def decompress(inputs, state_path, output, out_format, force, quiet):
+def decompress(inputs, state_path, output, out_format, force, threads, quiet):
     """Decompress .grz streams, in round order, back to tensor files."""
     with user_errors():
         from .api import Decompressor
@@ -242,7 +249,7 @@ def decompress(inputs, state_path, output, out_format, force, quiet):
         _check_stdout(outputs)
         rows = []
         with locked(state_path):
-            decompressor = Decompressor(load_state(state_path))
+            decompressor = Decompressor(load_state(state_path), threads=threads)
             with _progress(_show_progress(quiet)) as progress:
                 files = progress.add_task("files", total=len(inputs))
                 for path, out_path in zip(inputs, outputs):

@@ -6,6 +6,7 @@ Tasks handed to these pools never submit to them again (that could deadlock a fu
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,15 @@ MIN_SPAN = 1 << 17
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, so `taskset` and container CPU
+    sets count; os.cpu_count() gives the machine's), at least 1: the default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity call on macOS and Windows)
+        return os.cpu_count() or 1
 
 
 def each(function, items, threads: int) -> list:

@@ -448,6 +448,31 @@ def test_determinism_across_processes(gz, sample_rounds, tmp_path):
         assert outputs[0][name] == outputs[1][name], f"{name} differs between runs"
 
 
+def test_thread_count_changes_no_byte(gz, tmp_path):
+    """`-j 1` and `-j 2` on rounds with layers large enough to split: the same streams, states
+    and decoded files."""
+    rng = np.random.default_rng(8)
+    base = {"big": rng.standard_normal((768, 512)).astype(np.float32),
+            "mid": rng.standard_normal((256, 320)).astype(np.float32)}
+    inputs = [gz.write_safetensors(tmp_path / f"round_{r}.safetensors",
+                                   {name: values + rng.standard_normal(values.shape).astype(np.float32) * np.float32(0.2)
+                                    for name, values in base.items()})
+              for r in range(3)]
+    outputs = []
+    for threads in ("1", "2"):
+        directory = tmp_path / f"j{threads}"
+        gz.assert_cli_ok(gz.run("compress", *inputs, "-s", directory / "c.state", "-o", directory, "-q", "-j", threads))
+        streams = sorted(directory.glob("*.grz"))
+        gz.assert_cli_ok(gz.run("decompress", *streams, "-s", directory / "d.state", "-o", directory / "out", "-q",
+                                "-j", threads))
+        assert (directory / "c.state").read_bytes() == (directory / "d.state").read_bytes()
+        outputs.append(gz.tree_snapshot(directory))
+    assert outputs[0] == outputs[1]
+    assert len([name for name in outputs[0] if not name.endswith(".lock")]) == 3 + 2 + 3  # streams, states, rounds
+    for path in inputs:
+        assert_restored(gz, path, tmp_path / "j2" / "out" / path.name)
+
+
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
 def test_the_command_asks_for_one_openblas_thread_before_numpy_loads(preset, expected):
     """OpenBLAS's idle workers spin on the cores gradzip's threads use (gradzip/blas.py), and

@@ -135,6 +135,13 @@ def test_error_bound_that_is_not_a_number(gz, ws):
     fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "x.grz", "-e", "tiny")
 
 
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_bad_thread_count(gz, ws, command, threads):
+    source = "r1.safetensors" if command == "compress" else "r1.safetensors.grz"
+    fails_cleanly(gz, ws, command, source, "-s", "c0.state", "-o", "x.out", "-j", threads, fragments=["threads"])
+
+
 def test_state_path_that_is_a_directory(gz, ws):
     fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "subdir", "-o", "x.out", fragments=["subdir"])
 

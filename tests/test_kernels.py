@@ -687,3 +687,19 @@ def test_layers_on_the_threads_give_the_same_streams_as_one_thread(gz):
         for name, values in tensors.items():
             assert all(np.array_equal(other[name], same[0][name]) for other in same[1:])
             gz.assert_within_bound(values, same[0][name], 1e-3, "rel")
+
+
+def test_thread_counts_are_checked_and_default_to_the_usable_cpus(monkeypatch):
+    import os
+
+    import gradzip
+    from gradzip.errors import InputError
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InputError, match="threads"):
+            gradzip.Compressor(threads=bad)
+        with pytest.raises(InputError, match="threads"):
+            gradzip.Decompressor(threads=bad)
+    if hasattr(os, "sched_getaffinity"):  # a CPU set (taskset, a container) counts, not the machine's CPUs
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+        assert gradzip.Compressor().threads == gradzip.Decompressor().threads == 1
