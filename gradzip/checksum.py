@@ -129,10 +129,13 @@ def _absorb(lanes, pending, n_pending, raw):
     """Fold raw (uint8) in behind the n_pending bytes held in pending (32 bytes); returns how
     many bytes pending holds after (one kernel call an update: its Python steps, joining the
     pending bytes to the next piece, cost more than hashing a small tensor)."""
+    # Element loops, not slice copies: numba's array-to-slice assignment compiles a
+    # shape-mismatch message (str, repr and concatenation), 4-5 s of a cold start.
     start = 0
     if n_pending > 0:
         start = min(32 - n_pending, raw.size)
-        pending[n_pending:n_pending + start] = raw[:start]
+        for i in range(start):
+            pending[n_pending + i] = raw[i]
         n_pending += start
         if n_pending < 32:
             return n_pending
@@ -140,7 +143,8 @@ def _absorb(lanes, pending, n_pending, raw):
     body = raw[start:]
     _stripes(lanes, body)
     tail = body.size % 32
-    pending[:tail] = body[body.size - tail:]
+    for i in range(tail):
+        pending[i] = body[body.size - tail + i]
     return tail
 
 

@@ -499,9 +499,10 @@ def _choose_precision(histogram_row, count, prob_bits, sent, freqs):
     returns the precision.  The choice is the encoder's: the decoder reads it."""
     total = min(count, PROB_TOTAL)
     if count > PROB_TOTAL:
-        _normalize(histogram_row, count, PROB_BITS, sent)
+        _normalize(histogram_row, count, np.int64(PROB_BITS), sent)  # (int64, as the other calls)
     else:
-        sent[:N_TOKENS] = histogram_row[:N_TOKENS]
+        for t in range(N_TOKENS):  # (element loops, not slice copies: see checksum._absorb)
+            sent[t] = histogram_row[t]
     _normalize(sent, total, prob_bits, freqs)
     best = _table_layout(sent)[3] + _payload_bits(histogram_row, freqs, prob_bits)
     best_precision = 0
@@ -517,8 +518,9 @@ def _choose_precision(histogram_row, count, prob_bits, sent, freqs):
         cost = _table_layout(trial)[3] + _payload_bits(histogram_row, trial_freqs, prob_bits)
         if cost < best:
             best, best_precision = cost, precision
-            sent[:N_TOKENS] = trial
-            freqs[:N_TOKENS] = trial_freqs
+            for t in range(N_TOKENS):
+                sent[t] = trial[t]
+                freqs[t] = trial_freqs[t]
     return best_precision
 
 
@@ -873,8 +875,10 @@ def _decode_model(bit_words, n_bit_words, contexts, n_contexts):
 
     context_info = prob_bits | (slot_base << 6)
     symbol_info = np.empty(2 * freqs.size, np.int64)
-    symbol_info[0::2] = freqs.reshape(-1)
-    symbol_info[1::2] = starts.reshape(-1)
+    flat_freqs, flat_starts = freqs.reshape(-1), starts.reshape(-1)
+    for k in range(flat_freqs.size):  # (a loop, not slice copies: see checksum._absorb)
+        symbol_info[2 * k] = flat_freqs[k]
+        symbol_info[2 * k + 1] = flat_starts[k]
     return OK, context_info, slot_tokens, symbol_info, 32 * pos - n_acc
 
 
@@ -937,7 +941,7 @@ def _histogram_table_bits(histogram):
     for c in range(histogram.shape[0]):
         count = histogram[c].sum()
         if count > PROB_TOTAL:
-            _normalize(histogram[c], count, PROB_BITS, freqs)
+            _normalize(histogram[c], count, np.int64(PROB_BITS), freqs)
             bits += PRECISION_FIELD_BITS + _table_layout(freqs)[3]
         elif count > 0:
             bits += PRECISION_FIELD_BITS + _table_layout(histogram[c])[3]
@@ -975,7 +979,7 @@ def _estimate_one_context_kernel(codes):
     """(status, estimate) of codes all in one context."""
     histogram = np.zeros((1, 1 << TOKEN_SHIFT), np.int64)
     status = _count_tokens_in_one_context(codes, histogram.reshape(-1))
-    return status, _merged_estimates(histogram, 0)[0]
+    return status, _merged_estimates(histogram, np.int64(0))[0]  # (an int64, not a literal: one compiled copy)
 
 
 @njit(cache=True, nogil=True)
@@ -986,7 +990,8 @@ def _merged_estimates(histogram, max_shift):
     for shift in range(max_shift + 1):
         merged = np.zeros((((n_contexts - 1) >> shift) + 1, histogram.shape[1]), np.int64)
         for c in range(n_contexts):
-            merged[c >> shift] += histogram[c]
+            for t in range(histogram.shape[1]):  # (not a row +=: see checksum._absorb)
+                merged[c >> shift, t] += histogram[c, t]
         estimates[shift] = _histogram_ideal_bits(merged) + _histogram_table_bits(merged)
     return estimates
 
