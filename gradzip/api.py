@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import math
+import operator
 import os
 import warnings
 from collections import deque
@@ -120,13 +121,17 @@ def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
 THREADED_MIN_ELEMENTS = 1 << 16
 
 
-def _checked_threads(threads: int | None) -> int:
-    """A Compressor's or Decompressor's thread count: None means every CPU the process may use."""
-    if threads is None:
-        return available_cpus()
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise InputError(f"threads must be a positive integer or None, not {threads!r}")
-    return threads
+def _checked_threads(threads) -> int:
+    """A Compressor's or Decompressor's thread count: None or 0 (as before this check, and as
+    zstd's -T0) mean every CPU the process may use; any other count is taken as given (more
+    than the cores only costs memory: each thread keeps up to two tensors in flight)."""
+    try:
+        count = None if threads is None or isinstance(threads, bool) else operator.index(threads)
+    except TypeError:
+        count = None
+    if threads is not None and (count is None or count < 0):
+        raise InputError(f"threads must be a non-negative integer (0 or None: every CPU), not {threads!r}")
+    return count or available_cpus()
 
 
 def kernel_threads(elements: int, round_elements: int, threads: int) -> int:

@@ -158,8 +158,8 @@ def _check_stdout(outputs) -> None:
 
 
 threads_option = click.option(
-    "-j", "--threads", type=click.IntRange(min=1), default=None, metavar="N",
-    help="Threads for large tensors (default: every CPU this process may use). The bytes do not depend on it.")
+    "-j", "--threads", type=click.IntRange(min=0), default=0, metavar="N",
+    help="Threads for large tensors (0, the default: every CPU this process may use). The bytes do not depend on it.")
 
 state_option = click.option("-s", "--state", "state_path", required=True, type=click.Path(dir_okay=False),
                             help="Predictor state sidecar (created if missing, updated after each round).")

@@ -473,6 +473,38 @@ def test_thread_count_changes_no_byte(gz, tmp_path):
         assert_restored(gz, path, tmp_path / "j2" / "out" / path.name)
 
 
+@pytest.mark.parametrize("option, expected", [([], None), (["-j", "3"], 3), (["--threads", "0"], None)])
+def test_thread_option_reaches_the_coders(sample_rounds, tmp_path, monkeypatch, option, expected):
+    """`-j N` is the count the Compressor and Decompressor run with; 0 and no option mean
+    every usable CPU (the bytes test above cannot see the option ignored)."""
+    from click.testing import CliRunner
+
+    import gradzip.api
+    from gradzip.cli import main
+    from gradzip.parallel import available_cpus
+
+    seen = []
+    for name in ("Compressor", "Decompressor"):
+        original = getattr(gradzip.api, name)
+
+        class Recording(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                seen.append((type(self).__mro__[1].__name__, self.threads))
+
+        monkeypatch.setattr(gradzip.api, name, Recording)
+    runner = CliRunner()
+    stream = tmp_path / "r.grz"
+    result = runner.invoke(main, ["compress", str(sample_rounds[0]), "-s", str(tmp_path / "c.state"), "-o", str(stream),
+                                  "-q", *option])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["decompress", str(stream), "-s", str(tmp_path / "d.state"), "-o",
+                                  str(tmp_path / "r.safetensors"), "-q", *option])
+    assert result.exit_code == 0, result.output
+    count = expected or available_cpus()
+    assert seen == [("Compressor", count), ("Decompressor", count)]
+
+
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("3", "3")])
 def test_the_command_asks_for_one_openblas_thread_before_numpy_loads(preset, expected):
     """OpenBLAS's idle workers spin on the cores gradzip's threads use (gradzip/blas.py), and
