@@ -179,6 +179,41 @@ class CharTransformer(nn.Module):
         return self.head(self.ln_final(x))
 
 
+class CharGru(nn.Module):
+    """Character language model with one GRU layer: recurrent weight matrices instead of
+    attention (a probe outside the bench suite)."""
+
+    def __init__(self, vocab_size=len(VOCAB), d_embed=64, hidden=192):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_embed)
+        self.gru = nn.GRU(d_embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, tokens):
+        out, _ = self.gru(self.embedding(tokens))
+        return self.head(out)
+
+
+class DepthwiseCnn(nn.Module):
+    """MobileNet-style CNN for 1x8x8 digits: depthwise 3x3 and pointwise 1x1 convs with
+    BatchNorm (conv kernels of 9 elements per channel; a probe outside the bench suite)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 32, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(32)
+        layers = []
+        for c_in, c_out, stride in ((32, 64, 1), (64, 128, 2), (128, 128, 1)):
+            layers += [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                       nn.ReLU(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        x = self.body(F.relu(self.bn0(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[[], nn.Module]
@@ -197,6 +232,9 @@ MODELS = {
     # gradzip and SZ3 compare where per-tensor overhead no longer counts.
     "transformer-wide": ModelSpec(functools.partial(CharTransformer, d_model=256, num_layers=4, num_heads=8),
                                   dataset="text", optimizer="adamw", lr=1e-3, weight_decay=0.01),
+    # Probes outside the bench suite (never tuned on): other kinds of layer than the suite's.
+    "gru": ModelSpec(CharGru, dataset="text", optimizer="adamw", lr=3e-3, weight_decay=0.01),
+    "dwcnn": ModelSpec(DepthwiseCnn, dataset="digits", optimizer="sgd", lr=0.05),
 }
 
 
