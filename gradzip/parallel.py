@@ -6,6 +6,7 @@ Tasks handed to these pools never submit to them again (that could deadlock a fu
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +20,56 @@ _POOLS_LOCK = threading.Lock()
 
 
 def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, so `taskset` and container CPU
-    sets count; os.cpu_count() gives the machine's), at least 1: the default thread count."""
+    """The CPUs this process may use, at least 1: the default thread count. Its affinity
+    mask (so `taskset` and a container's CPU set count; os.cpu_count() gives the machine's),
+    capped by a cgroup CPU quota rounded up (a container started with --cpus=2, or a
+    Kubernetes CPU limit, sees every CPU of its host in its mask)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # (no affinity call on macOS and Windows)
-        return os.cpu_count() or 1
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", own_cgroups: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time the process's cgroup may use per period (cgroup v2's cpu.max, or
+    v1's cpu.cfs_quota_us over cpu.cfs_period_us), or None: no quota, or none readable (not
+    Linux, no cgroup file system). Looked up under the process's own cgroup, then the root (a
+    container usually sees its own cgroup as the root)."""
+    try:
+        with open(own_cgroups) as file:
+            entries = [line.rstrip("\n").split(":", 2) for line in file]
+    except OSError:
+        return None
+    candidates = []
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, path = entry
+        path = path.lstrip("/")
+        if controllers == "":  # cgroup v2
+            candidates += [(os.path.join(root, path, "cpu.max"), None), (os.path.join(root, "cpu.max"), None)]
+        elif "cpu" in controllers.split(","):  # cgroup v1
+            for base in (os.path.join(root, controllers, path), os.path.join(root, controllers), os.path.join(root, "cpu")):
+                candidates.append((os.path.join(base, "cpu.cfs_quota_us"), os.path.join(base, "cpu.cfs_period_us")))
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as file:
+                fields = file.read().split()
+            if period_path is not None:
+                with open(period_path) as file:
+                    fields = fields[:1] + file.read().split()[:1]
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            quota, period = int(quota), int(period)
+        except (OSError, ValueError, IndexError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
 
 
 def each(function, items, threads: int) -> list:

@@ -3,6 +3,8 @@ column blocks, the scale levels' partial sums, the scale fit's branch-free sums,
 out-of-place EMA update and the one-pass state update."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -693,6 +695,7 @@ def test_thread_counts_are_checked_and_default_to_the_usable_cpus(monkeypatch):
     import os
 
     import gradzip
+    import gradzip.parallel
     from gradzip.errors import InputError
 
     for bad in (-1, 1.5, True, "2"):
@@ -703,5 +706,33 @@ def test_thread_counts_are_checked_and_default_to_the_usable_cpus(monkeypatch):
     assert gradzip.Compressor(threads=np.int64(3)).threads == gradzip.Decompressor(threads=3).threads == 3
     if hasattr(os, "sched_getaffinity"):  # a CPU set (taskset, a container) counts, not the machine's CPUs
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+        monkeypatch.setattr(gradzip.parallel, "cgroup_cpu_quota", lambda: None)  # (whatever this machine's is)
         for auto in (None, 0):
             assert gradzip.Compressor(threads=auto).threads == gradzip.Decompressor(threads=auto).threads == 3
+
+
+@pytest.mark.parametrize("cgroups, files, expected", [
+    ("0::/kubepods/pod1\n", {"kubepods/pod1/cpu.max": "150000 100000\n"}, 1.5),  # v2, the process's own cgroup
+    ("0::/\n", {"cpu.max": "200000 100000\n"}, 2.0),  # v2 in a cgroup namespace
+    ("0::/a\n", {"a/cpu.max": "max 100000\n"}, None),  # no quota
+    ("4:cpu,cpuacct:/docker/c1\n1:name=systemd:/\n",
+     {"cpu,cpuacct/docker/c1/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/docker/c1/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+    ("4:cpu,cpuacct:/docker/c1\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ("0::/a\n", {"a/cpu.max": "garbage\n"}, None),
+    ("0::/a\n", {}, None),  # no cgroup file system
+])
+def test_a_cgroup_cpu_quota_caps_the_default_thread_count(tmp_path, monkeypatch, cgroups, files, expected):
+    import os
+
+    from gradzip import parallel
+
+    (tmp_path / "self_cgroup").write_text(cgroups)
+    for relative, text in files.items():
+        (tmp_path / "fs" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / relative).write_text(text)
+    quota = parallel.cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self_cgroup"))
+    assert quota == expected
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+        monkeypatch.setattr(parallel, "cgroup_cpu_quota", lambda: quota)
+        assert parallel.available_cpus() == (8 if expected is None else max(1, math.ceil(expected)))
