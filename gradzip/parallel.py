@@ -3,6 +3,7 @@ every split is of element-wise work (or of independent rANS segments), so the re
 not depend on the thread count.
 
 Tasks handed to these pools never submit to them again (that could deadlock a full pool).
+Also here: how many CPUs the process may use (available_cpus), the default thread count.
 """
 from __future__ import annotations
 
