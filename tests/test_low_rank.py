@@ -341,22 +341,26 @@ def test_the_rank_walk_finds_what_trying_every_rank_finds(monkeypatch, true_rank
 
 
 @pytest.mark.parametrize("rows", [256, 1024])
-def test_the_sketch_basis_is_orthonormal_and_spans_the_sketch(rows):
-    """A tall sketch takes the Gram-matrix route, a squat one numpy's QR: either way an
-    orthonormal basis of the same columns; a rank-deficient tall sketch falls back to the QR."""
-    from gradzip.predict.lowrank import _GRAM_BASIS_ROWS_PER_COLUMN, _orthonormal
+def test_the_sketch_basis_is_orthonormal_and_spans_the_sketch(rows, monkeypatch):
+    """The Cholesky route gives an orthonormal basis of the sketch's columns, without numpy's
+    QR; a sketch with a singular Gram matrix (two equal columns) falls back to the QR."""
+    from gradzip.predict import lowrank
 
     rng = np.random.default_rng(14)
     sketch = (rng.standard_normal((rows, 72)) * np.logspace(0, -2, 72)).astype(np.float32)
-    assert (rows >= _GRAM_BASIS_ROWS_PER_COLUMN * 72) == (rows == 1024)
-    basis = _orthonormal(sketch).astype(np.float64)
+    qr = np.linalg.qr
+    qr_calls = []
+    monkeypatch.setattr(np.linalg, "qr", lambda a, *args: qr_calls.append(a.shape) or qr(a, *args))
+    basis = lowrank._orthonormal(sketch).astype(np.float64)
+    assert qr_calls == []
     assert basis.shape == (rows, 72)
     assert np.abs(basis.T @ basis - np.eye(72)).max() < 1e-4
     assert np.abs(sketch - basis @ (basis.T @ sketch)).max() < 1e-4 * np.abs(sketch).max()
     deficient = sketch.copy()
     deficient[:, 1] = deficient[:, 0]  # singular Gram matrix
-    basis = _orthonormal(deficient).astype(np.float64)
-    assert np.isfinite(basis).all() and np.allclose(basis, np.linalg.qr(deficient)[0].astype(np.float64))
+    basis = lowrank._orthonormal(deficient).astype(np.float64)
+    assert qr_calls == [(rows, 72)]
+    assert np.isfinite(basis).all() and np.allclose(basis, qr(deficient)[0].astype(np.float64))
 
 
 def test_a_search_round_frees_the_losers_before_the_low_rank_candidates():

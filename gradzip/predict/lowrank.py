@@ -41,8 +41,7 @@ _SCREEN_ROWS = 64  # rows of the residual the cheap noise screen looks at
 _SCREEN_EDGE_FACTOR = 1.5  # see _looks_like_noise
 _OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
 _PRODUCT_BLOCK_ELEMENTS = 1 << 18  # elements of the residual in one block of a fit's matrix product
-_GRAM_BASIS_ROWS_PER_COLUMN = 8  # see _orthonormal
-_GRAM_BASIS_MIN_CONDITION = 1e-10  # smallest / largest eigenvalue of the sketch's Gram matrix
+_GRAM_BASIS_MIN_CONDITION = 1e-10  # smallest / largest pivot of the sketch's Gram matrix (see _orthonormal)
 
 
 def eligible(shape: tuple[int, ...]) -> bool:
@@ -219,20 +218,21 @@ def _product(residual: np.ndarray, other: np.ndarray, threads: int, transposed: 
 
 
 def _orthonormal(sketch: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (float32) of a tall sketch's columns: Y V diag(1/sqrt w) from the
-    eigenvectors V and eigenvalues w of Y^T Y (float64) where the sketch has at least
-    _GRAM_BASIS_ROWS_PER_COLUMN rows a column, 2.7-5.3x faster than numpy's Householder QR on
-    640-3072 x 72 (one BLAS thread); else the QR, which kept cnn5fc's 256 x 72 sketches (where
-    the two measured alike) and so the corpus's streams. The Gram route's error grows with
-    the sketch's condition number squared, so one whose Gram matrix is near singular takes
-    the QR too. Any basis of the span serves: the factors are sent."""
-    rows, cols = sketch.shape
-    if rows >= _GRAM_BASIS_ROWS_PER_COLUMN * cols:
-        wide = sketch.astype(np.float64)
-        energy, vectors = np.linalg.eigh(wide.T @ wide)
-        if energy[0] > energy[-1] * _GRAM_BASIS_MIN_CONDITION:
-            return (wide @ (vectors / np.sqrt(energy))).astype(np.float32)
-    return np.linalg.qr(sketch)[0]
+    """An orthonormal basis (float32) of a sketch's columns: Y L^-T from the Cholesky factor
+    L of Y^T Y (float64), 2.3-3.5x faster than numpy's Householder QR or an eigendecomposition
+    of Y^T Y on 256-1024 x 72 (one BLAS thread: LAPACK's eigh takes 0.7 ms on 72 x 72, its
+    Cholesky 0.04). Its error grows with the sketch's condition number squared, so a sketch
+    whose Gram matrix is near singular (a pivot below _GRAM_BASIS_MIN_CONDITION of the
+    largest) takes the QR. Any basis of the span serves: the factors are sent."""
+    wide = sketch.astype(np.float64)
+    try:
+        lower = np.linalg.cholesky(wide.T @ wide)
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(sketch)[0]
+    pivots = np.diag(lower) ** 2
+    if not pivots.min() > pivots.max() * _GRAM_BASIS_MIN_CONDITION:
+        return np.linalg.qr(sketch)[0]
+    return sketch @ np.linalg.inv(lower).T.astype(np.float32)
 
 
 def _factor_codes(factor: np.ndarray, step: float) -> np.ndarray:
