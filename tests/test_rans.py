@@ -444,6 +444,35 @@ def test_damaged_segmented_streams():
     decode_or_corrupt(data, np.zeros_like(contexts), 5)
 
 
+def _sparse_flag(data, contexts, n_contexts):
+    """The decoder's choice of its mostly-zeros loop for an unsegmented stream."""
+    bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(data, np.uint8))
+    return rans._decode_model(bit_words, n_bit_words, contexts, n_contexts)[5]
+
+
+@pytest.mark.parametrize("n", [16_384, 16_387, 100_001, rans.SEGMENTED_FROM + 3])
+def test_mostly_zero_streams_take_the_sparse_loop_and_round_trip(n):
+    """A stream whose tables expect SPARSE_ZERO_SHARE zeros or more decodes groups of four
+    zeros without their extra bits: codes with extra bits among them (alone in a group, or
+    several, in every context, near the stream's end) come back exactly, on any threads;
+    a stream just below the share keeps the other loop."""
+    rng = np.random.default_rng(n)
+    contexts = rng.integers(0, 3, n).astype(np.uint8)
+    codes = np.zeros(n, np.int32)
+    nonzero = rng.random(n) < 0.01
+    codes[nonzero] = rng.integers(-5000, 5000, int(nonzero.sum()))
+    codes[-7:] = [0, 17, -1, 0, 0, 3000, 0]
+    codes[100:104] = [40, -40, 1 << 20, -(1 << 20)]
+    data = round_trip(codes, contexts, 3)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(rans.decode(data, contexts, 3, threads=threads), codes)
+    if n < rans.SEGMENTED_FROM:
+        assert _sparse_flag(data, contexts, 3)
+        denser = codes.copy()
+        denser[rng.random(n) < 0.06] = 1
+        assert not _sparse_flag(round_trip(denser, contexts, 3), contexts, 3)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2304, 70_000, 600_000])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_context_estimate_without_contexts_equals_the_one_with_zero_contexts(n, threads):
