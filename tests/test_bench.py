@@ -412,3 +412,32 @@ def test_gradzip_threads_change_speed_not_bytes_and_coder_efficiency_is_reported
         assert -0.01 < g["coder_overhead"] < 0.5
     assert one["payload_bytes"] + one["framing_bytes"] == one["compressed_bytes"]
     assert 0 < one["framing_bytes"] < one["compressed_bytes"]
+
+
+def test_the_blas_is_held_to_one_thread_over_the_whole_run(monkeypatch):
+    """The runner holds numpy's BLAS to one thread around every method's timed calls (and the
+    memory pass does too), so a single-threaded figure is one core's; gradzip's own calls no
+    longer enter the limit each time (9 us a call that no other method paid)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen, entered = [], []
+    compress = bench_methods.GradzipSession.compress
+    limit = bench_methods.blas_one_thread
+
+    def recording(self, tensors, bounds):
+        seen.append(blas_threads())
+        return compress(self, tensors, bounds)
+
+    monkeypatch.setattr(bench_methods.GradzipSession, "compress", recording)
+    monkeypatch.setattr(bench_runner, "blas_one_thread", lambda: entered.append(1) or limit())
+
+    def blas_threads():  # numpy's (another test may have loaded torch's, which the bench never calls)
+        return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()
+                if pool["user_api"] == "blas" and "numpy" in pool["filepath"]]
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        if max(blas_threads(), default=1) < 2:
+            pytest.skip("numpy's BLAS runs one thread here whatever the limit: nothing to hold down")
+        run_bench(synthetic_rounds(3), BenchConfig(error_bounds=(1e-2,), methods=("gradzip", "sz3"), repeats=2,
+                                                   memory=False))
+        assert max(blas_threads()) == 2  # released after the run
+    assert entered == [1] and seen and all(counts and set(counts) == {1} for counts in seen)

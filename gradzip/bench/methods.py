@@ -89,14 +89,16 @@ class Method:
 # ---------------------------------------------------------------- gradzip
 
 
-def _blas_threads():
+def blas_one_thread():
     """Hold numpy's BLAS (the low-rank part's matrix products) to one thread
     (threadpoolctl, from the bench extra; without it the BLAS keeps its own thread count):
     a single-threaded figure is then one core's, and with gradzip's own threads the BLAS
     does not fight them (on cnn5fc 2 threads ran at 1.28x of one with a one-thread BLAS and
     0.98x with a two-thread one: OpenBLAS's waiting threads spin on the cores gradzip uses).
     `gradzip bench` and benchmarks/run.py already start OpenBLAS with one thread
-    (gradzip/blas.py); this covers a bench run from other code."""
+    (gradzip/blas.py); this covers a bench run from other code. The runner holds it over a
+    whole run, not per timed call: entering it takes about 9 us, 1% of a small model's
+    decompression, which no other method's calls paid."""
     controller = _blas_controller()
     if controller is None:
         return contextlib.nullcontext()
@@ -119,7 +121,7 @@ class GradzipSession(Session):
 
     threads=1 (the default here) encodes one tensor at a time, to compare with single-threaded
     SZ3; threads=None lets gradzip use every core. numpy's BLAS runs on one thread either way
-    (see _blas_threads). The ideal code length is measured in a
+    (see blas_one_thread, which the runner holds). The ideal code length is measured in a
     separate, untimed re-encoding of the round from the same state (report_ideal_bits costs an
     extra pass), which must give the same bytes.
     """
@@ -136,16 +138,14 @@ class GradzipSession(Session):
 
     def compress(self, tensors, bounds) -> Packed:
         before = self.compressor.state
-        with _blas_threads():
-            blob = self.compressor.compress(tensors)
+        blob = self.compressor.compress(tensors)
         report = self.compressor.last_report
         used = {t.name: (float(t.eb) if t.method == "quantized" else 0.0) for t in report.tensors}
         sizes = {t.name: t.compressed_bytes for t in report.tensors}
         return Packed((blob, report, before, tensors), len(blob), sizes, used)
 
     def decompress(self, packed: Packed):
-        with _blas_threads():
-            return self.decompressor.decompress(packed.data[0])
+        return self.decompressor.decompress(packed.data[0])
 
     def snapshot(self):
         # A round replaces the state objects rather than mutating them (gradzip/api.py).

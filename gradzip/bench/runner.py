@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import GradzipError
 from .commtime import comm_time
-from .methods import METHODS, Method, Packed, resolve
+from .methods import METHODS, Method, Packed, blas_one_thread, resolve
 
 SCHEMA = "gradzip-bench/1"
 
@@ -272,20 +272,21 @@ def measure_memory_here(job_path: str, method_name: str, probe_name: str, error_
     eb = float(error_bound)
     rounds = job["rounds"]
     bounds = [tensor_bounds(r.tensors, job["mode"], eb) for r in rounds]
-    warm = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
-    for r, b in zip(rounds[:_MEMORY_WARMUP_ROUNDS], bounds):
-        warm.decompress(warm.compress(r.tensors, b))
-    del warm
-    session = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
-    packed, peak = [], 0
-    for r, b in zip(rounds, bounds):
-        memory.start()
-        packed.append(session.compress(r.tensors, b))
-        peak = max(peak, memory.peak())
-    for p in packed:
-        memory.start()
-        session.decompress(p)
-        peak = max(peak, memory.peak())
+    with blas_one_thread():
+        warm = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
+        for r, b in zip(rounds[:_MEMORY_WARMUP_ROUNDS], bounds):
+            warm.decompress(warm.compress(r.tensors, b))
+        del warm
+        session = method.make(job["mode"], eb, job["lossy_limit"], job["seed"])
+        packed, peak = [], 0
+        for r, b in zip(rounds, bounds):
+            memory.start()
+            packed.append(session.compress(r.tensors, b))
+            peak = max(peak, memory.peak())
+        for p in packed:
+            memory.start()
+            session.decompress(p)
+            peak = max(peak, memory.peak())
     return peak
 
 
@@ -574,12 +575,13 @@ def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[s
                 for method in runnable:
                     say(f"{config.mode} {eb:g}: {method.label} (memory, in a process of its own)")
                     peaks[eb][method.name] = _memory_in_fresh_process(method, job_path, memory_method, eb)
-    for eb in config.error_bounds:
-        bounds = [tensor_bounds(r.tensors, config.mode, eb) for r in rounds]
-        entry = {"error_bound": eb, "bounds": {n: [b.get(n) for b in bounds] for n in names}, "methods": {}}
-        entry["methods"] = _run_methods(runnable, rounds, bounds, config.mode, eb, config, lossy_limit, peaks[eb], say)
-        _relative_to(entry["methods"], "sz3")
-        out["results"].append(entry)
+    with blas_one_thread():
+        for eb in config.error_bounds:
+            bounds = [tensor_bounds(r.tensors, config.mode, eb) for r in rounds]
+            entry = {"error_bound": eb, "bounds": {n: [b.get(n) for b in bounds] for n in names}, "methods": {}}
+            entry["methods"] = _run_methods(runnable, rounds, bounds, config.mode, eb, config, lossy_limit, peaks[eb], say)
+            _relative_to(entry["methods"], "sz3")
+            out["results"].append(entry)
     try:
         out["environment"]["load_average_after"] = list(os.getloadavg())
     except OSError:
