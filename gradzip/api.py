@@ -492,6 +492,12 @@ class Decompressor:
             raise CorruptStreamError("state after decoding differs from the compressor's (digest mismatch)")
         if advance:
             self.state = after
+        for array in tensors.values():
+            # A float32 tensor's array is its new state's last reconstruction (4 bytes an
+            # element less, for the call and for as long as the caller keeps it): read-only,
+            # like every array returned, so that writing to it raises instead of changing
+            # what the next round predicts from.
+            array.flags.writeable = False
         return DecodedRound(tensors, header, records, reader.bytes_read)
 
     def save_state(self, path: str | os.PathLike) -> None:

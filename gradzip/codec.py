@@ -206,11 +206,14 @@ def _has_history(previous: TensorState | None, shape, dtype) -> bool:
 
 
 def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.ndarray, config: CodecConfig,
-                  recon_hash: int, recipe: list | None = None, threads: int = 1) -> TensorState:
+                  recon_hash: int, recipe: list | None = None, threads: int = 1, own_recon: bool = False) -> TensorState:
     """A new TensorState after this round's reconstruction (recon: flat float32/float64; its
     full XXH64 as stored, recon_hash, names the new state) and the recipe of its record
-    (threads: for a large tensor's element ranges)."""
-    fold = _Fold.of(previous, shape, dtype)
+    (threads: for a large tensor's element ranges). own_recon: recon is gradzip's own array
+    (not a caller's input, which the caller may overwrite), so a float32 one becomes the new
+    state's last reconstruction itself (the fold writes each element's own value back)."""
+    shared = own_recon and recon.dtype == np.float32 and recon.flags.c_contiguous
+    fold = _Fold.of(previous, shape, dtype, new_last=recon if shared else None)
     fold.fill(recon, config, threads)
     return fold.sealed(config, recon_hash, recipe)
 
@@ -223,12 +226,16 @@ class _Fold(NamedTuple):
     previous: TensorState | None
     ema: np.ndarray
     first_round: bool
+    recon_is_last: bool = False  # fill's recon is state.last itself (of's new_last): nothing to copy
 
     @classmethod
-    def of(cls, previous: TensorState | None, shape, dtype: str, new_ema: np.ndarray | None = None) -> "_Fold":
+    def of(cls, previous: TensorState | None, shape, dtype: str, new_ema: np.ndarray | None = None,
+           new_last: np.ndarray | None = None) -> "_Fold":
         """new_ema: memory for the new EMA (n contiguous float32, overwritten whole) instead of
         a new array (on a first round the fold also reads it as the old EMA, which that
-        round's EMA ignores)."""
+        round's EMA ignores). new_last: the reconstruction itself as the new last one (n
+        contiguous float32: the fold writes each element's own value back), so the decoder
+        keeps one copy of it, shared by the state and the array it returns."""
         if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
             previous = None
         # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -236,10 +243,10 @@ class _Fold(NamedTuple):
         # new arrays take the state's own dtypes and the tensor's size, whatever a state
         # built by hand holds.
         n = element_count(shape)
-        state = TensorState.fresh(shape, dtype, new_ema) if previous is None else TensorState(
+        state = TensorState.fresh(shape, dtype, new_ema, new_last) if previous is None else TensorState(
             previous.shape, dtype, previous.rounds, np.empty(n, np.float32) if new_ema is None else new_ema,
-            np.empty(n, np.int8), np.empty(n, np.float32), previous.last)
-        return cls(state, previous, state.ema if previous is None else previous.ema, state.rounds == 0)
+            np.empty(n, np.int8), np.empty(n, np.float32) if new_last is None else new_last, previous.last)
+        return cls(state, previous, state.ema if previous is None else previous.ema, state.rounds == 0, new_last is not None)
 
     def fits(self, n: int) -> bool:
         """Whether the EMA the fold reads is what the fused decoder reads unchecked: n float32
@@ -249,8 +256,8 @@ class _Fold(NamedTuple):
 
     def fill(self, recon: np.ndarray, config: CodecConfig, threads: int = 1) -> None:
         # An F64 value beyond float32 is kept as inf (NaN as NaN): its prediction escapes.
-        fold_round_on(self.ema, recon, config.beta, self.first_round, self.state.ema, self.state.sign, self.state.last,
-                      threads)
+        fold_round_on(self.ema, recon, config.beta, self.first_round, self.state.ema, self.state.sign,
+                      _NO_STATE if self.recon_is_last else self.state.last, threads)
 
     def sealed(self, config: CodecConfig, recon_hash: int, recipe: list | None) -> TensorState:
         state = self.state
@@ -337,8 +344,9 @@ def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: T
         encoded = _quantized_or_lossless(name, array, values, dtype, shape, eb, config, previous, measure_ideal, threads,
                                          values_part, _FitLowRank(rank) if "linear" in low_rank_kinds else None, reuse)
     if encoded.state is None:  # (a small tensor's reconstruction may have been folded as it was made)
+        # (a lossless record's recon is the caller's array: the state keeps a copy of it)
         encoded.state = advance_state(previous, shape, dtype, widen(encoded.recon, dtype), config, encoded.recon_hash,
-                                      recipe_of(encoded.record), threads)
+                                      recipe_of(encoded.record), threads, own_recon=encoded.record["method"] == "quantized")
     return encoded
 
 
@@ -673,13 +681,15 @@ def _fused_tail(name, values, dtype, shape, eb, config, previous, quantized: _Qu
                         narrow(_reconstructed(values, dtype, eb, quantized), dtype), bits)
     escape_index, escape_values = _NO_ESCAPES if not quantized.n_escaped else (
         np.flatnonzero(quantized.escaped), values[quantized.escaped])
-    recon = np.empty(n, compute_dtype(dtype))
+    # a float32 reconstruction is built in the new state's last one (one copy, 4 bytes an element)
+    shared = compute_dtype(dtype) == np.float32
+    recon = fold.state.last if shared else np.empty(n, compute_dtype(dtype))
     orient_signs = _NO_SIGNS if quantized.oriented_by is None else quantized.oriented_by
     quantized.oriented_by = None
     recon_hash = int(reconstruct_and_fold(codes, orient_signs, *quantized.prediction.kernel_args(), eb, recon,
                                           escape_index, escape_values.astype(recon.dtype, copy=False), _NO_DELTAS, fold.ema,
                                           config.beta, fold.first_round, fold.state.ema, fold.state.sign,
-                                          fold.state.last, _NOT_NARROWED, False))
+                                          _NO_STATE if shared else fold.state.last, _NOT_NARROWED, False))
     encoded = _encoded(name, dtype, shape, "quantized", params, sections, recon, bits, recon_hash)
     encoded.state = fold.sealed(config, recon_hash, recipe_of(encoded.record))
     return encoded
@@ -1284,15 +1294,18 @@ def _decode(record, payload, config, previous, threads=1):
         array, recon_hash = _decode_quantized(params, sections, dtype, shape, n, config, previous, threads, fold)
         if recon_hash is None:  # (else the fused decoder hashed it and filled the state)
             recon_hash = _recon_hash(array, dtype)
+            widened = widen(array, dtype)
             if fold is None:  # (one that the fused decoder passed up is still untouched)
-                fold = _Fold.of(previous, shape, dtype)
-            fold.fill(widen(array, dtype), config, threads)
+                fold = _Fold.of(previous, shape, dtype, new_last=widened if widened.dtype == np.float32 else None)
+            elif np.may_share_memory(widened, fold.state.last):  # (decoded into it: the same array)
+                fold = fold._replace(recon_is_last=True)
+            fold.fill(widened, config, threads)
         return array, fold.sealed(config, recon_hash, recipe_of(record)), recon_hash
     else:
         raise CorruptStreamError(f"unknown method {method!r}")
     recon_hash = _recon_hash(array, dtype)
-    state = (advance_state(previous, shape, dtype, widen(array, dtype), config, recon_hash, recipe_of(record), threads)
-             if stateful else None)
+    state = (advance_state(previous, shape, dtype, widen(array, dtype), config, recon_hash, recipe_of(record), threads,
+                           own_recon=True) if stateful else None)
     return array, state, recon_hash
 
 
@@ -1364,7 +1377,9 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
 
     escape_index, escape_values, escape_deltas = _decoded_escapes(params, sections, dtype, n)
-    recon = np.empty(n, compute_dtype(dtype))
+    shared = fold is not None and fold.fits(n) and compute_dtype(dtype) == np.float32
+    # (float32: the reconstruction is the new state's last one; the fold writes it in place)
+    recon = fold.state.last if shared else np.empty(n, compute_dtype(dtype))
     if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)
         if inputs is not None:
@@ -1372,7 +1387,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
             status, recon_hash = decode_and_fold(*inputs, previous.sign if orient else _NO_SIGNS, *prediction.kernel_args(threads),
                                                  eb, recon, escape_index, escape_values, escape_deltas, fold.ema,
                                                  config.beta, fold.first_round, fold.state.ema, fold.state.sign,
-                                                 fold.state.last, narrowed, dtype == "F16")
+                                                 _NO_STATE if shared else fold.state.last, narrowed, dtype == "F16")
             rans.check_status(status)
             array = recon if not narrowed.size else as_bfloat16(narrowed) if dtype == "BF16" else narrowed.view(np.float16)
             return array.reshape(shape), int(recon_hash)

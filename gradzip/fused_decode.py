@@ -33,7 +33,8 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values, escape_deltas: reconstruct_and_fold's (validated by the caller); fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
-    the caller checks (codec._Fold.fits). On a status other than OK nothing after decoding ran.
+    the caller checks (codec._Fold.fits), but last_out empty where recon is the new state's
+    last array itself. On a status other than OK nothing after decoding ran.
     The codes live in ema_out's memory (float32, as many elements) until the fold overwrites
     it: 4 bytes an element less at the peak. The fold reads ema_out's old contents only where
     it is also fold_ema, on a first round, whose EMA ignores them."""

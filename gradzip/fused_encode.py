@@ -35,8 +35,9 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
     escape_values: quantize.patch_escapes', or where escape_deltas is not empty (a narrowed
     tensor's) escape_index and escape_deltas quantize.patch_escape_deltas'; fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
-    the caller checks (codec._Fold.fits). ema_out may be the codes' own memory: they are read
-    before the fold writes it."""
+    the caller checks (codec._Fold.fits), but last_out empty where recon is the new state's
+    last array itself. ema_out may be the codes' own memory: they are read before the fold
+    writes it."""
     if orient_signs.size > 0:
         orient_by_sign(codes, orient_signs)
     dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)

@@ -88,12 +88,13 @@ class TensorState:
         return self.chain
 
     @classmethod
-    def fresh(cls, shape: tuple[int, ...], dtype: str, ema: np.ndarray | None = None) -> "TensorState":
-        """A tensor's state before its first round (ema: memory for the EMA, which the first
-        round's fold overwrites whole, instead of zeros)."""
+    def fresh(cls, shape: tuple[int, ...], dtype: str, ema: np.ndarray | None = None,
+              last: np.ndarray | None = None) -> "TensorState":
+        """A tensor's state before its first round (ema, last: memory for the EMA and the last
+        reconstruction, which the first round's fold overwrites whole, instead of zeros)."""
         n = element_count(shape)
         return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32) if ema is None else ema, np.zeros(n, np.int8),
-                   np.zeros(n, np.float32), _untouched_zeros(n))
+                   np.zeros(n, np.float32) if last is None else last, _untouched_zeros(n))
 
 
 def _untouched_zeros(n: int) -> np.ndarray:
