@@ -418,10 +418,13 @@ class Decompressor:
         self.threads = _checked_threads(threads)  # tensors decoded at once
 
     def decompress(self, blob: bytes) -> dict[str, np.ndarray]:
+        """One round's tensors, as decompress_from gives them (read-only arrays)."""
         return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors
 
     def decompress_from(self, source: BinaryIO, available: int | None = None, *, advance: bool = True) -> DecodedRound:
-        """Decode one stream; with advance=False the state is only read (e.g. for `stats`)."""
+        """Decode one stream; with advance=False the state is only read (e.g. for `stats`).
+        The arrays are read-only: a float32 tensor's is its new state's last reconstruction
+        (np.array(t) gives a writable copy)."""
         reader = StreamReader(source, available)
         header = reader.header()
         try:

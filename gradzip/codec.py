@@ -211,7 +211,7 @@ def advance_state(previous: TensorState | None, shape, dtype: str, recon: np.nda
     full XXH64 as stored, recon_hash, names the new state) and the recipe of its record
     (threads: for a large tensor's element ranges). own_recon: recon is gradzip's own array
     (not a caller's input, which the caller may overwrite), so a float32 one becomes the new
-    state's last reconstruction itself (the fold writes each element's own value back)."""
+    state's last reconstruction itself (the fold then has nothing to copy)."""
     shared = own_recon and recon.dtype == np.float32 and recon.flags.c_contiguous
     fold = _Fold.of(previous, shape, dtype, new_last=recon if shared else None)
     fold.fill(recon, config, threads)
@@ -234,8 +234,8 @@ class _Fold(NamedTuple):
         """new_ema: memory for the new EMA (n contiguous float32, overwritten whole) instead of
         a new array (on a first round the fold also reads it as the old EMA, which that
         round's EMA ignores). new_last: the reconstruction itself as the new last one (n
-        contiguous float32: the fold writes each element's own value back), so the decoder
-        keeps one copy of it, shared by the state and the array it returns."""
+        contiguous float32, which fill then leaves as it is), so the decoder keeps one copy
+        of it, shared by the state and the array it returns."""
         if previous is not None and (previous.shape != tuple(shape) or previous.dtype != dtype):
             previous = None
         # Every new array is overwritten whole (the EMA from the old one); states are not
@@ -1297,8 +1297,6 @@ def _decode(record, payload, config, previous, threads=1):
             widened = widen(array, dtype)
             if fold is None:  # (one that the fused decoder passed up is still untouched)
                 fold = _Fold.of(previous, shape, dtype, new_last=widened if widened.dtype == np.float32 else None)
-            elif np.may_share_memory(widened, fold.state.last):  # (decoded into it: the same array)
-                fold = fold._replace(recon_is_last=True)
             fold.fill(widened, config, threads)
         return array, fold.sealed(config, recon_hash, recipe_of(record)), recon_hash
     else:
@@ -1378,7 +1376,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
 
     escape_index, escape_values, escape_deltas = _decoded_escapes(params, sections, dtype, n)
     shared = fold is not None and fold.fits(n) and compute_dtype(dtype) == np.float32
-    # (float32: the reconstruction is the new state's last one; the fold writes it in place)
+    # (float32: the kernel builds the reconstruction in the new state's last array)
     recon = fold.state.last if shared else np.empty(n, compute_dtype(dtype))
     if fold is not None and fold.fits(n):
         inputs = rans.decode_inputs(sections["codes"], contexts, n_contexts, n)

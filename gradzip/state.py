@@ -90,8 +90,9 @@ class TensorState:
     @classmethod
     def fresh(cls, shape: tuple[int, ...], dtype: str, ema: np.ndarray | None = None,
               last: np.ndarray | None = None) -> "TensorState":
-        """A tensor's state before its first round (ema, last: memory for the EMA and the last
-        reconstruction, which the first round's fold overwrites whole, instead of zeros)."""
+        """A tensor's state before its first round (ema: memory for the EMA, which the first
+        round's fold overwrites whole, instead of zeros; last: the first reconstruction
+        itself, where the caller builds it in place)."""
         n = element_count(shape)
         return cls(tuple(shape), dtype, 0, np.zeros(n, np.float32) if ema is None else ema, np.zeros(n, np.int8),
                    np.zeros(n, np.float32) if last is None else last, _untouched_zeros(n))

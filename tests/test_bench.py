@@ -429,6 +429,7 @@ def test_the_blas_is_held_to_one_thread_over_the_whole_run(monkeypatch):
 
     monkeypatch.setattr(bench_methods.GradzipSession, "compress", recording)
     monkeypatch.setattr(bench_runner, "blas_one_thread", lambda: entered.append(1) or limit())
+    monkeypatch.setattr(bench_methods, "blas_one_thread", lambda: entered.append("per call") or limit())
 
     def blas_threads():  # numpy's (another test may have loaded torch's, which the bench never calls)
         return [pool["num_threads"] for pool in threadpoolctl.threadpool_info()

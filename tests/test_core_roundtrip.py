@@ -17,6 +17,7 @@ from gradzip import Compressor, Decompressor, GradzipWarning
 from gradzip.api import describe_stream
 from gradzip.container import split_stream
 from gradzip.state import PredictorState
+from gradzip.tensorio import as_bfloat16
 
 LOSSY_MIN = 1025  # gradzip stores tensors of <= 1024 elements exactly
 
@@ -563,13 +564,17 @@ def test_decompressed_arrays_are_read_only_and_a_float32_one_is_the_states_last(
     shapes = {"small.weight": (64, 48), "large.weight": (512, 640), "bias": (64,)}
     rounds = [{k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
     rounds[1]["half"] = (rng.standard_normal((40, 40)) * 0.01).astype(np.float16)
+    rounds[1]["double"] = rng.standard_normal(3000) * 0.01
+    rounds[1]["brain"] = as_bfloat16(
+        (rng.standard_normal(3000).astype(np.float32) * 0.01).view(np.uint32) >> 16)
     c, d = Compressor(1e-2, "rel", threads=threads), Decompressor(threads=threads)
     out = d.decompress(c.compress(rounds[0]))
     for name in ("small.weight", "large.weight"):
         assert np.shares_memory(out[name], d.state.tensors[name].last)
     out = d.decompress(c.compress(rounds[1]))
     assert all(not array.flags.writeable for array in out.values())
-    assert not np.shares_memory(out["half"], d.state.tensors["half"].last)  # (float16 output, float32 state)
+    for name in ("half", "double", "brain"):  # (narrower or wider than the float32 state)
+        assert not np.shares_memory(out[name], d.state.tensors[name].last)
     before = d.state.to_bytes()
     for name in out:
         with pytest.raises(ValueError):
@@ -611,15 +616,33 @@ def test_decompression_holds_one_copy_of_each_reconstruction():
 @pytest.mark.parametrize("eb", [1e-2, 1e-12])  # quantized records, and lossless ones (bound below the resolution)
 def test_the_state_never_shares_memory_with_the_callers_input(eb):
     """A caller may reuse its input buffers for the next round: the compressor's state keeps
-    its own reconstructions, while a float32 one built by gradzip is shared with the state."""
+    its own reconstructions (a lossless record's reconstruction is the input itself)."""
     rng = np.random.default_rng(23)
     tensors = {"w": (rng.standard_normal((300, 40)) * 0.01).astype(np.float32),
-               "v": (rng.standard_normal(5000) * 0.01).astype(np.float32)}
-    c, d = Compressor(eb, "rel"), Decompressor()
+               "v": (rng.standard_normal(5000) * 0.01).astype(np.float32),
+               "large": (rng.standard_normal((512, 640)) * 0.01).astype(np.float32)}  # the general tail
+    c, d = Compressor(eb, "rel", threads=2), Decompressor()
     for _ in range(3):
-        d.decompress(c.compress(tensors))
+        blob = c.compress(tensors)
+        d.decompress(blob)
         state = c.state.to_bytes()
+        assert set(methods(blob).values()) == ({"quantized"} if eb > 1e-6 else {"lossless"})
         for name, array in tensors.items():
             assert not np.shares_memory(c.state.tensors[name].last, array)
             array[...] = (rng.standard_normal(array.shape) * 0.01).astype(np.float32)  # the next round, in place
         assert c.state.to_bytes() == state == d.state.to_bytes()
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (512, 640)])  # the fused tail, and the general one
+def test_the_encoders_float32_reconstruction_is_its_new_states_last(shape):
+    """One copy of a reconstruction the encoder builds: its new state's last array."""
+    from gradzip.codec import CodecConfig, encode_tensor
+
+    rng = np.random.default_rng(24)
+    config, previous = CodecConfig(error_bound=1e-2), None
+    for _ in range(3):
+        array = (rng.standard_normal(shape) * 0.01).astype(np.float32)
+        encoded = encode_tensor("w", array, config, previous, threads=2)
+        assert encoded.record["method"] == "quantized"
+        assert np.shares_memory(encoded.recon, encoded.state.last) and not np.shares_memory(encoded.state.last, array)
+        previous = encoded.state

@@ -651,3 +651,25 @@ def test_a_large_bfloat16_tensor_gives_the_same_stream_on_any_thread_count(gz):
     decompressor = gradzip.Decompressor(threads=2)
     for (blob, _), tensors in zip(outputs[0], rounds):
         gz.assert_within_bound(tensors["w"], decompressor.decompress(blob)["w"], 1e-3, "rel")
+
+
+@pytest.mark.parametrize("n, threads", [(9216, 1), (1 << 18, 1), (1 << 18, 2)])
+def test_a_fold_with_no_last_array_gives_the_same_ema_and_signs(n, threads):
+    """Where the reconstruction is the new state's last array the fold gets an empty
+    last_out and writes nothing there: its EMA and signs are those of a fold that copies it
+    (one call, and element ranges on two threads), and the reconstruction is untouched."""
+    from gradzip.predict.history import fold_round_on
+
+    rng = np.random.default_rng(31)
+    ema = rng.random(n).astype(np.float32)
+    recon = (rng.standard_normal(n) * 0.01).astype(np.float32)
+    recon[::97] = 0.0
+    recon[5], recon[6] = np.inf, np.nan
+    outputs = []
+    for last_out in (np.empty(n, np.float32), np.empty(0, np.float32)):
+        ema_out, sign_out, before = np.empty(n, np.float32), np.empty(n, np.int8), recon.copy()
+        fold_round_on(ema, recon, 0.6, False, ema_out, sign_out, last_out, threads)
+        assert recon.tobytes() == before.tobytes()
+        outputs.append((ema_out.tobytes(), sign_out.tobytes(), last_out))
+    assert outputs[0][:2] == outputs[1][:2]
+    assert outputs[0][2].tobytes() == recon.tobytes()

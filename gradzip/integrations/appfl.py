@@ -273,11 +273,11 @@ def _to_numpy(tensors: Mapping) -> tuple[dict[str, np.ndarray], list[str]]:
 
 
 def _from_numpy(arrays: dict[str, np.ndarray], torch_names: set[str]) -> dict[str, Any]:
-    if not torch_names:
-        return arrays
-    from ..torch import numpy_to_tensor
-
-    return {name: numpy_to_tensor(a) if name in torch_names else a for name, a in arrays.items()}
+    """The model as APPFL gets it: torch tensors where the client sent them, and writable
+    numpy arrays (decompress returns read-only views of the server's state)."""
+    if torch_names:
+        from ..torch import numpy_to_tensor
+    return {name: numpy_to_tensor(a) if name in torch_names else np.array(a) for name, a in arrays.items()}
 
 
 def _json_value(key, value):
