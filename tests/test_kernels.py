@@ -673,3 +673,42 @@ def test_a_fold_with_no_last_array_gives_the_same_ema_and_signs(n, threads):
         outputs.append((ema_out.tobytes(), sign_out.tobytes(), last_out))
     assert outputs[0][:2] == outputs[1][:2]
     assert outputs[0][2].tobytes() == recon.tobytes()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("shape", [(12, 37), (6, 5, 3, 3)])
+def test_scale_contexts_follow_the_element_by_element_definition(shape, with_state):
+    """Each element's context is _fitted_bucket of its row and column terms and its predicted
+    level: the flat row loops of a linear layer (with and without a state) and the kernel
+    loop of a conv layer give what a plain element-by-element loop gives, with rows and
+    columns at ZERO_LEVEL among them."""
+    from gradzip.predict import context
+
+    rng = np.random.default_rng(7 + len(shape) + with_state)
+    rows, cols = shape[0], shape[1]
+    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    row_levels = rng.integers(-60, 60, rows).astype(np.int16)
+    col_levels = rng.integers(-60, 60, cols).astype(np.int16)
+    row_levels[2], col_levels[3] = ZERO_LEVEL, ZERO_LEVEL
+    n = rows * cols * inner
+    ema = rng.random(n).astype(np.float32) if with_state else np.empty(0, np.float32)
+    eb, mean, std, w_scale, w_ema, offset = 1e-3, 0.2, 0.7, 21, 9 if with_state else 0, -37
+    contexts = np.zeros(n, np.uint8)
+    context.scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
+    step_level = context.quarter_octave_level(2.0 * eb)
+    expected = np.zeros(n, np.uint8)
+    for i in range(rows):
+        if row_levels[i] == ZERO_LEVEL:
+            continue
+        for j in range(cols):
+            column = context._ZERO_TERM if col_levels[j] == ZERO_LEVEL else w_scale * int(col_levels[j])
+            term = w_scale * (int(row_levels[i]) - step_level) + offset + column
+            for k in range(inner):
+                at = (i * cols + j) * inner + k
+                predicted = np.int64(0)
+                if with_state:
+                    predicted = context.quarter_octave_level(
+                        context._predicted_magnitude(ema, mean, std, np.uint64(at)) * (1.0 / (2.0 * eb)))
+                expected[at] = context._fitted_bucket(np.int64(term), predicted, np.int64(w_ema))
+    assert np.array_equal(contexts, expected)
+    assert len(set(expected.tolist())) > 3  # (the case spreads over buckets)
