@@ -237,14 +237,11 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
             # Linear layers: one flat loop over row slices indexed from 0, which spares every
             # access numba's negative-index check (2x here; 2.4x without a state).
             contexts_row = contexts[base:base + cols]
-            if with_prediction:
-                ema_row = ema[base:base + cols]
-                for j in range(cols):
-                    predicted = quarter_octave_level(_predicted_magnitude(ema_row, mean, std, j) * inv_step)
-                    contexts_row[j] = _fitted_bucket(row_term + col_terms[j], predicted, w_ema)
-            else:
-                for j in range(cols):
-                    contexts_row[j] = _fitted_bucket(row_term + col_terms[j], np.int64(0), w_ema)
+            ema_row = ema[base:base + cols] if with_prediction else ema
+            for j in range(cols):
+                predicted = (quarter_octave_level(_predicted_magnitude(ema_row, mean, std, j) * inv_step)
+                             if with_prediction else np.int64(0))
+                contexts_row[j] = _fitted_bucket(row_term + col_terms[j], predicted, w_ema)
             continue
         for j in range(cols):
             term = row_term + col_terms[j]

@@ -26,17 +26,13 @@ def fold_round(ema, recon, beta, first_round, ema_out, sign_out, last_out):
 
 @numba.njit(cache=True, nogil=True)
 def _fold_range(ema, recon, mean, inv_std, beta, first_round, ema_out, sign_out, last_out):
-    if last_out.size == 0:
-        for i in range(recon.size):
-            value = recon[i]
-            ema_out[i] = ema_step(ema[i], value, mean, inv_std, beta, first_round)
-            sign_out[i] = sign_of(value)
-        return
+    write_last = last_out.size > 0  # (loop-invariant: LLVM makes a loop of each case)
     for i in range(recon.size):
         value = recon[i]
         ema_out[i] = ema_step(ema[i], value, mean, inv_std, beta, first_round)
         sign_out[i] = sign_of(value)
-        last_out[i] = np.float32(value)
+        if write_last:
+            last_out[i] = np.float32(value)
 
 
 def fold_round_on(ema, recon, beta, first_round, ema_out, sign_out, last_out, threads: int = 1) -> None:
