@@ -46,7 +46,8 @@ from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, f
 from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
-from .predict.sign import DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs
+from .predict.sign import (DEFAULT_TAU, OSCILLATION_NONE, choose_oscillation, kernel_consistency, kernel_size, predicted_signs,
+                           signs_from_bitmap)
 from .quantize import (RADIUS, dequantize, dequantize_runs, escaped_deltas, finite_ranges, patch_escape_deltas, quantize,
                        quantize_runs, recheck_narrowed, value_range)
 from .state import NO_HISTORY, TensorState, chained_digest
@@ -470,6 +471,7 @@ class _Prediction:
 
 
 _NO_SIGNS = np.empty(0, np.int8)
+_NO_KERNELS = np.empty(0, np.bool_)  # a kernel flag array where the shape has no kernels
 _NO_WEIGHTS = np.empty(0, np.float64)
 _NO_PREDICTION = _Prediction(_NO_STATE, 0.0, 0.0, _NO_SIGNS)
 
@@ -1195,8 +1197,9 @@ def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarr
 
 
 def _decode_bundle(record, payload):
-    layout = []
+    layout, run_ends, run_ebs = [], [], []
     raw_total = coded_total = 0
+    all_float32 = True  # every member coded and F32: the reconstruction's bytes are as_float32's
     limit = (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE
     for position, name, dtype, shape, eb in record["members"]:
         shape = tuple(shape)
@@ -1211,9 +1214,13 @@ def _decode_bundle(record, payload):
         if eb:
             np_dtype = None  # (a lossy dtype, checked above)
             coded_total += n
+            run_ends.append(coded_total)
+            run_ebs.append(eb)
+            all_float32 = all_float32 and dtype == "F32"
         else:
             np_dtype = numpy_dtype(dtype)
             raw_total += n * np_dtype.itemsize
+            all_float32 = False
         if raw_total + coded_total > limit:
             raise CorruptStreamError("members are too large for the payload")
         layout.append((position, name, dtype, np_dtype, shape, n, eb))
@@ -1227,10 +1234,9 @@ def _decode_bundle(record, payload):
         raise CorruptStreamError("payload size does not match the members")
     values = None
     if coded_total:  # every coded member's values in one kernel call
-        codes = rans.decode(sections["codes"], np.zeros(coded_total, np.uint8), 1)
-        coded = [(n, eb) for *_, n, eb in layout if eb]
+        codes = rans.decode_one_context(sections["codes"], coded_total)
         values = np.empty(coded_total, np.float64)
-        dequantize_runs(codes, np.cumsum([n for n, _ in coded]), np.array([eb for _, eb in coded]), values)
+        dequantize_runs(codes, np.array(run_ends, np.int64), np.array(run_ebs), values)
     as_float32 = values.astype(np.float32) if values is not None else None  # F32 members are views of it
     members, raw_offset, code_offset = [], 0, 0
     for position, name, dtype, np_dtype, shape, n, eb in layout:
@@ -1243,8 +1249,10 @@ def _decode_bundle(record, payload):
             array = _from_little_endian(raw[raw_offset : raw_offset + nbytes], np_dtype, shape)
             raw_offset += nbytes
         members.append((position, name, array))
-    arrays = [array for _, _, array in members]
-    recon_bytes = _joined_little_endian(arrays, [dtype for _, _, dtype, *_ in layout])
+    if all_float32 and coded_total and _LITTLE_ENDIAN_HOST:  # (the members are consecutive views of it)
+        recon_bytes = as_float32
+    else:
+        recon_bytes = _joined_little_endian([array for _, _, array in members], [dtype for _, _, dtype, *_ in layout])
     if xxh64(recon_bytes) & _RECON_CHECK_MASK != record["recon_check"]:
         raise CorruptStreamError("reconstruction checksum mismatch")
     return members
@@ -1498,25 +1506,20 @@ def _decoded_signs(params, sections, shape, previous_sign):
     size = kernel_size(shape)
     if params["kernel_size"] != size:
         raise CorruptStreamError("kernel size does not match the shape")
-    n_kernels = previous_sign.size // size if size else 0
-    predictable = np.zeros(n_kernels, np.bool_)
-    kernel_sign = np.zeros(n_kernels, np.bool_)
-    if size:
-        head = (n_kernels + 7) // 8
-        declared = params["kernel_bitmap_bytes"]
-        if not isinstance(declared, int) or not head <= declared <= 2 * head:
-            raise CorruptStreamError("bad kernel bitmap size")
-        bitmap = np.frombuffer(lossless.decompress(sections["kernel_bitmap"], declared), np.uint8)
-        predictable = np.unpackbits(bitmap[:head], count=n_kernels).astype(np.bool_)
-        n_signed = int(predictable.sum())
-        if bitmap.size != head + (n_signed + 7) // 8:
-            raise CorruptStreamError("kernel bitmap has the wrong size")
-        kernel_sign[predictable] = np.unpackbits(bitmap[head:], count=n_signed).astype(np.bool_)
     oscillation = params["oscillation"]
     if oscillation not in (0, 1, 2):
         raise CorruptStreamError("bad oscillation mode")
     signs = np.empty(previous_sign.size, np.int8)
-    predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, signs)
+    if not size:
+        predicted_signs(previous_sign, oscillation, size, _NO_KERNELS, _NO_KERNELS, signs)
+        return signs
+    head = (previous_sign.size // size + 7) // 8
+    declared = params["kernel_bitmap_bytes"]
+    if not isinstance(declared, int) or not head <= declared <= 2 * head:
+        raise CorruptStreamError("bad kernel bitmap size")
+    bitmap = np.frombuffer(lossless.decompress(sections["kernel_bitmap"], declared), np.uint8)
+    if not signs_from_bitmap(previous_sign, oscillation, size, bitmap, signs):
+        raise CorruptStreamError("kernel bitmap has the wrong size")
     return signs
 
 
@@ -1531,5 +1534,7 @@ def _decode_codes(params, section, n, contexts, n_contexts, threads=1):
         raw = lossless.decompress(section, declared)
         return huffman.decode(raw, n) - np.int32(RADIUS)
     if coder == "rans":
-        return rans.decode(section, contexts if contexts is not None else np.zeros(n, np.uint8), n_contexts, threads)
+        if contexts is None:
+            return rans.decode_one_context(section, n, threads)
+        return rans.decode(section, contexts, n_contexts, threads)
     raise CorruptStreamError(f"unknown coder {coder!r}")

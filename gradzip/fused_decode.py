@@ -21,15 +21,15 @@ from .fused_encode import reconstruct_and_fold
 
 
 @numba.njit(cache=True, nogil=True)
-def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, orient_signs,
+def decode_and_fold(raw, contexts, n_contexts, orient_signs,
                     ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
                     escape_index, escape_values, escape_deltas, fold_ema, beta, first_round, ema_out, sign_out, last_out,
                     narrowed, float16):
     """Fill recon (float32 or float64: the tensor's computed values) and the new state's
     ema_out, sign_out and last_out; return (status, XXH64 of the tensor's bytes). narrowed:
     for a BF16 or F16 tensor (float32 recon; float16 says which) its bits, filled from recon
-    and hashed instead (fused_encode.reconstruct_and_fold), else empty. The rANS arguments are
-    rans.decode_inputs'; orient_signs: the signs the codes were oriented by (empty: none);
+    and hashed instead (fused_encode.reconstruct_and_fold), else empty. raw .. n_contexts:
+    rans.decode_inputs' (the stream's bytes; contexts empty: all 0); orient_signs: the signs the codes were oriented by (empty: none);
     ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values, escape_deltas: reconstruct_and_fold's (validated by the caller); fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
@@ -39,7 +39,7 @@ def decode_and_fold(bit_words, n_bit_words, rans_words, contexts, n_contexts, or
     it: 4 bytes an element less at the peak. The fold reads ema_out's old contents only where
     it is also fold_ema, on a first round, whose EMA ignores them."""
     codes = ema_out.view(np.int32)
-    status = decode_stream_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes)
+    status = decode_stream_kernel(raw, contexts, n_contexts, codes)
     if status != OK:
         return status, np.uint64(0)
     # from here on, what the encoder does once its codes are coded

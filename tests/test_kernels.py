@@ -712,3 +712,26 @@ def test_scale_contexts_follow_the_element_by_element_definition(shape, with_sta
                 expected[at] = context._fitted_bucket(np.int64(term), predicted, np.int64(w_ema))
     assert np.array_equal(contexts, expected)
     assert len(set(expected.tolist())) > 3  # (the case spreads over buckets)
+
+
+@pytest.mark.parametrize("n_kernels, size", [(1, 9), (7, 25), (8, 9), (9, 1), (512, 9), (1000, 3)])
+def test_signs_from_a_kernel_bitmap_match_numpys_unpacking(n_kernels, size):
+    """The decoder's bitmap kernel gives predicted_signs of the flags numpy unpacks from the
+    encoder's packing, for every oscillation mode, and refuses a bitmap of the wrong length."""
+    from gradzip.predict.sign import predicted_signs, signs_from_bitmap
+
+    rng = np.random.default_rng(n_kernels * 31 + size)
+    previous = rng.choice(np.array([-1, 0, 1], np.int8), n_kernels * size)
+    for share in (0.0, 0.3, 1.0):
+        predictable = rng.random(n_kernels) < share
+        kernel_sign = rng.random(n_kernels) < 0.5
+        bitmap = np.frombuffer(np.packbits(predictable).tobytes() + np.packbits(kernel_sign[predictable]).tobytes(),
+                               np.uint8)
+        for oscillation in (0, 1, 2):
+            expected = np.empty(previous.size, np.int8)
+            predicted_signs(previous, oscillation, size, predictable, kernel_sign & predictable, expected)
+            out = np.full(previous.size, 7, np.int8)
+            assert signs_from_bitmap(previous, oscillation, size, bitmap, out)
+            np.testing.assert_array_equal(out, expected)
+        for wrong in (bitmap[:-1], np.concatenate([bitmap, np.zeros(1, np.uint8)])):
+            assert not signs_from_bitmap(previous, 0, size, wrong, np.empty(previous.size, np.int8))

@@ -446,7 +446,8 @@ def test_damaged_segmented_streams():
 
 def _sparse_flag(data, contexts, n_contexts):
     """The decoder's choice of its mostly-zeros loop for an unsegmented stream."""
-    bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(data, np.uint8))
+    status, bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(data, np.uint8))
+    assert status == rans.OK
     return rans._decode_model(bit_words, n_bit_words, contexts, n_contexts)[5]
 
 
@@ -519,3 +520,70 @@ def test_tabled_tokens_are_the_tokens_the_arithmetic_gives():
     table = np.array([rans._formula_token(int(q)) for q in inside])
     np.testing.assert_array_equal(rans.TOKEN_AND_BITS & 0xFF, table[:, 0])
     np.testing.assert_array_equal(rans.TOKEN_AND_BITS >> 8, table[:, 1])
+
+
+def _reference_stream_words(raw):
+    """What the decoder parsed in Python before the kernel did it: (n_bit_words, bit words
+    without their pads, rans words), or the error message."""
+    value, used = 0, 0
+    for i in range(min(raw.size, 5)):
+        value |= int(raw[i] & 0x7F) << (7 * i)
+        if not raw[i] & 0x80:
+            if i > 0 and raw[i] == 0:
+                return "non-canonical"
+            used = i + 1
+            break
+    if not used:
+        return "truncated"
+    rans_start = used + 4 * value
+    if rans_start > raw.size or (raw.size - rans_start) % 4:
+        return "sections"
+    return value, raw[used:rans_start].view("<u4").astype(np.uint32), raw[rans_start:].view("<u4").astype(np.uint32)
+
+
+def test_the_kernels_stream_parsing_matches_the_layout_and_rejects_bad_headers():
+    """An unsegmented stream's word count and sections, parsed inside the decoding kernel, are
+    the documented layout's (little-endian words, 4 zero pads after the bit section); each
+    malformed header has its status and raises CorruptStreamError from decode, with contexts
+    and without (decode_one_context)."""
+    rng = np.random.default_rng(11)
+    good = [rans.encode(laplace_codes(rng, scale, n), np.zeros(n, np.uint8), 1)
+            for n, scale in ((1, 1.0), (300, 3.0), (5000, 40.0), (20_000, 1e5))]
+    headers = [b"", b"\x80", b"\xff" * 5, b"\x80\x00", b"\x81\x80\x00", b"\x02\x01\x02\x03\x04",
+               b"\x01\x01\x02\x03\x04\x05", b"\x00\x01\x02\x03", b"\x7f" + bytes(8)]
+    for data in good + headers + [g[:-1] for g in good] + [g + b"\x00" for g in good]:
+        raw = np.frombuffer(data, np.uint8)
+        status, bit_words, n_bit_words, rans_words = rans._stream_words(raw)
+        expected = _reference_stream_words(raw)
+        if isinstance(expected, str):
+            assert status == (rans.ERR_SECTIONS if expected == "sections" else rans.ERR_WORD_COUNT), (data, expected)
+            for decode in (lambda: rans.decode(data, np.zeros(7, np.uint8), 1), lambda: rans.decode_one_context(data, 7)):
+                with pytest.raises(CorruptStreamError, match="varint" if expected != "sections" else "section lengths"):
+                    decode()
+            continue
+        assert status == rans.OK and n_bit_words == expected[0]
+        np.testing.assert_array_equal(bit_words, np.concatenate([expected[1], np.zeros(4, np.uint32)]))
+        np.testing.assert_array_equal(rans_words, expected[2])
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 16_384, 70_000, rans.SEGMENTED_FROM + 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_context_decoding_without_contexts_equals_decoding_with_zero_contexts(n, threads):
+    rng = np.random.default_rng(n + 7)
+    codes = np.where(rng.random(n) < 0.9, 0, np.round(rng.laplace(0, 300, n))).astype(np.int32)
+    zeros = np.zeros(n, np.uint8)
+    data = rans.encode(codes, zeros, 1, threads)
+    np.testing.assert_array_equal(rans.decode_one_context(data, n, threads), codes)
+    np.testing.assert_array_equal(rans.decode(data, zeros, 1, threads), codes)
+    if n:
+        for damaged in (data[:-4], data + b"\x00\x00\x00\x00"):
+            with pytest.raises(CorruptStreamError):
+                rans.decode_one_context(damaged, n, threads)
+    # a wrong length: the same outcome either way (a 1-code stream of one symbol can take 2)
+    outcomes = []
+    for decode in (lambda: rans.decode_one_context(data, n + 1, threads), lambda: rans.decode(data, np.zeros(n + 1, np.uint8), 1, threads)):
+        try:
+            outcomes.append(decode().tobytes())
+        except CorruptStreamError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]

@@ -418,7 +418,7 @@ class QSGDSession(PerTensorSession):
 
         (scale,) = struct.unpack_from("<d", data, 0)
         n = int(np.prod(shape, dtype=np.int64))
-        codes = rans.decode(memoryview(data)[8:], np.zeros(n, np.uint8), 1)
+        codes = rans.decode_one_context(memoryview(data)[8:], n)
         return (codes * (scale / self.levels)).astype(dtype).reshape(shape)
 
 

@@ -177,12 +177,16 @@ ERR_TABLE = 3
 ERR_RANS_EXHAUSTED = 4
 ERR_RANS_STATE = 5
 ERR_TRAILING = 6
+ERR_WORD_COUNT = 7
+ERR_SECTIONS = 8
 _MESSAGES = {
     ERR_BITS_EXHAUSTED: "bit section truncated",
     ERR_TABLE: "invalid frequency table",
     ERR_RANS_EXHAUSTED: "rANS section truncated",
     ERR_RANS_STATE: "rANS state out of range or not back at its initial value",
     ERR_TRAILING: "unused data at the end of a section",
+    ERR_WORD_COUNT: "bad word count (truncated, oversized or non-canonical varint)",
+    ERR_SECTIONS: "section lengths do not match the data size",
 }
 
 
@@ -909,6 +913,51 @@ def _bits_end_exactly(bit_words, n_bit_words, bit_pos):
 
 
 @njit(cache=True, nogil=True)
+def _little_endian_words(raw, start, n_words, n_pad):
+    """n_words little-endian uint32 words from raw[start:] (uint8), then n_pad zero words."""
+    words = np.zeros(n_words + n_pad, np.uint32)
+    for k in range(n_words):
+        at = start + 4 * k
+        words[k] = (np.uint32(raw[at]) | (np.uint32(raw[at + 1]) << 8) | (np.uint32(raw[at + 2]) << 16)
+                    | (np.uint32(raw[at + 3]) << 24))
+    return words
+
+
+@njit(cache=True, nogil=True)
+def _stream_words(raw):
+    """(status, bit_words with 4 zero pad words, n_bit_words, rans_words) of an unsegmented
+    stream's bytes (uint8): parsed in the kernel, where the same steps in Python (a varint
+    read element by element, two slices and copies) cost a small tensor 8 of its 60 us."""
+    n_bit_words, used = np.int64(0), 0
+    for i in range(min(raw.size, 5)):  # 5 bytes hold any word count we can produce
+        byte = np.int64(raw[i])
+        n_bit_words |= (byte & 0x7F) << (7 * i)
+        if byte & 0x80 == 0:
+            used = i + 1
+            break
+    empty = np.zeros(0, np.uint32)
+    if used == 0 or (used > 1 and raw[used - 1] == 0):
+        return ERR_WORD_COUNT, empty, 0, empty
+    rans_start = used + 4 * n_bit_words
+    if rans_start > raw.size or (raw.size - rans_start) % 4:
+        return ERR_SECTIONS, empty, 0, empty
+    return (OK, _little_endian_words(raw, used, n_bit_words, 4), n_bit_words,
+            _little_endian_words(raw, rans_start, (raw.size - rans_start) // 4, 0))
+
+
+@njit(cache=True, nogil=True)
+def decode_stream_kernel(raw, contexts, n_contexts, codes):
+    """Fills codes from an unsegmented stream's bytes (raw, uint8); returns a status.
+    contexts empty: every code in context 0 (n_contexts 1), without an array of zeros."""
+    status, bit_words, n_bit_words, rans_words = _stream_words(raw)
+    if status != OK:
+        return status
+    if contexts.size == 0:
+        contexts = np.zeros(codes.size, np.uint8)
+    return _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes)
+
+
+@njit(cache=True, nogil=True)
 def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
     """Fills codes; returns a status.  bit_words[n_bit_words:] are 4 zero pad words."""
     status, context_info, slot_tokens, symbol_info, bit_pos, sparse = _decode_model(bit_words, n_bit_words, contexts,
@@ -1183,41 +1232,36 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, thre
     if contexts.size >= SEGMENTED_FROM:
         _decode_segmented(raw, contexts, n_contexts, codes, threads)
         return codes
-    check_status(_decode_kernel(*_stream_words(raw), contexts, n_contexts, codes))
+    check_status(decode_stream_kernel(raw, contexts, n_contexts, codes))
     return codes
 
 
-def _stream_words(raw: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """(bit_words, n_bit_words, rans_words) of an unsegmented stream, as _decode_kernel reads them."""
-    n_bit_words, offset = _read_varint(raw)
-    rans_start = offset + 4 * n_bit_words
-    if rans_start > raw.size or (raw.size - rans_start) % 4:
-        raise CorruptStreamError("section lengths do not match the data size")
-    # copies: aligned native-endian arrays for the kernels, the bit section with 4 zero pads
-    bit_words = _padded_words(raw[offset:rans_start])
-    rans_words = raw[rans_start:].view("<u4").astype(np.uint32)
-    return bit_words, n_bit_words, rans_words
+def decode_one_context(data: bytes | memoryview, n: int, threads: int = 1) -> np.ndarray:
+    """decode of n codes all in context 0 (n_contexts 1), without an array of n zero contexts."""
+    if n == 0 or n >= SEGMENTED_FROM:
+        return decode(data, np.zeros(n, np.uint8), 1, threads)
+    codes = np.empty(n, np.int32)
+    check_status(decode_stream_kernel(np.frombuffer(data, dtype=np.uint8), _ONE_CONTEXT, 1, codes))
+    return codes
+
+
+_ONE_CONTEXT = np.zeros(0, np.uint8)
 
 
 def decode_inputs(data: bytes | memoryview, contexts: np.ndarray | None, n_contexts: int, n: int) -> tuple | None:
     """For a caller that decodes n codes inside its own kernel: the arguments of
     decode_stream_kernel before codes (contexts checked as decode checks them; None: all in
     context 0), or None where the stream is empty or segmented (use decode).  Raises
-    CorruptStreamError as decode does."""
+    ValueError for bad contexts; a damaged stream is the kernel's status."""
     if n == 0 or n >= SEGMENTED_FROM:
         return None
     if contexts is None:
         if n_contexts != 1:
             raise ValueError("contexts are needed for more than one context")
-        contexts = np.zeros(n, np.uint8)
+        contexts = _ONE_CONTEXT
     else:
         contexts = _check_contexts(contexts, n_contexts, n)
-    return (*_stream_words(np.frombuffer(data, dtype=np.uint8)), contexts, n_contexts)
-
-
-# The decoding kernel itself, for callers that compose it (fused_decode.py): it fills codes
-# and returns a status for check_status.
-decode_stream_kernel = _decode_kernel
+    return np.frombuffer(data, dtype=np.uint8), contexts, n_contexts
 
 
 def _measured(kernel, codes, contexts, n_contexts):

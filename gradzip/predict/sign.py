@@ -81,6 +81,34 @@ def predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, 
                     out[j] = s
 
 
+@numba.njit(cache=True, nogil=True)
+def signs_from_bitmap(previous_sign, oscillation, size, bitmap, out):
+    """predicted_signs (size > 0) with the kernels' flags read from the bitmap as the encoder
+    packs it (np.packbits, first bit most significant): a bit per kernel, whether it is
+    predictable, then a bit per predictable kernel, its sign. False where the bitmap's length
+    does not match its flags (out is then not filled). One kernel: unpacking with numpy and a
+    masked assignment cost a 9216-element layer 20 us."""
+    n_kernels = previous_sign.size // size
+    head = (n_kernels + 7) // 8
+    if bitmap.size < head:
+        return False
+    predictable = np.zeros(n_kernels, np.bool_)
+    kernel_sign = np.zeros(n_kernels, np.bool_)
+    n_signed = 0
+    for k in range(n_kernels):
+        predictable[k] = (bitmap[k >> 3] >> (7 - (k & 7))) & 1
+        n_signed += predictable[k]
+    if bitmap.size != head + (n_signed + 7) // 8:
+        return False
+    j = 0
+    for k in range(n_kernels):
+        if predictable[k]:
+            kernel_sign[k] = (bitmap[head + (j >> 3)] >> (7 - (j & 7))) & 1
+            j += 1
+    predicted_signs(previous_sign, oscillation, size, predictable, kernel_sign, out)
+    return True
+
+
 def choose_oscillation(values: np.ndarray, previous_sign: np.ndarray, tau: float) -> int:
     """Keep or flip when at least tau of the signs follow that pattern, else none."""
     same, both = oscillation_agreement(values, previous_sign)
