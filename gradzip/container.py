@@ -29,7 +29,9 @@ from .errors import CorruptStreamError
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
 FORMAT_VERSION = 8  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
-_INFLATE_STEP = 64  # compressed bytes per decompression step: a zstd block can inflate 4 bytes to 128 KiB
+# Compressed bytes per decompression step: a zstd block can inflate 4 bytes to 128 KiB, so a
+# step adds at most 8 MiB before the size check (a frame is a few hundred bytes: one step).
+_INFLATE_STEP = 256
 # Part of the format: changing a byte of it needs a new FORMAT_VERSION.
 FRAME_DICTIONARY = (
     b'{"kind":"header","round":0,"state_digest":"","input_digest":"","codec":{"error_bound":0.001,'
@@ -108,7 +110,9 @@ MAX_PAYLOAD_BYTES = 1 << 40
 # One encoder and decoder for every frame: json.dumps builds an encoder per call when given
 # options, and json.loads of bytes first guesses their encoding (frames are ASCII).
 _frame_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-_frame_object = json.JSONDecoder().decode
+# (json's scanner itself: decode's two whitespace matches cost more than a small frame's
+# parse; a frame is one JSON value and nothing else, so the scan must end at the frame's end)
+_frame_scan = json.JSONDecoder().scan_once
 _READ_CHUNK = 1 << 24
 
 
@@ -204,38 +208,48 @@ class StreamReader:
         self.bytes_read += n
         return b"".join(chunks)
 
-    def _varint(self, what: str) -> int:
-        value = 0
+    def _varint(self, what: str) -> tuple[int, bytes]:
+        """(value, its bytes as stored)."""
+        value, stored = 0, b""
         for shift in range(0, 35, 7):
-            (byte,) = self._read(1, what)
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
+            byte = self._read(1, what)
+            stored += byte
+            value |= (byte[0] & 0x7F) << shift
+            if not byte[0] & 0x80:
+                return value, stored
         raise CorruptStreamError(f"bad {what}")
 
     def _frame(self, expected_kind: tuple[str, ...]) -> tuple[dict, bytes]:
         """(the frame's JSON object, its bytes as stored, for the checksum)."""
-        length = self._varint("frame length")
+        length, stored_length = self._varint("frame length")
         if length > MAX_FRAME_BYTES:
             raise CorruptStreamError(f"frame length {length} exceeds the limit")
         data = self._read(length, "frame")
-        pieces = []
-        size = 0
         try:
-            for at in range(0, length, _INFLATE_STEP):
-                piece = self._zstd.decompress(data[at : at + _INFLATE_STEP])
-                size += len(piece)
-                if size > MAX_FRAME_BYTES:
-                    raise CorruptStreamError("frame inflates beyond the limit")
-                pieces.append(piece)
-            obj = _frame_object(b"".join(pieces).decode())
+            if length <= _INFLATE_STEP:
+                text = self._zstd.decompress(data)
+            else:
+                pieces, size = [], 0
+                for at in range(0, length, _INFLATE_STEP):
+                    piece = self._zstd.decompress(data[at : at + _INFLATE_STEP])
+                    size += len(piece)
+                    if size > MAX_FRAME_BYTES:
+                        raise CorruptStreamError("frame inflates beyond the limit")
+                    pieces.append(piece)
+                text = b"".join(pieces)
+            if len(text) > MAX_FRAME_BYTES:
+                raise CorruptStreamError("frame inflates beyond the limit")
+            text = text.decode()
+            obj, end = _frame_scan(text, 0)
+            if end != len(text):
+                raise ValueError("data after the frame's JSON value")
         except zstandard.ZstdError:
             raise CorruptStreamError("frame is not valid zstd data") from None
-        except (ValueError, UnicodeDecodeError, RecursionError):
+        except (ValueError, UnicodeDecodeError, RecursionError, StopIteration):
             raise CorruptStreamError("frame is not valid JSON") from None
         if not isinstance(obj, dict) or obj.get("kind") not in expected_kind:
             raise CorruptStreamError(f"expected a {' or '.join(expected_kind)} frame")
-        return obj, _varint(length) + data
+        return obj, stored_length + data
 
     def _check(self, crc: int, what: str) -> None:
         (stored,) = struct.unpack("<I", self._read(4, f"{what} checksum"))
