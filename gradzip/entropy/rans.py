@@ -24,9 +24,10 @@ and decoder derive identical tables on any machine.
 Coder.  rANS with a 64-bit state in [2**31, 2**63) (a signed int64 never overflows) and
 32-bit renormalization, so each symbol moves at most one word.  Streams of 16384 or more
 elements interleave 4 states (element i uses state i % 4) so the CPU overlaps their
-dependency chains, streams of 4096 to 16383 interleave 2, and shorter ones use 1: each more
+dependency chains, streams of 2048 to 16383 interleave 2, and shorter ones use 1: each more
 state costs its 8-byte final state (with 2 from 4096 the small models decompressed
-1.05-1.14x faster, for 0.03-0.11% more bytes).
+1.05-1.14x faster, for 0.03-0.11% more bytes; from 2048, the small CNNs 1.02-1.04x
+faster again, for 0.02-0.07% more).
 
 Byte layout of one stream (words are little-endian uint32, bits are packed LSB-first):
 
@@ -59,7 +60,7 @@ segments of SEGMENT_ELEMENTS (2**18; the last may be shorter), coded under one s
     per segment: varint n_extra_words, varint n_rans_words
     per segment: its extra bits (n_extra_words words, zero-padded)
     per segment: its rANS words (n_rans_words words), as above: 4 states from 16384
-                 elements on, 2 from 4096, else 1
+                 elements on, 2 from 2048, else 1
 
 Segments decode independently once the tables are read, on as many threads as the caller
 gives; the bytes do not depend on the thread count.
@@ -154,7 +155,7 @@ PRECISION_FIELD_BITS = 4  # per table: 0 = default weights, else weights summing
 RANS_LOW = 1 << 31  # the state lives in [RANS_LOW, 2**63)
 WORD_MASK = 0xFFFFFFFF
 MAX_LANES = 4
-FEW_ELEMENTS = 1 << 12  # below this, one rANS state (each more costs an 8-byte final state)
+FEW_ELEMENTS = 1 << 11  # below this, one rANS state (each more costs an 8-byte final state)
 SOME_ELEMENTS = 1 << 14  # below this, two; from it on, MAX_LANES
 # Streams of SEGMENTED_FROM codes or more are cut into segments of SEGMENT_ELEMENTS (the last
 # may be shorter), each with its own extra bits and rANS states under the shared tables, so
@@ -1283,7 +1284,7 @@ def table_bits(codes: np.ndarray, contexts: np.ndarray, n_contexts: int) -> int:
     writes, as it may choose coarser tables.  The rest of a stream is the payload that
     ideal_bits estimates (plus the cost of any coarser table) and overhead: a <= 5-byte
     header, padding, and the final rANS states (8 bytes each; 4 states from 16384 elements
-    on, 2 from 4096, else 1)."""
+    on, 2 from 2048, else 1)."""
     return int(_measured(_table_bits_kernel, codes, contexts, n_contexts))
 
 
