@@ -543,7 +543,7 @@ class _Candidate:
     def coded_contexts(self) -> tuple[np.ndarray, int]:
         """(contexts, n_contexts) as the entropy coder sees them."""
         if self.contexts is None:
-            return np.zeros(self.codes.size, np.uint8), 1
+            return None, 1  # (one context: the coders take None for all zeros)
         return merged_contexts(self.contexts, self.merge, self.n_contexts) if self.merge else (self.contexts, self.n_contexts)
 
     def estimated_bytes(self, coder: str, itemsize: int, threads: int = 1) -> float:
@@ -1051,9 +1051,10 @@ def _code(codes, coder, contexts, n_contexts, measure_ideal, threads=1):
     if coder == "huffman":
         raw = huffman.encode(codes + RADIUS)
         return lossless.compress(raw), {"coder": "huffman", "huffman_bytes": len(raw)}, 0.0
-    if contexts is None:
-        contexts = np.zeros(codes.size, np.uint8)
-    ideal = rans.ideal_bits(codes, contexts, n_contexts) if measure_ideal else 0.0
+    if measure_ideal:
+        ideal = rans.ideal_bits(codes, np.zeros(codes.size, np.uint8) if contexts is None else contexts, n_contexts)
+    else:
+        ideal = 0.0
     return rans.encode(codes, contexts, n_contexts, threads), {"coder": "rans"}, ideal
 
 
@@ -1109,8 +1110,8 @@ def _bundle_members_quantized(members, dtypes, config) -> list:
         quantized[i] = _bundle_member_quantized(members[i][2], dtypes[i], config)
     if not fused:
         return quantized
-    values = np.concatenate([np.ascontiguousarray(members[i][2]).reshape(-1) for i in fused]).astype(np.float32, copy=False)
-    run_ends = np.cumsum([members[i][2].size for i in fused])
+    values = np.concatenate([members[i][2].reshape(-1) for i in fused]).astype(np.float32, copy=False)
+    run_ends = np.fromiter(itertools.accumulate(members[i][2].size for i in fused), np.int64, len(fused))
     if config.mode == "abs":
         ebs = np.full(len(fused), float(config.error_bound))
     else:
@@ -1176,7 +1177,7 @@ def _bundle(members, dtypes, quantized) -> EncodedBundle:
     n_coded = sum(c.size for c in codes)
     if n_coded:
         all_codes = np.concatenate(codes)
-        sections.append(("codes", rans.encode(all_codes, np.zeros(n_coded, np.uint8), 1)))
+        sections.append(("codes", rans.encode(all_codes, None, 1)))
     sections = _padded(sections, len(raw) + n_coded)
     # Members are small: one join and one hash beat a hash update per member.
     ordered = [recons[name] for _, name, _ in members]

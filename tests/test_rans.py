@@ -588,3 +588,12 @@ def test_one_context_decoding_without_contexts_equals_decoding_with_zero_context
         except CorruptStreamError as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("n", [0, 5, 3000, rans.SEGMENTED_FROM + 9])
+def test_encoding_without_contexts_is_encoding_with_zero_contexts(n):
+    rng = np.random.default_rng(n + 1)
+    codes = np.round(rng.laplace(0, 20, n)).astype(np.int32)
+    assert rans.encode(codes, None, 1, 2) == rans.encode(codes, np.zeros(n, np.uint8), 1, 2)
+    with pytest.raises(ValueError):
+        rans.encode(codes, None, 2)

@@ -1201,13 +1201,18 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
         check_status(status)
 
 
-def encode(codes: np.ndarray, contexts: np.ndarray, n_contexts: int, threads: int = 1) -> bytes:
+def encode(codes: np.ndarray, contexts: np.ndarray | None, n_contexts: int, threads: int = 1) -> bytes:
     """Encode 1-D signed codes (|q| < 2**24), each modelled under its uint8 context
-    (< n_contexts <= 256).  The decoder needs the same contexts.  Streams of SEGMENTED_FROM
-    codes or more are coded in segments, on up to `threads` threads (the bytes do not depend
-    on it)."""
+    (< n_contexts <= 256; None: all in context 0, n_contexts 1, without checking an array of
+    zeros).  The decoder needs the same contexts.  Streams of SEGMENTED_FROM codes or more
+    are coded in segments, on up to `threads` threads (the bytes do not depend on it)."""
     codes = _check_codes(codes)
-    contexts = _check_contexts(contexts, n_contexts, codes.size)
+    if contexts is None:
+        if n_contexts != 1:
+            raise ValueError("contexts are needed for more than one context")
+        contexts = np.zeros(codes.size, np.uint8)
+    else:
+        contexts = _check_contexts(contexts, n_contexts, codes.size)
     if codes.size == 0:
         return b""
     if codes.size >= SEGMENTED_FROM:
