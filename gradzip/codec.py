@@ -1110,7 +1110,7 @@ def _bundle_members_quantized(members, dtypes, config) -> list:
         quantized[i] = _bundle_member_quantized(members[i][2], dtypes[i], config)
     if not fused:
         return quantized
-    values = np.concatenate([members[i][2].reshape(-1) for i in fused]).astype(np.float32, copy=False)
+    values = np.concatenate([np.ascontiguousarray(members[i][2]).reshape(-1) for i in fused]).astype(np.float32, copy=False)
     run_ends = np.fromiter(itertools.accumulate(members[i][2].size for i in fused), np.int64, len(fused))
     if config.mode == "abs":
         ebs = np.full(len(fused), float(config.error_bound))
