@@ -216,6 +216,8 @@ class StreamReader:
             stored += byte
             value |= (byte[0] & 0x7F) << shift
             if not byte[0] & 0x80:
+                if byte[0] == 0 and len(stored) > 1:  # (a writer never pads a length)
+                    raise CorruptStreamError(f"non-canonical {what}")
                 return value, stored
         raise CorruptStreamError(f"bad {what}")
 

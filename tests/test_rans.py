@@ -87,7 +87,7 @@ def test_extreme_magnitudes():
     round_trip(codes, rng.integers(0, 3, codes.size), 3)
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 4095, 4096, 4097, 16383, 16384, 16385, 16387])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 2047, 2048, 2049, 4095, 4096, 4097, 16383, 16384, 16385, 16387])
 def test_lengths_around_lane_boundaries(n):
     rng = np.random.default_rng(n)
     round_trip(laplace_codes(rng, 3.0, n), rng.integers(0, 2, n), 2)
@@ -567,7 +567,7 @@ def test_the_kernels_stream_parsing_matches_the_layout_and_rejects_bad_headers()
         np.testing.assert_array_equal(rans_words, expected[2])
 
 
-@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 16_384, 70_000, rans.SEGMENTED_FROM + 5])
+@pytest.mark.parametrize("n", [0, 1, 2047, 2048, 4096, 16_384, 70_000, rans.SEGMENTED_FROM + 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_context_decoding_without_contexts_equals_decoding_with_zero_contexts(n, threads):
     rng = np.random.default_rng(n + 7)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gradzip import Compressor, CorruptStreamError, Decompressor, GradzipError, StateMismatchError
-from gradzip import lossless
+from gradzip import container, lossless
 from gradzip.api import describe_stream
 from gradzip.container import FORMAT_VERSION, MAGIC, StreamReader, StreamWriter, _varint, join_stream, split_stream
 from gradzip.state import PredictorState
@@ -452,3 +452,35 @@ def test_a_source_whose_read_returns_none_is_a_truncated_stream(streams):
         with pytest.raises(CorruptStreamError, match="truncated"):
             decompressor.decompress_from(Dry(blob[:cut]))
         assert decompressor.state.to_bytes() == before
+
+
+@pytest.mark.parametrize("before, after", [(b"", b" {}"), (b" ", b""), (b"", b"x"), (b"", b"\n")])
+@pytest.mark.parametrize("pad", [0, 3000])
+def test_a_frame_must_be_one_json_value_and_nothing_else(before, after, pad):
+    """The reader scans a frame's JSON itself (no whitespace skipping): a value with anything
+    before or after it is not a frame, whether it inflates in one step or, with a pad of
+    random hex that zstd cannot shrink below container._INFLATE_STEP bytes, in several."""
+    value = b'{"kind":"header","pad":"%s"}' % np.random.default_rng(pad).bytes(pad // 2).hex().encode()
+    for text, valid in ((value, True), (before + value + after, False)):
+        zstd = container._frame_compressor().compressobj()
+        frame = zstd.compress(text) + zstd.flush()
+        assert (len(frame) > container._INFLATE_STEP) == (pad > 0)
+        frame = _varint(len(frame)) + frame
+        blob = MAGIC + struct.pack("<H", FORMAT_VERSION) + frame + struct.pack("<I", zlib.crc32(frame))
+        with pytest.raises(CorruptStreamError, match="header lacks" if valid else "JSON"):
+            Decompressor().decompress(blob)
+
+
+def test_a_padded_frame_length_is_refused_even_under_its_checksum():
+    """A frame length is the shortest LEB128 encoding: `85 00` for 5 is damage, not a
+    frame, though the checksum is recomputed over it."""
+    blob = Compressor(1e-2).compress({"w": np.ones(2000, np.float32)})
+    at = len(MAGIC) + 2
+    length = blob[at]
+    assert length < 0x80  # (a one-byte length, so the padded form is two bytes)
+    frame = blob[at + 1 : at + 1 + length]
+    padded = bytes([length | 0x80, 0]) + frame
+    damaged = blob[:at] + padded + struct.pack("<I", zlib.crc32(padded)) + blob[at + 1 + length + 4 :]
+    with pytest.raises(CorruptStreamError, match="non-canonical"):
+        Decompressor().decompress(damaged)
+    assert Decompressor().decompress(blob)["w"].shape == (2000,)

@@ -1066,7 +1066,8 @@ def _merged_estimates(histogram, max_shift):
 
 def _for_kernels(array):
     """Contiguous and writable: read-only arrays would compile (and cache) another
-    specialization of every kernel."""
+    specialization of every kernel. (A stream's bytes reach decode_stream_kernel as they
+    come, read-only from bytes: the decoder always passes bytes, a bytearray compiles its own.)"""
     array = np.ascontiguousarray(array)
     return array if array.flags.writeable else array.copy()
 
