@@ -29,8 +29,8 @@ def decode_and_fold(raw, contexts, n_contexts, orient_signs,
     ema_out, sign_out and last_out; return (status, XXH64 of the tensor's bytes). narrowed:
     for a BF16 or F16 tensor (float32 recon; float16 says which) its bits, filled from recon
     and hashed instead (fused_encode.reconstruct_and_fold), else empty. raw .. n_contexts:
-    rans.decode_inputs' (the stream's bytes; contexts empty: all 0); orient_signs: the signs the codes were oriented by (empty: none);
-    ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
+    rans.decode_inputs' (the stream's bytes; contexts empty: all 0); orient_signs: the signs
+    the codes were oriented by (empty: none); ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values, escape_deltas: reconstruct_and_fold's (validated by the caller); fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
     the caller checks (codec._Fold.fits), but last_out empty where recon is the new state's

@@ -925,19 +925,26 @@ def _little_endian_words(raw, start, n_words, n_pad):
 
 
 @njit(cache=True, nogil=True)
+def _varint_at(raw, at):
+    """(value, bytes used) of the LEB128 varint at raw[at:] (uint8; 5 bytes hold any word
+    count we produce); 0 bytes used where it is truncated, oversized or non-canonical."""
+    value = np.int64(0)
+    for i in range(max(min(raw.size - at, 5), 0)):
+        byte = np.int64(raw[at + i])
+        value |= (byte & 0x7F) << (7 * i)
+        if byte & 0x80 == 0:
+            return value, (0 if i > 0 and byte == 0 else i + 1)
+    return value, 0
+
+
+@njit(cache=True, nogil=True)
 def _stream_words(raw):
     """(status, bit_words with 4 zero pad words, n_bit_words, rans_words) of an unsegmented
     stream's bytes (uint8): parsed in the kernel, where the same steps in Python (a varint
     read element by element, two slices and copies) cost a small tensor 8 of its 60 us."""
-    n_bit_words, used = np.int64(0), 0
-    for i in range(min(raw.size, 5)):  # 5 bytes hold any word count we can produce
-        byte = np.int64(raw[i])
-        n_bit_words |= (byte & 0x7F) << (7 * i)
-        if byte & 0x80 == 0:
-            used = i + 1
-            break
+    n_bit_words, used = _varint_at(raw, 0)
     empty = np.zeros(0, np.uint32)
-    if used == 0 or (used > 1 and raw[used - 1] == 0):
+    if used == 0:
         return ERR_WORD_COUNT, empty, 0, empty
     rans_start = used + 4 * n_bit_words
     if rans_start > raw.size or (raw.size - rans_start) % 4:
@@ -1112,16 +1119,12 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: np.ndarray) -> tuple[int, int]:
-    """(value, bytes used) of the LEB128 varint at the start of data."""
-    value = 0
-    for i in range(min(data.size, 5)):  # 5 bytes hold any word count we can produce
-        value |= int(data[i] & 0x7F) << (7 * i)
-        if not data[i] & 0x80:
-            if i > 0 and data[i] == 0:
-                raise CorruptStreamError("non-canonical varint")
-            return value, i + 1
-    raise CorruptStreamError("truncated or oversized varint")
+def _read_varint(raw: np.ndarray, at: int) -> tuple[int, int]:
+    """(value, bytes used) of the LEB128 varint at raw[at:] (uint8)."""
+    value, used = _varint_at(raw, at)
+    if not used:
+        raise CorruptStreamError(_MESSAGES[ERR_WORD_COUNT])
+    return int(value), int(used)
 
 
 def _segments(n: int) -> list[tuple[int, int]]:
@@ -1157,29 +1160,22 @@ def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
     return b"".join(parts)
 
 
-def _padded_words(raw: np.ndarray) -> np.ndarray:
-    """Little-endian words as an aligned native array with the 4 zero pad words the kernels read."""
-    words = np.zeros(raw.size // 4 + 4, np.uint32)
-    words[: raw.size // 4] = raw.view("<u4")
-    return words
-
-
 def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
-    n_table_words, offset = _read_varint(raw)
+    n_table_words, offset = _read_varint(raw, 0)
     tables_end = offset + 4 * n_table_words
     if tables_end > raw.size:
-        raise CorruptStreamError("section lengths do not match the data size")
-    table_words = _padded_words(raw[offset:tables_end])
+        raise CorruptStreamError(_MESSAGES[ERR_SECTIONS])
+    table_words = _little_endian_words(raw, offset, n_table_words, 4)
     segments, offset, sizes = _segments(codes.size), tables_end, []
     for _ in segments:
-        n_extra, used = _read_varint(raw[offset:])
-        n_rans, used_too = _read_varint(raw[offset + used:])
+        n_extra, used = _read_varint(raw, offset)
+        n_rans, used_too = _read_varint(raw, offset + used)
         offset += used + used_too
         sizes.append((n_extra, n_rans))
     extra_start = offset
     rans_start = extra_start + 4 * sum(n for n, _ in sizes)
     if rans_start + 4 * sum(n for _, n in sizes) != raw.size:
-        raise CorruptStreamError("section lengths do not match the data size")
+        raise CorruptStreamError(_MESSAGES[ERR_SECTIONS])
     status, context_info, slot_tokens, symbol_info, bit_pos, sparse = _decode_model(table_words, n_table_words, contexts,
                                                                                      n_contexts)
     check_status(status)
@@ -1193,8 +1189,8 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
 
     def decode_segment(job):
         start, stop, extra_at, n_extra, rans_at, n_rans = job
-        extra = _padded_words(raw[extra_at : extra_at + 4 * n_extra])
-        words = raw[rans_at : rans_at + 4 * n_rans].view("<u4").astype(np.uint32)
+        extra = _little_endian_words(raw, extra_at, n_extra, 4)
+        words = _little_endian_words(raw, rans_at, n_rans, 0)
         return _decode_segment(extra, n_extra, 0, words, contexts[start:stop], context_info, slot_tokens, symbol_info,
                                sparse, codes[start:stop])
 
