@@ -1092,6 +1092,12 @@ def _check_contexts(contexts, n_contexts, n_codes=None):
     return contexts
 
 
+def _require_one_context(n_contexts):
+    """Callers pass contexts None for all codes in context 0: only with n_contexts 1."""
+    if n_contexts != 1:
+        raise ValueError("contexts are needed for more than one context")
+
+
 def _check_codes(codes):
     codes = np.asarray(codes)
     if codes.ndim != 1 or codes.dtype.kind not in "iu":
@@ -1205,8 +1211,7 @@ def encode(codes: np.ndarray, contexts: np.ndarray | None, n_contexts: int, thre
     are coded in segments, on up to `threads` threads (the bytes do not depend on it)."""
     codes = _check_codes(codes)
     if contexts is None:
-        if n_contexts != 1:
-            raise ValueError("contexts are needed for more than one context")
+        _require_one_context(n_contexts)
         contexts = np.zeros(codes.size, np.uint8)
     else:
         contexts = _check_contexts(contexts, n_contexts, codes.size)
@@ -1239,16 +1244,17 @@ def decode(data: bytes | memoryview, contexts: np.ndarray, n_contexts: int, thre
     return codes
 
 
+_ONE_CONTEXT = np.zeros(0, np.uint8)
+
+
 def decode_one_context(data: bytes | memoryview, n: int, threads: int = 1) -> np.ndarray:
     """decode of n codes all in context 0 (n_contexts 1), without an array of n zero contexts."""
-    if n == 0 or n >= SEGMENTED_FROM:
+    inputs = decode_inputs(data, None, 1, n)
+    if inputs is None:  # empty or segmented
         return decode(data, np.zeros(n, np.uint8), 1, threads)
     codes = np.empty(n, np.int32)
-    check_status(decode_stream_kernel(np.frombuffer(data, dtype=np.uint8), _ONE_CONTEXT, 1, codes))
+    check_status(decode_stream_kernel(*inputs, codes))
     return codes
-
-
-_ONE_CONTEXT = np.zeros(0, np.uint8)
 
 
 def decode_inputs(data: bytes | memoryview, contexts: np.ndarray | None, n_contexts: int, n: int) -> tuple | None:
@@ -1259,8 +1265,7 @@ def decode_inputs(data: bytes | memoryview, contexts: np.ndarray | None, n_conte
     if n == 0 or n >= SEGMENTED_FROM:
         return None
     if contexts is None:
-        if n_contexts != 1:
-            raise ValueError("contexts are needed for more than one context")
+        _require_one_context(n_contexts)
         contexts = _ONE_CONTEXT
     else:
         contexts = _check_contexts(contexts, n_contexts, n)
@@ -1320,8 +1325,7 @@ def estimated_bits(codes: np.ndarray, contexts: np.ndarray | None, n_contexts: i
     take the few bytes of header and final states. contexts None: every code in context 0
     (n_contexts 1)."""
     if contexts is None:
-        if n_contexts != 1:
-            raise ValueError("contexts are needed for more than one context")
+        _require_one_context(n_contexts)
         codes = _check_codes(codes)
         if len(spans(codes.size, threads)) == 1:
             status, bits = _estimate_one_context_kernel(codes)
