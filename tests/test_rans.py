@@ -476,7 +476,7 @@ def test_mostly_zero_streams_take_the_sparse_loop_and_round_trip(n):
         assert not _sparse_flag(round_trip(denser, contexts, 3), contexts, 3)
 
 
-@pytest.mark.parametrize("n", [0, 1, 2304, 70_000, 600_000])
+@pytest.mark.parametrize("n", [0, 1, 2304, rans.PARTIAL_COUNTS_FROM + 3, 70_000, 600_000])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_context_estimate_without_contexts_equals_the_one_with_zero_contexts(n, threads):
     rng = np.random.default_rng(n)
@@ -488,6 +488,14 @@ def test_one_context_estimate_without_contexts_equals_the_one_with_zero_contexts
         rans.estimated_bits(np.full(3, 1 << 25, np.int32), None, 1)
     with pytest.raises(ValueError):
         rans.estimated_bits(np.zeros(3, np.int32), None, 2)
+
+
+@pytest.mark.parametrize("at", [400, 401, 402, 403, rans.PARTIAL_COUNTS_FROM + 1])
+def test_one_context_estimate_refuses_a_code_out_of_range_in_the_partial_counts_and_their_tail(at):
+    codes = np.zeros(rans.PARTIAL_COUNTS_FROM + 3, np.int32)  # counted four at a time (each of the four), then a tail of 3
+    codes[at] = -(1 << 25)
+    with pytest.raises(ValueError):
+        rans.estimated_bits(codes, None, 1)
 
 
 @njit

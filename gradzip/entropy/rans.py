@@ -311,12 +311,35 @@ def _count_tokens(codes, contexts, histogram):
     return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
 
 
+# From this many codes, one context's tokens are counted into four partial histograms: a run
+# of zeros (the residual a low-rank part leaves is 97-99.9% zeros) otherwise increments one
+# counter, each increment waiting for the last (1M codes at 98% zeros: 2.3 -> 0.86 ms; spread
+# codes run at the same speed, a small tensor's 2% slower for zeroing the partials).
+PARTIAL_COUNTS_FROM = 1 << 12
+
+
 @njit(cache=True, nogil=True)
 def _count_tokens_in_one_context(codes, histogram):
     """_count_tokens with every element in context 0, without a contexts array (a small
     tensor's estimate cost as much again in making and checking one)."""
     magnitude_bits = 0
-    for i in range(codes.size):
+    start = 0
+    if codes.size >= PARTIAL_COUNTS_FROM:
+        partial = np.zeros((4, 1 << TOKEN_SHIFT), np.int64)
+        start = codes.size - codes.size % 4
+        for i in range(0, start, 4):
+            t0, m0, _ = _token(np.int64(codes[np.uint64(i)]))
+            t1, m1, _ = _token(np.int64(codes[np.uint64(i + 1)]))
+            t2, m2, _ = _token(np.int64(codes[np.uint64(i + 2)]))
+            t3, m3, _ = _token(np.int64(codes[np.uint64(i + 3)]))
+            magnitude_bits |= m0 | m1 | m2 | m3
+            partial[0, np.uint64(t0)] += 1
+            partial[1, np.uint64(t1)] += 1
+            partial[2, np.uint64(t2)] += 1
+            partial[3, np.uint64(t3)] += 1
+        for t in range(1 << TOKEN_SHIFT):
+            histogram[t] += partial[0, t] + partial[1, t] + partial[2, t] + partial[3, t]
+    for i in range(start, codes.size):
         token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
         magnitude_bits |= magnitude
         histogram[np.uint64(token)] += 1
