@@ -976,10 +976,10 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         weights = recipe[3]
     else:
         sums = np.zeros(9)
-        scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, eb, ema, mean, std, sums, threads)
+        scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, scales.taps, eb, ema, mean, std, sums, threads)
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
-    scale_contexts_on(scales.rows, scales.cols, eb, ema, mean, std, *weights, contexts, threads)
+    scale_contexts_on(scales.rows, scales.cols, scales.taps, eb, ema, mean, std, *weights, contexts, threads)
     return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales.sections],
                                values.size, recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
 
@@ -1006,23 +1006,33 @@ def _context_candidates(quantized, codes, contexts, params, side_sections, n, re
 class _Scales(NamedTuple):
     rows: np.ndarray  # int16 levels
     cols: np.ndarray
+    taps: np.ndarray  # a conv's kernel positions (empty for a tensor of two axes or 1 x 1 kernels)
     sections: list
     unit: float  # what scale_levels took: 1.0 for the tensor, 2 eb for a prediction's codes
 
 
+def _tap_count(shape) -> int:
+    """A scale-context tensor's kernel positions with a level each: the product of the axes
+    after the second where it is above 1, else 0."""
+    taps = element_count(shape[2:])
+    return taps if taps > 1 else 0
+
+
 def _scale_side(values, shape, unit=1.0) -> "_Scales | None":
-    """The row and column levels and their sections for a tensor of 2 or more dimensions and
-    at least _SCALE_MIN_ELEMENTS elements, else None. values and unit: the tensor (1.0) or a
-    prediction's codes (2 eb; see scale_levels)."""
+    """The row, column and tap levels and their sections (the taps' behind the columns', in
+    one zstd frame) for a tensor of 2 or more dimensions and at least _SCALE_MIN_ELEMENTS
+    elements, else None. values and unit: the tensor (1.0) or a prediction's codes (2 eb; see
+    scale_levels)."""
     if len(shape) < 2 or shape[0] * shape[1] == 0 or values.size < _SCALE_MIN_ELEMENTS:
         return None
     rows, cols = shape[0], shape[1]
     row_levels = np.empty(rows, np.int16)
-    col_levels = np.empty(cols, np.int16)
-    scale_levels(values, unit, rows, cols, row_levels, col_levels)
+    col_and_tap_levels = np.empty(cols + _tap_count(shape), np.int16)
+    col_levels, tap_levels = col_and_tap_levels[:cols], col_and_tap_levels[cols:]
+    scale_levels(values, unit, rows, cols, row_levels, col_levels, tap_levels)
     sections = [("row_scale", lossless.compress(row_levels.astype("<i2").tobytes())),
-                ("col_scale", lossless.compress(col_levels.astype("<i2").tobytes()))]
-    return _Scales(row_levels, col_levels, sections, unit)
+                ("col_scale", lossless.compress(col_and_tap_levels.astype("<i2").tobytes()))]
+    return _Scales(row_levels, col_levels, tap_levels, sections, unit)
 
 
 def _sign_prediction(values, shape, tau, previous_sign):
@@ -1490,13 +1500,14 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1
         if len(shape) < 2 or shape[0] * shape[1] == 0:
             raise CorruptStreamError("scale contexts need two dimensions")
         row_levels = _decoded_levels(sections["row_scale"], shape[0])
-        col_levels = _decoded_levels(sections["col_scale"], shape[1])
+        col_and_tap_levels = _decoded_levels(sections["col_scale"], shape[1] + _tap_count(shape))
+        col_levels, tap_levels = col_and_tap_levels[:shape[1]], col_and_tap_levels[shape[1]:]
         fit = params["fit"]
         if (not isinstance(fit, list) or len(fit) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in fit)
                 or not all(0 <= w <= MAX_WEIGHT for w in fit[:2]) or not -MAX_OFFSET <= fit[2] <= MAX_OFFSET
                 or (source == "scale" and fit[1] != 0)):
             raise CorruptStreamError("bad scale-context fit")
-        scale_contexts_on(row_levels, col_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std,
+        scale_contexts_on(row_levels, col_levels, tap_levels, eb, previous.ema if source == "scale_ema" else _NO_STATE, mean, std,
                           fit[0], fit[1], fit[2], contexts, threads)
     shift = params["context_merge"]
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):

@@ -27,7 +27,7 @@ import zstandard
 from .errors import CorruptStreamError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 9  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values. 9: two rANS states from 2048 codes
+FORMAT_VERSION = 10  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values. 9: two rANS states from 2048 codes. 10: scale contexts add a conv kernel position's level (its taps' levels behind the columns')
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
 # Compressed bytes per decompression step: a zstd block can inflate 4 bytes to 128 KiB, so a
 # step adds at most 8 MiB before the size check (a frame is a few hundred bytes: one step).

@@ -646,3 +646,24 @@ def test_the_encoders_float32_reconstruction_is_its_new_states_last(shape):
         assert encoded.record["method"] == "quantized"
         assert np.shares_memory(encoded.recon, encoded.state.last) and not np.shares_memory(encoded.state.last, array)
         previous = encoded.state
+
+
+@pytest.mark.parametrize("eb", [1e-2, 1e-3])
+def test_a_conv_whose_feature_map_is_one_by_one_codes_its_zero_taps_nearly_free(gz, eb):
+    """A conv on a 1 x 1 feature map (a ResNet's last stage on small images) has a gradient
+    only at its kernel's centre: the scale contexts' tap levels put the other eight taps in
+    bucket 0, so the first round costs little more than the centre taps coded alone (without
+    tap levels, each zero tap shared its column's contexts with the centre: about 0.5 bits
+    an element, 1.4-1.6x as large). Within the bound, like every stream."""
+    rng = np.random.default_rng(5)
+    rows, cols = 96, 128
+    scale = np.exp(rng.normal(0, 1, (rows, 1))) * np.exp(rng.normal(0, 0.5, (1, cols)))
+    centre = (scale * rng.laplace(size=(rows, cols))).astype(np.float32)
+    conv = np.zeros((rows, cols, 3, 3), np.float32)
+    conv[:, :, 1, 1] = centre
+    value_range = float(conv.max() - conv.min())  # (the same range as the centre's: zeros lie inside it)
+    _, _, (conv_blob,), (out,) = run_rounds([{"w": conv}], eb, "rel")
+    gz.assert_within_bound(conv, out["w"], eb, "rel", "conv")
+    assert split_stream(conv_blob)[1][0][0]["params"].get("contexts") == "scale"
+    _, _, (centre_blob,), _ = run_rounds([{"w": centre}], eb * value_range / float(centre.max() - centre.min()), "rel")
+    assert len(conv_blob) < 1.1 * len(centre_blob), (len(conv_blob), len(centre_blob))

@@ -79,7 +79,8 @@ def test_offset_column_blocks_give_the_exact_product(factor_dtype):
 
 
 def _reference_levels(values, unit, rows, cols):
-    """scale_levels by numpy: mean of the finite |x| x unit per row and per column."""
+    """scale_levels by numpy: mean of the finite |x| x unit per row, per column and per tap
+    (kernel position; none for two axes)."""
     magnitudes = np.abs(values.astype(np.float64)).reshape(rows, cols, -1) * unit
     finite = np.isfinite(magnitudes)
     magnitudes = np.where(finite, magnitudes, 0.0)
@@ -87,40 +88,54 @@ def _reference_levels(values, unit, rows, cols):
     def level(total, count):
         return quarter_octave_level(total / count) if count else ZERO_LEVEL
 
+    def relative(total, count):
+        lv = level(total, count)
+        return ZERO_LEVEL if ZERO_LEVEL in (lv, mean_level) else lv - mean_level
+
     mean_level = level(magnitudes.sum(), finite.sum())
     row_levels = [level(magnitudes[i].sum(), finite[i].sum()) for i in range(rows)]
-    col_levels = []
-    for j in range(cols):
-        lv = level(magnitudes[:, j].sum(), finite[:, j].sum())
-        col_levels.append(ZERO_LEVEL if ZERO_LEVEL in (lv, mean_level) else lv - mean_level)
-    return np.array(row_levels), np.array(col_levels)
+    col_levels = [relative(magnitudes[:, j].sum(), finite[:, j].sum()) for j in range(cols)]
+    inner = magnitudes.shape[2]
+    tap_levels = [relative(magnitudes[:, :, k].sum(), finite[:, :, k].sum()) for k in range(inner)] if inner > 1 else []
+    return np.array(row_levels), np.array(col_levels), np.array(tap_levels, dtype=int)
 
 
-@pytest.mark.parametrize("shape", [(37, 103), (16, 12, 3, 3), (5, 4)])
+@pytest.mark.parametrize("shape", [(37, 103), (16, 12, 3, 3), (5, 4), (8, 6, 5, 5)])
 def test_scale_levels_match_a_plain_reference(shape):
     """The row sums run in four partial sums (an unrolled loop plus its tail when cols % 4 is
     not 0; kernels of 9 elements otherwise): levels as from plain means, NaN and Inf left out,
-    an all-zero row at ZERO_LEVEL; codes with unit 2 eb as their magnitudes with unit 1."""
+    an all-zero row at ZERO_LEVEL, and for a conv each tap's level too (an all-zero tap at
+    ZERO_LEVEL, as on a 1 x 1 feature map); codes with unit 2 eb as their magnitudes with unit 1."""
     rng = np.random.default_rng(len(shape))
     rows, cols = shape[0], shape[1]
+    inner = int(np.prod(shape[2:]))
     values = (rng.normal(size=shape) * rng.uniform(0.01, 10.0, (rows, 1) + (1,) * (len(shape) - 2))[:, :1]).astype(np.float32)
+    if inner > 1:
+        values *= rng.uniform(0.05, 20.0, shape[2:])  # taps of spread scales
+        values.reshape(rows, cols, inner)[:, :, 2] = 0.0
     values = values.reshape(-1)
     values[rng.choice(values.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
     values.reshape(rows, -1)[1] = 0.0
-    row_levels, col_levels = np.empty(rows, np.int16), np.empty(cols, np.int16)
-    scale_levels(values, 1.0, rows, cols, row_levels, col_levels)
-    expected_rows, expected_cols = _reference_levels(values, 1.0, rows, cols)
+    taps = inner if inner > 1 else 0
+    row_levels, col_levels, tap_levels = np.empty(rows, np.int16), np.empty(cols, np.int16), np.empty(taps, np.int16)
+    scale_levels(values, 1.0, rows, cols, row_levels, col_levels, tap_levels)
+    expected_rows, expected_cols, expected_taps = _reference_levels(values, 1.0, rows, cols)
     assert row_levels[1] == ZERO_LEVEL
     # float sums in another order may cross a level boundary by one; the reference is exact otherwise
     assert np.abs(row_levels.astype(int) - expected_rows).max() <= 1 and np.mean(row_levels == expected_rows) > 0.9
     assert np.abs(col_levels.astype(int) - expected_cols).max() <= 1 and np.mean(col_levels == expected_cols) > 0.9
+    assert tap_levels.size == expected_taps.size
+    if taps:
+        assert tap_levels[2] == ZERO_LEVEL
+        assert np.abs(tap_levels.astype(int) - expected_taps).max() <= 1 and np.ptp(expected_taps[expected_taps != ZERO_LEVEL]) > 4
     codes = rng.integers(-300, 300, values.size).astype(np.int32)
     two_eb = 0.02
-    from_codes = np.empty(rows, np.int16), np.empty(cols, np.int16)
-    from_magnitudes = np.empty(rows, np.int16), np.empty(cols, np.int16)
+    from_codes = np.empty(rows, np.int16), np.empty(cols, np.int16), np.empty(taps, np.int16)
+    from_magnitudes = np.empty(rows, np.int16), np.empty(cols, np.int16), np.empty(taps, np.int16)
     scale_levels(codes, two_eb, rows, cols, *from_codes)
     scale_levels(np.abs(codes) * two_eb, 1.0, rows, cols, *from_magnitudes)
-    assert np.array_equal(from_codes[0], from_magnitudes[0]) and np.array_equal(from_codes[1], from_magnitudes[1])
+    for got, expected in zip(from_codes, from_magnitudes):
+        assert np.array_equal(got, expected)
 
 
 @pytest.mark.parametrize("rows", [1, 7])
@@ -355,7 +370,8 @@ def test_value_range_gives_what_the_kernel_gives(dtype, case):
 @pytest.mark.parametrize("with_ema", [True, False])
 def test_scale_fit_sums_match_an_element_by_element_reference(shape, with_ema):
     """The kernel's branch-free loops add an undefined level with weight 0: the sums must be
-    those of skipping it (zero and non-finite values, zero rows and columns, inf EMA)."""
+    those of skipping it (zero and non-finite values, zero rows, columns and taps, inf EMA);
+    a conv's S includes its tap's level."""
     rng = np.random.default_rng(12)
     values = rng.laplace(0, 1e-3, int(np.prod(shape))).astype(np.float32)
     values[::17], values[3], values[8] = 0.0, np.nan, np.inf
@@ -363,21 +379,26 @@ def test_scale_fit_sums_match_an_element_by_element_reference(shape, with_ema):
     if with_ema:
         ema[::23] = np.inf
     rows, cols = shape[0], shape[1]
+    inner = values.size // (rows * cols)
     row_levels = rng.integers(-40, 10, rows).astype(np.int16)
     col_levels = rng.integers(-8, 8, cols).astype(np.int16)
+    tap_levels = rng.integers(-8, 8, inner if inner > 1 else 0).astype(np.int16)
     row_levels[2], col_levels[1] = ZERO_LEVEL, ZERO_LEVEL
+    if inner > 1:
+        tap_levels[4] = ZERO_LEVEL
     eb, mean, std, unit = 1e-4, 1e-3, 5e-4, 1.0
     got = np.zeros(9)
-    scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, got)
+    scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, got)
     expected = [0] * 9
-    step_level, inv_step, inner = quarter_octave_level(2.0 * eb), 1.0 / (2.0 * eb), values.size // (rows * cols)
+    step_level, inv_step = quarter_octave_level(2.0 * eb), 1.0 / (2.0 * eb)
     for k in range(values.size):
         i, j = k // (cols * inner), (k // inner) % cols
+        tap = int(tap_levels[k % inner]) if inner > 1 else 0
         t = quarter_octave_level(abs(float(values[k])) * unit * inv_step)
         p = quarter_octave_level(abs(float(ema[k]) * std + mean) * inv_step) if with_ema else 0
-        if ZERO_LEVEL in (row_levels[i], col_levels[j], t, p):
+        if ZERO_LEVEL in (row_levels[i], col_levels[j], tap, t, p):
             continue
-        s = int(row_levels[i]) + int(col_levels[j]) - step_level
+        s = int(row_levels[i]) + int(col_levels[j]) + tap - step_level
         for slot, term in enumerate((1, s, p, t, s * s, p * p, s * p, s * t, p * t)):
             expected[slot] += term
     assert expected[0] > 0 and got.tolist() == [float(v) for v in expected]
@@ -516,14 +537,15 @@ def test_scale_fit_sums_on_threads_give_the_same_sums(shape, with_ema):
     values = (rng.normal(size=shape) * rng.uniform(0.01, 10.0, (shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
     values = values.reshape(-1)
     rows, cols = shape[0], shape[1]
-    row_levels, col_levels = np.empty(rows, np.int16), np.empty(cols, np.int16)
-    scale_levels(values, 1.0, rows, cols, row_levels, col_levels)
+    taps = int(np.prod(shape[2:])) if len(shape) > 2 else 0
+    row_levels, col_levels, tap_levels = np.empty(rows, np.int16), np.empty(cols, np.int16), np.empty(taps, np.int16)
+    scale_levels(values, 1.0, rows, cols, row_levels, col_levels, tap_levels)
     row_levels[3] = ZERO_LEVEL
     ema = rng.normal(size=values.size).astype(np.float32) if with_ema else np.empty(0, np.float32)
     outputs = []
     for threads in (1, 2, 3):
         sums = np.zeros(9)
-        scale_fit_sums_on(values, 1.0, row_levels, col_levels, 1e-3, ema, 0.5, 0.25, sums, threads)
+        scale_fit_sums_on(values, 1.0, row_levels, col_levels, tap_levels, 1e-3, ema, 0.5, 0.25, sums, threads)
         outputs.append(sums)
     assert outputs[0][0] > 0
     for other in outputs[1:]:
@@ -678,10 +700,10 @@ def test_a_fold_with_no_last_array_gives_the_same_ema_and_signs(n, threads):
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("shape", [(12, 37), (6, 5, 3, 3)])
 def test_scale_contexts_follow_the_element_by_element_definition(shape, with_state):
-    """Each element's context is _fitted_bucket of its row and column terms and its predicted
-    level: the flat row loops of a linear layer (with and without a state) and the kernel
-    loop of a conv layer give what a plain element-by-element loop gives, with rows and
-    columns at ZERO_LEVEL among them."""
+    """Each element's context is _fitted_bucket of its row, column and tap terms and its
+    predicted level: the flat row loops of a linear layer (with and without a state) and the
+    kernel loop of a conv layer give what a plain element-by-element loop gives, with rows,
+    columns and a tap at ZERO_LEVEL among them."""
     from gradzip.predict import context
 
     rng = np.random.default_rng(7 + len(shape) + with_state)
@@ -689,12 +711,15 @@ def test_scale_contexts_follow_the_element_by_element_definition(shape, with_sta
     inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     row_levels = rng.integers(-60, 60, rows).astype(np.int16)
     col_levels = rng.integers(-60, 60, cols).astype(np.int16)
+    tap_levels = rng.integers(-20, 20, inner if inner > 1 else 0).astype(np.int16)
     row_levels[2], col_levels[3] = ZERO_LEVEL, ZERO_LEVEL
+    if inner > 1:
+        tap_levels[5] = ZERO_LEVEL
     n = rows * cols * inner
     ema = rng.random(n).astype(np.float32) if with_state else np.empty(0, np.float32)
     eb, mean, std, w_scale, w_ema, offset = 1e-3, 0.2, 0.7, 21, 9 if with_state else 0, -37
     contexts = np.zeros(n, np.uint8)
-    context.scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
+    context.scale_contexts(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
     step_level = context.quarter_octave_level(2.0 * eb)
     expected = np.zeros(n, np.uint8)
     for i in range(rows):
@@ -705,11 +730,12 @@ def test_scale_contexts_follow_the_element_by_element_definition(shape, with_sta
             term = w_scale * (int(row_levels[i]) - step_level) + offset + column
             for k in range(inner):
                 at = (i * cols + j) * inner + k
+                tap = 0 if inner == 1 else context._ZERO_TERM if tap_levels[k] == ZERO_LEVEL else w_scale * int(tap_levels[k])
                 predicted = np.int64(0)
                 if with_state:
                     predicted = context.quarter_octave_level(
                         context._predicted_magnitude(ema, mean, std, np.uint64(at)) * (1.0 / (2.0 * eb)))
-                expected[at] = context._fitted_bucket(np.int64(term), predicted, np.int64(w_ema))
+                expected[at] = context._fitted_bucket(np.int64(term + tap), predicted, np.int64(w_ema))
     assert np.array_equal(contexts, expected)
     assert len(set(expected.tolist())) > 3  # (the case spreads over buckets)
 

@@ -76,10 +76,13 @@ def merged_contexts(contexts: np.ndarray, shift: int, n_contexts: int = N_MAGNIT
 
 # ---- scale contexts: this round's per-row and per-column magnitudes as side information ----
 #
-# Gradients of linear and conv layers are sums of outer products, so |g[i, j, ...]| tracks
-# row_scale[i] * col_scale[j] (rows: output channels, axis 0; columns: axis 1; the kernel
-# positions of a conv share their (i, j) scale). The encoder sends both scales as integer
-# quarter-octave levels, so the decoder derives bit-identical contexts by integer arithmetic.
+# Gradients of linear and conv layers are sums of outer products, so |g[i, j, k]| tracks
+# row_scale[i] * col_scale[j] * tap_scale[k] (rows: output channels, axis 0; columns: axis 1;
+# taps: a conv's kernel positions, the axes after the second, flattened). The encoder sends
+# the scales as integer quarter-octave levels, so the decoder derives bit-identical contexts
+# by integer arithmetic. Taps differ where a kernel position sees the input's border more
+# often than others; on a feature map of 1 x 1 (a ResNet's last stage on small images) only
+# the centre tap has a gradient at all, and a zero tap puts its elements in bucket 0.
 
 LEVELS_PER_OCTAVE = 4
 ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row or column): always bucket 0
@@ -118,9 +121,11 @@ def quarter_octave_level(x):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=ENCODER_SUMS)
-def scale_levels(values, unit, rows, cols, row_levels, col_levels):
-    """Quarter-octave levels of each row's and column's mean |x| x unit (finite elements), the
-    columns relative to the whole tensor's mean, so row + column is the element's level.
+def scale_levels(values, unit, rows, cols, row_levels, col_levels, tap_levels):
+    """Quarter-octave levels of each row's, column's and tap's mean |x| x unit (finite
+    elements), the columns and taps relative to the whole tensor's mean, so row + column + tap
+    is the element's level. tap_levels: one per kernel position where the tensor has more
+    than two axes (values.size / (rows cols) of them), else empty.
     values: the tensor (unit 1.0), or a prediction's codes (unit 2 eb), whose coding
     contexts should follow the residual, not the value. Encoder only (the levels are sent),
     so the sums may run in any order: a row's in four partial sums, which breaks the add
@@ -131,6 +136,8 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels):
     row_sum = np.zeros(rows)
     row_count = np.zeros(rows, np.int64)
     inner = values.size // (rows * cols)
+    tap_sum = np.zeros(inner)
+    tap_count = np.zeros(inner, np.int64)
     span = cols * inner
     for i in range(rows):
         block = values[i * span : (i + 1) * span]  # a slice: indexing from 0 spares negative-index checks
@@ -170,11 +177,14 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels):
             for j in range(cols):
                 column = 0.0
                 count = 0
-                for k in range(j * inner, (j + 1) * inner):
-                    v = abs(np.float64(block[k])) * unit
+                for k in range(inner):
+                    v = abs(np.float64(block[j * inner + k])) * unit
                     finite = math.isfinite(v)
-                    column += v if finite else 0.0
+                    v = v if finite else 0.0
+                    column += v
                     count += finite
+                    tap_sum[k] += v
+                    tap_count[k] += finite
                 col_sum[j] += column
                 col_count[j] += count
                 r0 += column
@@ -189,6 +199,9 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels):
     for j in range(cols):
         level = quarter_octave_level(col_sum[j] / col_count[j]) if col_count[j] else ZERO_LEVEL
         col_levels[j] = ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
+    for k in range(min(tap_levels.size, inner)):
+        level = quarter_octave_level(tap_sum[k] / tap_count[k]) if tap_count[k] else ZERO_LEVEL
+        tap_levels[k] = ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
 
 
 # Scale contexts are finer than the EMA's octaves: quarter-octave buckets of the fitted level,
@@ -201,32 +214,41 @@ MAX_WEIGHT = 4 * WEIGHT_ONE
 MAX_OFFSET = 1 << 16
 
 
-_ZERO_TERM = -(1 << 40)  # a row or column term that clips every sum to bucket 0
+_ZERO_TERM = -(1 << 40)  # a row, column or tap term that clips every sum to bucket 0
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _fitted_bucket(scale_term, predicted_level, w_ema):
-    # scale_term = w_scale S + offset, already summed from its row and column parts.
+    # scale_term = w_scale S + offset, already summed from its row, column and tap parts.
     if predicted_level == ZERO_LEVEL:
         return 0
     level = (scale_term + w_ema * predicted_level) >> 4
     return min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _level_term(level, w_scale):
+    return _ZERO_TERM if level == ZERO_LEVEL else w_scale * np.int64(level)
+
+
 @numba.njit(cache=True, nogil=True)
-def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts):
+def scale_contexts(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts):
     """contexts[i] = quarter-octave bucket of the element's fitted level in steps (2 eb),
-    (w_scale S + w_ema P + offset) >> 4, where S is its row + column scale level and P the
-    level of its predicted magnitude (only with a state: ema non-empty)."""
+    (w_scale S + w_ema P + offset) >> 4, where S is its row + column + tap scale level (no tap
+    where tap_levels is empty) and P the level of its predicted magnitude (only with a state:
+    ema non-empty)."""
     rows, cols = row_levels.size, col_levels.size
     inner = contexts.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
     inv_step = 1.0 / (2.0 * eb)
     with_prediction = ema.size > 0
-    # w_scale S + offset = row term + column term, each summed once instead of per element.
+    # w_scale S + offset = row term + column term + tap term, each summed once instead of per element.
     col_terms = np.empty(cols, np.int64)
     for j in range(cols):
-        col_terms[j] = _ZERO_TERM if col_levels[j] == ZERO_LEVEL else w_scale * np.int64(col_levels[j])
+        col_terms[j] = _level_term(col_levels[j], w_scale)
+    tap_terms = np.zeros(inner, np.int64)
+    for k in range(min(tap_levels.size, inner)):
+        tap_terms[k] = _level_term(tap_levels[k], w_scale)
     for i in range(rows):
         base = i * cols * inner
         if row_levels[i] == ZERO_LEVEL:
@@ -246,27 +268,28 @@ def scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, o
         for j in range(cols):
             term = row_term + col_terms[j]
             start = base + j * inner
-            for k in range(start, start + inner):
-                at = np.uint64(k)  # unsigned: no negative-index check
+            for k in range(inner):
+                at = np.uint64(start + k)  # unsigned: no negative-index check
                 predicted = np.int64(0)
                 if with_prediction:
                     predicted = quarter_octave_level(_predicted_magnitude(ema, mean, std, at) * inv_step)
-                contexts[at] = _fitted_bucket(term, predicted, w_ema)
+                contexts[at] = _fitted_bucket(term + tap_terms[k], predicted, w_ema)
 
 
-def scale_contexts_on(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts, threads=1) -> None:
+def scale_contexts_on(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts,
+                      threads=1) -> None:
     """scale_contexts, a large tensor's in ranges of whole rows on up to `threads` threads
     (each element's context is its own: the same contexts)."""
     row_size = max(1, contexts.size // max(row_levels.size, 1))
     ranges = spans(contexts.size, threads, row_size)
     if len(ranges) == 1:
-        scale_contexts(row_levels, col_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
+        scale_contexts(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_scale, w_ema, offset, contexts)
         return
 
     def run(span):
         a, b = span
-        scale_contexts(row_levels[a // row_size:-(-b // row_size)], col_levels, eb, ema[a:b] if ema.size else ema, mean, std,
-                       w_scale, w_ema, offset, contexts[a:b])
+        scale_contexts(row_levels[a // row_size:-(-b // row_size)], col_levels, tap_levels, eb, ema[a:b] if ema.size else ema,
+                       mean, std, w_scale, w_ema, offset, contexts[a:b])
 
     each(run, ranges, threads)
 
@@ -280,7 +303,7 @@ def _with_fit_terms(acc, s, t, p, used):
 
 
 @numba.njit(cache=True, nogil=True)
-def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums):
+def scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums):
     """Least-squares sums for the level of |x| x unit in steps, T, against S and P (see
     scale_contexts), over the elements where all three are defined: sums += n, S, P, T, SS,
     PP, SP, ST, PT. values and unit as for scale_levels. Encoder only: the weights it yields
@@ -291,6 +314,9 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
     step_level = quarter_octave_level(2.0 * eb)
     inv_step = 1.0 / (2.0 * eb)
     with_prediction = ema.size > 0
+    taps = np.zeros(inner, np.int64)  # (no tap levels: every tap's part is 0)
+    for k in range(min(tap_levels.size, inner)):
+        taps[k] = tap_levels[k]
     zero = np.int64(0)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
     span = cols * inner
@@ -307,31 +333,33 @@ def scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sum
                 used = np.int64((col_levels[j] != ZERO_LEVEL) & (t != ZERO_LEVEL) & (p != ZERO_LEVEL))
                 acc = _with_fit_terms(acc, row_part + np.int64(col_levels[j]), t, p, used)
             continue
-        for j in range(cols):  # conv layers: a column's kernel positions share its S
+        for j in range(cols):  # conv layers: a column's kernel positions share its part of S
             if col_levels[j] == ZERO_LEVEL:
                 continue
             s = row_part + np.int64(col_levels[j])
-            for k in range(j * inner, (j + 1) * inner):
-                t = quarter_octave_level(abs(np.float64(block[k])) * unit * inv_step)
-                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, k) * inv_step) if with_prediction else zero
-                acc = _with_fit_terms(acc, s, t, p, np.int64((t != ZERO_LEVEL) & (p != ZERO_LEVEL)))
+            for k in range(inner):
+                at = j * inner + k
+                t = quarter_octave_level(abs(np.float64(block[at])) * unit * inv_step)
+                p = quarter_octave_level(_predicted_magnitude(ema_block, mean, std, at) * inv_step) if with_prediction else zero
+                used = np.int64((t != ZERO_LEVEL) & (p != ZERO_LEVEL) & (taps[k] != ZERO_LEVEL))
+                acc = _with_fit_terms(acc, s + taps[k], t, p, used)
     for slot in range(9):
         sums[slot] += acc[slot]
 
 
-def scale_fit_sums_on(values, unit, row_levels, col_levels, eb, ema, mean, std, sums, threads=1) -> None:
+def scale_fit_sums_on(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums, threads=1) -> None:
     """scale_fit_sums, a large tensor's in ranges of whole rows on up to `threads` threads:
     the sums are integers (exact in any order), so the same sums."""
     row_size = max(1, values.size // max(row_levels.size, 1))
     ranges = spans(values.size, threads, row_size)
     if len(ranges) == 1:
-        scale_fit_sums(values, unit, row_levels, col_levels, eb, ema, mean, std, sums)
+        scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums)
         return
 
     def run(span):
         a, b = span
         part = np.zeros(sums.size)
-        scale_fit_sums(values[a:b], unit, row_levels[a // row_size:-(-b // row_size)], col_levels, eb,
+        scale_fit_sums(values[a:b], unit, row_levels[a // row_size:-(-b // row_size)], col_levels, tap_levels, eb,
                        ema[a:b] if ema.size else ema, mean, std, part)
         return part
 
