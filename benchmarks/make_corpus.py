@@ -223,6 +223,53 @@ class ModelSpec:
     weight_decay: float = 0.0
 
 
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock: two 3x3 conv-BN layers; a 1x1 conv-BN projection shortcut when
+    the stride or channel count changes, identity otherwise."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(out + identity)
+
+
+class ResNet18Digits(nn.Module):
+    """ResNet-18-like CNN for 1x8x8 digits (a probe outside the bench suite): 3x3 stem
+    conv + BN, 4 stages of 2 BasicBlocks (stride 2 at stages 2-4: 8x8 -> 4x4 -> 2x2 ->
+    1x1), global average pool, Linear head. widths=(64, 128, 256, 512) gives ~11.2M
+    parameters."""
+
+    def __init__(self, num_classes: int = 10, widths=(64, 128, 256, 512)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, c_in = [], widths[0]
+        for stage_index, width in enumerate(widths):
+            stride = 1 if stage_index == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, width, stride), BasicBlock(width, width)))
+            c_in = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = x.mean(dim=(2, 3))  # global average pool
+        return self.fc(x)
+
+
 MODELS = {
     "cnn3bn": ModelSpec(Cnn3Bn, dataset="digits", optimizer="sgd", lr=0.05),
     "cnn5fc": ModelSpec(Cnn5Fc, dataset="digits", optimizer="sgd", lr=0.05),
@@ -234,6 +281,9 @@ MODELS = {
                                   dataset="text", optimizer="adamw", lr=1e-3, weight_decay=0.01),
     # Probes outside the bench suite (never tuned on): other kinds of layer than the suite's.
     "gru": ModelSpec(CharGru, dataset="text", optimizer="adamw", lr=3e-3, weight_decay=0.01),
+    # ResNet-18-like probe (11.2M parameters, tensors up to 512x512x3x3 = 2.36M elements): not in
+    # the bench suite (44.7 MB a round); `--model resnet --split iid --local-steps 15 --rounds 10`.
+    "resnet": ModelSpec(ResNet18Digits, dataset="digits", optimizer="sgd", lr=0.05),
     "dwcnn": ModelSpec(DepthwiseCnn, dataset="digits", optimizer="sgd", lr=0.05),
 }
 
