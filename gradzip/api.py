@@ -201,6 +201,15 @@ def _record_elements(record: dict) -> int:
     return math.prod(shape)
 
 
+def _checked_state(state) -> PredictorState:
+    """A Compressor's or Decompressor's starting state: a fresh one for None."""
+    if state is None:
+        return PredictorState()
+    if not isinstance(state, PredictorState):
+        raise InputError(f"state must be a PredictorState (gradzip.load_state), not a {type(state).__name__}")
+    return state
+
+
 def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
     """The round's tensors, numpy scalars as 0-d arrays; anything unusable is an InputError."""
     if not isinstance(tensors, dict):
@@ -211,6 +220,8 @@ def _checked_tensors(tensors: dict) -> dict[str, np.ndarray]:
             raise InputError(f"tensor names must be non-empty strings, got {name!r}")
         if not isinstance(array, np.ndarray):
             raise InputError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
+        if isinstance(array, np.ma.MaskedArray):  # (its mask would be lost: the data under it is compressed)
+            raise InputError(f"tensor {name!r} is a masked array: pass .filled(value) or its .data")
         dtype_name(array)
     return tensors
 
@@ -244,7 +255,7 @@ class Compressor:
         self.config = CodecConfig(error_bound=error_bound, mode=mode, beta=beta, tau=tau,
                                   magnitude_prediction=magnitude_prediction, sign_prediction=sign_prediction,
                                   coder=coder, min_lossy_elements=min_lossy_elements, exact_small=exact_small)
-        self.state = state if state is not None else PredictorState()
+        self.state = _checked_state(state)
         self.last_report: RoundReport | None = None
 
     def compress(self, tensors: dict[str, np.ndarray], *, source_format: str = "safetensors",
@@ -420,11 +431,13 @@ class Decompressor:
     """Decompresses one client's rounds in order; its state must match the compressor's."""
 
     def __init__(self, state: PredictorState | None = None, threads: int | None = None):
-        self.state = state if state is not None else PredictorState()
+        self.state = _checked_state(state)
         self.threads = _checked_threads(threads)  # tensors decoded at once
 
     def decompress(self, blob: bytes) -> dict[str, np.ndarray]:
         """One round's tensors, as decompress_from gives them (read-only arrays)."""
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise InputError(f"a stream is bytes, not a {type(blob).__name__}")
         return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors
 
     def decompress_from(self, source: BinaryIO, available: int | None = None, *, advance: bool = True) -> DecodedRound:

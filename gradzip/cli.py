@@ -110,6 +110,11 @@ def _output_paths(inputs: tuple[str, ...], output: str | None, name_for) -> list
     if STDIO in inputs and len(inputs) > 1:
         raise CliError("'-' (stdin) can only be the single input")
     if len(inputs) == 1:
+        if output is not None and output != STDIO and _names_a_directory(output):
+            if inputs[0] == STDIO:
+                raise CliError(f"{output}: a directory, but stdin has no name to write under (use -o FILE)")
+            Path(output).mkdir(parents=True, exist_ok=True)
+            return [str(Path(output) / Path(name_for(inputs[0])).name)]
         if output is not None:
             return [output]
         return [STDIO if inputs[0] == STDIO else name_for(inputs[0])]
@@ -124,8 +129,14 @@ def _output_paths(inputs: tuple[str, ...], output: str | None, name_for) -> list
     return [str(directory / Path(name_for(path)).name) for path in inputs]
 
 
-def _check_outputs(inputs, outputs, force: bool) -> None:
+def _names_a_directory(output: str) -> bool:
+    """-o names a directory to write in: an existing one, or a path ending in a separator."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
+def _check_outputs(inputs, outputs, force: bool, state_path: str) -> None:
     resolved_inputs = {Path(p).resolve() for p in inputs if p != STDIO}
+    state = Path(state_path).resolve()
     seen = set()
     for path in outputs:
         if path == STDIO:
@@ -133,6 +144,8 @@ def _check_outputs(inputs, outputs, force: bool) -> None:
         resolved = Path(path).resolve()
         if resolved in resolved_inputs:
             raise CliError(f"{path}: refusing to overwrite an input")
+        if resolved == state:
+            raise CliError(f"{path}: refusing to overwrite the state file (-s)")
         if resolved in seen:
             raise CliError(f"{path}: two inputs would write the same output")
         seen.add(resolved)
@@ -146,10 +159,21 @@ def _write_output(path: str, data: bytes) -> None:
     from .state import atomic_write
 
     if path == STDIO:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _write_all(sys.stdout.buffer, data)
     else:
         atomic_write(Path(path), data)
+
+
+def _write_all(out, data: bytes) -> None:
+    """Every byte to out, or an error: with PYTHONUNBUFFERED set, stdout is a raw file whose
+    write to a pipe may take only part of the data (and None where it would block)."""
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise CliError("stdout: could not write the output (the reader stopped taking data)")
+        view = view[written:]
+    out.flush()
 
 
 def _check_stdout(outputs) -> None:
@@ -196,9 +220,9 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
         from .tensorio import read_tensors
 
         outputs = _output_paths(inputs, output, lambda p: p + ".grz")
-        _check_outputs(inputs, outputs, force)
+        _check_outputs(inputs, outputs, force, state_path)
         _check_stdout(outputs)
-        _check_json_target(json_path, outputs)
+        _check_json_target(json_path, inputs, outputs, state_path, force)
         rows = []
         with locked(state_path):
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
@@ -245,7 +269,7 @@ def decompress(inputs, state_path, output, out_format, force, threads, quiet):
         from .tensorio import write_tensors
 
         outputs = _output_paths(inputs, output, lambda p: _decompressed_name(p, out_format))
-        _check_outputs(inputs, outputs, force)
+        _check_outputs(inputs, outputs, force, state_path)
         _check_stdout(outputs)
         rows = []
         with locked(state_path):
@@ -420,9 +444,24 @@ def _round_json(label, out_path, report) -> dict:
             "tensors": [_tensor_json(t, None) for t in report.tensors]}
 
 
-def _check_json_target(json_path, outputs) -> None:
-    if json_path == STDIO and STDIO in outputs:
-        raise CliError("--json - and -o - would both write to stdout")
+def _check_json_target(json_path, inputs, outputs, state_path, force: bool) -> None:
+    """--json is an output like -o's: never an input, an output or the state, and an
+    existing file only with --force."""
+    if json_path is None:
+        return
+    if json_path == STDIO:
+        if STDIO in outputs:
+            raise CliError("--json - and -o - would both write to stdout")
+        return
+    resolved = Path(json_path).resolve()
+    if resolved == Path(state_path).resolve():
+        raise CliError(f"{json_path}: --json would overwrite the state file (-s)")
+    if resolved in {Path(p).resolve() for p in (*inputs, *outputs) if p != STDIO}:
+        raise CliError(f"{json_path}: --json would overwrite an input or an output")
+    if Path(json_path).is_dir():
+        raise CliError(f"{json_path}: is a directory")
+    if Path(json_path).exists() and not force:
+        raise CliError(f"{json_path}: already exists (use --force to overwrite)")
 
 
 def _emit_json(json_path, payload) -> None:
@@ -432,7 +471,9 @@ def _emit_json(json_path, payload) -> None:
     if json_path == STDIO:
         click.echo(text)
     else:
-        Path(json_path).write_text(text + "\n")
+        from .state import atomic_write
+
+        atomic_write(Path(json_path), (text + "\n").encode())
 
 
 from .bench.cli import bench  # noqa: E402  (click registration; the command imports its work lazily)

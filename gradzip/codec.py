@@ -24,7 +24,6 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from decimal import ROUND_DOWN, Decimal
 from typing import NamedTuple
 
 import numpy as np
@@ -107,7 +106,8 @@ class CodecConfig:
                            ("mode", str), ("coder", str)):
             value = getattr(self, name)
             if not isinstance(value, kind) or (kind != bool and isinstance(value, bool)):
-                raise InputError(f"{name} must be a {kind[0].__name__ if isinstance(kind, tuple) else kind.__name__}, not {value!r}")
+                expected = "number" if isinstance(kind, tuple) else kind.__name__
+                raise InputError(f"{name} must be a {expected}, not {value!r}")
         if self.mode not in MODES:
             raise InputError(f"error-bound mode must be 'abs' or 'rel', not {self.mode!r}")
         eb = self.error_bound
@@ -171,19 +171,32 @@ def _relative_bound(config: CodecConfig, count: int, lo: float, hi: float) -> fl
 SIGNIFICANT_DIGITS = 6  # of the per-tensor numbers written into every record
 
 
+_POWERS_OF_TEN = tuple(10 ** k for k in range(360))  # (a float's decimal exponent is within -324..308)
+
+
 def _rounded_down(value: float) -> float:
     """value rounded down to SIGNIFICANT_DIGITS (at most 1e-5 smaller): a bound 17 digits long
     costs every record bytes, and a smaller bound is still within the user's."""
     if not (value > 0 and math.isfinite(value)):
         return value
-    # Truncating the 17-digit repr is truncating the exact value, unless rounding it carried
-    # into the kept digits (then every dropped digit reads 0): Decimal decides those (4x slower).
-    mantissa, exponent = f"{value:.16e}".split("e")
-    if mantissa[SIGNIFICANT_DIGITS + 1:].strip("0"):
-        short = float(f"{mantissa[:SIGNIFICANT_DIGITS + 1]}e{exponent}")
-        return short if 0 < short <= value else value
-    exact = Decimal(value)
-    short = float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - SIGNIFICANT_DIGITS + 1), rounding=ROUND_DOWN))
+    # The exact value's first digits, in integers: k = floor(value 10^m) with 10^(D-1) <= k <
+    # 10^D, then k / 10^m correctly rounded (Python's int division). The same floats as
+    # truncating its decimal repr (500,000 values compared, subnormals and the float max
+    # among them) in 0.7 instead of 1.2 us: 20 bounds a small model's round.
+    numerator, denominator = value.as_integer_ratio()
+    shift = SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(value))  # (log10 may be one off near a power of 10)
+    while True:  # (at most one correction)
+        if shift >= 0:
+            kept = numerator * _POWERS_OF_TEN[shift] // denominator
+        else:
+            kept = numerator // (denominator * _POWERS_OF_TEN[-shift])
+        if kept >= _POWERS_OF_TEN[SIGNIFICANT_DIGITS]:
+            shift -= 1
+        elif kept < _POWERS_OF_TEN[SIGNIFICANT_DIGITS - 1]:
+            shift += 1
+        else:
+            break
+    short = kept / _POWERS_OF_TEN[shift] if shift >= 0 else float(kept * _POWERS_OF_TEN[-shift])
     return short if 0 < short <= value else value
 
 
@@ -1254,7 +1267,8 @@ def _decode_bundle(record, payload):
         codes = rans.decode_one_context(sections["codes"], coded_total)
         values = np.empty(coded_total, np.float64)
         dequantize_runs(codes, np.array(run_ends, np.int64), np.array(run_ebs), values)
-    as_float32 = values.astype(np.float32) if values is not None else None  # F32 members are views of it
+    with np.errstate(over="ignore"):  # (an F64 member beyond float32's range reads `values`, not this)
+        as_float32 = values.astype(np.float32) if values is not None else None  # F32 members are views of it
     members, raw_offset, code_offset = [], 0, 0
     for position, name, dtype, np_dtype, shape, n, eb in layout:
         if eb:

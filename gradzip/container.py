@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
-from .errors import CorruptStreamError
+from .errors import CorruptStreamError, InputError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
 FORMAT_VERSION = 10  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values. 9: two rANS states from 2048 codes. 10: scale contexts add a conv kernel position's level (its taps' levels behind the columns')
@@ -154,6 +154,10 @@ class StreamWriter:
 
     def _frame(self, obj: dict, last: bool = False) -> bytes:
         data = _frame_json(obj).encode()
+        if len(data) > MAX_FRAME_BYTES:  # a reader refuses it: say so before the state advances
+            what = "the header (its metadata)" if obj.get("kind") == "header" else "a tensor record (its names and shapes)"
+            raise InputError(f"{what} would take {len(data)} bytes of JSON, over the stream format's limit of "
+                             f"{MAX_FRAME_BYTES} a frame")
         # flush ends the zstd block (the frame decodes given the ones before); finish, the zstd frame
         compressed = b"".join([*self._zstd.compress(data), *(self._zstd.finish() if last else self._zstd.flush())])
         return _varint(len(compressed)) + compressed

@@ -131,8 +131,15 @@ def _checked_array(array: np.ndarray, name: str) -> np.ndarray:
 def _read_npz(data: bytes) -> dict[str, np.ndarray]:
     tensors = {}
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        members = archive.zip.namelist()
+        if len(set(members)) != len(members):
+            duplicate = next(name for name in members if members.count(name) > 1)
+            raise InputError(f"member {duplicate!r} occurs twice in the archive")
         for name in archive.files:
-            tensors[name] = _checked_array(archive[name], name)
+            array = archive[name]
+            if not isinstance(array, np.ndarray):  # (numpy gives the bytes of a member that is not a .npy array)
+                raise InputError(f"member {name!r} is not a .npy array")
+            tensors[name] = _checked_array(array, name)
     return tensors
 
 
@@ -147,24 +154,43 @@ def _read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
         raise InputError("safetensors header is not a JSON object")
     body = memoryview(data)[8 + header_len :]
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError("safetensors metadata must map strings to strings")
     # safetensors orders the byte buffer, not the header; keep the header's order of names.
     tensors = {}
+    spans = []
     for name, info in header.items():
         try:
             dtype = numpy_dtype(info["dtype"])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not all(_is_count(v) for v in (*shape, *offsets)) or len(offsets) != 2:
+                raise TypeError
+            shape, (begin, end) = tuple(shape), offsets
         except (TypeError, KeyError, ValueError):
             raise InputError(f"malformed safetensors entry for {name!r}") from None
         count = element_count(shape)
-        if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
+        if not 0 <= begin <= end <= len(body) or end - begin != count * dtype.itemsize:
             raise InputError(f"safetensors entry {name!r} does not match the file's size")
+        spans.append((begin, end))
         array = np.frombuffer(body[begin:end], dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
         array = array.reshape(shape).copy()
         if info["dtype"] == "BF16":
             array = as_bfloat16(array)
         tensors[name] = array
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    # The buffers tile the body, as the format requires: an overlap, a gap or trailing bytes
+    # mean a damaged or foreign file, not one to compress silently in part.
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise InputError("safetensors buffers overlap or leave gaps")
+        position = end
+    if position != len(body):
+        raise InputError(f"{len(body) - position} bytes after the safetensors buffers")
+    return tensors, {str(k): v for k, v in metadata.items()}
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _reject_duplicate_keys(pairs):

@@ -239,6 +239,10 @@ def _flatten(obj, prefix: str, out: dict, source: str) -> None:
         name = prefix or "tensor"
         if name in out:
             raise InputError(f"{source}: tensor name {name!r} occurs twice after flattening")
+        if obj.layout != _torch().strided:
+            raise InputError(f"tensor {name!r} is {obj.layout}: only dense tensors can be compressed (.to_dense() it)")
+        if obj.device.type == "meta":
+            raise InputError(f"tensor {name!r} is on the meta device: it has no data")
         out[name] = tensor_to_numpy(obj)
     elif isinstance(obj, Mapping):
         for key, value in obj.items():

@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -540,3 +541,44 @@ def test_one_malloc_arena_asks_glibc_unless_the_user_chose(monkeypatch, preset):
         monkeypatch.setenv("MALLOC_ARENA_MAX", preset)
     allocator.one_malloc_arena()
     assert calls == ([(-8, 1)] if preset is None else [])
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_single_input_into_a_directory(gz, tmp_path, existing):
+    """-o naming an existing directory, or ending in '/', writes inside it for one input too
+    (the README's `-o out/` for a next round failed with 'is a directory', and a missing
+    'restored/' became a file)."""
+    files = synthetic_files(gz, tmp_path / "in", 2)
+    out, restored = tmp_path / "out", tmp_path / "restored"
+    if existing:
+        out.mkdir()
+        restored.mkdir()
+    gz.assert_cli_ok(gz.run("compress", files[0], "-s", tmp_path / "c.state", "-o", f"{out}/", "-q"))
+    gz.assert_cli_ok(gz.run("compress", files[1], "-s", tmp_path / "c.state", "-o", out, "-q"))
+    assert sorted(p.name for p in out.iterdir()) == [f"{files[0].name}.grz", f"{files[1].name}.grz"]
+    for p in files:
+        gz.assert_cli_ok(gz.run("decompress", out / f"{p.name}.grz", "-s", tmp_path / "d.state", "-o", f"{restored}/", "-q"))
+        assert_restored(gz, p, restored / p.name)
+    gz.assert_cli_error(gz.run("compress", "-", "-s", tmp_path / "e.state", "-o", f"{out}/", input=files[0].read_bytes()),
+                        "stdin")
+
+
+def test_a_reader_that_stops_midway_is_an_error_when_python_is_unbuffered(gz, tmp_path):
+    """With PYTHONUNBUFFERED set (many container images), stdout is a raw file: a write to a
+    pipe whose reader goes away after some of the data returns a short count. The CLI writes
+    on and fails ('Broken pipe'), and the state stays where it was (it used to exit 0 with
+    the state advanced and 64 KiB of the stream delivered)."""
+    big = tmp_path / "big.safetensors"
+    gz.write_safetensors(big, {"w": np.random.default_rng(3).standard_normal(200_000).astype(np.float32)})
+    assert len(Compressor(EB, "rel").compress(load_file(str(big)))) > 1 << 17  # (more than a pipe holds)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(gz.command() + ["compress", str(big), "-s", str(tmp_path / "c.state"), "-o", "-", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1) == b"\x89"  # the stream has begun: the writer is now in its one big write
+    time.sleep(0.5)  # (it fills the pipe and waits)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() != 0, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradzip: error:"), stderr
+    assert not (tmp_path / "c.state").exists()

@@ -4,6 +4,7 @@ unchanged (only an empty '<state>.lock' may appear)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
@@ -265,3 +266,86 @@ def test_failure_in_the_middle_keeps_the_completed_rounds(gz, ws):
     assert (out / "r0.safetensors.grz").read_bytes() == (ws / "r0.safetensors.grz").read_bytes()
     assert (ws / "new.state").read_bytes() == (ws / "c0.state").read_bytes()
     assert not [p for p in ws.rglob("*.tmp")]
+
+
+# ----------------------------------------------------- outputs that would destroy another file
+# (found by a black-box review: each of these exited 0 and lost the stream or the state)
+
+
+@pytest.mark.parametrize("command, args", [("compress", ["r0.safetensors", "-s", "fresh.state", "-o", "fresh.state"]),
+                                           ("compress", ["r0.safetensors", "-s", "c0.state", "-o", "c0.state", "-f"]),
+                                           ("decompress", ["r0.safetensors.grz", "-s", "d.state", "-o", "d.state", "-f"])])
+def test_output_that_is_the_state_file_is_refused(gz, ws, command, args):
+    fails_cleanly(gz, ws, command, *args, fragments=["state"])
+
+
+@pytest.mark.parametrize("target, extra", [("notes.txt", []), ("r1.safetensors.grz", ["-f"]), ("c0.state", ["-f"]),
+                                           ("r1.safetensors", ["-f"]), ("subdir", ["-f"])])
+def test_json_summary_never_overwrites_an_input_an_output_the_state_or_an_existing_file(gz, ws, target, extra):
+    """--json is an output like -o's: an existing file needs --force, and the state, an input
+    or an output of the same run never."""
+    fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "r1.safetensors.grz", "--json", target,
+                  *extra)
+
+
+def test_json_summary_may_replace_an_old_summary_with_force(gz, ws):
+    (ws / "summary.json").write_text("old")
+    result = gz.run("compress", "r1.safetensors", "-s", "c0.state", "-o", "r1.safetensors.grz", "-f", "--json",
+                    "summary.json", "-q", cwd=ws)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((ws / "summary.json").read_text())[0]["output"].endswith("r1.safetensors.grz")
+
+
+def test_metadata_over_the_frame_limit_is_refused_before_anything_is_written(gz, ws):
+    """The stream format caps a frame's JSON at 16 MiB; compress wrote such a header and
+    advanced its state, and every decoder then refused the stream."""
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(3000, np.float32)}, str(ws / "big_metadata.safetensors"), metadata={"note": "x" * (17 << 20)})
+    fails_cleanly(gz, ws, "compress", "big_metadata.safetensors", "-s", "c0.state", "-o", "big.grz",
+                  fragments=["limit"])
+
+
+@pytest.mark.parametrize("member", ["README", "a.npy"])
+def test_npz_member_that_is_not_an_npy_array(gz, ws, member):
+    import zipfile
+
+    with zipfile.ZipFile(ws / "mixed.npz", "w") as archive:
+        good = io.BytesIO()
+        np.save(good, np.ones(3000, np.float32))
+        archive.writestr("b.npy", good.getvalue())
+        archive.writestr(member, b"not an array")
+    fails_cleanly(gz, ws, "compress", "mixed.npz", "-s", "fresh.state", "-o", "mixed.grz", fragments=["not a .npy"])
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # (zipfile warns while the test builds the archive)
+def test_npz_with_a_member_twice(gz, ws):
+    import zipfile
+
+    with zipfile.ZipFile(ws / "dup.npz", "w") as archive:
+        for value in (1.0, 2.0):
+            data = io.BytesIO()
+            np.save(data, np.full(3000, value, np.float32))
+            archive.writestr("a.npy", data.getvalue())
+    fails_cleanly(gz, ws, "compress", "dup.npz", "-s", "fresh.state", "-o", "dup.grz", fragments=["twice"])
+
+
+SAFETENSORS_AGAINST_THE_SPEC = {
+    "overlap": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
+    "gap": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
+    "trailing-bytes": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12),
+    "float-shape": ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8),
+    "metadata-not-strings": ({"__metadata__": {"n": 1}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAFETENSORS_AGAINST_THE_SPEC))
+def test_safetensors_files_the_format_forbids_are_refused(gz, ws, case):
+    """The safetensors library refuses these: overlapping buffers, gaps, trailing bytes, a
+    non-integer shape, non-string metadata (they would have been compressed in part, or come
+    back changed)."""
+    header, body = SAFETENSORS_AGAINST_THE_SPEC[case]
+    text = json.dumps(header).encode()
+    (ws / "odd.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(body))
+    fails_cleanly(gz, ws, "compress", "odd.safetensors", "-s", "fresh.state", "-o", "odd.grz")

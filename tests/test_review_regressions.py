@@ -383,3 +383,38 @@ def test_state_keeps_the_last_two_reconstructions(gz):
     state = gradzip.state.PredictorState.from_bytes(decompressor.state.to_bytes())
     np.testing.assert_array_equal(state.tensors["fc.weight"].last, outputs[-1])
     np.testing.assert_array_equal(state.tensors["fc.weight"].second_last, outputs[-2])
+
+
+# A black-box review of the CLI and the API (2026-11-29) found these; each failed before its fix.
+
+
+def test_a_record_over_the_frame_limit_is_refused_by_the_encoder_and_the_state_stays():
+    """A 20M-character tensor name made a record frame no decoder reads; the compressor wrote
+    it and advanced its state, leaving sender and receiver apart for good."""
+    compressor = gradzip.Compressor()
+    before = compressor.state
+    with pytest.raises(gradzip.InputError, match="limit"):
+        compressor.compress({"x" * 20_000_000: np.ones(3000, np.float32)})
+    assert compressor.state is before
+
+
+def test_api_inputs_of_the_wrong_kind_are_input_errors():
+    with pytest.raises(gradzip.InputError, match="masked"):
+        gradzip.Compressor().compress({"a": np.ma.masked_array(np.ones(5000, np.float32), mask=[0, 1] * 2500)})
+    with pytest.raises(gradzip.InputError, match="PredictorState"):
+        gradzip.Decompressor(state="x")
+    with pytest.raises(gradzip.InputError, match="PredictorState"):
+        gradzip.Compressor(state={})
+    for blob in (None, "a string"):
+        with pytest.raises(gradzip.InputError, match="bytes"):
+            gradzip.Decompressor().decompress(blob)
+    with pytest.raises(gradzip.InputError, match="must be a number"):
+        gradzip.Compressor("1e-3")
+
+
+def test_a_small_f64_tensor_beyond_float32s_range_decodes_without_a_warning(recwarn):
+    values = np.random.default_rng(0).standard_normal(50)
+    values[0] = 1e300
+    out = gradzip.Decompressor().decompress(gradzip.Compressor(1e-3).compress({"b": values}))
+    assert np.abs(out["b"] - values).max() <= 1e-3 * (values.max() - values.min())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -168,3 +168,15 @@ def test_without_torch_the_error_is_clear(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "InputError: reading PyTorch files needs torch" in out.stdout
     assert "pip install torch==2.13.0" in out.stdout
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_sparse_and_meta_tensors_are_refused_in_one_line(tmp_path, kind):
+    """They ended in a torch traceback (a sparse layout has no numpy view, a meta tensor no data)."""
+    tensor = torch.randn(10, 10).to_sparse() if kind == "sparse" else torch.empty(100, device="meta")
+    path = tmp_path / f"{kind}.pt"
+    torch.save({"w": tensor, "ok": torch.ones(3)}, path)
+    with pytest.raises(InputError, match="sparse|meta"):
+        load_state_dict_file(path)
+    with pytest.raises(InputError, match="sparse|meta"):
+        read_tensors(path.read_bytes(), str(path))
