@@ -85,7 +85,7 @@ def merged_contexts(contexts: np.ndarray, shift: int, n_contexts: int = N_MAGNIT
 # the centre tap has a gradient at all, and a zero tap puts its elements in bucket 0.
 
 LEVELS_PER_OCTAVE = 4
-ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row or column): always bucket 0
+ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row, column or tap): always bucket 0
 _EXPONENT_BIAS = 1023
 _INFINITE_EXPONENT = 0x7FF
 _MANTISSA_MASK = (1 << 52) - 1
@@ -197,11 +197,16 @@ def scale_levels(values, unit, rows, cols, row_levels, col_levels, tap_levels):
     for i in range(rows):
         row_levels[i] = quarter_octave_level(row_sum[i] / row_count[i]) if row_count[i] else ZERO_LEVEL
     for j in range(cols):
-        level = quarter_octave_level(col_sum[j] / col_count[j]) if col_count[j] else ZERO_LEVEL
-        col_levels[j] = ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
+        col_levels[j] = _relative_level(col_sum[j], col_count[j], mean_level)
     for k in range(min(tap_levels.size, inner)):
-        level = quarter_octave_level(tap_sum[k] / tap_count[k]) if tap_count[k] else ZERO_LEVEL
-        tap_levels[k] = ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
+        tap_levels[k] = _relative_level(tap_sum[k], tap_count[k], mean_level)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _relative_level(total, count, mean_level):
+    """The level of total / count against the tensor's mean level (ZERO_LEVEL where either is)."""
+    level = quarter_octave_level(total / count) if count else ZERO_LEVEL
+    return ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
 
 
 # Scale contexts are finer than the EMA's octaves: quarter-octave buckets of the fitted level,
