@@ -41,7 +41,7 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums_on,
                              linear_residual, row_weights_as_floats)
-from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank
+from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank, low_rank_offset
 from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
@@ -417,26 +417,19 @@ def _quantize(values, dtype, eb, prediction, keep_recon=True, threads=1) -> _Qua
     keep_recon = keep_recon or dtype in ("F16", "BF16")
     recon = np.empty(n if keep_recon else 0, compute_dtype(dtype))
     escaped = np.empty(n, np.bool_)
-    args = prediction.kernel_args(threads)
-    ranges = _element_ranges(args, n, threads)
     narrow_dtype = dtype in ("F16", "BF16")  # the bound must hold after the cast back: checked there
     deltas = np.empty(n if narrow_dtype else 0, np.uint16)
     check_bound = math.inf if narrow_dtype else eb
-    if len(ranges) == 1:
-        n_escaped = quantize(values, *args, eb, codes, recon, escaped, check_bound)
-        if narrow_dtype:
-            n_escaped += _rechecked(values, args, eb, codes, recon, escaped, deltas, dtype == "F16")
-    else:
-        def run(span):
-            a, b = span
-            count = quantize(values[a:b], *_ranged(args, a, b), eb, codes[a:b], recon[a:b] if keep_recon else recon,
-                             escaped[a:b], check_bound)
-            if narrow_dtype:  # (element by element: the same bits in any ranges)
-                count += _rechecked(values[a:b], _ranged(args, a, b), eb, codes[a:b], recon[a:b], escaped[a:b],
-                                    deltas[a:b], dtype == "F16")
-            return count
 
-        n_escaped = sum(each(run, ranges, threads))
+    def run(a, b, args):
+        count = quantize(values[a:b], *args, eb, codes[a:b], recon[a:b] if keep_recon else recon, escaped[a:b],
+                         check_bound)
+        if narrow_dtype:  # (element by element: the same bits in any ranges)
+            count += _rechecked(values[a:b], args, eb, codes[a:b], recon[a:b], escaped[a:b], deltas[a:b],
+                                dtype == "F16")
+        return count
+
+    n_escaped = sum(_over_ranges(prediction, n, threads, run))
     return _Quantized(codes, recon if keep_recon else None, escaped, n_escaped, prediction,
                       deltas=deltas if narrow_dtype else None)
 
@@ -477,8 +470,11 @@ class _Prediction:
         return cls(_NO_STATE, 0.0, 0.0, _NO_SIGNS, previous.last, previous.second_last, w_last, w_second,
                    previous.last.size // w_last.size, low_rank)
 
-    def kernel_args(self, threads: int = 1) -> tuple:
-        offset = self.low_rank.offset(threads) if self.low_rank is not None else _NO_STATE
+    def kernel_args(self, threads: int = 1, offset: np.ndarray | None = None) -> tuple:
+        """The (de)quantizing kernels' prediction arguments; offset: the low-rank offset to
+        pass (the whole tensor's is built where it is None)."""
+        if offset is None:
+            offset = self.low_rank.offset(threads) if self.low_rank is not None else _NO_STATE
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
                 self.row_length, offset)
 
@@ -497,25 +493,54 @@ def _reconstructed(values, dtype, eb, quantized: _Quantized, threads: int = 1) -
         orient_by_sign(quantized.codes, quantized.oriented_by)
         quantized.oriented_by = None
     recon = np.empty(values.size, compute_dtype(dtype))
-    _dequantized(quantized.codes, quantized.prediction.kernel_args(threads), eb, recon, threads)
+    _dequantized(quantized.codes, quantized.prediction, eb, recon, threads)
     if quantized.n_escaped:  # (the mask's pass costs more than a small tensor's dequantizing)
         recon[quantized.escaped] = values[quantized.escaped]
     return recon
 
 
-def _dequantized(codes, args, eb, recon, threads: int = 1) -> None:
-    """dequantize(codes, *args, eb, recon), a large tensor in element ranges on up to
-    `threads` threads (whole rows where the linear weights are per row): the same bits."""
-    ranges = _element_ranges(args, codes.size, threads)
-    if len(ranges) == 1:
-        dequantize(codes, *args, eb, recon)
-        return
+def _dequantized(codes, prediction: _Prediction, eb, recon, threads: int = 1) -> None:
+    """dequantize(codes, *the prediction's kernel arguments, eb, recon), a large tensor in
+    ranges (_over_ranges): the same bits."""
+    _over_ranges(prediction, codes.size, threads,
+                 lambda a, b, args: dequantize(codes[a:b], *args, eb, recon[a:b]))
 
-    def run(span):
-        a, b = span
-        dequantize(codes[a:b], *_ranged(args, a, b), eb, recon[a:b])
 
-    each(run, ranges, threads)
+# A low-rank offset is built this many elements (whole rows) at a time, not for the whole tensor.
+_OFFSET_BLOCK_ELEMENTS = 1 << 17
+
+
+def _over_ranges(prediction: _Prediction, n: int, threads: int, run) -> list:
+    """[run(a, b, args), ...] over element ranges [a, b) that cover the tensor, args being the
+    prediction's kernel arguments for those elements: one range, or a large tensor's on up to
+    `threads` threads (whole rows where the linear weights are per row). A large tensor's
+    low-rank offset is built a block of whole rows at a time, each block's just before its
+    elements are (de)quantized: no offset of the whole tensor is held (4 bytes an element less
+    at the peak), and each block's is still in cache when it is read. The offset's elements
+    are exact integer sums in any blocking (lowrank.low_rank_offset), so the bits are the same."""
+    factors = prediction.low_rank
+    if factors is None or n < 2 * _OFFSET_BLOCK_ELEMENTS:
+        args = prediction.kernel_args(threads)
+        ranges = _element_ranges(args, n, threads)
+        if len(ranges) == 1:
+            return [run(0, n, args)]
+        return each(lambda span: run(*span, _ranged(args, *span)), ranges, threads)
+    args = prediction.kernel_args(threads, offset=_NO_STATE)
+    row = factors.right.shape[1]  # (axis 0's rows: the linear weights' rows too)
+    block = max(1, _OFFSET_BLOCK_ELEMENTS // row) * row
+
+    def in_blocks(span):
+        start, stop = span
+        buffer = np.empty(min(block, stop - start), np.float32)
+        results = []
+        for a in range(start, stop, block):
+            b = min(a + block, stop)
+            offset = buffer[: b - a]
+            low_rank_offset(factors.left[:, a // row : b // row], factors.right, factors.step, offset)
+            results.append(run(a, b, _ranged(args, a, b)[:-1] + (offset,)))
+        return results
+
+    return [result for part in each(in_blocks, spans(n, threads, row), threads) for result in part]
 
 
 def _element_ranges(args, n, threads) -> list[tuple[int, int]]:
@@ -1431,7 +1456,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     codes = _decode_codes(params, sections["codes"], n, contexts, n_contexts, threads)
     if orient:
         orient_by_sign(codes, previous.sign)
-    _dequantized(codes, prediction.kernel_args(threads), eb, recon, threads)
+    _dequantized(codes, prediction, eb, recon, threads)
     if escape_deltas.size:
         patch_escape_deltas(recon, escape_index, escape_deltas, dtype == "F16")
     elif escape_index.size:

@@ -597,9 +597,16 @@ def test_dequantizing_a_large_tensor_on_threads_gives_the_same_bits(kind):
     }[kind]
     reference = np.empty(n, np.float32)
     dequantize(codes, *args, 1e-3, reference)
+
+    class GivenArguments:  # a prediction whose kernel arguments (a ready offset among them) are given
+        low_rank = None
+
+        def kernel_args(self, threads=1, offset=None):
+            return args
+
     for threads in (2, 3):
         recon = np.empty(n, np.float32)
-        _dequantized(codes, args, 1e-3, recon, threads)
+        _dequantized(codes, GivenArguments(), 1e-3, recon, threads)
         np.testing.assert_array_equal(recon.view(np.uint32), reference.view(np.uint32))
 
 

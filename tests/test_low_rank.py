@@ -300,6 +300,9 @@ def test_noise_is_screened_out_before_the_range_finder(monkeypatch, shape):
     rng = np.random.default_rng(5)
     noise = rng.normal(size=shape).astype(np.float32)
     assert lowrank.fit_low_rank(noise, 1e-3 * float(np.ptp(noise)), rans.estimated_bits) is None and not sketches
+    # a hinted fit (between searches) skips the screen; the full test after the range finder still refuses noise
+    assert lowrank.fit_low_rank(noise, 1e-3 * float(np.ptp(noise)), rans.estimated_bits, rank=8) is None and sketches
+    sketches.clear()
     signal = (rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1])) + 0.05 * noise).astype(np.float32)
     assert lowrank.fit_low_rank(signal, 1e-3 * float(np.ptp(signal)), rans.estimated_bits) is not None and sketches
 
@@ -390,3 +393,38 @@ def test_a_search_round_frees_the_losers_before_the_low_rank_candidates():
         beside_state = peak - (state.ema.nbytes + state.sign.nbytes + state.last.nbytes)
         assert "rank" in split_stream(blob)[1][0][0]["params"]
         assert beside_state < 2.5 * tensor_bytes, beside_state / tensor_bytes
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("by_row", [False, True])
+def test_quantizing_with_the_offset_in_blocks_of_rows_gives_the_whole_offsets_bits(threads, by_row):
+    """A large tensor's low-rank offset is built a block of rows at a time (codec._over_ranges):
+    codes, escapes and reconstruction equal the kernels' on the whole tensor's offset, with a
+    last block shorter than the others and linear weights per row."""
+    from gradzip import codec
+    from gradzip.predict.lowrank import Factors
+    from gradzip.quantize import dequantize, quantize
+    from gradzip.state import TensorState
+
+    rows, cols, rank = 600, 1000, 5  # 600,000 elements: blocks of 131 rows, the last of 76
+    assert rows * cols >= 2 * codec._OFFSET_BLOCK_ELEMENTS and rows % (codec._OFFSET_BLOCK_ELEMENTS // cols)
+    rng = np.random.default_rng(4)
+    factors = Factors(rng.integers(-3000, 3000, (rank, rows)).astype(np.int16),
+                      rng.integers(-3000, 3000, (rank, cols)).astype(np.int16), 3.1e-4)
+    last, second = (rng.normal(size=rows * cols).astype(np.float32) for _ in range(2))
+    values = (factors.offset() + 0.3 * last + rng.normal(scale=0.05, size=rows * cols)).astype(np.float32)
+    values[[7, 333_333]] = [np.inf, 1e30]  # escapes, one in a later block
+    weights = (rng.uniform(0.1, 0.5, rows), rng.uniform(-0.2, 0.2, rows)) if by_row else (np.array([0.3]), np.array([0.1]))
+    previous = TensorState((rows, cols), "F32", 2, np.zeros(rows * cols, np.float32), np.zeros(rows * cols, np.int8), last, second)
+    prediction = codec._Prediction.linear(previous, *weights, factors)
+    eb = 1e-3
+    got = codec._quantize(values, "F32", eb, prediction, keep_recon=True, threads=threads)
+    codes, recon, escaped = np.empty(values.size, np.int32), np.empty(values.size, np.float32), np.empty(values.size, np.bool_)
+    n_escaped = quantize(values, *prediction.kernel_args(), eb, codes, recon, escaped, eb)  # the whole offset at once
+    assert got.n_escaped == n_escaped >= 2
+    assert np.array_equal(got.codes, codes) and np.array_equal(got.escaped, escaped)
+    assert got.recon.tobytes() == recon.tobytes()
+    rebuilt, expected = np.empty(values.size, np.float32), np.empty(values.size, np.float32)
+    codec._dequantized(codes, prediction, eb, rebuilt, threads)
+    dequantize(codes, *prediction.kernel_args(), eb, expected)
+    assert rebuilt.tobytes() == expected.tobytes()
