@@ -147,7 +147,7 @@ def _check_outputs(inputs, outputs, force: bool, state_path: str) -> None:
         if resolved == state:
             raise CliError(f"{path}: refusing to overwrite the state file (-s)")
         if resolved in seen:
-            raise CliError(f"{path}: two inputs would write the same output")
+            raise CliError(f"{path}: this run would write it twice")
         seen.add(resolved)
         if Path(path).is_dir():
             raise CliError(f"{path}: is a directory")
@@ -220,9 +220,11 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
         from .tensorio import read_tensors
 
         outputs = _output_paths(inputs, output, lambda p: p + ".grz")
-        _check_outputs(inputs, outputs, force, state_path)
+        if json_path == STDIO and STDIO in outputs:
+            raise CliError("--json - and -o - would both write to stdout")
+        # (--json is an output like -o's: never an input or the state, an existing file only with --force)
+        _check_outputs(inputs, outputs + ([json_path] if json_path not in (None, STDIO) else []), force, state_path)
         _check_stdout(outputs)
-        _check_json_target(json_path, inputs, outputs, state_path, force)
         rows = []
         with locked(state_path):
             compressor = Compressor(error_bound, mode, beta=DEFAULT_BETA if beta is None else beta,
@@ -442,26 +444,6 @@ def _round_json(label, out_path, report) -> dict:
             "compressed_bytes": report.compressed_bytes, "ratio": report.ratio, "bits_per_value": report.bits_per_value,
             "max_abs_error": report.max_abs_error, "psnr": _finite_or_none(report.psnr),
             "tensors": [_tensor_json(t, None) for t in report.tensors]}
-
-
-def _check_json_target(json_path, inputs, outputs, state_path, force: bool) -> None:
-    """--json is an output like -o's: never an input, an output or the state, and an
-    existing file only with --force."""
-    if json_path is None:
-        return
-    if json_path == STDIO:
-        if STDIO in outputs:
-            raise CliError("--json - and -o - would both write to stdout")
-        return
-    resolved = Path(json_path).resolve()
-    if resolved == Path(state_path).resolve():
-        raise CliError(f"{json_path}: --json would overwrite the state file (-s)")
-    if resolved in {Path(p).resolve() for p in (*inputs, *outputs) if p != STDIO}:
-        raise CliError(f"{json_path}: --json would overwrite an input or an output")
-    if Path(json_path).is_dir():
-        raise CliError(f"{json_path}: is a directory")
-    if Path(json_path).exists() and not force:
-        raise CliError(f"{json_path}: already exists (use --force to overwrite)")
 
 
 def _emit_json(json_path, payload) -> None:
