@@ -41,7 +41,7 @@ from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITU
                               scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums_on,
                              linear_residual, row_weights_as_floats)
-from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank, low_rank_offset
+from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank, low_rank_sums, sums_dtype
 from .predict.lowrank import eligible as low_rank_eligible
 from .predict.history import fold_round_on
 from .predict.magnitude import DEFAULT_BETA, magnitude_stats
@@ -480,12 +480,13 @@ class _Prediction:
                    previous.last.size // w_last.size, low_rank)
 
     def kernel_args(self, threads: int = 1, offset: np.ndarray | None = None) -> tuple:
-        """The (de)quantizing kernels' prediction arguments; offset: the low-rank offset to
-        pass (the whole tensor's is built where it is None)."""
+        """The (de)quantizing kernels' prediction arguments; offset: the low-rank offset's
+        sums to pass (the whole tensor's are built where it is None)."""
         if offset is None:
-            offset = self.low_rank.offset(threads) if self.low_rank is not None else _NO_STATE
+            offset = self.low_rank.offset_sums(threads) if self.low_rank is not None else _NO_STATE
+        scale = self.low_rank.offset_scale if self.low_rank is not None else 0.0
         return (self.ema, self.mean, self.std, self.signs, self.last, self.second_last, self.w_last, self.w_second,
-                self.row_length, offset)
+                self.row_length, offset, scale)
 
 
 _NO_SIGNS = np.empty(0, np.int8)
@@ -526,7 +527,7 @@ def _over_ranges(prediction: _Prediction, n: int, threads: int, run) -> list:
     low-rank offset is built a block of whole rows at a time, each block's just before its
     elements are (de)quantized: no offset of the whole tensor is held (4 bytes an element less
     at the peak), and each block's is still in cache when it is read. The offset's elements
-    are exact integer sums in any blocking (lowrank.low_rank_offset), so the bits are the same."""
+    are exact integer sums in any blocking (lowrank.low_rank_sums), so the bits are the same."""
     factors = prediction.low_rank
     if factors is None or n < 2 * _OFFSET_BLOCK_ELEMENTS:
         args = prediction.kernel_args(threads)
@@ -537,16 +538,17 @@ def _over_ranges(prediction: _Prediction, n: int, threads: int, run) -> list:
     args = prediction.kernel_args(threads, offset=_NO_STATE)
     row = factors.right.shape[1]  # (axis 0's rows: the linear weights' rows too)
     block = max(1, _OFFSET_BLOCK_ELEMENTS // row) * row
+    exact = sums_dtype(factors.left, factors.right)  # (any rows' sums are bounded alike)
 
     def in_blocks(span):
         start, stop = span
-        buffer = np.empty(min(block, stop - start), np.float32)
+        buffer = np.empty(min(block, stop - start), exact)
         results = []
         for a in range(start, stop, block):
             b = min(a + block, stop)
             offset = buffer[: b - a]
-            low_rank_offset(factors.left[:, a // row : b // row], factors.right, factors.step, offset)
-            results.append(run(a, b, _ranged(args, a, b)[:-1] + (offset,)))
+            low_rank_sums(factors.left[:, a // row : b // row], factors.right, offset)
+            results.append(run(a, b, _ranged(args, a, b)[:-2] + (offset, factors.offset_scale)))
         return results
 
     return [result for part in each(in_blocks, spans(n, threads, row), threads) for result in part]
@@ -561,14 +563,14 @@ def _element_ranges(args, n, threads) -> list[tuple[int, int]]:
 
 def _ranged(args, a, b) -> tuple:
     """kernel_args args for the elements [a, b) (a range from _element_ranges)."""
-    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset = args
+    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale = args
 
     def part(array):
         return array[a:b] if array.size else array
 
     rows = slice(a // row_length, -(-b // row_length)) if last.size > 0 and w_last.size > 1 else slice(None)
     return (part(ema), mean, std, part(signs), part(last), part(second_last), w_last[rows], w_second[rows], row_length,
-            part(offset))
+            part(offset), offset_scale)
 
 
 @dataclass

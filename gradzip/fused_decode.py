@@ -22,7 +22,7 @@ from .fused_encode import reconstruct_and_fold
 
 @numba.njit(cache=True, nogil=True)
 def decode_and_fold(raw, contexts, n_contexts, orient_signs,
-                    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon,
+                    ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale, eb, recon,
                     escape_index, escape_values, escape_deltas, fold_ema, beta, first_round, ema_out, sign_out, last_out,
                     narrowed, float16):
     """Fill recon (float32 or float64: the tensor's computed values) and the new state's
@@ -30,7 +30,7 @@ def decode_and_fold(raw, contexts, n_contexts, orient_signs,
     for a BF16 or F16 tensor (float32 recon; float16 says which) its bits, filled from recon
     and hashed instead (fused_encode.reconstruct_and_fold), else empty. raw .. n_contexts:
     rans.decode_inputs' (the stream's bytes; contexts empty: all 0); orient_signs: the signs
-    the codes were oriented by (empty: none); ema .. offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
+    the codes were oriented by (empty: none); ema .. offset_scale: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values, escape_deltas: reconstruct_and_fold's (validated by the caller); fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
     the caller checks (codec._Fold.fits), but last_out empty where recon is the new state's
@@ -44,5 +44,5 @@ def decode_and_fold(raw, contexts, n_contexts, orient_signs,
         return status, np.uint64(0)
     # from here on, what the encoder does once its codes are coded
     return OK, reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second,
-                                    row_length, offset, eb, recon, escape_index, escape_values, escape_deltas, fold_ema, beta,
-                                    first_round, ema_out, sign_out, last_out, narrowed, float16)
+                                    row_length, offset, offset_scale, eb, recon, escape_index, escape_values, escape_deltas,
+                                    fold_ema, beta, first_round, ema_out, sign_out, last_out, narrowed, float16)

@@ -23,15 +23,15 @@ from .quantize import dequantize, patch_escape_deltas, patch_escapes
 
 @numba.njit(cache=True, nogil=True)
 def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, second_last, w_last, w_second, row_length,
-                         offset, eb, recon, escape_index, escape_values, escape_deltas, fold_ema, beta, first_round, ema_out,
-                         sign_out, last_out, narrowed, float16):
+                         offset, offset_scale, eb, recon, escape_index, escape_values, escape_deltas, fold_ema, beta,
+                         first_round, ema_out, sign_out, last_out, narrowed, float16):
     """Fill recon (float32 or float64, the tensor's own dtype) from codes and the new state's
     ema_out, sign_out and last_out; return the XXH64 of recon's bytes. Where narrowed (uint16)
     is not empty the tensor is BF16, or F16 where float16 is True (the caller passes it only
     with a float32 recon): recon is narrowed into it (floats.narrow's rounding) and widened
     back in place, and the hash takes the narrow bits and the fold the widened values. orient_signs: the
     signs the codes were oriented by in place (empty: none), oriented back here; ema ..
-    offset: the prediction's kernel arguments (quantize.dequantize); escape_index,
+    offset_scale: the prediction's kernel arguments (quantize.dequantize); escape_index,
     escape_values: quantize.patch_escapes', or where escape_deltas is not empty (a narrowed
     tensor's) escape_index and escape_deltas quantize.patch_escape_deltas'; fold_ema ..
     last_out: history.fold_round's, each as long as recon and of a state's own dtypes, which
@@ -40,7 +40,8 @@ def reconstruct_and_fold(codes, orient_signs, ema, mean, std, signs, last, secon
     writes it."""
     if orient_signs.size > 0:
         orient_by_sign(codes, orient_signs)
-    dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon)
+    dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale, eb,
+               recon)
     if escape_deltas.size > 0:
         patch_escape_deltas(recon, escape_index, escape_deltas, float16)
     else:

@@ -38,6 +38,14 @@ def _ema_shift_at(ema, mean, std, signs, i):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def offset_at(offset, i, offset_scale):
+    """Element i of the low-rank offset, float32(step**2 x its exact integer sum), as float64:
+    offset holds the sums (lowrank.low_rank_sums) and offset_scale is step**2, so the scaling
+    and rounding that lowrank.low_rank_offset does in a pass of its own happen here."""
+    return np.float64(np.float32(np.float64(offset[i]) * offset_scale))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _code_and_recon(x, p, bound, two_eb, recon_type):
     """(code, reconstruction, True) for x against prediction p, or (0, any, False) when x
     must be escaped: when the reconstruction is further than bound from x, or x is not
@@ -53,8 +61,8 @@ def _code_and_recon(x, p, bound, two_eb, recon_type):
 
 
 @numba.njit(cache=True, nogil=True)
-def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes, recon,
-             escaped, bound):
+def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale, eb,
+             codes, recon, escaped, bound):
     """Fill codes, recon (values' dtype) and the escape mask; return the number escaped.
     bound: what a reconstruction is checked against, eb; or for an F16 or BF16 tensor inf,
     as its check comes after narrowing (recheck_narrowed), which is where an element that
@@ -63,8 +71,8 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
     values: float32/float64, 1-D. The prediction p, element by element in float64 in the
     order docs/format.md gives (so both sides compute it alike, with no prediction buffer):
     where last is not empty, linear: w_last[row] last + w_second[row] second_last (rows of
-    row_length elements), plus offset (float32, the low-rank part) where offset is not
-    empty, and the codes are multiplied by the sign of p (-1 where p < 0);
+    row_length elements), plus the low-rank offset where offset (its exact sums, scaled by
+    offset_scale: offset_at) is not empty, and the codes are multiplied by the sign of p (-1 where p < 0);
     else the offset alone where it is not empty (codes oriented alike); else 0 where ema is
     empty; else the EMA shift signs x |ema std + mean|. recon may be empty: the bound is
     checked all the same, and dequantize rebuilds the same values later.
@@ -95,7 +103,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
             for j in range(end - start):
                 p = linear_at(a, b, last_row[j], second_row[j])
                 if with_offset:
-                    p += np.float64(offset_row[j])
+                    p += offset_at(offset_row, j, offset_scale)
                 q, r, ok = _code_and_recon(np.float64(x_row[j]), p, bound, two_eb, recon_type)
                 codes_row[j] = -q if p < 0.0 else q
                 escaped_row[j] = not ok
@@ -105,7 +113,7 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
         return n_escaped
     if offset.size > 0:  # low rank alone: the offset, codes oriented by its sign as the linear ones
         for i in range(values.size):
-            p = np.float64(offset[i])
+            p = offset_at(offset, i, offset_scale)
             q, r, ok = _code_and_recon(np.float64(values[i]), p, bound, two_eb, recon_type)
             codes[i] = -q if p < 0.0 else q
             escaped[i] = not ok
@@ -126,7 +134,8 @@ def quantize(values, ema, mean, std, signs, last, second_last, w_last, w_second,
 
 
 @numba.njit(cache=True, nogil=True)
-def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, recon):
+def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale, eb,
+               recon):
     """Rebuild x' = p + 2 eb q into recon (any float dtype), p as in quantize (linear codes
     multiplied back by the sign of p); escaped slots are overwritten later."""
     two_eb = 2.0 * eb
@@ -143,13 +152,13 @@ def dequantize(codes, ema, mean, std, signs, last, second_last, w_last, w_second
             for j in range(end - start):
                 p = linear_at(a, b, last_row[j], second_row[j])
                 if with_offset:
-                    p += np.float64(offset_row[j])
+                    p += offset_at(offset_row, j, offset_scale)
                 q = np.float64(codes_row[j])
                 recon_row[j] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
         return
     if offset.size > 0:
         for i in range(codes.size):
-            p = np.float64(offset[i])
+            p = offset_at(offset, i, offset_scale)
             q = np.float64(codes[i])
             recon[i] = recon_type(_reconstruct(p, two_eb, -q if p < 0.0 else q))
         return
@@ -224,7 +233,8 @@ def finite_ranges(values, run_ends):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _decoded_at(i, code, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, two_eb):
+def _decoded_at(i, code, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale,
+                two_eb):
     """The value dequantize rebuilds for element i from its code, as float64 (the caller
     casts it to the recon dtype): its expressions, so the same bits. A range's arguments index
     rows from the range's start, as _ranged cuts them."""
@@ -233,10 +243,10 @@ def _decoded_at(i, code, ema, mean, std, signs, last, second_last, w_last, w_sec
         row = i // row_length
         p = linear_at(w_last[row], w_second[row], last[i], second_last[i])
         if offset.size > 0:
-            p += np.float64(offset[i])
+            p += offset_at(offset, i, offset_scale)
         return _reconstruct(p, two_eb, -q if p < 0.0 else q)
     if offset.size > 0:
-        p = np.float64(offset[i])
+        p = offset_at(offset, i, offset_scale)
         return _reconstruct(p, two_eb, -q if p < 0.0 else q)
     p = 0.0 if ema.size == 0 else _ema_shift_at(ema, mean, std, signs, i)
     return _reconstruct(p, two_eb, q)
@@ -284,8 +294,8 @@ def _recheck_loop(values, eb, recon, escaped, deltas, float16):
 
 
 @numba.njit(cache=True, nogil=True)
-def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, eb, codes,
-                   recon, escaped, deltas, float16):
+def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_second, row_length, offset, offset_scale,
+                   eb, codes, recon, escaped, deltas, float16):
     """After recheck_narrowed, where quantize escaped any element (NaN, Inf, -0.0, beyond the
     codes' range: code 0; rare): every escaped element's delta, from the value dequantize
     rebuilds from its code with these prediction arguments (_delta_base; a near miss's comes
@@ -297,7 +307,7 @@ def escaped_deltas(values, ema, mean, std, signs, last, second_last, w_last, w_s
     for i in range(values.size):
         if escaped[i]:
             recon[i] = np.float32(_decoded_at(i, codes[i], ema, mean, std, signs, last, second_last, w_last, w_second,
-                                              row_length, offset, two_eb))
+                                              row_length, offset, offset_scale, two_eb))
             deltas[i] = _delta(value_bits[i], _delta_base(recon, bits, i, float16), float16)
             recon[i] = values[i]
 

@@ -148,8 +148,8 @@ def _rounds_with_escapes(count=5):
 @pytest.mark.parametrize("bound, mode", [(1e-2, "rel"), (1e-3, "abs")])
 def test_the_fused_paths_patch_escaped_values_as_the_general_ones(monkeypatch, bound, mode):
     seen = Counter()
-    _count_calls(monkeypatch, "reconstruct_and_fold", seen, "encoded with escapes", escape_index_at=14)
-    _count_calls(monkeypatch, "decode_and_fold", seen, "decoded with escapes", escape_index_at=16)
+    _count_calls(monkeypatch, "reconstruct_and_fold", seen, "encoded with escapes", escape_index_at=15)
+    _count_calls(monkeypatch, "decode_and_fold", seen, "decoded with escapes", escape_index_at=17)
     fused_side, general_side = gradzip.Compressor(bound, mode, threads=1), gradzip.Compressor(bound, mode, threads=1)
     fused_reader, general_reader = gradzip.Decompressor(threads=1), gradzip.Decompressor(threads=1)
     for tensors in _rounds_with_escapes():

@@ -26,7 +26,7 @@ def _linear_quantize(values, last, second, w_last, w_second, eb, keep_recon):
     codes, escaped = np.empty(n, np.int32), np.empty(n, np.bool_)
     recon = np.empty(n if keep_recon else 0, values.dtype)
     n_escaped = quantize(values, _EMPTY32, 0.0, 0.0, _NO_SIGNS, last, second, w_last, w_second, n // w_last.size,
-                         _EMPTY32, eb, codes, recon, escaped, eb)
+                         _EMPTY32, 0.0, eb, codes, recon, escaped, eb)
     return codes, recon, escaped, n_escaped
 
 
@@ -58,7 +58,7 @@ def test_blocked_linear_rows_keep_the_bound_and_match_dequantize(dtype, rows, ro
     kept = ~escaped
     assert np.all(np.abs(recon[kept].astype(np.float64) - values[kept].astype(np.float64)) <= eb)
     rebuilt = np.empty(n, dtype)
-    dequantize(codes, _EMPTY32, 0.0, 0.0, _NO_SIGNS, last, second, w_last, w_second, row_length, _EMPTY32, eb, rebuilt)
+    dequantize(codes, _EMPTY32, 0.0, 0.0, _NO_SIGNS, last, second, w_last, w_second, row_length, _EMPTY32, 0.0, eb, rebuilt)
     assert np.array_equal(rebuilt[kept], recon[kept])
 
 
@@ -76,6 +76,33 @@ def test_offset_column_blocks_give_the_exact_product(factor_dtype):
     low_rank_offset(left, right, step, out)
     assert np.array_equal(out, expected)
     assert np.array_equal(Factors(left, right, step).offset(), expected)
+
+
+@pytest.mark.parametrize("largest", [2896, 2897, 32766])
+def test_offset_sums_are_exact_in_either_precision(largest):
+    """The sums are computed in float32 only where every partial sum stays below 2^24 (here
+    rank 2 x largest^2: 2896 keeps it, 2897 does not): exact integers either way, and the
+    offset the kernels build from them (offset_at) is low_rank_offset's, bit for bit."""
+    rng = np.random.default_rng(largest)
+    rank, rows, cols, step = 2, 300, 5000, 3.7e-4
+    left = rng.integers(-largest, largest + 1, (rank, rows)).astype(np.int16)
+    right = rng.integers(-largest, largest + 1, (rank, cols)).astype(np.int16)
+    left[:, 0], right[:, 0] = largest, -largest  # the bound is reached: an exact sum of 2 x largest^2
+    exact = (left.astype(np.int64).T @ right.astype(np.int64)).reshape(-1)
+    factors = Factors(left, right, step)
+    sums = factors.offset_sums()
+    assert sums.dtype == (np.float32 if 2 * largest * largest < 1 << 24 else np.float64)
+    assert np.array_equal(sums.astype(np.int64), exact)
+    offset = np.empty(rows * cols, np.float32)
+    low_rank_offset(left, right, step, offset)
+    assert np.array_equal(offset, (exact.astype(np.float64) * (step * step)).astype(np.float32))
+    codes = rng.integers(-5, 6, rows * cols).astype(np.int32)
+    from_sums, from_values = np.empty(rows * cols, np.float32), np.empty(rows * cols, np.float32)
+    none32 = np.empty(0, np.float32)
+    for offset_arg, scale, out in ((sums, factors.offset_scale, from_sums), (offset, 1.0, from_values)):
+        dequantize(codes, none32, 0.0, 0.0, _NO_SIGNS, none32, none32, np.empty(0), np.empty(0), 1, offset_arg, scale,
+                   1e-3, out)
+    np.testing.assert_array_equal(from_sums.view(np.uint32), from_values.view(np.uint32))
 
 
 def _reference_levels(values, unit, rows, cols):
@@ -305,7 +332,7 @@ def test_the_recheck_rebuilds_an_escaped_element_as_dequantize_does(gz, dtype, p
             offset[5] = np.nan
         else:
             ema[5] = np.nan
-    args = (ema, mean, std, signs, kept_last, kept_second, w_last, w_second, length, offset)
+    args = (ema, mean, std, signs, kept_last, kept_second, w_last, w_second, length, offset, 1.0)  # (offset: values)
     eb = 4e-3
     codes, recon, escaped = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.bool_)
     special_count = int((np.isnan(values) | ((values == 0) & np.signbit(values))).sum()) + nan_prediction
@@ -588,12 +615,12 @@ def test_dequantizing_a_large_tensor_on_threads_gives_the_same_bits(kind):
     w = np.ones(1)
     row_w = rng.normal(size=rows)
     args = {
-        "none": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, none32),
-        "ema": (ema, 0.5, 0.2, signs, none32, none32, np.empty(0), np.empty(0), 1, none32),
-        "offset": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, offset),
-        "linear": (none32, 0.0, 0.0, none8, last, second, 0.7 * w, -0.2 * w, n, none32),
-        "linear_rows": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, none32),
-        "linear_rows_offset": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, offset),
+        "none": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, none32, 0.0),
+        "ema": (ema, 0.5, 0.2, signs, none32, none32, np.empty(0), np.empty(0), 1, none32, 0.0),
+        "offset": (none32, 0.0, 0.0, none8, none32, none32, np.empty(0), np.empty(0), 1, offset, 1.0),
+        "linear": (none32, 0.0, 0.0, none8, last, second, 0.7 * w, -0.2 * w, n, none32, 0.0),
+        "linear_rows": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, none32, 0.0),
+        "linear_rows_offset": (none32, 0.0, 0.0, none8, last, second, row_w, -0.5 * row_w, row_length, offset, 1.0),
     }[kind]
     reference = np.empty(n, np.float32)
     dequantize(codes, *args, 1e-3, reference)

@@ -39,8 +39,9 @@ _HINT_SKETCH_FACTOR = 4
 _NOISE_EDGE_FACTOR = 2.0  # see fit_low_rank
 _SCREEN_ROWS = 64  # rows of the residual the cheap noise screen looks at
 _SCREEN_EDGE_FACTOR = 1.5  # see _looks_like_noise
-_OFFSET_BLOCK_ELEMENTS = 1 << 17  # float64 elements of the offset computed at a time (1 MiB)
+_OFFSET_BLOCK_ELEMENTS = 1 << 17  # elements of the offset's sums computed at a time (0.5-1 MiB)
 _PRODUCT_BLOCK_ELEMENTS = 1 << 18  # elements of the residual in one block of a fit's matrix product
+_SINGLE_EXACT_LIMIT = float(1 << 24)  # float32 holds every integer up to this exactly
 _GRAM_BASIS_MIN_CONDITION = 1e-10  # smallest / largest pivot of the sketch's Gram matrix (see _orthonormal)
 
 
@@ -52,29 +53,49 @@ def eligible(shape: tuple[int, ...]) -> bool:
     return size >= MIN_ELEMENTS and size // shape[0] >= MIN_SIDE
 
 
-def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray, threads: int = 1) -> None:
-    """out (float32, rows x columns flat) = float32(step**2 * left.T @ right), exactly (see
-    above). left, right: integers below 2**15 in magnitude (rank x rows, rank x columns, any
-    integer or float dtype), rank <= 64. Every product is below 2**30 and every partial sum
-    below 2**36, so a matrix product in float64 is exact in any order, with or without FMA:
-    BLAS gives the same bits on every machine, 4-5x faster than a numba loop. Columns go in
-    blocks, so no rows x columns float64 array is held (blocks of columns, not rows: BLAS
-    then packs each piece of right once, 5.1 -> 3.2 ms at rank 48 on 256 x 4096), on up to
+def low_rank_sums(left: np.ndarray, right: np.ndarray, out: np.ndarray, threads: int = 1) -> None:
+    """out (rows x columns flat, float32 or float64) = left.T @ right, exactly: the integer
+    sums whose float32(step**2 x sum) is the offset (see above; the (de)quantizing kernels
+    scale them as they read them, quantize.offset_at). left, right: integers below 2**15 in
+    magnitude (rank x rows, rank x columns, any integer or float dtype), rank <= 64. Every
+    product is below 2**30 and every partial sum below 2**36, so a matrix product in float64
+    is exact in any order, with or without FMA: BLAS gives the same bits on every machine,
+    4-5x faster than a numba loop. Where sums_dtype allows float32 (every partial sum below
+    2**24), out may be float32: exact too, and 2x faster again (0.42 against 0.83 ms on
+    256 x 4096 at rank 16). Columns go in blocks (blocks of columns, not rows: BLAS then
+    packs each piece of right once, 5.1 -> 3.2 ms at rank 48 on 256 x 4096), on up to
     `threads` threads (each block is written once, by one of them)."""
     rank, rows = left.shape
     cols = right.shape[1]
-    left_t = np.ascontiguousarray(left.T, dtype=np.float64)
-    step_squared = step * step
+    exact = out.dtype.type
+    left_t = np.ascontiguousarray(left.T, dtype=exact)
     grid = out.reshape(rows, cols)
     width = max(1, _OFFSET_BLOCK_ELEMENTS // max(rows, 1))
 
     def block(start):
         stop = min(cols, start + width)
-        product = left_t @ right[:, start:stop].astype(np.float64)
-        product *= step_squared
-        grid[:, start:stop] = product
+        np.matmul(left_t, right[:, start:stop].astype(exact), out=grid[:, start:stop])
 
     each(block, range(0, cols, width), threads)
+
+
+def sums_dtype(left: np.ndarray, right: np.ndarray) -> type:
+    """float32 where every product and partial sum of left.T @ right is an integer below
+    2**24 in magnitude, in any order (the sum over components of max |left| x max |right|
+    bounds them all; on the corpus it stayed under 0.13 x 2**24 in every part), else float64."""
+    if not (left.size and right.size):
+        return np.float32
+    bound = np.abs(left).max(axis=1).astype(np.float64) @ np.abs(right).max(axis=1).astype(np.float64)
+    return np.float32 if float(bound) < _SINGLE_EXACT_LIMIT else np.float64
+
+
+def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray, threads: int = 1) -> None:
+    """out (float32, rows x columns flat) = float32(step**2 * left.T @ right): the offset's
+    values, what the (de)quantizing kernels compute from low_rank_sums (for numpy's use: a
+    fit's size estimates, and tests)."""
+    sums = np.empty(out.size, sums_dtype(left, right))
+    low_rank_sums(left, right, sums, threads)
+    np.multiply(sums, np.float64(step * step), out=out, dtype=np.float64, casting="same_kind")
 
 
 class Factors(NamedTuple):
@@ -85,10 +106,22 @@ class Factors(NamedTuple):
     right: np.ndarray
     step: float
 
+    @property
+    def offset_scale(self) -> float:
+        """What the offset's sums are scaled by (quantize.offset_at)."""
+        return self.step * self.step
+
+    def offset_sums(self, threads: int = 1) -> np.ndarray:
+        """The offset's exact sums (rows x columns, flat; low_rank_sums, in sums_dtype). Built
+        on each call: they take 4 or 8 bytes an element, so a caller holds them only while it
+        quantizes or reconstructs (the encoder's candidates keep their factors, not their
+        offsets)."""
+        out = np.empty(self.left.shape[1] * self.right.shape[1], sums_dtype(self.left, self.right))
+        low_rank_sums(self.left, self.right, out, threads)
+        return out
+
     def offset(self, threads: int = 1) -> np.ndarray:
-        """The float32 offset (rows x columns, flat). Built on each call: it takes 4 bytes an
-        element, so a caller holds it only while it quantizes or reconstructs (the encoder's
-        candidates keep their factors, not their offsets)."""
+        """The float32 offset's values (rows x columns, flat)."""
         out = np.empty(self.left.shape[1] * self.right.shape[1], np.float32)
         low_rank_offset(self.left, self.right, self.step, out, threads)
         return out
