@@ -910,8 +910,11 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
         return recipe is None or (recipe[0], recipe[1]) == (predictor, source)
 
     history = _has_history(previous, shape, dtype) and (config.magnitude_prediction or config.sign_prediction)
-    wants_scale = config.coder == "rans" and (recipe is None or (recipe[1] or "").split(",")[-1].startswith("scale"))
-    scales = _scale_side(values, shape) if wants_scale else None
+    wants_scale = (config.coder == "rans" and _has_scales(shape, values.size)
+                   and (recipe is None or (recipe[1] or "").split(",")[-1].startswith("scale")))
+    # The values' own levels only where a context candidate reads them (a linear one takes its
+    # residual's): a reusing linear round of cnn5fc's FC layer built them for nothing, 1.3 ms.
+    scales = _scale_side(values, shape) if wants_scale and (recipe is None or recipe[0] == "context") else None
     if not history:
         if scales is not None and wanted("context", "scale"):
             yield from _scale_candidates(values, plain.codes, plain, scales, eb, _NO_STATE, 0.0, 0.0,
@@ -955,13 +958,13 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     if config.magnitude_prediction and config.sign_prediction:
         for by_row in (False, True) if _rows_weighted(shape) else (False,):
             plain_variant, scale_variant = ("rows", "rows,scale_ema") if by_row else (None, "scale_ema")
-            if not (wanted("linear", plain_variant) or (scales is not None and wanted("linear", scale_variant))):
+            if not (wanted("linear", plain_variant) or (wants_scale and wanted("linear", scale_variant))):
                 continue
             linear = _linear_candidates(values, dtype, eb, previous, by_row, keep_recon=False, low_rank=low_rank,
                                         threads=threads)
             if wanted("linear", plain_variant):
                 yield from linear
-            if linear and scales is not None and wanted("linear", scale_variant):
+            if linear and wants_scale and wanted("linear", scale_variant):
                 # Late in training updates persist so strongly that the prediction pays even
                 # on top of the scale contexts (the 1M-element FC layer). The row and column
                 # scales are the residual's: a row that persists has a small residual however
@@ -1067,12 +1070,17 @@ def _tap_count(shape) -> int:
     return taps if taps > 1 else 0
 
 
+def _has_scales(shape, size: int) -> bool:
+    """Whether a tensor tries scale contexts: 2 or more dimensions, at least _SCALE_MIN_ELEMENTS."""
+    return len(shape) >= 2 and shape[0] * shape[1] != 0 and size >= _SCALE_MIN_ELEMENTS
+
+
 def _scale_side(values, shape, unit=1.0) -> "_Scales | None":
     """The row, column and tap levels and their sections (the taps' behind the columns', in
     one zstd frame) for a tensor of 2 or more dimensions and at least _SCALE_MIN_ELEMENTS
     elements, else None. values and unit: the tensor (1.0) or a prediction's codes (2 eb; see
     scale_levels)."""
-    if len(shape) < 2 or shape[0] * shape[1] == 0 or values.size < _SCALE_MIN_ELEMENTS:
+    if not _has_scales(shape, values.size):
         return None
     rows, cols = shape[0], shape[1]
     row_levels = np.empty(rows, np.int16)
