@@ -1548,9 +1548,10 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1
         raise CorruptStreamError("bad context settings")
     if (orient or source in ("ema", "scale_ema")) and not _has_history(previous, shape, dtype):
         raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-    contexts = np.zeros(n, np.uint8)
     if source == "none":
-        return contexts, 1, orient
+        return np.zeros(n, np.uint8), 1, orient
+    # (scale_contexts writes every element of a tensor of this shape; magnitude_contexts as many as the EMA has)
+    contexts = np.zeros(n, np.uint8) if source == "ema" else np.empty(n, np.uint8)
     mean, std = (float(params["mean"]), float(params["std"])) if source in ("ema", "scale_ema") else (0.0, 0.0)
     if source == "ema":
         magnitude_contexts(previous.ema, mean, std, eb, contexts)
@@ -1570,8 +1571,10 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1
     shift = params["context_merge"]
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
         raise CorruptStreamError("bad context merge")
-    contexts, n_contexts = merged_contexts(contexts, shift, N_MAGNITUDE_BUCKETS if source == "ema" else N_SCALE_BUCKETS)
-    return contexts, n_contexts, orient
+    n_buckets = N_MAGNITUDE_BUCKETS if source == "ema" else N_SCALE_BUCKETS
+    if shift:  # merged_contexts' buckets, in place (the array is this call's own)
+        contexts >>= np.uint8(shift)
+    return contexts, merged_contexts(contexts[:0], shift, n_buckets)[1], orient
 
 
 def _decoded_levels(section, count) -> np.ndarray:
