@@ -40,7 +40,10 @@ def user_errors():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            yield
+            try:
+                yield
+            finally:
+                _remove_empty_made_directories()
         except GradzipError as exc:
             raise CliError(str(exc)) from None
         except MemoryError:
@@ -113,7 +116,7 @@ def _output_paths(inputs: tuple[str, ...], output: str | None, name_for) -> list
         if output is not None and output != STDIO and _names_a_directory(output):
             if inputs[0] == STDIO:
                 raise CliError(f"{output}: a directory, but stdin has no name to write under (use -o FILE)")
-            Path(output).mkdir(parents=True, exist_ok=True)
+            _make_directory(Path(output))
             return [str(Path(output) / Path(name_for(inputs[0])).name)]
         if output is not None:
             return [output]
@@ -125,8 +128,28 @@ def _output_paths(inputs: tuple[str, ...], output: str | None, name_for) -> list
     directory = Path(output)
     if directory.exists() and not directory.is_dir():
         raise CliError(f"{output}: with several inputs, -o must be a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_directory(directory)
     return [str(directory / Path(name_for(path)).name) for path in inputs]
+
+
+_made_directories: list[Path] = []  # by _output_paths in this command: removed again if left empty
+
+
+def _make_directory(directory: Path) -> None:
+    missing = [parent for parent in (directory, *directory.parents) if not parent.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    _made_directories.extend(missing)  # (deepest first)
+
+
+def _remove_empty_made_directories() -> None:
+    """A run that failed before writing into the -o directory it made leaves none behind
+    (one holding the state's lock file, or an output, stays)."""
+    for directory in _made_directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            break  # not empty (or gone): nor are its parents
+    _made_directories.clear()
 
 
 def _names_a_directory(output: str) -> bool:

@@ -334,6 +334,8 @@ def _umask() -> int:
 def locked(path: str | os.PathLike, wait: bool = False):
     """Hold an exclusive lock on `<state>.lock` so two processes never advance one state."""
     lock_path = Path(str(path) + ".lock")
+    if not lock_path.parent.is_dir():  # (not made: -o makes its directory, a state's is named by the user)
+        raise InputError(f"{path}: the state's directory {lock_path.parent} does not exist")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:

@@ -155,6 +155,29 @@ def test_output_into_a_missing_directory(gz, ws):
     fails_cleanly(gz, ws, "compress", "r1.safetensors", "-s", "c0.state", "-o", "nowhere/x.grz", fragments=["nowhere"])
 
 
+@pytest.mark.parametrize("command, state", [("compress", "c.state"), ("decompress", "d.state")])
+def test_a_failed_run_leaves_no_output_directory(gz, ws, command, state):
+    """-o DIR/ makes DIR (and its missing parents), but a run that fails before writing into
+    it removes them again: no empty directories are left behind."""
+    fails_cleanly(gz, ws, command, "notes.txt", "-s", state, "-o", "made/deeper/", fragments=["notes.txt"])
+    assert not (ws / "made").exists()
+
+
+def test_a_run_failing_on_its_second_input_keeps_the_first_output(gz, ws):
+    gz.assert_cli_error(gz.run("compress", "r1.safetensors", "notes.txt", "-s", "c0.state", "-o", "made/", cwd=ws),
+                        "notes.txt")
+    assert sorted(p.name for p in (ws / "made").iterdir()) == ["r1.safetensors.grz"]  # (and the state advanced for it)
+
+
+def test_a_state_in_a_missing_directory(gz, ws):
+    """A state's directory is not made (a mistyped one would start a new client's state);
+    one that -o makes first is there."""
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "-s", "nowhere/c.state", "-o", "out.grz",
+                  fragments=["nowhere", "does not exist"])
+    gz.assert_cli_ok(gz.run("compress", "r0.safetensors", "-s", "new/c.state", "-o", "new/", "-q", cwd=ws))
+    assert (ws / "new" / "c.state").exists() and (ws / "new" / "r0.safetensors.grz").exists()
+
+
 def test_full_disk_on_stdout(gz, ws):
     """Writing the stream fails (ENOSPC): one line, and the state does not advance."""
     before = gz.tree_snapshot(ws)
