@@ -37,8 +37,8 @@ from .fused_encode import reconstruct_and_fold
 from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
 from .parallel import MIN_SPAN, each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
-                              magnitude_contexts, merged_contexts, orient_by_sign, scale_contexts_on, scale_fit_sums_on,
-                              scale_levels)
+                              magnitude_contexts, merged_contexts, merged_count, orient_by_sign, scale_contexts_on,
+                              scale_fit_sums_on, scale_levels)
 from .predict.linear import (MAX_LINEAR_WEIGHT, MIN_ROW_ELEMENTS, fitted_linear_weights, fitted_row_weights, linear_fit_sums_on,
                              linear_residual, row_weights_as_floats)
 from .predict.lowrank import FACTOR_LIMIT, MAX_RANK, Factors, factor_contexts, fit_low_rank, low_rank_sums, sums_dtype
@@ -538,11 +538,11 @@ def _over_ranges(prediction: _Prediction, n: int, threads: int, run) -> list:
     args = prediction.kernel_args(threads, offset=_NO_STATE)
     row = factors.right.shape[1]  # (axis 0's rows: the linear weights' rows too)
     block = max(1, _OFFSET_BLOCK_ELEMENTS // row) * row
-    exact = sums_dtype(factors.left, factors.right)  # (any rows' sums are bounded alike)
+    sums_type = sums_dtype(factors.left, factors.right)  # (any rows' sums are bounded alike)
 
     def in_blocks(span):
         start, stop = span
-        buffer = np.empty(min(block, stop - start), exact)
+        buffer = np.empty(min(block, stop - start), sums_type)
         results = []
         for a in range(start, stop, block):
             b = min(a + block, stop)
@@ -1572,9 +1572,9 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1
     if shift not in range(MAX_MERGE_SHIFT + 1) or isinstance(shift, bool):
         raise CorruptStreamError("bad context merge")
     n_buckets = N_MAGNITUDE_BUCKETS if source == "ema" else N_SCALE_BUCKETS
-    if shift:  # merged_contexts' buckets, in place (the array is this call's own)
+    if shift:  # merged_contexts' buckets, in place (the array is this call's own: no copy)
         contexts >>= np.uint8(shift)
-    return contexts, merged_contexts(contexts[:0], shift, n_buckets)[1], orient
+    return contexts, merged_count(n_buckets, shift), orient
 
 
 def _decoded_levels(section, count) -> np.ndarray:

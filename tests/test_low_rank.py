@@ -397,22 +397,26 @@ def test_a_search_round_frees_the_losers_before_the_low_rank_candidates():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("by_row", [False, True])
-def test_quantizing_with_the_offset_in_blocks_of_rows_gives_the_whole_offsets_bits(threads, by_row):
+@pytest.mark.parametrize("largest", [300, 3000])  # the offset's sums in float32, and in float64
+def test_quantizing_with_the_offset_in_blocks_of_rows_gives_the_whole_offsets_bits(threads, by_row, largest):
     """A large tensor's low-rank offset is built a block of rows at a time (codec._over_ranges):
     codes, escapes and reconstruction equal the kernels' on the whole tensor's offset, with a
     last block shorter than the others and linear weights per row."""
     from gradzip import codec
-    from gradzip.predict.lowrank import Factors
+    from gradzip.predict.lowrank import Factors, sums_dtype
     from gradzip.quantize import dequantize, quantize
     from gradzip.state import TensorState
 
     rows, cols, rank = 600, 1000, 5  # 600,000 elements: blocks of 131 rows, the last of 76
     assert rows * cols >= 2 * codec._OFFSET_BLOCK_ELEMENTS and rows % (codec._OFFSET_BLOCK_ELEMENTS // cols)
     rng = np.random.default_rng(4)
-    factors = Factors(rng.integers(-3000, 3000, (rank, rows)).astype(np.int16),
-                      rng.integers(-3000, 3000, (rank, cols)).astype(np.int16), 3.1e-4)
+    factors = Factors(rng.integers(-largest, largest, (rank, rows)).astype(np.int16),
+                      rng.integers(-largest, largest, (rank, cols)).astype(np.int16), 3.1e-4 * 3000 / largest)
+    assert sums_dtype(factors.left, factors.right) == (np.float32 if largest == 300 else np.float64)
     last, second = (rng.normal(size=rows * cols).astype(np.float32) for _ in range(2))
-    values = (factors.offset() + 0.3 * last + rng.normal(scale=0.05, size=rows * cols)).astype(np.float32)
+    offset = np.empty(rows * cols, np.float32)
+    low_rank_offset(factors.left, factors.right, factors.step, offset)
+    values = (offset + 0.3 * last + rng.normal(scale=0.05, size=rows * cols)).astype(np.float32)
     values[[7, 333_333]] = [np.inf, 1e30]  # escapes, one in a later block
     weights = (rng.uniform(0.1, 0.5, rows), rng.uniform(-0.2, 0.2, rows)) if by_row else (np.array([0.3]), np.array([0.1]))
     previous = TensorState((rows, cols), "F32", 2, np.zeros(rows * cols, np.float32), np.zeros(rows * cols, np.int8), last, second)

@@ -71,7 +71,12 @@ MAX_MERGE_SHIFT = 2
 
 def merged_contexts(contexts: np.ndarray, shift: int, n_contexts: int = N_MAGNITUDE_BUCKETS) -> tuple[np.ndarray, int]:
     """Buckets merged 2**shift at a time, and the resulting number of contexts."""
-    return contexts >> np.uint8(shift), (n_contexts + (1 << shift) - 1) >> shift
+    return contexts >> np.uint8(shift), merged_count(n_contexts, shift)
+
+
+def merged_count(n_contexts: int, shift: int) -> int:
+    """How many contexts n_contexts buckets merge into, 2**shift at a time."""
+    return (n_contexts + (1 << shift) - 1) >> shift
 
 
 # ---- scale contexts: this round's per-row and per-column magnitudes as side information ----

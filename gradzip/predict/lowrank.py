@@ -120,12 +120,6 @@ class Factors(NamedTuple):
         low_rank_sums(self.left, self.right, out, threads)
         return out
 
-    def offset(self, threads: int = 1) -> np.ndarray:
-        """The float32 offset's values (rows x columns, flat)."""
-        out = np.empty(self.left.shape[1] * self.right.shape[1], np.float32)
-        low_rank_offset(self.left, self.right, self.step, out, threads)
-        return out
-
 
 def factor_contexts(rank: int, rows: int, cols: int) -> np.ndarray:
     """The coding context of each factor code: its component (one table per component, whose
