@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 # Every module that defines a numba kernel (tests/test_kernels.py checks the list).
 KERNEL_MODULES = ("checksum.py", "entropy/huffman.py", "entropy/rans.py", "floats.py", "fused_decode.py", "fused_encode.py", "metrics.py",
-                  "predict/context.py", "predict/history.py", "predict/linear.py", "predict/magnitude.py",
+                  "predict/context.py", "predict/history.py", "predict/linear.py", "predict/lowrank.py", "predict/magnitude.py",
                   "predict/sign.py", "quantize.py")
 STAMP_NAME = "gradzip-kernels.stamp"
 

@@ -432,3 +432,26 @@ def test_quantizing_with_the_offset_in_blocks_of_rows_gives_the_whole_offsets_bi
     codec._dequantized(codes, prediction, eb, rebuilt, threads)
     dequantize(codes, *prediction.kernel_args(), eb, expected)
     assert rebuilt.tobytes() == expected.tobytes()
+
+
+def test_the_rank_walks_residual_codes_are_numpys():
+    """The fit's one-pass kernel gives _codes_of(values - offset) exactly: float32 arithmetic,
+    ties rounded to even (values on the half steps), and codes clipped at the factor limit."""
+    from gradzip.predict.lowrank import FACTOR_LIMIT, _codes_of, _residual_codes, low_rank_sums, sums_dtype
+
+    rng = np.random.default_rng(12)
+    rank, rows, cols, step, two_eb = 3, 40, 700, 3e-3, 2e-3
+    left = rng.integers(-400, 400, (rank, rows)).astype(np.int16)
+    right = rng.integers(-400, 400, (rank, cols)).astype(np.int16)
+    offset = np.empty(rows * cols, np.float32)
+    low_rank_offset(left, right, step, offset)
+    values = (offset + rng.normal(scale=0.01, size=rows * cols)).astype(np.float32)
+    values[:200] = offset[:200] + np.float32(two_eb) * (np.arange(200, dtype=np.float32) - 100.5)  # (near) ties
+    values[200:210] = offset[200:210] + np.float32(1e3)  # far beyond the limit
+    sums = np.empty(rows * cols, sums_dtype(left, right))
+    low_rank_sums(left, right, sums)
+    codes = np.empty(rows * cols, np.int32)
+    _residual_codes(values, sums, step * step, two_eb, codes)
+    expected = _codes_of(values - offset, two_eb)
+    assert np.array_equal(codes, expected)
+    assert np.all(codes[200:210] == FACTOR_LIMIT) and np.any(codes[:200] % 2 == 0)

@@ -19,6 +19,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from ..parallel import each
@@ -91,8 +92,8 @@ def sums_dtype(left: np.ndarray, right: np.ndarray) -> type:
 
 def low_rank_offset(left: np.ndarray, right: np.ndarray, step: float, out: np.ndarray, threads: int = 1) -> None:
     """out (float32, rows x columns flat) = float32(step**2 * left.T @ right): the offset's
-    values, what the (de)quantizing kernels compute from low_rank_sums (for numpy's use: a
-    fit's size estimates, and tests)."""
+    values as the format defines them, what the (de)quantizing kernels compute from
+    low_rank_sums (the reference the tests hold the kernels to)."""
     sums = np.empty(out.size, sums_dtype(left, right))
     low_rank_sums(left, right, sums, threads)
     np.multiply(sums, np.float64(step * step), out=out, dtype=np.float64, casting="same_kind")
@@ -203,9 +204,10 @@ def fit_low_rank(residual: np.ndarray, eb: float, estimated_bits, rank: int | No
         step = float(f"{step:.6g}")
         q_left = _factor_codes(left, step)
         q_right = _factor_codes(right, step)
-        offset = np.empty(sampled.size, np.float32)
-        low_rank_offset(q_left[:, sample], q_right, step, offset)
-        codes = _codes_of(sampled - offset, two_eb)
+        sums = np.empty(sampled.size, sums_dtype(q_left, q_right))
+        low_rank_sums(q_left[:, sample], q_right, sums)
+        codes = np.empty(sampled.size, np.int32)
+        _residual_codes(sampled, sums, step * step, two_eb, codes)
         factor_codes = np.concatenate([q_left.ravel(), q_right.ravel()]).astype(np.int32)
         bits = (estimated_bits(codes, None, 1) / scale
                 + estimated_bits(factor_codes, factor_contexts(rank, rows, cols), rank))
@@ -304,3 +306,16 @@ def _directions(cols: int, count: int) -> np.ndarray:
 
 def _codes_of(residual: np.ndarray, two_eb: float) -> np.ndarray:
     return np.clip(np.rint(residual.ravel() / two_eb), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _residual_codes(values, sums, offset_scale, two_eb, codes):
+    """codes = _codes_of(values - offset, two_eb), offset being float32(offset_scale x sums)
+    (low_rank_offset's values), in one pass instead of numpy's seven: the same float32
+    arithmetic (numpy divides a float32 array by a Python float in float32), so the same
+    codes. Encoder only: the rank walk's size estimates."""
+    divisor = np.float32(two_eb)
+    for i in range(values.size):
+        offset = np.float32(np.float64(sums[i]) * offset_scale)
+        q = np.rint(np.float32(values[i] - offset) / divisor)
+        codes[i] = np.int32(min(max(q, np.float32(-FACTOR_LIMIT)), np.float32(FACTOR_LIMIT)))
