@@ -436,7 +436,8 @@ def test_quantizing_with_the_offset_in_blocks_of_rows_gives_the_whole_offsets_bi
 
 def test_the_rank_walks_residual_codes_are_numpys():
     """The fit's one-pass kernel gives _codes_of(values - offset) exactly: float32 arithmetic,
-    ties rounded to even (values on the half steps), and codes clipped at the factor limit."""
+    ties rounded to even (48 of the values put near half steps land exactly on one), and
+    codes clipped at the factor limit."""
     from gradzip.predict.lowrank import FACTOR_LIMIT, _codes_of, _residual_codes, low_rank_sums, sums_dtype
 
     rng = np.random.default_rng(12)
