@@ -65,6 +65,8 @@ _MERGE_TRIAL_ELEMENTS = 1 << 17
 # Smaller tensors do not try scale contexts: on the corpus they changed the ratio by 0.001%
 # there (their side information costs what the contexts save) and cost 6 of 11 estimates.
 _SCALE_MIN_ELEMENTS = 1 << 15
+# A larger tensor fits its scale-context weights on every k-th row, about this many elements.
+_SCALE_FIT_ELEMENTS = 1 << 18
 # The encoder searches every candidate on a tensor's first two rounds with history and every
 # DEFAULT_SEARCH_EVERY-th round after them, and otherwise rebuilds the last round's recipe
 # (refitted): on the bench corpus 4 compressed 10 rounds 1.28x faster (geometric mean) for
@@ -1028,7 +1030,8 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         weights = recipe[3]
     else:
         sums = np.zeros(9)
-        scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, scales.taps, eb, ema, mean, std, sums, threads)
+        scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, scales.taps, eb, ema, mean, std, sums, threads,
+                          row_step=max(1, values.size // _SCALE_FIT_ELEMENTS))
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
     scale_contexts_on(scales.rows, scales.cols, scales.taps, eb, ema, mean, std, *weights, contexts, threads)

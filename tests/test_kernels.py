@@ -558,8 +558,11 @@ def test_linear_fit_sums_on_threads_give_the_same_bits(rows):
 
 @pytest.mark.parametrize("shape", [(700, 1000), (96, 400, 3, 3)])
 @pytest.mark.parametrize("with_ema", [True, False])
-def test_scale_fit_sums_on_threads_give_the_same_sums(shape, with_ema):
-    from gradzip.predict.context import scale_fit_sums_on
+@pytest.mark.parametrize("row_step", [1, 3])
+def test_scale_fit_sums_on_threads_give_the_same_sums(shape, with_ema, row_step):
+    """Any thread count sums the same rows (every row_step-th from row 0, the ranges' starts
+    aligned to them), and those are the rows a plain loop over the sampled rows sums."""
+    from gradzip.predict.context import scale_fit_sums, scale_fit_sums_on
 
     rng = np.random.default_rng(len(shape))
     values = (rng.normal(size=shape) * rng.uniform(0.01, 10.0, (shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
@@ -573,11 +576,18 @@ def test_scale_fit_sums_on_threads_give_the_same_sums(shape, with_ema):
     outputs = []
     for threads in (1, 2, 3):
         sums = np.zeros(9)
-        scale_fit_sums_on(values, 1.0, row_levels, col_levels, tap_levels, 1e-3, ema, 0.5, 0.25, sums, threads)
+        scale_fit_sums_on(values, 1.0, row_levels, col_levels, tap_levels, 1e-3, ema, 0.5, 0.25, sums, threads,
+                          row_step=row_step)
         outputs.append(sums)
     assert outputs[0][0] > 0
     for other in outputs[1:]:
         np.testing.assert_array_equal(outputs[0], other)
+    row_size = values.size // rows
+    reference = np.zeros(9)
+    for row in range(0, rows, row_step):  # each sampled row alone
+        scale_fit_sums(values[row * row_size:(row + 1) * row_size], 1.0, row_levels[row:row + 1], col_levels, tap_levels,
+                       1e-3, ema[row * row_size:(row + 1) * row_size] if ema.size else ema, 0.5, 0.25, reference)
+    np.testing.assert_array_equal(outputs[0], reference)
 
 
 @pytest.mark.parametrize("first_round", [True, False])

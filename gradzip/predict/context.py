@@ -313,12 +313,13 @@ def _with_fit_terms(acc, s, t, p, used):
 
 
 @numba.njit(cache=True, nogil=True)
-def scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums):
+def scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums, first_row=0, row_step=1):
     """Least-squares sums for the level of |x| x unit in steps, T, against S and P (see
     scale_contexts), over the elements where all three are defined: sums += n, S, P, T, SS,
-    PP, SP, ST, PT. values and unit as for scale_levels. Encoder only: the weights it yields
-    are sent. The levels are integers, so the sums are int64 (exact in any order) and an
-    element whose level is undefined is added with weight 0 instead of skipped: no branch."""
+    PP, SP, ST, PT; of rows first_row, first_row + row_step, ... only. values and unit as for
+    scale_levels. Encoder only: the weights it yields are sent. The levels are integers, so
+    the sums are int64 (exact in any order) and an element whose level is undefined is added
+    with weight 0 instead of skipped: no branch."""
     rows, cols = row_levels.size, col_levels.size
     inner = values.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
@@ -330,7 +331,7 @@ def scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, me
     zero = np.int64(0)
     acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero)
     span = cols * inner
-    for i in range(rows):
+    for i in range(first_row, rows, row_step):
         if row_levels[i] == ZERO_LEVEL:
             continue
         row_part = np.int64(row_levels[i]) - step_level
@@ -357,20 +358,21 @@ def scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, me
         sums[slot] += acc[slot]
 
 
-def scale_fit_sums_on(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums, threads=1) -> None:
-    """scale_fit_sums, a large tensor's in ranges of whole rows on up to `threads` threads:
-    the sums are integers (exact in any order), so the same sums."""
+def scale_fit_sums_on(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums, threads=1,
+                      row_step=1) -> None:
+    """scale_fit_sums of every row_step-th row, a large tensor's in ranges of whole rows on up
+    to `threads` threads: the sums are integers (exact in any order), so the same sums."""
     row_size = max(1, values.size // max(row_levels.size, 1))
     ranges = spans(values.size, threads, row_size)
     if len(ranges) == 1:
-        scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums)
+        scale_fit_sums(values, unit, row_levels, col_levels, tap_levels, eb, ema, mean, std, sums, 0, row_step)
         return
 
     def run(span):
         a, b = span
         part = np.zeros(sums.size)
         scale_fit_sums(values[a:b], unit, row_levels[a // row_size:-(-b // row_size)], col_levels, tap_levels, eb,
-                       ema[a:b] if ema.size else ema, mean, std, part)
+                       ema[a:b] if ema.size else ema, mean, std, part, -(a // row_size) % row_step, row_step)
         return part
 
     for part in each(run, ranges, threads):
