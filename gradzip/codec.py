@@ -65,7 +65,8 @@ _MERGE_TRIAL_ELEMENTS = 1 << 17
 # Smaller tensors do not try scale contexts: on the corpus they changed the ratio by 0.001%
 # there (their side information costs what the contexts save) and cost 6 of 11 estimates.
 _SCALE_MIN_ELEMENTS = 1 << 15
-# A larger tensor fits its scale-context weights on every k-th row, about this many elements.
+# A larger tensor fits its scale-context weights on every k-th row, about this many elements
+# (_scale_fit_row_step).
 _SCALE_FIT_ELEMENTS = 1 << 18
 # The encoder searches every candidate on a tensor's first two rounds with history and every
 # DEFAULT_SEARCH_EVERY-th round after them, and otherwise rebuilds the last round's recipe
@@ -1031,7 +1032,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
     else:
         sums = np.zeros(9)
         scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, scales.taps, eb, ema, mean, std, sums, threads,
-                          row_step=max(1, values.size // _SCALE_FIT_ELEMENTS))
+                          row_step=_scale_fit_row_step(values.size, scales.rows.size))
         weights = fitted_weights(sums, ema.size > 0)
     contexts = np.zeros(values.size, np.uint8)
     scale_contexts_on(scales.rows, scales.cols, scales.taps, eb, ema, mean, std, *weights, contexts, threads)
@@ -1071,6 +1072,12 @@ def _tap_count(shape) -> int:
     after the second where it is above 1, else 0."""
     taps = element_count(shape[2:])
     return taps if taps > 1 else 0
+
+
+def _scale_fit_row_step(size: int, rows: int) -> int:
+    """Every how many rows a tensor fits its scale-context weights: about _SCALE_FIT_ELEMENTS
+    elements, and at least 8 rows (as _sampler's row samples)."""
+    return max(1, min(size // _SCALE_FIT_ELEMENTS, rows // 8))
 
 
 def _has_scales(shape, size: int) -> bool:

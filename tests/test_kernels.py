@@ -806,3 +806,12 @@ def test_signs_from_a_kernel_bitmap_match_numpys_unpacking(n_kernels, size):
             np.testing.assert_array_equal(out, expected)
         for wrong in (bitmap[:-1], np.concatenate([bitmap, np.zeros(1, np.uint8)])):
             assert not signs_from_bitmap(previous, 0, size, wrong, np.empty(previous.size, np.int8))
+
+
+def test_the_scale_fit_samples_about_2_18_elements_and_at_least_8_rows():
+    from gradzip.codec import _scale_fit_row_step
+
+    assert _scale_fit_row_step(256 * 4096, 256) == 4  # cnn5fc's FC layer: 64 rows
+    assert _scale_fit_row_step(512 * 4608, 512) == 9  # a ResNet's 512 x 512 x 3 x 3 conv: 57 rows
+    assert _scale_fit_row_step(16 * 65536, 16) == 2  # few long rows: still 8 of them
+    assert _scale_fit_row_step(1 << 18, 4096) == 1 and _scale_fit_row_step(1 << 20, 4) == 1

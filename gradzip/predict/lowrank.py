@@ -298,9 +298,9 @@ def _looks_like_noise(residual: np.ndarray) -> bool:
 @functools.lru_cache(maxsize=16)
 def _directions(cols: int, count: int) -> np.ndarray:
     """The range finder's random directions, the same every round (drawing them took 5 ms of
-    the 1M-element layer's 37). 16 (width, count) pairs: a ResNet-18's eligible layers have 4
-    widths and up to 3 counts each, and with 4 they were drawn again every round (1.9% of its
-    compression); an entry is at most 72 x 4 bytes a column (1.3 MiB at 4608 columns)."""
+    the 1M-element layer's 37). 16 (width, count) pairs: a ResNet-18's eligible layers need
+    7, and with room for 4 they were drawn again every round (1.9% of its compression); an
+    entry is at most 72 x 4 bytes a column (1.3 MiB at 4608 columns)."""
     directions = np.random.default_rng(0).standard_normal((cols, count)).astype(np.float32)
     directions.flags.writeable = False
     return directions
