@@ -1034,7 +1034,7 @@ def _scale_candidates(values, codes, quantized, scales, eb, ema, mean, std, para
         scale_fit_sums_on(values, scales.unit, scales.rows, scales.cols, scales.taps, eb, ema, mean, std, sums, threads,
                           row_step=_scale_fit_row_step(values.size, scales.rows.size))
         weights = fitted_weights(sums, ema.size > 0)
-    contexts = np.zeros(values.size, np.uint8)
+    contexts = np.empty(values.size, np.uint8)  # (scale_contexts writes every element, as the decoder's)
     scale_contexts_on(scales.rows, scales.cols, scales.taps, eb, ema, mean, std, *weights, contexts, threads)
     return _context_candidates(quantized, codes, contexts, {**params, "fit": list(weights)}, [*extra_sections, *scales.sections],
                                values.size, recipe, N_SCALE_BUCKETS, every_merge=True, predictor=predictor)
