@@ -277,16 +277,29 @@ def test_every_method_gets_the_same_absolute_bound(monkeypatch):
 def test_a_method_at_another_bound_is_refused(monkeypatch):
     pytest.importorskip("pysz")
 
-    class Loose(bench_methods.SZ3Session):  # codes at twice the bound it is given
-        def compress(self, tensors, bounds):
-            return super().compress(tensors, {k: 2 * v for k, v in bounds.items()})
+    class Loose(bench_methods.SZ3Session):  # codes at twice the bound it derives
+        def coding_bounds(self, tensors, bounds):
+            return {k: 2 * v for k, v in super().coding_bounds(tensors, bounds).items()}
 
     method = bench_methods.METHODS["sz3"]
     monkeypatch.setitem(bench_methods.METHODS, "sz3",
                         bench_methods.Method("sz3", method.label, method.family, True, method.description, method.requires,
-                                             lambda mode, eb, limit, seed: Loose(limit, seed)))
+                                             lambda mode, eb, limit, seed: Loose(limit, seed, mode, eb)))
     with pytest.raises(BenchError, match="different bounds"):
         run_bench(synthetic_rounds(2), _quick(error_bounds=(1e-3,), methods=("sz3",)))
+
+
+@pytest.mark.parametrize("name", ["sz3", "zfp"])
+def test_a_baseline_derives_its_bounds_in_its_own_call(name):
+    """An error-bounded baseline computes each tensor's bound inside its (timed) compression,
+    as gradzip does: handed no bounds, it codes at the bench's."""
+    method = bench_methods.METHODS[name]
+    pytest.importorskip(method.requires[0])
+    r = synthetic_rounds(1)[0]
+    reference = tensor_bounds(r.tensors, "rel", 1e-3)
+    packed = method.make("rel", 1e-3, 1024, 0).compress(r.tensors, {})
+    lossy = {k for k, v in packed.used_bounds.items() if v != 0.0}
+    assert lossy and all(packed.used_bounds[k] == reference[k] for k in lossy)
 
 
 def test_bounds_are_gradzips_own():
