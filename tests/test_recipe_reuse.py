@@ -301,3 +301,29 @@ def test_a_state_file_whose_tensor_digest_is_not_16_hex_digits_is_refused(sample
         body = b"".join([b"GRZSTATE" + struct.pack("<IQ", 6, len(text)) + text, *map(bytes, arrays)])
         with pytest.raises(GradzipError, match="malformed"):
             PredictorState.from_bytes(body + xxh64(body).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("last_predictor", ["linear", "ema", None])
+def test_a_search_after_a_linear_win_skips_the_ema_candidates(sample, monkeypatch, last_predictor):
+    """A search tries the EMA shift and the EMA contexts unless the tensor's last recipe was
+    linear (they seldom beat it once it has won: docs/design.md); the linear ones it always tries."""
+    from gradzip import codec
+
+    compressor = Compressor(1e-2, "rel", search_every=1)
+    for tensors in sample[:3]:
+        compressor.compress(tensors)
+    recipe = None if last_predictor is None else [last_predictor, "kernel" if last_predictor == "ema" else None, None, None]
+    compressor.state = _with_recipe(compressor.state, recipe)
+    tried = set()
+    real = codec._predicted_candidates
+
+    def spy(*args, **kwargs):
+        for candidate in real(*args, **kwargs):
+            tried.add((candidate.predictor, codec._variant(candidate.side_params)))
+            yield candidate
+
+    monkeypatch.setattr(codec, "_predicted_candidates", spy)
+    compressor.compress(sample[3])
+    assert ("linear", None) in tried
+    ema_tried = {("ema", "kernel"), ("context", "ema")} & tried
+    assert ema_tried == (set() if last_predictor == "linear" else {("ema", "kernel"), ("context", "ema")}), tried
