@@ -154,7 +154,8 @@ def summary_markdown(results, with_plots: bool) -> str:
         "in that run; the JSON files beside this one hold all of them.",
         "",
         f"Every method compresses the same tensors at the same per-tensor absolute bound ({mode} mode: "
-        + ("eb times the tensor's value range in that round" if mode == "rel" else "eb") + "). "
+        + ("eb times the tensor's value range in that round" if mode == "rel" else "eb") + "), which each "
+        "error-bounded method derives from the tensor inside its timed compression (gradzip's function for all). "
         f"Float tensors of at most {first['settings']['lossy_limit']} elements are coded lossily by a baseline only where "
         "that beats their raw bytes (SZ3's header can outweigh a bias); the others share one zstd frame per round. gradzip "
         "quantizes its small float tensors into one shared rANS stream. Speeds are single-threaded (except \"gradzip all threads\") MB/s of original data "

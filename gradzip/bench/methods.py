@@ -7,6 +7,10 @@ order. Every session is handed the same per-tensor absolute bounds by the runner
     session.compress(tensors, bounds) -> Packed      bounds: {name: absolute eb}
     session.decompress(packed)        -> {name: array}
 
+An error-bounded baseline (SZ3, ZFP) derives them again inside its compress call, with the
+runner's own function, as gradzip does from its mode and eb: the value-range pass is timed for
+every method alike (coding_bounds).
+
 Routing shared by every method: float tensors with a bound above 0 are coded lossily; a small
 one (at most `lossy_limit` elements) only where its lossy stream is smaller than its raw bytes,
 as SZ3 and ZFP headers can outweigh a tiny tensor. The other small tensors share one zstd frame

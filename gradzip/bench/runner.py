@@ -3,7 +3,8 @@
 Same tensors, same bound: for each bound and round the runner computes every tensor's
 absolute bound once, with gradzip's own `absolute_bound` (rel: eb * max - eb * min over the
 finite values, i.e. eb times the value range up to one rounding, as in SZ3's REL mode; abs:
-eb), and hands that dict to every method. gradzip runs one Compressor per method across all
+eb), and hands that dict to every method (an error-bounded baseline computes it again inside
+its timed call, as gradzip computes its own: methods.py). gradzip runs one Compressor per method across all
 rounds in the same mode (its state must span rounds), and the runner checks that the bound
 gradzip reports for every quantized tensor is bit-identical to the runner's; every baseline
 reports the bound it coded each tensor under. Any difference raises BenchError: methods are
