@@ -930,8 +930,9 @@ def _predicted_candidates(values, dtype, shape, eb, config, previous, plain, rec
     side = {"mean": mean, "std": std}
     # Once the linear prediction has won a tensor's search, its later searches skip the EMA
     # shift and the EMA contexts: on the corpus at rel 1e-2 and 1e-3 those two won 4 of the
-    # 141 searches that followed a linear win, saving 0.0024% of the streams, and cost 6-11%
-    # of a small model's compression (docs/design.md). A tensor's first search tries them.
+    # 141 searches that followed a linear win, saving 0.0024% of the streams, and took 11% of
+    # a small CNN's compression, 6% of a transformer's (docs/design.md). A tensor's first
+    # search tries them.
     ema_candidates = recipe is not None or previous.recipe is None or previous.recipe[0] != "linear"
     if config.coder == "rans" and (recipe is None or recipe[0] == "context"):
         oriented = plain.codes if recipe else plain.codes.copy()
