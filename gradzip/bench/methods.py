@@ -227,7 +227,8 @@ class PerTensorSession(Session):
     # the bound handed in, a small CNN's SZ3 round skipped 4% of its work that gradzip's did.
     derives_bounds = True
 
-    def __init__(self, lossy_limit: int, seed: int = 0, mode: str = "abs", error_bound: float = 0.0):
+    def __init__(self, lossy_limit: int, seed: int, mode: str, error_bound: float):
+        """mode and error_bound: the bench's (coding_bounds derives each tensor's from them)."""
         import zstandard
 
         from ..lossless import DEFAULT_LEVEL
@@ -355,7 +356,7 @@ def at_most_4d(shape: tuple[int, ...]) -> tuple[int, ...]:
 class SZ3Session(PerTensorSession):
     """SZ3 through pysz, ABS mode at the tensor's absolute bound."""
 
-    def __init__(self, lossy_limit, seed=0, mode="abs", error_bound=0.0, *, flatten: bool = False, nopred: bool = False):
+    def __init__(self, lossy_limit, seed, mode, error_bound, *, flatten: bool = False, nopred: bool = False):
         super().__init__(lossy_limit, seed, mode, error_bound)
         self.flatten = flatten
         self.nopred = nopred
