@@ -456,3 +456,24 @@ def test_the_rank_walks_residual_codes_are_numpys():
     expected = _codes_of(values - offset, two_eb)
     assert np.array_equal(codes, expected)
     assert np.all(codes[200:210] == FACTOR_LIMIT) and np.any(codes[:200] % 2 == 0)
+
+
+def test_the_factor_kernels_give_numpys_codes_and_largest_magnitude():
+    """The rank walk's one-pass kernels: round(factor / step) clipped to the factor limit as
+    numpy computes it (ties to even, and values beyond the limit), and the largest |value| of
+    both factors, NaN where either holds one (the walk then sends no part)."""
+    from gradzip.predict.lowrank import FACTOR_LIMIT, _factor_codes, _largest_magnitude
+
+    rng = np.random.default_rng(5)
+    factor = rng.normal(scale=50.0, size=(4, 300))
+    factor[0, :8] = np.arange(8) + 0.5  # ties
+    factor[1, :3] = [4e6, -4e6, 1e300]  # beyond the limit
+    for step in (1.0, 0.37, 2.5e-3):
+        for array in (factor, factor.T.copy().T[:3]):  # (the walk's factors are rows of a transposed array)
+            expected = np.clip(np.rint(array / step), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int16)
+            assert np.array_equal(_factor_codes(array, step), expected)
+    left, right = factor[:, :100], rng.normal(size=(4, 50))
+    assert _largest_magnitude(np.ascontiguousarray(left), right) == max(np.abs(left).max(), np.abs(right).max())
+    right[2, 7] = np.nan
+    assert np.isnan(_largest_magnitude(np.ascontiguousarray(left), right))
+    assert np.isnan(_largest_magnitude(right, np.ascontiguousarray(left)))
