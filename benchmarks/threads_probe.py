@@ -1,6 +1,6 @@
 """How much a second thread can give on this machine: the ceiling of gradzip's thread scaling.
 
-Times three kinds of work on one thread and on two, best of many alternating runs:
+Times two kinds of work on one thread and on two (medians of many alternating runs):
 - a compute-bound loop (square roots), split in two;
 - a streaming pass (read one array, write another, as gradzip's quantizing, folding and
   hashing passes do), split in two;
