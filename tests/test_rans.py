@@ -605,3 +605,73 @@ def test_encoding_without_contexts_is_encoding_with_zero_contexts(n):
     assert rans.encode(codes, None, 1, 2) == rans.encode(codes, np.zeros(n, np.uint8), 1, 2)
     with pytest.raises(ValueError):
         rans.encode(codes, None, 2)
+
+
+def _certain_mixture(rng, n):
+    """Codes in four contexts: 0 all zero and 1 all -1 (certain: one token without extra
+    bits), 2 all 40 (one token, but with extra bits: not certain), 3 Laplacian; runs of rows
+    in contexts 0 and 1 (an embedding's untouched rows), the rest mixed element by element."""
+    contexts = rng.integers(0, 4, n).astype(np.uint8)
+    rows = rng.random(n // 32) < 0.6
+    contexts[: rows.size * 32][np.repeat(rows, 32)] = 0
+    contexts[rng.random(n) < 0.05] = 1
+    codes = laplace_codes(rng, 3.0, n)
+    codes[contexts == 0], codes[contexts == 1], codes[contexts == 2] = 0, -1, 40
+    return codes, contexts
+
+
+@pytest.mark.parametrize("n", [16_384, 16_389, 200_003, rans.SEGMENTED_FROM + 5])
+def test_certain_contexts_are_passed_over_with_the_same_bytes_and_codes(n):
+    """A context whose table is one token without extra bits leaves the state as it is, so
+    encoder and decoder pass over whole groups of four such elements: the words and codes
+    are those of the loops without the skip, and so is every damaged stream's outcome."""
+    rng = np.random.default_rng(n)
+    codes, contexts = _certain_mixture(rng, n)
+    data = round_trip(codes, contexts, 4)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(rans.decode(data, contexts, 4, threads=threads), codes)
+
+    histogram = np.zeros((4, 1 << rans.TOKEN_SHIFT), np.int64)
+    symbols = np.empty(n, np.uint16)
+    rans._tokenize(codes, contexts, symbols, histogram.reshape(-1), np.empty(n, np.uint32))
+    prob_bits, _, _, freqs, starts = rans._build_model(histogram)
+    certain = rans._certain_symbols(histogram, prob_bits, freqs)
+    assert certain.size and certain.sum() == 2  # contexts 0 and 1, not 2 (extra bits)
+    table = rans._encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
+    lanes = rans._lane_count(n)
+    words = rans._rans_encode(symbols, table, lanes, certain)
+    np.testing.assert_array_equal(words, rans._rans_encode(symbols, table, lanes, rans._NO_CERTAIN_SYMBOLS))
+
+    if n >= rans.SEGMENTED_FROM:
+        return
+    status, bit_words, n_bit_words, rans_words = rans._stream_words(np.frombuffer(data, np.uint8))
+    status, context_info, slot_tokens, symbol_info, bit_pos, sparse, certain_codes = rans._decode_model(
+        bit_words, n_bit_words, contexts, 4)
+    assert status == rans.OK and list(certain_codes) == [0, -1, rans.NOT_CERTAIN, rans.NOT_CERTAIN]
+
+    def outcome(rans_words, certain_codes):
+        decoded = np.zeros(n, np.int32)
+        result = rans._decode_elements(rans_words, contexts, context_info, slot_tokens, symbol_info, lanes, bit_words,
+                                       n_bit_words, bit_pos, sparse, certain_codes, decoded)
+        return result, decoded
+
+    for trial in range(40):  # damaged rANS words: the same status, bit position and codes
+        damaged = rans_words.copy()
+        if trial:
+            at = rng.integers(0, damaged.size, 3)
+            damaged[at] ^= rng.integers(1, 2**32, 3, dtype=np.uint64).astype(np.uint32)
+        skipped, plain = outcome(damaged, certain_codes), outcome(damaged, rans._NO_CERTAIN)
+        assert skipped[0] == plain[0]
+        np.testing.assert_array_equal(skipped[1], plain[1])
+
+
+def test_certain_contexts_under_the_share_are_not_skipped():
+    """Below CERTAIN_SKIP_SHARE of the elements the skip's check would cost more than it saves."""
+    rng = np.random.default_rng(5)
+    n = 50_000
+    contexts = (rng.random(n) < 0.2).astype(np.uint8)  # context 1 certain, a fifth of the elements
+    codes = laplace_codes(rng, 3.0, n)
+    codes[contexts == 1] = 0
+    data = round_trip(codes, contexts, 2)
+    status, bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(data, np.uint8))
+    assert rans._decode_model(bit_words, n_bit_words, contexts, 2)[6].size == 0

@@ -167,6 +167,13 @@ SEGMENT_ELEMENTS = 1 << 18
 # zeros without their extra-bit look-ups: 1.2x faster at 99% zeros (a residual that a
 # low-rank part leaves), equal at 95%, slower below (the branch mispredicts).
 SPARSE_ZERO_SHARE = 0.97
+# A context whose table gives one token every slot, with no extra bits (the zero rows of a
+# layer with dead units, the untouched rows of an embedding), leaves the rANS state as it is:
+# x' = 2**bits (x >> bits) + (x mod 2**bits) = x, and no word or bit is read. Where at least
+# this share of a stream's elements are in such contexts, the decoder writes whole groups of
+# four of them without the state machine: a speed choice only, the same codes.
+CERTAIN_SKIP_SHARE = 0.25
+NOT_CERTAIN = np.int64(1) << 40  # (codes are below 2**24 in magnitude)
 
 
 # ---- status codes returned by kernels ------------------------------------------------
@@ -653,9 +660,11 @@ def _put_symbol(words, pos, x, table, k):
 
 
 @njit(cache=True, nogil=True)
-def _rans_encode(symbols, table, lanes):
+def _rans_encode(symbols, table, lanes, certain):
     """Encode symbols (from _tokenize) backwards, element i in state i % lanes; table from
-    _encoder_table.  Returns the emitted words followed by the final states."""
+    _encoder_table.  Returns the emitted words followed by the final states.  certain
+    (_certain_symbols; empty: none worth skipping): the symbols that leave a state as it is,
+    whose groups of four are passed over (a speed choice only, the same words)."""
     n = symbols.size
     words = np.empty(n + 2 * lanes + 1, np.uint32)  # <= one word per symbol, one spare
     states = np.full(lanes, RANS_LOW, np.int64)
@@ -677,7 +686,11 @@ def _rans_encode(symbols, table, lanes):
         states[0], states[1] = x0, x1
     else:
         x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+        skip_certain = certain.size > 0
         for i in range(n_grouped - 4, -1, -4):
+            if skip_certain and (certain[np.uint64(symbols[np.uint64(i)])] & certain[np.uint64(symbols[np.uint64(i + 1)])]
+                                 & certain[np.uint64(symbols[np.uint64(i + 2)])] & certain[np.uint64(symbols[np.uint64(i + 3)])]):
+                continue
             pos, x3 = _put_symbol(words, pos, x3, table, np.int64(symbols[np.uint64(i + 3)]))
             pos, x2 = _put_symbol(words, pos, x2, table, np.int64(symbols[np.uint64(i + 2)]))
             pos, x1 = _put_symbol(words, pos, x1, table, np.int64(symbols[np.uint64(i + 1)]))
@@ -714,12 +727,14 @@ def _refill(x, words, pos):
 
 @njit(cache=True, nogil=True)
 def _decode_elements(
-    words, contexts, context_info, slot_tokens, symbol_info, lanes, bit_words, n_bit_words, bit_pos, sparse, codes
+    words, contexts, context_info, slot_tokens, symbol_info, lanes, bit_words, n_bit_words, bit_pos, sparse, certain, codes
 ):
     """Inverse of _rans_encode and of the extra bits in one pass (both go in element order):
     fills codes, returns (status, bit position after the extra bits).  context_info and
     symbol_info as in _take_symbol; bit_words needs 4 zero pad words after its n_bit_words.
-    sparse: mostly zero codes expected (SPARSE_ZERO_SHARE), a speed choice only."""
+    sparse: mostly zero codes expected (SPARSE_ZERO_SHARE); certain: per context, the code of
+    its one certain token or NOT_CERTAIN (empty: none worth skipping, CERTAIN_SKIP_SHARE);
+    both speed choices only."""
     pos = words.size
     if pos < 2 * lanes:
         return ERR_RANS_EXHAUSTED, bit_pos
@@ -760,7 +775,17 @@ def _decode_elements(
         states[0], states[1] = x0, x1
     else:
         x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+        skip_certain = certain.size > 0
         while i + 4 <= codes.size and pos >= 4 and bit_pos <= bit_limit:
+            if skip_certain:  # four certain codes: no state changes, nothing read
+                k0 = certain[np.uint64(contexts[np.uint64(i)])]
+                k1 = certain[np.uint64(contexts[np.uint64(i + 1)])]
+                k2 = certain[np.uint64(contexts[np.uint64(i + 2)])]
+                k3 = certain[np.uint64(contexts[np.uint64(i + 3)])]
+                if (k0 != NOT_CERTAIN) & (k1 != NOT_CERTAIN) & (k2 != NOT_CERTAIN) & (k3 != NOT_CERTAIN):
+                    codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = k0, k1, k2, k3
+                    i += 4
+                    continue
             t0, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
             t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
             t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
@@ -834,7 +859,7 @@ def _encode_kernel(codes, contexts, n_contexts):
 
     lanes = _lane_count(codes.size)
     table = _encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
-    rans_words = _rans_encode(symbols, table, lanes)
+    rans_words = _rans_encode(symbols, table, lanes, _certain_symbols(histogram, prob_bits, freqs))
     return OK, bit_words[:pos], rans_words
 
 
@@ -875,8 +900,9 @@ def _context_counts(contexts, n_contexts):
 @njit(cache=True, nogil=True)
 def _decode_model(bit_words, n_bit_words, contexts, n_contexts):
     """(status, context_info, slot_tokens, symbol_info, bit position after the tables,
-    sparse): the decoder's model from the tables at the start of bit_words (see
-    _take_symbol); sparse: the tables expect at least SPARSE_ZERO_SHARE of zero codes."""
+    sparse, certain): the decoder's model from the tables at the start of bit_words (see
+    _take_symbol); sparse: the tables expect at least SPARSE_ZERO_SHARE of zero codes;
+    certain: see _decode_elements."""
     counts = _context_counts(contexts, n_contexts)
 
     prob_bits = np.zeros(n_contexts, np.int64)
@@ -899,11 +925,11 @@ def _decode_model(bit_words, n_bit_words, contexts, n_contexts):
         precision, pos, acc, n_acc, ok = _get_bits(bit_words, n_bit_words, pos, acc, n_acc, PRECISION_FIELD_BITS)
         if not ok or precision > prob_bits[c]:
             status = ERR_BITS_EXHAUSTED if not ok else ERR_TABLE
-            return status, prob_bits, slot_tokens, freqs.reshape(-1), 0, False
+            return status, prob_bits, slot_tokens, freqs.reshape(-1), 0, False, _NO_CERTAIN
         total = min(counts[c], PROB_TOTAL) if precision == 0 else np.int64(1) << precision
         pos, acc, n_acc, status = _read_table(bit_words, n_bit_words, pos, acc, n_acc, total, weights)
         if status != OK:
-            return status, prob_bits, slot_tokens, freqs.reshape(-1), 0, False
+            return status, prob_bits, slot_tokens, freqs.reshape(-1), 0, False, _NO_CERTAIN
         _normalize(weights, total, prob_bits[c], freqs[c])
         _cumulative(freqs[c], starts[c])
         for t in range(N_TOKENS):  # freqs sum to 2**prob_bits: every slot gets a token
@@ -920,7 +946,44 @@ def _decode_model(bit_words, n_bit_words, contexts, n_contexts):
     for c in range(n_contexts):
         expected_zeros += counts[c] * (freqs[c, 0] / (np.int64(1) << prob_bits[c]))
     sparse = expected_zeros >= SPARSE_ZERO_SHARE * contexts.size
-    return OK, context_info, slot_tokens, symbol_info, 32 * pos - n_acc, sparse
+    return OK, context_info, slot_tokens, symbol_info, 32 * pos - n_acc, sparse, _certain_codes(counts, prob_bits, freqs)
+
+
+_NO_CERTAIN = np.zeros(0, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _certain_symbols(histogram, prob_bits, freqs):
+    """_rans_encode's certain: per symbol (context << TOKEN_SHIFT) | token, 1 where that token
+    without extra bits fills its context's table (_certain_codes' contexts), else 0; empty
+    where under CERTAIN_SKIP_SHARE of the elements are such symbols."""
+    certain = np.zeros(freqs.size, np.uint8)
+    n_certain = 0
+    for c in range(freqs.shape[0]):
+        for t in range(N_TOKENS):
+            if histogram[c, t] > 0 and freqs[c, t] == np.int64(1) << prob_bits[c] and TOKEN_EXTRA_BITS[t] == 0:
+                certain[(c << TOKEN_SHIFT) | t] = 1
+                n_certain += histogram[c, t]
+    return certain if n_certain >= CERTAIN_SKIP_SHARE * histogram.sum() else _NO_CERTAIN_SYMBOLS
+
+
+_NO_CERTAIN_SYMBOLS = np.zeros(0, np.uint8)
+
+
+@njit(cache=True, nogil=True)
+def _certain_codes(counts, prob_bits, freqs):
+    """_decode_elements' certain: each used context's code where one token without extra
+    bits fills its table, else NOT_CERTAIN; empty where under CERTAIN_SKIP_SHARE of the
+    elements are in such contexts."""
+    certain = np.full(counts.size, NOT_CERTAIN, np.int64)
+    n_certain = 0
+    for c in range(counts.size):
+        for t in range(N_TOKENS):
+            if counts[c] > 0 and freqs[c, t] == np.int64(1) << prob_bits[c] and TOKEN_EXTRA_BITS[t] == 0:
+                magnitude = np.int64(TOKEN_BASE[t])
+                certain[c] = -magnitude if TOKEN_NEGATIVE[t] else magnitude
+                n_certain += counts[c]
+    return certain if n_certain >= CERTAIN_SKIP_SHARE * counts.sum() else _NO_CERTAIN
 
 
 @njit(cache=True, nogil=True)
@@ -991,22 +1054,22 @@ def decode_stream_kernel(raw, contexts, n_contexts, codes):
 @njit(cache=True, nogil=True)
 def _decode_kernel(bit_words, n_bit_words, rans_words, contexts, n_contexts, codes):
     """Fills codes; returns a status.  bit_words[n_bit_words:] are 4 zero pad words."""
-    status, context_info, slot_tokens, symbol_info, bit_pos, sparse = _decode_model(bit_words, n_bit_words, contexts,
-                                                                                     n_contexts)
+    status, context_info, slot_tokens, symbol_info, bit_pos, sparse, certain = _decode_model(
+        bit_words, n_bit_words, contexts, n_contexts)
     if status != OK:
         return status
     return _decode_segment(bit_words, n_bit_words, bit_pos, rans_words, contexts, context_info, slot_tokens, symbol_info,
-                           sparse, codes)
+                           sparse, certain, codes)
 
 
 @njit(cache=True, nogil=True)
 def _decode_segment(bit_words, n_bit_words, bit_pos, rans_words, contexts, context_info, slot_tokens, symbol_info, sparse,
-                    codes):
+                    certain, codes):
     """Decode codes (and their extra bits from bit_pos on) with a built model; returns a
     status.  bit_words[n_bit_words:] are 4 zero pad words."""
     status, bit_pos = _decode_elements(
         rans_words, contexts, context_info, slot_tokens, symbol_info, _lane_count(codes.size),
-        bit_words, n_bit_words, bit_pos, sparse, codes,
+        bit_words, n_bit_words, bit_pos, sparse, certain, codes,
     )
     if status != OK:
         return status
@@ -1180,7 +1243,8 @@ def _encode_segmented(codes, contexts, n_contexts, threads) -> bytes:
     histogram = np.sum([h for _, h, _ in tokenized], axis=0).reshape(n_contexts, 1 << TOKEN_SHIFT)
     prob_bits, precision, sent, freqs, starts = _build_model(histogram)
     table = _encoder_table(prob_bits, freqs.reshape(-1), starts.reshape(-1))
-    coded = each(lambda s: _rans_encode(symbols[s[0]:s[1]], table, _lane_count(s[1] - s[0])), segments, threads)
+    certain = _certain_symbols(histogram, prob_bits, freqs)
+    coded = each(lambda s: _rans_encode(symbols[s[0]:s[1]], table, _lane_count(s[1] - s[0]), certain), segments, threads)
     tables = _table_words(precision, sent)
     directory = b"".join(_varint(extra.size) + _varint(words.size) for (_, _, extra), words in zip(tokenized, coded))
     parts = [_varint(tables.size), tables.astype("<u4", copy=False).tobytes(), directory]
@@ -1205,8 +1269,8 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
     rans_start = extra_start + 4 * sum(n for n, _ in sizes)
     if rans_start + 4 * sum(n for _, n in sizes) != raw.size:
         raise CorruptStreamError(_MESSAGES[ERR_SECTIONS])
-    status, context_info, slot_tokens, symbol_info, bit_pos, sparse = _decode_model(table_words, n_table_words, contexts,
-                                                                                     n_contexts)
+    status, context_info, slot_tokens, symbol_info, bit_pos, sparse, certain = _decode_model(
+        table_words, n_table_words, contexts, n_contexts)
     check_status(status)
     check_status(_bits_end_exactly(table_words, n_table_words, bit_pos))
 
@@ -1221,7 +1285,7 @@ def _decode_segmented(raw, contexts, n_contexts, codes, threads) -> None:
         extra = _little_endian_words(raw, extra_at, n_extra, 4)
         words = _little_endian_words(raw, rans_at, n_rans, 0)
         return _decode_segment(extra, n_extra, 0, words, contexts[start:stop], context_info, slot_tokens, symbol_info,
-                               sparse, codes[start:stop])
+                               sparse, certain, codes[start:stop])
 
     for status in each(decode_segment, jobs, threads):
         check_status(status)
