@@ -675,3 +675,19 @@ def test_certain_contexts_under_the_share_are_not_skipped():
     data = round_trip(codes, contexts, 2)
     status, bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(data, np.uint8))
     assert rans._decode_model(bit_words, n_bit_words, contexts, 2)[6].size == 0
+
+
+@pytest.mark.parametrize("n", [0, 7, 8, 9, 1000, 65_543])
+def test_context_counts_are_bincounts_in_runs_and_scattered(n):
+    """The model's element counts, read eight contexts at a time (a word of eight equal
+    ones adds 8): runs, scattered contexts, context 255, a tail of fewer than eight, and an
+    array that starts at an odd byte of its buffer."""
+    rng = np.random.default_rng(n)
+    runs = np.repeat(rng.integers(0, 256, n // 16 + 1), 16)[:n]
+    scattered = rng.integers(0, 256, n)
+    mixed = np.where(rng.random(n) < 0.5, runs, scattered)
+    for contexts in (runs, scattered, mixed, np.full(n, 255)):
+        contexts = np.concatenate([[7], contexts]).astype(np.uint8)[1:]  # (odd start)
+        expected = np.bincount(contexts, minlength=256)
+        np.testing.assert_array_equal(rans._context_counts(contexts, 256), expected)
+    np.testing.assert_array_equal(rans._context_counts(np.zeros(n, np.uint8), 1), [n])

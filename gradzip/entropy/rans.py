@@ -878,18 +878,32 @@ def _table_words(precision, sent):
 
 @njit(cache=True, nogil=True)
 def _context_counts(contexts, n_contexts):
-    """Elements per context.  Four partial counts: one shared counter would make every
-    increment wait for the previous one when most elements have the same context."""
+    """Elements per context (contexts: contiguous).  Eight at a time as one uint64: eight in
+    one context (a run: a layer's zero rows, an embedding's untouched ones) add 8 at once,
+    0.63 -> 0.27 ms on 1M contexts with 85% of such words, 0.41 -> 0.38 ms on random ones.
+    Four partial counts: one shared counter would make every increment wait for the
+    previous one when most elements have the same context."""
     if n_contexts == 1:  # the caller checked that every context is < n_contexts
         return np.full(1, contexts.size, np.int64)
     partial = np.zeros((4, 256), np.int64)
-    n_grouped = contexts.size - contexts.size % 4
-    for i in range(0, n_grouped, 4):
-        partial[0, contexts[np.uint64(i)]] += 1
-        partial[1, contexts[np.uint64(i + 1)]] += 1
-        partial[2, contexts[np.uint64(i + 2)]] += 1
-        partial[3, contexts[np.uint64(i + 3)]] += 1
-    for i in range(n_grouped, contexts.size):
+    n_words = contexts.size // 8
+    words = contexts[: 8 * n_words].view(np.uint64)  # (the bytes' order does not matter here)
+    byte = np.uint64(0xFF)
+    for k in range(n_words):
+        word = words[np.uint64(k)]
+        first = word & byte
+        if word == first * np.uint64(0x0101010101010101):
+            partial[0, first] += 8
+        else:
+            partial[0, first] += 1
+            partial[1, (word >> np.uint64(8)) & byte] += 1
+            partial[2, (word >> np.uint64(16)) & byte] += 1
+            partial[3, (word >> np.uint64(24)) & byte] += 1
+            partial[0, (word >> np.uint64(32)) & byte] += 1
+            partial[1, (word >> np.uint64(40)) & byte] += 1
+            partial[2, (word >> np.uint64(48)) & byte] += 1
+            partial[3, word >> np.uint64(56)] += 1
+    for i in range(8 * n_words, contexts.size):
         partial[0, contexts[np.uint64(i)]] += 1
     counts = np.zeros(n_contexts, np.int64)
     for c in range(n_contexts):
