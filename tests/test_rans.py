@@ -691,3 +691,44 @@ def test_context_counts_are_bincounts_in_runs_and_scattered(n):
         expected = np.bincount(contexts, minlength=256)
         np.testing.assert_array_equal(rans._context_counts(contexts, 256), expected)
     np.testing.assert_array_equal(rans._context_counts(np.zeros(n, np.uint8), 1), [n])
+
+
+@pytest.mark.parametrize("n", [rans.ZERO_RUNS_FROM + 13, 300_001])
+def test_zero_runs_are_counted_and_tokenized_eight_at_a_time_as_one_by_one(n):
+    """Codes that are mostly groups of eight zeros in one context are counted and tokenized
+    by the group: the histogram, symbols, extra bits and status are those of the elements
+    one by one, with nonzero codes, context changes and an out-of-range magnitude inside
+    groups, and a tail shorter than a group."""
+    rng = np.random.default_rng(n)
+    contexts = np.repeat(rng.integers(0, 5, n // 40 + 1), 40)[:n].astype(np.uint8)
+    contexts[rng.random(n) < 0.002] = 7
+    codes = np.where(rng.random(n) < 0.01, rng.integers(-3000, 3000, n), 0).astype(np.int32)
+    codes[-3:] = [0, 5, 0]
+    assert rans._grouped_contexts(codes, contexts).size == n // 8  # (the groups' path is taken)
+    for bad in (None, 1 << 25):
+        if bad is not None:
+            codes[n // 2] = bad
+        expected_histogram = np.zeros(8 << rans.TOKEN_SHIFT, np.int64)
+        expected_magnitudes = rans._count_each(codes, contexts, expected_histogram, 0, n)
+        histogram = np.zeros_like(expected_histogram)
+        status = rans._count_tokens(codes, contexts, histogram)
+        np.testing.assert_array_equal(histogram, expected_histogram)
+        assert status == (rans.OK if expected_magnitudes <= rans.MAX_MAGNITUDE else rans.ERR_MAGNITUDE_RANGE)
+        assert (status == rans.OK) == (bad is None)
+
+        outputs = []
+        for grouped in (True, False):
+            symbols, extra = np.zeros(n, np.uint16), np.zeros(n, np.uint32)
+            histogram = np.zeros_like(expected_histogram)
+            if grouped:
+                state = rans._tokenize(codes, contexts, symbols, histogram, extra)
+            else:
+                magnitudes, *rest = rans._tokenize_each(codes, contexts, symbols, histogram, extra, 0, n, 0, 0, 0, 0)
+                state = (rans.OK if magnitudes <= rans.MAX_MAGNITUDE else rans.ERR_MAGNITUDE_RANGE, *rest)
+            outputs.append((state, symbols, histogram, extra[: state[1]]))
+        (state, symbols, histogram, extra), (state_1, symbols_1, histogram_1, extra_1) = outputs
+        assert tuple(state) == tuple(state_1)
+        for a, b in ((symbols, symbols_1), (histogram, histogram_1), (extra, extra_1)):
+            np.testing.assert_array_equal(a, b)
+    codes[n // 2] = 0
+    round_trip(codes, contexts, 8)

@@ -310,12 +310,68 @@ def _token(q):
 def _count_tokens(codes, contexts, histogram):
     """histogram[context << TOKEN_SHIFT | token] += 1 for every element.  Contexts must index
     histogram rows (the caller checks).  Returns a status."""
+    context_words = _grouped_contexts(codes, contexts)
     magnitude_bits = 0  # OR of all magnitudes: > MAX_MAGNITUDE iff one of them is
-    for i in range(codes.size):
+    for k in range(context_words.size):
+        context = _zeros_in_one_context(codes, context_words, k)
+        if context >= 0:  # token 0, eight times
+            histogram[np.uint64(context << TOKEN_SHIFT)] += 8
+        else:
+            magnitude_bits |= _count_each(codes, contexts, histogram, 8 * k, 8 * k + 8)
+    # the tail after the last whole group, or every element where they are not grouped
+    magnitude_bits |= _count_each(codes, contexts, histogram, 8 * context_words.size, codes.size)
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
+
+
+@njit(cache=True, nogil=True)
+def _count_each(codes, contexts, histogram, start, stop):
+    """_count_tokens of elements start .. stop - 1 one by one; returns the OR of their magnitudes.
+    (A function of its own: written out in the loop of groups, it ran 10-15% slower.)"""
+    magnitude_bits = 0
+    for i in range(start, stop):
         token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
         magnitude_bits |= magnitude
         histogram[np.uint64((np.int64(contexts[np.uint64(i)]) << TOKEN_SHIFT) | token)] += 1
-    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
+    return magnitude_bits
+
+
+# Codes are counted in groups of eight where at least this share of up to _ZERO_RUN_SAMPLES
+# evenly spaced groups are zeros in one context: 1M codes of a low-rank residual at 99% zeros
+# 2.5 -> 0.4 ms; spread codes, which would pay 10-25% for the groups' test, stay one by one.
+ZERO_RUN_SHARE = 0.5
+ZERO_RUNS_FROM = 1 << 15  # (smaller streams are one by one: the sampling's microsecond would show)
+_ZERO_RUN_SAMPLES = 64
+_NO_CONTEXT_WORDS = np.zeros(0, np.uint64)
+
+
+@njit(cache=True, nogil=True)
+def _grouped_contexts(codes, contexts):
+    """The contexts as uint64 words of eight (the whole groups) where counting by groups pays
+    (ZERO_RUN_SHARE), else none: the caller then takes the elements one by one."""
+    if codes.size < ZERO_RUNS_FROM:
+        return _NO_CONTEXT_WORDS
+    words = contexts[: codes.size - codes.size % 8].view(np.uint64)
+    samples = min(words.size, _ZERO_RUN_SAMPLES)
+    runs = 0
+    for s in range(samples):
+        runs += _zeros_in_one_context(codes, words, s * words.size // samples) >= 0
+    return words if runs >= ZERO_RUN_SHARE * samples else _NO_CONTEXT_WORDS
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _zeros_in_one_context(codes, context_words, k):
+    """The context of elements 8k .. 8k + 7 where they are all zero codes in one context (the
+    runs of a sparse residual or of zero rows: counted and tokenized 8 at a time, one
+    increment instead of 8 that each wait for the last), else -1.  context_words: the
+    contexts as uint64 words."""
+    word = context_words[np.uint64(k)]
+    first = word & np.uint64(0xFF)
+    if word != first * np.uint64(0x0101010101010101):
+        return np.int64(-1)
+    i = np.uint64(8 * k)
+    zero = (codes[i] | codes[i + np.uint64(1)] | codes[i + np.uint64(2)] | codes[i + np.uint64(3)] | codes[i + np.uint64(4)]
+            | codes[i + np.uint64(5)] | codes[i + np.uint64(6)] | codes[i + np.uint64(7)]) == 0
+    return np.int64(first) if zero else np.int64(-1)
 
 
 # From this many codes, one context's tokens are counted into four partial histograms: a run
@@ -359,9 +415,30 @@ def _tokenize(codes, contexts, symbols, histogram, extra_words):
     rANS encoder indexes its tables with) and packs the extra bits into extra_words from bit 0,
     in one pass over the codes.  extra_words needs a spare slot past the last full word.
     Returns (status, number of full words, acc, n_acc)."""
+    context_words = _grouped_contexts(codes, contexts)
     magnitude_bits = 0
     pos, acc, n_acc = 0, np.int64(0), 0
-    for i in range(codes.size):
+    for k in range(context_words.size):
+        context = _zeros_in_one_context(codes, context_words, k)
+        if context >= 0:  # token 0 (no extra bits), eight times
+            symbol = context << TOKEN_SHIFT
+            for i in range(8 * k, 8 * k + 8):
+                symbols[np.uint64(i)] = symbol
+            histogram[np.uint64(symbol)] += 8
+        else:
+            magnitude_bits, pos, acc, n_acc = _tokenize_each(codes, contexts, symbols, histogram, extra_words, 8 * k,
+                                                             8 * k + 8, magnitude_bits, pos, acc, n_acc)
+    # the tail after the last whole group, or every element where they are not grouped
+    magnitude_bits, pos, acc, n_acc = _tokenize_each(codes, contexts, symbols, histogram, extra_words,
+                                                     8 * context_words.size, codes.size, magnitude_bits, pos, acc, n_acc)
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK, pos, acc, n_acc
+
+
+@njit(cache=True, nogil=True)
+def _tokenize_each(codes, contexts, symbols, histogram, extra_words, start, stop, magnitude_bits, pos, acc, n_acc):
+    """_tokenize of elements start .. stop - 1 one by one, from and to the state
+    (magnitude_bits, pos, acc, n_acc). (A function of its own, like _count_each.)"""
+    for i in range(start, stop):
         token, magnitude, n_bits = _token(np.int64(codes[np.uint64(i)]))
         magnitude_bits |= magnitude
         symbol = (np.int64(contexts[np.uint64(i)]) << TOKEN_SHIFT) | token
@@ -374,7 +451,7 @@ def _tokenize(codes, contexts, symbols, histogram, extra_words):
         pos += full
         acc >>= full << 5
         n_acc &= 31
-    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK, pos, acc, n_acc
+    return magnitude_bits, pos, acc, n_acc
 
 
 @njit(cache=True, nogil=True)
