@@ -732,3 +732,15 @@ def test_zero_runs_are_counted_and_tokenized_eight_at_a_time_as_one_by_one(n):
             np.testing.assert_array_equal(a, b)
     codes[n // 2] = 0
     round_trip(codes, contexts, 8)
+
+    # one context, without a contexts array: the same grouping over the codes alone
+    assert rans._mostly_zero_groups(codes)
+    for bad in (None, 1 << 25):
+        if bad is not None:
+            codes[n // 3] = bad
+        expected = np.zeros(1 << rans.TOKEN_SHIFT, np.int64)
+        magnitudes = rans._count_each(codes, np.zeros(n, np.uint8), expected, 0, n)
+        histogram = np.zeros_like(expected)
+        status = rans._count_tokens_in_one_context(codes, histogram)
+        np.testing.assert_array_equal(histogram, expected)
+        assert status == (rans.OK if magnitudes <= rans.MAX_MAGNITUDE else rans.ERR_MAGNITUDE_RANGE)

@@ -368,10 +368,29 @@ def _zeros_in_one_context(codes, context_words, k):
     first = word & np.uint64(0xFF)
     if word != first * np.uint64(0x0101010101010101):
         return np.int64(-1)
+    return np.int64(first) if _zero_group(codes, k) else np.int64(-1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _zero_group(codes, k):
+    """Whether elements 8k .. 8k + 7 are all zero codes."""
     i = np.uint64(8 * k)
-    zero = (codes[i] | codes[i + np.uint64(1)] | codes[i + np.uint64(2)] | codes[i + np.uint64(3)] | codes[i + np.uint64(4)]
+    return (codes[i] | codes[i + np.uint64(1)] | codes[i + np.uint64(2)] | codes[i + np.uint64(3)] | codes[i + np.uint64(4)]
             | codes[i + np.uint64(5)] | codes[i + np.uint64(6)] | codes[i + np.uint64(7)]) == 0
-    return np.int64(first) if zero else np.int64(-1)
+
+
+@njit(cache=True, nogil=True)
+def _mostly_zero_groups(codes):
+    """_grouped_contexts' test for codes in one context: whether at least ZERO_RUN_SHARE of up
+    to _ZERO_RUN_SAMPLES evenly spaced groups of eight are all zeros."""
+    groups = codes.size // 8
+    if codes.size < ZERO_RUNS_FROM:
+        return False
+    samples = min(groups, _ZERO_RUN_SAMPLES)
+    runs = 0
+    for s in range(samples):
+        runs += _zero_group(codes, s * groups // samples)
+    return runs >= ZERO_RUN_SHARE * samples
 
 
 # From this many codes, one context's tokens are counted into four partial histograms: a run
@@ -387,7 +406,19 @@ def _count_tokens_in_one_context(codes, histogram):
     tensor's estimate cost as much again in making and checking one)."""
     magnitude_bits = 0
     start = 0
-    if codes.size >= PARTIAL_COUNTS_FROM:
+    if _mostly_zero_groups(codes):  # (see _grouped_contexts)
+        start = codes.size - codes.size % 8
+        zeros = 0
+        for k in range(start // 8):
+            if _zero_group(codes, k):
+                zeros += 8
+                continue
+            for i in range(8 * k, 8 * k + 8):
+                token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
+                magnitude_bits |= magnitude
+                histogram[np.uint64(token)] += 1
+        histogram[0] += zeros
+    elif codes.size >= PARTIAL_COUNTS_FROM:
         partial = np.zeros((4, 1 << TOKEN_SHIFT), np.int64)
         start = codes.size - codes.size % 4
         for i in range(0, start, 4):
