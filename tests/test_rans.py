@@ -744,3 +744,36 @@ def test_zero_runs_are_counted_and_tokenized_eight_at_a_time_as_one_by_one(n):
         status = rans._count_tokens_in_one_context(codes, histogram)
         np.testing.assert_array_equal(histogram, expected)
         assert status == (rans.OK if magnitudes <= rans.MAX_MAGNITUDE else rans.ERR_MAGNITUDE_RANGE)
+
+
+@pytest.mark.parametrize("n_contexts", [1, 3])
+def test_the_mostly_zeros_loop_gives_the_general_loops_codes_and_status_on_damaged_streams(n_contexts):
+    """The mostly-zeros loop reads token 0 from a slot below its frequency without the
+    tables (and with one context, without the contexts): on a valid stream and on damaged
+    ones it returns what the general loop returns, codes and status alike."""
+    rng = np.random.default_rng(n_contexts)
+    n = 100_003
+    contexts = rng.integers(0, n_contexts, n).astype(np.uint8)
+    codes = np.where(rng.random(n) < 0.01, rng.integers(-5000, 5000, n), 0).astype(np.int32)
+    data = round_trip(codes, contexts, n_contexts)
+    status, bit_words, n_bit_words, rans_words = rans._stream_words(np.frombuffer(data, np.uint8))
+    status, context_info, slot_tokens, symbol_info, bit_pos, sparse, certain = rans._decode_model(
+        bit_words, n_bit_words, contexts, n_contexts)
+    assert status == rans.OK and sparse and certain.size == 0
+
+    def outcome(words, sparse):
+        decoded = np.zeros(n, np.int32)
+        result = rans._decode_elements(words, contexts, context_info, slot_tokens, symbol_info, 4, bit_words, n_bit_words,
+                                       bit_pos, sparse, certain, decoded)
+        return result, decoded
+
+    for trial in range(30):
+        damaged = rans_words.copy()
+        if trial:
+            at = rng.integers(0, damaged.size, 2)
+            damaged[at] ^= rng.integers(1, 2**32, 2, dtype=np.uint64).astype(np.uint32)
+        (result, decoded), (result_1, decoded_1) = outcome(damaged, True), outcome(damaged, False)
+        assert result == result_1
+        np.testing.assert_array_equal(decoded, decoded_1)
+        if not trial:
+            np.testing.assert_array_equal(decoded, codes)

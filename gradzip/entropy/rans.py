@@ -825,12 +825,105 @@ def _take_symbol(x, context, context_info, slot_tokens, symbol_info):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _take_likely_zero(x, context, context_info, slot_tokens, symbol_info):
+    """_take_symbol where token 0 is likely: its slots come first (start 0), so a slot below
+    its frequency is token 0 without the two table look-ups on the state's chain; the same
+    (token, state). With _four_lanes_mostly_zeros, a cnn5fc FC layer's 1M codes of one
+    context at 99.3-99.8% zeros decode in 2.05-2.15 ms instead of 2.65-2.75."""
+    info = context_info[np.uint64(context)]
+    bits = info & 63
+    slot = x & ((np.int64(1) << bits) - 1)
+    zero_freq = symbol_info[np.uint64(context << (TOKEN_SHIFT + 1))]
+    if slot < zero_freq:
+        return np.int64(0), zero_freq * (x >> bits) + slot
+    token = np.int64(slot_tokens[np.uint64((info >> 6) + slot)])
+    k = np.uint64(((context << TOKEN_SHIFT) | token) << 1)
+    return token, symbol_info[k] * (x >> bits) + slot - symbol_info[k + np.uint64(1)]
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _refill(x, words, pos):
     """(x, pos) after pulling the next word in if x fell below RANS_LOW; needs pos > 0."""
     word = np.int64(words[np.uint64(pos - 1)])  # loaded before the test: off the state's chain
     refill = np.int64(x < RANS_LOW)
     # arithmetic, not a select: LLVM turns that one into a branch that mispredicts
     return (x << (refill << 5)) | (word & -refill), pos - refill
+
+
+@njit(cache=True, nogil=True)
+def _four_lanes(words, contexts, context_info, slot_tokens, symbol_info, bit_words, bit_limit, bit_pos, pos, states, codes):
+    """_decode_elements' unclamped loop on four states (updated in states) from element 0, while
+    the arrays have room: returns (the next element, pos, bit_pos)."""
+    x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+    i = 0
+    while i + 4 <= codes.size and pos >= 4 and bit_pos <= bit_limit:
+        t0, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
+        t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
+        t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
+        t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
+        x0, pos = _refill(x0, words, pos)
+        x1, pos = _refill(x1, words, pos)
+        x2, pos = _refill(x2, words, pos)
+        x3, pos = _refill(x3, words, pos)
+        codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
+        codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
+        codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
+        codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
+        bit_pos += n0 + n1 + n2 + n3
+        i += 4
+    states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+    return i, pos, bit_pos
+
+
+@njit(cache=True, nogil=True)
+def _four_lanes_mostly_zeros(words, contexts, context_info, slot_tokens, symbol_info, bit_words, bit_limit, bit_pos, pos,
+                             sparse, certain, states, codes):
+    """_four_lanes for a stream of mostly zeros (sparse) or with certain contexts (a loop of
+    its own: their tests inside _four_lanes cost a stream with neither 2-8%)."""
+    x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
+    skip_certain = certain.size > 0
+    one_context = context_info.size == 1  # (every context 0: no context to read)
+    i = 0
+    while i + 4 <= codes.size and pos >= 4 and bit_pos <= bit_limit:
+        if skip_certain:  # four certain codes: no state changes, nothing read
+            k0 = certain[np.uint64(contexts[np.uint64(i)])]
+            k1 = certain[np.uint64(contexts[np.uint64(i + 1)])]
+            k2 = certain[np.uint64(contexts[np.uint64(i + 2)])]
+            k3 = certain[np.uint64(contexts[np.uint64(i + 3)])]
+            if (k0 != NOT_CERTAIN) & (k1 != NOT_CERTAIN) & (k2 != NOT_CERTAIN) & (k3 != NOT_CERTAIN):
+                codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = k0, k1, k2, k3
+                i += 4
+                continue
+        if sparse and one_context:
+            t0, x0 = _take_likely_zero(x0, np.int64(0), context_info, slot_tokens, symbol_info)
+            t1, x1 = _take_likely_zero(x1, np.int64(0), context_info, slot_tokens, symbol_info)
+            t2, x2 = _take_likely_zero(x2, np.int64(0), context_info, slot_tokens, symbol_info)
+            t3, x3 = _take_likely_zero(x3, np.int64(0), context_info, slot_tokens, symbol_info)
+        elif sparse:
+            t0, x0 = _take_likely_zero(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
+            t1, x1 = _take_likely_zero(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
+            t2, x2 = _take_likely_zero(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
+            t3, x3 = _take_likely_zero(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
+        else:
+            t0, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
+            t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
+            t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
+            t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
+        x0, pos = _refill(x0, words, pos)
+        x1, pos = _refill(x1, words, pos)
+        x2, pos = _refill(x2, words, pos)
+        x3, pos = _refill(x3, words, pos)
+        if (t0 | t1 | t2 | t3) == 0:  # four zeros: no extra bits (token 0 is code 0)
+            codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = 0, 0, 0, 0
+        else:
+            codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
+            codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
+            codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
+            codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
+            bit_pos += n0 + n1 + n2 + n3
+        i += 4
+    states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+    return i, pos, bit_pos
 
 
 @njit(cache=True, nogil=True)
@@ -881,37 +974,12 @@ def _decode_elements(
             bit_pos += n0 + n1
             i += 2
         states[0], states[1] = x0, x1
+    elif sparse or certain.size > 0:
+        i, pos, bit_pos = _four_lanes_mostly_zeros(words, contexts, context_info, slot_tokens, symbol_info, bit_words,
+                                                   bit_limit, bit_pos, pos, sparse, certain, states, codes)
     else:
-        x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
-        skip_certain = certain.size > 0
-        while i + 4 <= codes.size and pos >= 4 and bit_pos <= bit_limit:
-            if skip_certain:  # four certain codes: no state changes, nothing read
-                k0 = certain[np.uint64(contexts[np.uint64(i)])]
-                k1 = certain[np.uint64(contexts[np.uint64(i + 1)])]
-                k2 = certain[np.uint64(contexts[np.uint64(i + 2)])]
-                k3 = certain[np.uint64(contexts[np.uint64(i + 3)])]
-                if (k0 != NOT_CERTAIN) & (k1 != NOT_CERTAIN) & (k2 != NOT_CERTAIN) & (k3 != NOT_CERTAIN):
-                    codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = k0, k1, k2, k3
-                    i += 4
-                    continue
-            t0, x0 = _take_symbol(x0, np.int64(contexts[np.uint64(i)]), context_info, slot_tokens, symbol_info)
-            t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
-            t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
-            t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
-            x0, pos = _refill(x0, words, pos)
-            x1, pos = _refill(x1, words, pos)
-            x2, pos = _refill(x2, words, pos)
-            x3, pos = _refill(x3, words, pos)
-            if sparse and (t0 | t1 | t2 | t3) == 0:  # four zeros: no extra bits (token 0 is code 0)
-                codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = 0, 0, 0, 0
-            else:
-                codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
-                codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
-                codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
-                codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
-                bit_pos += n0 + n1 + n2 + n3
-            i += 4
-        states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+        i, pos, bit_pos = _four_lanes(words, contexts, context_info, slot_tokens, symbol_info, bit_words, bit_limit, bit_pos,
+                                      pos, states, codes)
     for i in range(i, codes.size):
         lane = i & (lanes - 1)
         token, x = _take_symbol(states[lane], np.int64(contexts[i]), context_info, slot_tokens, symbol_info)
