@@ -652,7 +652,7 @@ def test_the_encoders_float32_reconstruction_is_its_new_states_last(shape):
 def test_a_conv_whose_feature_map_is_one_by_one_codes_its_zero_taps_nearly_free(gz, eb):
     """A conv on a 1 x 1 feature map (a ResNet's last stage on small images) has a gradient
     only at its kernel's centre: the scale contexts' tap levels put the other eight taps in
-    bucket 0, so the first round costs little more than the centre taps coded alone (without
+    a bucket of their own, so the first round costs little more than the centre taps coded alone (without
     tap levels, each zero tap shared its column's contexts with the centre: about 0.5 bits
     an element, 1.4-1.6x as large). Within the bound, like every stream."""
     rng = np.random.default_rng(5)
@@ -667,3 +667,29 @@ def test_a_conv_whose_feature_map_is_one_by_one_codes_its_zero_taps_nearly_free(
     assert split_stream(conv_blob)[1][0][0]["params"].get("contexts") == "scale"
     _, _, (centre_blob,), _ = run_rounds([{"w": centre}], eb * value_range / float(centre.max() - centre.min()), "rel")
     assert len(conv_blob) < 1.1 * len(centre_blob), (len(conv_blob), len(centre_blob))
+
+
+def test_zero_rows_have_a_context_of_their_own_that_costs_nothing(gz):
+    """An embedding's untouched rows are all zero: in scale contexts they take bucket 64 (stream
+    version 11), whose one certain token costs nothing and which the rANS coder passes over."""
+    from gradzip.codec import _decoded_contexts, _split_sections
+    from gradzip.entropy import rans
+
+    rng = np.random.default_rng(11)
+    rows, cols = 4096, 64
+    touched = rng.choice(rows, 256, replace=False)
+    embedding = np.zeros((rows, cols), np.float32)
+    embedding[touched] = rng.laplace(size=(256, cols)) * np.exp(rng.normal(0, 1, (256, 1))) * 1e-3
+    _, _, (blob,), (out,) = run_rounds([{"w": embedding}], 1e-2, "rel")
+    gz.assert_within_bound(embedding, out["w"], 1e-2, "rel", "embedding")
+    record, payload = split_stream(blob)[1][0]
+    params, sections = record["params"], _split_sections(record["sections"], payload)
+    assert params["contexts"] == "scale", params
+    contexts, n_contexts, _ = _decoded_contexts(params, sections, (rows, cols), "F32", rows * cols, params["eb"], None)
+    zero_bucket = 64 >> params["context_merge"]
+    is_zero_row = np.ones(rows, bool)
+    is_zero_row[touched] = False
+    assert np.array_equal(contexts == zero_bucket, np.repeat(is_zero_row, cols))  # those rows, and only they
+    status, bit_words, n_bit_words, _ = rans._stream_words(np.frombuffer(sections["codes"], np.uint8))
+    certain = rans._decode_model(bit_words, n_bit_words, contexts, n_contexts)[6]
+    assert certain.size and certain[zero_bucket] == 0  # one certain token, code 0: skipped, and free

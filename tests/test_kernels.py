@@ -769,6 +769,7 @@ def test_scale_contexts_follow_the_element_by_element_definition(shape, with_sta
     expected = np.zeros(n, np.uint8)
     for i in range(rows):
         if row_levels[i] == ZERO_LEVEL:
+            expected[i * cols * inner : (i + 1) * cols * inner] = context.ZERO_SCALE_BUCKET
             continue
         for j in range(cols):
             column = context._ZERO_TERM if col_levels[j] == ZERO_LEVEL else w_scale * int(col_levels[j])
@@ -783,6 +784,11 @@ def test_scale_contexts_follow_the_element_by_element_definition(shape, with_sta
                 expected[at] = context._fitted_bucket(np.int64(term + tap), predicted, np.int64(w_ema))
     assert np.array_equal(contexts, expected)
     assert len(set(expected.tolist())) > 3  # (the case spreads over buckets)
+    zero_part = np.zeros((rows, cols, inner), bool)  # elements of a zero row, column or tap, and only they
+    zero_part[2], zero_part[:, 3] = True, True
+    if inner > 1:
+        zero_part[:, :, 5] = True
+    assert np.array_equal(contexts == context.ZERO_SCALE_BUCKET, zero_part.reshape(-1))
 
 
 @pytest.mark.parametrize("n_kernels, size", [(1, 9), (7, 25), (8, 9), (9, 1), (512, 9), (1000, 3)])

@@ -87,10 +87,10 @@ def merged_count(n_contexts: int, shift: int) -> int:
 # the scales as integer quarter-octave levels, so the decoder derives bit-identical contexts
 # by integer arithmetic. Taps differ where a kernel position sees the input's border more
 # often than others; on a feature map of 1 x 1 (a ResNet's last stage on small images) only
-# the centre tap has a gradient at all, and a zero tap puts its elements in bucket 0.
+# the centre tap has a gradient at all, and a zero tap puts its elements in ZERO_SCALE_BUCKET.
 
 LEVELS_PER_OCTAVE = 4
-ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row, column or tap): always bucket 0
+ZERO_LEVEL = -(1 << 15)  # the level of 0 (an all-zero row, column or tap: ZERO_SCALE_BUCKET)
 _EXPONENT_BIAS = 1023
 _INFINITE_EXPONENT = 0x7FF
 _MANTISSA_MASK = (1 << 52) - 1
@@ -214,9 +214,18 @@ def _relative_level(total, count, mean_level):
     return ZERO_LEVEL if level == ZERO_LEVEL or mean_level == ZERO_LEVEL else level - mean_level
 
 
-# Scale contexts are finer than the EMA's octaves: quarter-octave buckets of the fitted level,
-# from 2^-3.25 steps (bucket 0, also every zero row, column or prediction) to 2^12.5 steps.
-N_SCALE_BUCKETS = 64
+# Scale contexts are finer than the EMA's octaves: N_FITTED_BUCKETS quarter-octave buckets of
+# the fitted level, from 2^-3.25 steps (bucket 0, also every zero prediction) to 2^12.5 steps,
+# and one more for the elements of an all-zero row, column or tap (stream version 11). Their
+# codes are zero (the level is ZERO_LEVEL only where every finite element is 0, or for F64
+# values whose mean is a float64 subnormal, which are then coded there like any others), so
+# in a bucket of their own they cost nothing and the rANS coder passes over them (a context
+# of one certain token, rans.CERTAIN_SKIP_SHARE): an embedding's untouched rows, a layer's
+# dead units, a 1 x 1 feature map's zero taps. Its index stays apart from the others under
+# every merge (64 >> s > 63 >> s).
+N_FITTED_BUCKETS = 64
+ZERO_SCALE_BUCKET = N_FITTED_BUCKETS
+N_SCALE_BUCKETS = N_FITTED_BUCKETS + 1
 _SCALE_BUCKET_OF_LEVEL_0 = 13
 # Fitted weights are sixteenths: level = (w_scale S + w_ema P + offset) >> 4.
 WEIGHT_ONE = 16
@@ -224,16 +233,20 @@ MAX_WEIGHT = 4 * WEIGHT_ONE
 MAX_OFFSET = 1 << 16
 
 
-_ZERO_TERM = -(1 << 40)  # a row, column or tap term that clips every sum to bucket 0
+# A row, column or tap term at ZERO_LEVEL: any sum holding one is below _ZERO_TERM / 2, and
+# every other sum is far above it (|w_scale level| < 2^22 for each part, |offset| <= 2^16).
+_ZERO_TERM = -(1 << 40)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _fitted_bucket(scale_term, predicted_level, w_ema):
     # scale_term = w_scale S + offset, already summed from its row, column and tap parts.
+    if scale_term < _ZERO_TERM // 2:
+        return ZERO_SCALE_BUCKET
     if predicted_level == ZERO_LEVEL:
         return 0
     level = (scale_term + w_ema * predicted_level) >> 4
-    return min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_SCALE_BUCKETS - 1)
+    return min(max(level + _SCALE_BUCKET_OF_LEVEL_0, 0), N_FITTED_BUCKETS - 1)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -246,7 +259,7 @@ def scale_contexts(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_sca
     """contexts[i] = quarter-octave bucket of the element's fitted level in steps (2 eb),
     (w_scale S + w_ema P + offset) >> 4, where S is its row + column + tap scale level (no tap
     where tap_levels is empty) and P the level of its predicted magnitude (only with a state:
-    ema non-empty)."""
+    ema non-empty); ZERO_SCALE_BUCKET where its row, column or tap level is ZERO_LEVEL."""
     rows, cols = row_levels.size, col_levels.size
     inner = contexts.size // (rows * cols)
     step_level = quarter_octave_level(2.0 * eb)
@@ -262,7 +275,7 @@ def scale_contexts(row_levels, col_levels, tap_levels, eb, ema, mean, std, w_sca
     for i in range(rows):
         base = i * cols * inner
         if row_levels[i] == ZERO_LEVEL:
-            contexts[base:base + cols * inner] = 0
+            contexts[base:base + cols * inner] = ZERO_SCALE_BUCKET
             continue
         row_term = w_scale * (np.int64(row_levels[i]) - step_level) + offset
         if inner == 1:

@@ -332,7 +332,8 @@ def _directions(cols: int, count: int) -> np.ndarray:
 
 
 def _codes_of(residual: np.ndarray, two_eb: float) -> np.ndarray:
-    return np.clip(np.rint(residual.ravel() / two_eb), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int32)
+    with np.errstate(over="ignore"):  # (a bound far below the values: the clip takes the infinities)
+        return np.clip(np.rint(residual.ravel() / two_eb), -FACTOR_LIMIT, FACTOR_LIMIT).astype(np.int32)
 
 
 @numba.njit(cache=True, nogil=True)
