@@ -412,11 +412,8 @@ def _count_tokens_in_one_context(codes, histogram):
         for k in range(start // 8):
             if _zero_group(codes, k):
                 zeros += 8
-                continue
-            for i in range(8 * k, 8 * k + 8):
-                token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
-                magnitude_bits |= magnitude
-                histogram[np.uint64(token)] += 1
+            else:
+                magnitude_bits |= _count_each_in_one_context(codes, histogram, 8 * k, 8 * k + 8)
         histogram[0] += zeros
     elif codes.size >= PARTIAL_COUNTS_FROM:
         partial = np.zeros((4, 1 << TOKEN_SHIFT), np.int64)
@@ -433,11 +430,19 @@ def _count_tokens_in_one_context(codes, histogram):
             partial[3, np.uint64(t3)] += 1
         for t in range(1 << TOKEN_SHIFT):
             histogram[t] += partial[0, t] + partial[1, t] + partial[2, t] + partial[3, t]
-    for i in range(start, codes.size):
+    magnitude_bits |= _count_each_in_one_context(codes, histogram, start, codes.size)
+    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _count_each_in_one_context(codes, histogram, start, stop):
+    """_count_each with every element in context 0."""
+    magnitude_bits = 0
+    for i in range(start, stop):
         token, magnitude, _ = _token(np.int64(codes[np.uint64(i)]))
         magnitude_bits |= magnitude
         histogram[np.uint64(token)] += 1
-    return ERR_MAGNITUDE_RANGE if magnitude_bits > MAX_MAGNITUDE else OK
+    return magnitude_bits
 
 
 @njit(cache=True, nogil=True)
@@ -836,9 +841,7 @@ def _take_likely_zero(x, context, context_info, slot_tokens, symbol_info):
     zero_freq = symbol_info[np.uint64(context << (TOKEN_SHIFT + 1))]
     if slot < zero_freq:
         return np.int64(0), zero_freq * (x >> bits) + slot
-    token = np.int64(slot_tokens[np.uint64((info >> 6) + slot)])
-    k = np.uint64(((context << TOKEN_SHIFT) | token) << 1)
-    return token, symbol_info[k] * (x >> bits) + slot - symbol_info[k + np.uint64(1)]
+    return _take_symbol(x, context, context_info, slot_tokens, symbol_info)
 
 
 @njit(cache=True, nogil=True, inline="always")
