@@ -853,6 +853,27 @@ def _refill(x, words, pos):
     return (x << (refill << 5)) | (word & -refill), pos - refill
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _refill_four(x0, x1, x2, x3, words, pos):
+    """_refill of four states, in the order the encoder wrote their words."""
+    x0, pos = _refill(x0, words, pos)
+    x1, pos = _refill(x1, words, pos)
+    x2, pos = _refill(x2, words, pos)
+    x3, pos = _refill(x3, words, pos)
+    return x0, x1, x2, x3, pos
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _four_codes(t0, t1, t2, t3, bit_words, bit_pos, codes, i):
+    """codes[i .. i + 3] from four tokens and their extra bits from bit_pos on; returns the
+    bit position after them."""
+    codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
+    codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
+    codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
+    codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
+    return bit_pos + n0 + n1 + n2 + n3
+
+
 @njit(cache=True, nogil=True)
 def _four_lanes(words, contexts, context_info, slot_tokens, symbol_info, bit_words, bit_limit, bit_pos, pos, states, codes):
     """_decode_elements' unclamped loop on four states (updated in states) from element 0, while
@@ -864,15 +885,8 @@ def _four_lanes(words, contexts, context_info, slot_tokens, symbol_info, bit_wor
         t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
         t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
         t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
-        x0, pos = _refill(x0, words, pos)
-        x1, pos = _refill(x1, words, pos)
-        x2, pos = _refill(x2, words, pos)
-        x3, pos = _refill(x3, words, pos)
-        codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
-        codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
-        codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
-        codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
-        bit_pos += n0 + n1 + n2 + n3
+        x0, x1, x2, x3, pos = _refill_four(x0, x1, x2, x3, words, pos)
+        bit_pos = _four_codes(t0, t1, t2, t3, bit_words, bit_pos, codes, i)
         i += 4
     states[0], states[1], states[2], states[3] = x0, x1, x2, x3
     return i, pos, bit_pos
@@ -912,18 +926,11 @@ def _four_lanes_mostly_zeros(words, contexts, context_info, slot_tokens, symbol_
             t1, x1 = _take_symbol(x1, np.int64(contexts[np.uint64(i + 1)]), context_info, slot_tokens, symbol_info)
             t2, x2 = _take_symbol(x2, np.int64(contexts[np.uint64(i + 2)]), context_info, slot_tokens, symbol_info)
             t3, x3 = _take_symbol(x3, np.int64(contexts[np.uint64(i + 3)]), context_info, slot_tokens, symbol_info)
-        x0, pos = _refill(x0, words, pos)
-        x1, pos = _refill(x1, words, pos)
-        x2, pos = _refill(x2, words, pos)
-        x3, pos = _refill(x3, words, pos)
+        x0, x1, x2, x3, pos = _refill_four(x0, x1, x2, x3, words, pos)
         if (t0 | t1 | t2 | t3) == 0:  # four zeros: no extra bits (token 0 is code 0)
             codes[np.uint64(i)], codes[np.uint64(i + 1)], codes[np.uint64(i + 2)], codes[np.uint64(i + 3)] = 0, 0, 0, 0
         else:
-            codes[np.uint64(i)], n0 = _code(t0, bit_words, bit_pos)
-            codes[np.uint64(i + 1)], n1 = _code(t1, bit_words, bit_pos + n0)
-            codes[np.uint64(i + 2)], n2 = _code(t2, bit_words, bit_pos + n0 + n1)
-            codes[np.uint64(i + 3)], n3 = _code(t3, bit_words, bit_pos + n0 + n1 + n2)
-            bit_pos += n0 + n1 + n2 + n3
+            bit_pos = _four_codes(t0, t1, t2, t3, bit_words, bit_pos, codes, i)
         i += 4
     states[0], states[1], states[2], states[3] = x0, x1, x2, x3
     return i, pos, bit_pos
