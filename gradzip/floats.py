@@ -39,6 +39,18 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     return values
 
 
+@numba.njit(cache=True, nogil=True)
+def as_float32(values):
+    """values (float64) cast to float32 as numpy's astype casts them (round to nearest even,
+    beyond float32's range to inf), without the floating-point error state numpy's cast would
+    need set around it to stay silent on overflow (np.errstate: 3.5 us, a tenth of a small
+    model's bundle decoding)."""
+    out = np.empty(values.size, np.float32)
+    for i in range(values.size):
+        out[i] = np.float32(values[i])
+    return out
+
+
 def original_bits(array: np.ndarray, dtype: str) -> np.ndarray:
     """The tensor's flat values in its own dtype (any dtype), little-endian, for exact storage."""
     flat = np.ascontiguousarray(array).reshape(-1)

@@ -821,3 +821,18 @@ def test_the_scale_fit_samples_about_2_18_elements_and_at_least_8_rows():
     assert _scale_fit_row_step(512 * 4608, 512) == 9  # a ResNet's 512 x 512 x 3 x 3 conv: 57 rows
     assert _scale_fit_row_step(16 * 65536, 16) == 2  # few long rows: still 8 of them
     assert _scale_fit_row_step(1 << 18, 4096) == 1 and _scale_fit_row_step(1 << 20, 4) == 1
+
+
+def test_the_float32_cast_of_the_bundle_matches_numpys_bit_for_bit():
+    """floats.as_float32 (the bundle's cast of its float64 values) gives numpy's astype bits:
+    ties to even, subnormals, overflow to inf, infinities, NaN and signed zeros."""
+    from gradzip.floats import as_float32
+    rng = np.random.default_rng(5)
+    f32_max = float(np.finfo(np.float32).max)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, f32_max, -f32_max, f32_max * (1 + 2 ** -25), f32_max * 1.0000001,
+               1e39, -1e300, 1e-46, -1e-45, 1.401298464324817e-45, 7e-46, 1 + 2 ** -24, 1 + 3 * 2 ** -24]
+    values = np.concatenate([np.array(special), rng.normal(0, 1, 5000), rng.normal(0, 1, 2000) * 1e-40,
+                             rng.normal(0, 1, 2000) * 1e38, (rng.normal(0, 1, 2000) * 2 ** 30).round() * 2 ** -24])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float32)
+    np.testing.assert_array_equal(as_float32(values).view(np.uint32), expected.view(np.uint32))

@@ -777,3 +777,74 @@ def test_the_mostly_zeros_loop_gives_the_general_loops_codes_and_status_on_damag
         np.testing.assert_array_equal(decoded, decoded_1)
         if not trial:
             np.testing.assert_array_equal(decoded, codes)
+
+
+@njit(cache=False)
+def _exp_golomb_bit_by_bit(words, n_words, pos, acc, n_acc, k):
+    """The reader _get_exp_golomb replaced, kept as the reference: the unary zeros read one
+    bit at a time."""
+    unary = 0
+    while True:
+        if unary + k > rans.MAX_WEIGHT_BITS:
+            return 0, pos, acc, n_acc, rans.ERR_TABLE
+        bit, pos, acc, n_acc, ok = rans._get_bits(words, n_words, pos, acc, n_acc, 1)
+        if not ok:
+            return 0, pos, acc, n_acc, rans.ERR_BITS_EXHAUSTED
+        if bit:
+            break
+        unary += 1
+    low, pos, acc, n_acc, ok = rans._get_bits(words, n_words, pos, acc, n_acc, unary + k)
+    value = (np.int64(1) << (unary + k)) + low - (np.int64(1) << k)
+    return value, pos, acc, n_acc, rans.OK if ok else rans.ERR_BITS_EXHAUSTED
+
+
+@njit(cache=False)
+def _read_weights(reader_is_new, words, n_words, n_acc_start, k, out_values, out_status):
+    """Read Exp-Golomb values from the start until a status other than OK; returns how many."""
+    pos, acc, n_acc = 0, np.int64(0), 0
+    if n_acc_start:  # start with bits held, as a table read after other fields does
+        _, pos, acc, n_acc, _ = rans._get_bits(words, n_words, pos, acc, n_acc, n_acc_start)
+    count = 0
+    while count < out_values.size:
+        if reader_is_new:
+            value, pos, acc, n_acc, status = rans._get_exp_golomb(words, n_words, pos, acc, n_acc, k)
+        else:
+            value, pos, acc, n_acc, status = _exp_golomb_bit_by_bit(words, n_words, pos, acc, n_acc, k)
+        out_values[count], out_status[count] = value, status
+        count += 1
+        if status != rans.OK:
+            break
+    return count, pos, acc, n_acc
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exp_golomb_reader_counts_zeros_by_the_word_as_the_bit_by_bit_reader(seed):
+    """The table reader counts a weight's unary zeros a word at a time: the same values, bit
+    positions and statuses (ERR_TABLE for a run of zeros too long for any weight,
+    ERR_BITS_EXHAUSTED at the end of the words) as reading them bit by bit, on written
+    tables, sparse random words (long zero runs) and truncated ones."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for k in range(16):
+        written = np.zeros(64, np.uint32)
+        pos, acc, n_acc = 0, np.int64(0), 0
+        for value in rng.integers(0, 1 << max(0, rans.MAX_WEIGHT_BITS - k - 1), 40):
+            pos, acc, n_acc = rans._put_exp_golomb(written, pos, acc, n_acc, np.int64(value), k)
+        written[pos] = acc
+        cases.append((written[: pos + 1], k))
+        sparse = rng.integers(0, 1 << 32, 24, dtype=np.uint64) & rng.integers(0, 1 << 32, 24, dtype=np.uint64)
+        sparse &= rng.integers(0, 1 << 32, 24, dtype=np.uint64)
+        sparse[rng.integers(0, 24, 6)] = 0  # whole zero words: runs over the limit
+        cases.append((sparse.astype(np.uint32), k))
+        cases.append((written[: rng.integers(0, pos + 1)], k))  # truncated
+    for words, k in cases:
+        for n_acc_start in (0, 5, 31):
+            results = []
+            for reader_is_new in (True, False):
+                values, statuses = np.zeros(64, np.int64), np.zeros(64, np.int64)
+                count, pos, acc, n_acc = _read_weights(reader_is_new, words, words.size, n_acc_start, k, values, statuses)
+                ok = statuses[count - 1] == rans.OK if count else True
+                # (after an error, the reader's position is of no use: only the status counts)
+                results.append((count, list(values[:count - (not ok)]), list(statuses[:count]),
+                                (pos, acc, n_acc) if ok else None))
+            assert results[0] == results[1], (k, n_acc_start)

@@ -218,6 +218,18 @@ def _count_leading_zeros(typingctx, value):
     return types.int64(types.int64), codegen
 
 
+@intrinsic
+def _count_trailing_zeros(typingctx, value):
+    """llvm.cttz on an int64 (64 for zero)."""
+    if value != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.int64(types.int64), codegen
+
+
 # The bit helpers below serve the (per-context) table code; inline="always" spares each
 # call numba's refcounting of the words array.
 
@@ -265,17 +277,23 @@ def _put_exp_golomb(words, pos, acc, n_acc, value, k):
 
 @njit(cache=True, nogil=True)
 def _get_exp_golomb(words, n_words, pos, acc, n_acc, k):
-    """Returns (value, pos, acc, n_acc, status)."""
+    """Returns (value, pos, acc, n_acc, status). The unary zeros are counted a word's worth
+    at a time (acc holds n_acc bits, zeros above them), not bit by bit: reading a table took
+    about 2 us, a third of a small tensor's model. The statuses are the bit-by-bit reader's."""
     unary = 0
-    while True:
+    while acc == 0:  # every bit held is a zero
+        unary += n_acc
         if unary + k > MAX_WEIGHT_BITS:  # no valid weight is this long; keeps reads < 32 bits
             return 0, pos, acc, n_acc, ERR_TABLE
-        bit, pos, acc, n_acc, ok = _get_bits(words, n_words, pos, acc, n_acc, 1)
-        if not ok:
+        if pos >= n_words:
             return 0, pos, acc, n_acc, ERR_BITS_EXHAUSTED
-        if bit:
-            break
-        unary += 1
+        acc, n_acc = np.int64(words[pos]), 32
+        pos += 1
+    zeros = _count_trailing_zeros(acc)
+    unary += zeros
+    if unary + k > MAX_WEIGHT_BITS:
+        return 0, pos, acc, n_acc, ERR_TABLE
+    acc, n_acc = acc >> (zeros + 1), n_acc - zeros - 1
     low, pos, acc, n_acc, ok = _get_bits(words, n_words, pos, acc, n_acc, unary + k)
     value = (np.int64(1) << (unary + k)) + low - (np.int64(1) << k)
     return value, pos, acc, n_acc, OK if ok else ERR_BITS_EXHAUSTED
@@ -1201,12 +1219,14 @@ def _bits_end_exactly(bit_words, n_bit_words, bit_pos):
 
 @njit(cache=True, nogil=True)
 def _little_endian_words(raw, start, n_words, n_pad):
-    """n_words little-endian uint32 words from raw[start:] (uint8), then n_pad zero words."""
+    """n_words little-endian uint32 words from raw[start:] (uint8), then n_pad zero words.
+    Unsigned indices let LLVM vectorize the loop: 1.0 instead of 4.2 us for 1120 words."""
     words = np.zeros(n_words + n_pad, np.uint32)
-    for k in range(n_words):
-        at = start + 4 * k
-        words[k] = (np.uint32(raw[at]) | (np.uint32(raw[at + 1]) << 8) | (np.uint32(raw[at + 2]) << 16)
-                    | (np.uint32(raw[at + 3]) << 24))
+    first = np.uint64(start)
+    for k in range(np.uint64(n_words)):
+        at = first + np.uint64(4) * k
+        words[k] = (np.uint32(raw[at]) | (np.uint32(raw[at + np.uint64(1)]) << 8)
+                    | (np.uint32(raw[at + np.uint64(2)]) << 16) | (np.uint32(raw[at + np.uint64(3)]) << 24))
     return words
 
 
