@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .codec import DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
-from .container import StreamReader, StreamWriter
+from .container import BufferReader, StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
 from .metrics import measure, psnr
@@ -438,13 +438,15 @@ class Decompressor:
         """One round's tensors, as decompress_from gives them (read-only arrays)."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise InputError(f"a stream is bytes, not a {type(blob).__name__}")
-        return self.decompress_from(io.BytesIO(blob), available=len(blob)).tensors
+        return self._decoded(BufferReader(blob), advance=True).tensors
 
     def decompress_from(self, source: BinaryIO, available: int | None = None, *, advance: bool = True) -> DecodedRound:
         """Decode one stream; with advance=False the state is only read (e.g. for `stats`).
         The arrays are read-only: a float32 tensor's is its new state's last reconstruction
         (np.array(t) gives a writable copy)."""
-        reader = StreamReader(source, available)
+        return self._decoded(StreamReader(source, available), advance)
+
+    def _decoded(self, reader: StreamReader, advance: bool) -> DecodedRound:
         header = reader.header()
         try:
             config = CodecConfig.from_dict(header["codec"])

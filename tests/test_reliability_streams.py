@@ -484,3 +484,31 @@ def test_a_padded_frame_length_is_refused_even_under_its_checksum():
     with pytest.raises(CorruptStreamError, match="non-canonical"):
         Decompressor().decompress(damaged)
     assert Decompressor().decompress(blob)["w"].shape == (2000,)
+
+
+def test_a_stream_in_memory_reads_as_the_same_stream_from_a_file_object(streams):
+    """Decompressor.decompress reads a bytes-like stream by slicing it (container.BufferReader);
+    decompress_from reads a file object. Whole, cut at every length, with any byte flipped or
+    with bytes after its end, both give the same tensors and state or the same error."""
+    blob, before, _, _ = streams
+    state = PredictorState.from_bytes(before)
+
+    def outcome(read):
+        d = Decompressor(state)
+        try:
+            tensors = read(d)
+        except GradzipError as exc:
+            return type(exc).__name__, str(exc)
+        return {name: array.tobytes() for name, array in tensors.items()}, d.state.to_bytes()
+
+    damaged = [blob, blob + b"\x00", blob + blob]
+    damaged += [blob[:length] for length in range(len(blob))]
+    for i in range(0, len(blob), 3):
+        flipped = bytearray(blob)
+        flipped[i] ^= 0x5A
+        damaged.append(bytes(flipped))
+    for data in damaged:
+        in_memory = outcome(lambda d: d.decompress(data))
+        from_file = outcome(lambda d: d.decompress_from(io.BytesIO(data), available=len(data)).tensors)
+        assert in_memory == from_file, (len(data), in_memory, from_file)
+    assert outcome(lambda d: d.decompress(memoryview(bytearray(blob)))) == outcome(lambda d: d.decompress(blob))
