@@ -55,12 +55,24 @@ def as_bfloat16(bits: np.ndarray) -> np.ndarray:
 
 def dtype_name(array: np.ndarray) -> str:
     """The safetensors name of an array's dtype ('F32', 'BF16', ...)."""
+    dtype = array.dtype
+    # By the dtype object itself (held, so its id is not reused): about 100 calls a round of
+    # a 20-tensor model, at 0.26 us each through the checks below.
+    cached = _NAME_BY_DTYPE_ID.get(id(dtype))
+    if cached is not None and cached[0] is dtype:
+        return cached[1]
     if is_bfloat16(array):  # before the cache: dtypes compare and hash without their metadata
-        return "BF16"
-    name = _safetensors_name(array.dtype)
-    if name is None:
-        raise InputError(f"unsupported dtype {array.dtype}")
+        name = "BF16"
+    else:
+        name = _safetensors_name(dtype)
+        if name is None:
+            raise InputError(f"unsupported dtype {array.dtype}")
+    if len(_NAME_BY_DTYPE_ID) < 64:
+        _NAME_BY_DTYPE_ID[id(dtype)] = (dtype, name)
     return name
+
+
+_NAME_BY_DTYPE_ID: dict[int, tuple[np.dtype, str]] = {}
 
 
 @functools.lru_cache(maxsize=64)
