@@ -20,6 +20,18 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+def _forget_pools_in_a_child() -> None:
+    """A forked child has none of its parent's pool threads: a task queued to their pools
+    would wait forever (and a lock held at the fork would stay held)."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_a_child)
+
+
 def available_cpus() -> int:
     """The CPUs this process may use, at least 1: the default thread count. Its affinity
     mask (so `taskset` and a container's CPU set count; os.cpu_count() gives the machine's),

@@ -90,3 +90,38 @@ def test_a_cgroup_cpu_quota_caps_the_default_thread_count(tmp_path, monkeypatch,
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
         monkeypatch.setattr(parallel, "cgroup_cpu_quota", lambda: quota)
         assert parallel.available_cpus() == (8 if expected is None else max(1, math.ceil(expected)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_codes_on_threads_after_its_parent_did():
+    """A process forked after gradzip ran on threads (multiprocessing's default start method
+    on Linux) has none of the parent's pool threads: its own threaded compression and
+    decoding must still finish, with the parent's bytes and tensors (a task queued to the
+    parent's pool hung there for good)."""
+    import os
+    import signal
+    import time
+
+    import gradzip
+
+    rng = np.random.default_rng(3)
+    # a dominant layer large enough to split its rANS segments and passes over the threads
+    tensors = {"w": rng.standard_normal((640, 1024)).astype(np.float32), "b": rng.standard_normal(64).astype(np.float32)}
+    blob = gradzip.Compressor(1e-3, threads=2).compress(tensors)
+    expected = gradzip.Decompressor(threads=2).decompress(blob)["w"]
+    pid = os.fork()
+    if pid == 0:  # the child's exit status says whether it coded the same
+        try:
+            same_blob = gradzip.Compressor(1e-3, threads=2).compress(tensors) == blob
+            same_tensor = np.array_equal(gradzip.Decompressor(threads=2).decompress(blob)["w"], expected)
+            os._exit(0 if same_blob and same_tensor else 3)
+        except BaseException:
+            os._exit(4)
+    deadline = time.monotonic() + 120  # a hung child fails the test instead of the run
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on its threads")
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0, done[1]
