@@ -354,6 +354,7 @@ def stats(stream, original, state_path, as_json):
     """Per-tensor sizes of a .grz stream, and its errors against the original."""
     with user_errors():
         from .api import Decompressor, describe_stream
+        from .errors import StateMismatchError
         from .metrics import measure
         from .state import PredictorState, load_state
         from .tensorio import read_tensors
@@ -364,7 +365,14 @@ def stats(stream, original, state_path, as_json):
         if original:
             tensors, _, _ = read_tensors(_read_input(original), original)
             state = load_state(state_path, create=False) if state_path else PredictorState()
-            decoded = _decode_labelled(Decompressor(state), data, label, advance=False)
+            try:
+                decoded = _decode_labelled(Decompressor(state), data, label, advance=False)
+            except StateMismatchError as exc:
+                if state_path:
+                    raise
+                # (decompress's hint, to decode the earlier rounds first, is not what stats needs)
+                raise CliError(f"{label}: errors against --original after the first round need the state this "
+                               "stream was encoded against: pass it with -s (stats only reads it)") from None
             report = decoded.report
             if list(tensors) != list(decoded.tensors):
                 raise CliError(f"{original}: its tensors do not match the stream's")

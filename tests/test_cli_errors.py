@@ -256,6 +256,14 @@ def test_corrupted_state_file(gz, ws):
     fails_cleanly(gz, ws, "decompress", "r1.safetensors.grz", "-s", "d.state", "-o", "out.bin", fragments=["d.state"])
 
 
+def test_stats_of_a_later_round_against_its_original_asks_for_the_state(gz, ws):
+    """Without -s a later round cannot be decoded: stats says to pass the state (decompress's
+    hint, to decode the earlier rounds first, would send the user the wrong way)."""
+    line = fails_cleanly(gz, ws, "stats", "r1.safetensors.grz", "--original", "r1.safetensors",
+                         fragments=["r1.safetensors.grz", "-s"])
+    assert "earlier rounds" not in line
+
+
 def test_stats_with_an_original_that_does_not_match(gz, ws):
     fails_cleanly(gz, ws, "stats", "r0.safetensors.grz", "--original", "notes.txt", fragments=["notes.txt"])
 
