@@ -70,6 +70,14 @@ def _show_progress(quiet: bool) -> bool:
     return not quiet and console.is_terminal
 
 
+def _files_description(direction: str) -> str:
+    """The progress bar's label for the files, which says when this call compiles gradzip's
+    kernels first (a minute of a bar that does not move otherwise looks hung)."""
+    from .kernel_cache import first_call_compiles
+
+    return "files (first run: compiling kernels, ~1 min)" if first_call_compiles(direction) else "files"
+
+
 class _Group(click.Group):
     """Usage errors, like every other error, as one line on stderr."""
 
@@ -259,7 +267,7 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
                 raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
                                f"{expected_round} ({'a round was skipped' if expected_round > compressor.state.round else 'that round was already compressed'})")
             with _progress(_show_progress(quiet)) as progress:
-                files = progress.add_task("files", total=len(inputs))
+                files = progress.add_task(_files_description("encode"), total=len(inputs))
                 for path, out_path in zip(inputs, outputs):
                     label = "stdin" if path == STDIO else path
                     tensors, fmt, metadata = read_tensors(_read_input(path), label)
@@ -300,7 +308,7 @@ def decompress(inputs, state_path, output, out_format, force, threads, quiet):
         with locked(state_path):
             decompressor = Decompressor(load_state(state_path), threads=threads)
             with _progress(_show_progress(quiet)) as progress:
-                files = progress.add_task("files", total=len(inputs))
+                files = progress.add_task(_files_description("decode"), total=len(inputs))
                 for path, out_path in zip(inputs, outputs):
                     label = "stdin" if path == STDIO else path
                     data = _read_input(path)

@@ -44,3 +44,23 @@ def drop_stale_kernels(package: Path = PACKAGE) -> bool:
     except OSError:  # a read-only install: numba caches elsewhere, or not at all
         return False
     return True
+
+
+def compiled_before(kernel) -> bool:
+    """Whether numba's cache holds an index for this cached kernel wherever
+    numba keeps it (beside the package, NUMBA_CACHE_DIR or its user-wide directory): False
+    means its first call compiles it, and with it most of gradzip's kernels (about a minute
+    with an empty cache), which the CLI then says. True where numba's cache cannot be asked
+    (its layout is numba's own): no notice rather than a wrong one."""
+    try:
+        return os.path.exists(kernel._cache._cache_file._index_path)
+    except (AttributeError, OSError):
+        return True
+
+
+def first_call_compiles(direction: str) -> bool:
+    """Whether this process's first compression ("encode") or decoding ("decode") will
+    compile gradzip's kernels: its rANS coder's kernel has no cache index yet."""
+    from .entropy import rans
+
+    return not compiled_before(rans._encode_kernel if direction == "encode" else rans.decode_stream_kernel)

@@ -836,3 +836,23 @@ def test_the_float32_cast_of_the_bundle_matches_numpys_bit_for_bit():
     with np.errstate(over="ignore"):
         expected = values.astype(np.float32)
     np.testing.assert_array_equal(as_float32(values).view(np.uint32), expected.view(np.uint32))
+
+
+def test_the_cli_can_tell_a_first_run_that_compiles_the_kernels(tmp_path):
+    """kernel_cache.first_call_compiles (the CLI's progress bar says so on a first run): True
+    with an empty numba cache, False once the kernel has been compiled and cached."""
+    import os
+    import subprocess
+    import sys
+
+    from gradzip.entropy import rans
+    from gradzip.kernel_cache import compiled_before, first_call_compiles
+
+    probe = "from gradzip.kernel_cache import first_call_compiles as f; print(f('encode'), f('decode'))"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "empty-cache")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+    blob = rans.encode(np.arange(-5, 5, dtype=np.int32), None, 1)  # (compiles and caches, where not yet)
+    assert np.array_equal(rans.decode(blob, np.zeros(10, np.uint8), 1), np.arange(-5, 5))
+    assert compiled_before(rans._encode_kernel) and compiled_before(rans.decode_stream_kernel)
+    assert not first_call_compiles("encode") and not first_call_compiles("decode")
