@@ -339,3 +339,10 @@ def test_the_state_file_header_is_the_json_of_its_entries():
     assert state._head() != before and (b'"rounds":true' in state._head() or b'"rounds":3.0' in state._head())
     tensor.shape = tuple(float(s) for s in tensor.shape)
     assert b'"shape":[8.0,300.0]' in state._head()
+    other = state.tensors["z" * 40]  # (its other fields as the state holds them)
+    other.recipe = ["linear", "rows", None, 16.0]
+    assert b'"recipe":["linear","rows",null,16.0]' in state._head()
+    other.recipe = ["linear", "rows", None, 1]  # (cached by value first: True must not find it)
+    assert b'"recipe":["linear","rows",null,1]' in state._head()
+    other.recipe = ["linear", "rows", None, True]
+    assert b'"recipe":["linear","rows",null,true]' in state._head()
