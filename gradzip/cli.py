@@ -375,7 +375,7 @@ def stats(stream, original, state_path, as_json):
             state = load_state(state_path, create=False) if state_path else PredictorState()
             try:
                 decoded = _decode_labelled(Decompressor(state), data, label, advance=False)
-            except StateMismatchError as exc:
+            except StateMismatchError:
                 if state_path:
                     raise
                 # (decompress's hint, to decode the earlier rounds first, is not what stats needs)

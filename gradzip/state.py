@@ -77,11 +77,11 @@ class TensorState:
         key = (*shown, self.digest(), self.ema.size)
         if self._entry is None or self._entry[0] != key:  # (every round: rounds and digest change)
             name_shown, dtype_shown, rounds_shown, shape_shown, recipe_shown = shown
-            before = (f'{{"digest":"{self.digest().hex()}","dtype":{_json_of_shown(dtype_shown, self.dtype)},'
-                      f'"elements":{int(self.ema.size)},"name":{_json_of_shown(name_shown, name)},"offset":')
-            after = (f',"recipe":{_json_of_shown(recipe_shown, self.recipe)},'
-                     f'"rounds":{_json_of_shown(rounds_shown, self.rounds)},'
-                     f'"shape":{_json_of_shown(shape_shown, list(self.shape))}}}')
+            before = (f'{{"digest":"{self.digest().hex()}","dtype":{_cached_json(dtype_shown, self.dtype)},'
+                      f'"elements":{int(self.ema.size)},"name":{_cached_json(name_shown, name)},"offset":')
+            after = (f',"recipe":{_cached_json(recipe_shown, self.recipe)},'
+                     f'"rounds":{_cached_json(rounds_shown, self.rounds)},'
+                     f'"shape":{_cached_json(shape_shown, list(self.shape))}}}')
             self._entry = (key, before, after)
         return self._entry[1], self._entry[2]
 
@@ -122,37 +122,24 @@ def chained_digest(previous: bytes, rounds: int, beta: float, recon_hash: int) -
 
 NO_HISTORY = bytes(8)
 _json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
-# JSON of a header field's value by its repr (which tells 1 from True and 16 from 16.0, as
-# the JSON does): the same few names, shapes and recipes come back every round, and
-# encoding them took most of the 9 us a tensor's header entry cost on each side.
-_JSON_BY_SHOWN: dict[str, str] = {}
-_JSON_BY_SHOWN_LIMIT = 1 << 14
+# JSON of a header field's value, cached: the same few names, shapes and recipes come back
+# every round, and encoding them took most of the 9 us a tensor's header entry cost on each
+# side. Keyed by the field's repr (which tells 1 from True and 16 from 16.0, as the JSON
+# does), or where its types are exactly the usual ones (_fast_head_entry) by a tuple of its
+# values, which then cannot confuse those either and spares the reprs (a new state each
+# round rebuilt its entries from reprs: about 45 us a round of a 5-tensor state, 6% of a
+# small model's decoding). A repr is a str, never one of those tuples.
+_JSON_BY_KEY: dict = {}
+_JSON_BY_KEY_LIMIT = 1 << 14
 
 
-def _json_of_shown(shown: str, value) -> str:
-    """_json(value), cached by shown = repr of the field as the state holds it (a shape's
-    tuple for its list's JSON: the repr tells the two apart from any other field's)."""
-    cached = _JSON_BY_SHOWN.get(shown)
+def _cached_json(key, value) -> str:
+    """_json(value), cached by key (above)."""
+    cached = _JSON_BY_KEY.get(key)
     if cached is None:
-        if len(_JSON_BY_SHOWN) >= _JSON_BY_SHOWN_LIMIT:
-            _JSON_BY_SHOWN.clear()
-        cached = _JSON_BY_SHOWN[shown] = _json(value)
-    return cached
-
-
-# JSON of a state's names, dtypes, shapes and recipes whose types are exactly the usual ones
-# (str; a tuple of ints; None or a list of str, int and None): keyed by value, which then
-# cannot confuse 16 with 16.0 or True. A new state each round rebuilt its entries from reprs
-# (about 45 us a round of a 5-tensor state, 6% of a small model's decoding).
-_EXACT_JSON: dict = {}
-
-
-def _exact_json(key, value) -> str:
-    cached = _EXACT_JSON.get(key)
-    if cached is None:
-        if len(_EXACT_JSON) >= _JSON_BY_SHOWN_LIMIT:
-            _EXACT_JSON.clear()
-        cached = _EXACT_JSON[key] = _json(value)
+        if len(_JSON_BY_KEY) >= _JSON_BY_KEY_LIMIT:
+            _JSON_BY_KEY.clear()
+        cached = _JSON_BY_KEY[key] = _json(value)
     return cached
 
 
@@ -171,12 +158,12 @@ def _fast_head_entry(name, state: TensorState) -> tuple[str, str] | None:
         for item in recipe:
             if not (item is None or type(item) is str or type(item) is int):
                 return None
-        recipe_json = _exact_json(("recipe", *recipe), recipe)
+        recipe_json = _cached_json(("recipe", *recipe), recipe)
     else:
         return None
-    return (f'{{"digest":"{state.digest().hex()}","dtype":{_exact_json(("str", dtype), dtype)},'
-            f'"elements":{int(state.ema.size)},"name":{_exact_json(("str", name), name)},"offset":',
-            f',"recipe":{recipe_json},"rounds":{rounds},"shape":{_exact_json(("shape", *shape), list(shape))}}}')
+    return (f'{{"digest":"{state.digest().hex()}","dtype":{_cached_json(("str", dtype), dtype)},'
+            f'"elements":{int(state.ema.size)},"name":{_cached_json(("str", name), name)},"offset":',
+            f',"recipe":{recipe_json},"rounds":{rounds},"shape":{_cached_json(("shape", *shape), list(shape))}}}')
 
 
 def array_digest(state: TensorState) -> bytes:
