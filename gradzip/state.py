@@ -77,12 +77,10 @@ class TensorState:
         key = (*shown, self.digest(), self.ema.size)
         if self._entry is None or self._entry[0] != key:  # (every round: rounds and digest change)
             name_shown, dtype_shown, rounds_shown, shape_shown, recipe_shown = shown
-            before = (f'{{"digest":"{self.digest().hex()}","dtype":{_cached_json(dtype_shown, self.dtype)},'
-                      f'"elements":{int(self.ema.size)},"name":{_cached_json(name_shown, name)},"offset":')
-            after = (f',"recipe":{_cached_json(recipe_shown, self.recipe)},'
-                     f'"rounds":{_cached_json(rounds_shown, self.rounds)},'
-                     f'"shape":{_cached_json(shape_shown, list(self.shape))}}}')
-            self._entry = (key, before, after)
+            self._entry = (key, *_entry_pieces(self, _cached_json(dtype_shown, self.dtype), _cached_json(name_shown, name),
+                                               _cached_json(recipe_shown, self.recipe),
+                                               _cached_json(rounds_shown, self.rounds),
+                                               _cached_json(shape_shown, list(self.shape))))
         return self._entry[1], self._entry[2]
 
     def digest(self) -> bytes:
@@ -161,9 +159,15 @@ def _fast_head_entry(name, state: TensorState) -> tuple[str, str] | None:
         recipe_json = _cached_json(("recipe", *recipe), recipe)
     else:
         return None
-    return (f'{{"digest":"{state.digest().hex()}","dtype":{_cached_json(("str", dtype), dtype)},'
-            f'"elements":{int(state.ema.size)},"name":{_cached_json(("str", name), name)},"offset":',
-            f',"recipe":{recipe_json},"rounds":{rounds},"shape":{_cached_json(("shape", *shape), list(shape))}}}')
+    return _entry_pieces(state, _cached_json(("str", dtype), dtype), _cached_json(("str", name), name), recipe_json,
+                         str(rounds), _cached_json(("shape", *shape), list(shape)))
+
+
+def _entry_pieces(state: TensorState, dtype_json, name_json, recipe_json, rounds_json, shape_json) -> tuple[str, str]:
+    """A tensor's header entry around its offset, keys sorted, from its fields' JSON."""
+    return (f'{{"digest":"{state.digest().hex()}","dtype":{dtype_json},"elements":{int(state.ema.size)},'
+            f'"name":{name_json},"offset":',
+            f',"recipe":{recipe_json},"rounds":{rounds_json},"shape":{shape_json}}}')
 
 
 def array_digest(state: TensorState) -> bytes:
