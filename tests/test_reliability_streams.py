@@ -4,6 +4,7 @@ shapes or payloads are refused without allocating what they claim."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import struct
 import tracemalloc
@@ -512,3 +513,26 @@ def test_a_stream_in_memory_reads_as_the_same_stream_from_a_file_object(streams)
         from_file = outcome(lambda d: d.decompress_from(io.BytesIO(data), available=len(data)).tensors)
         assert in_memory == from_file, (len(data), in_memory, from_file)
     assert outcome(lambda d: d.decompress(memoryview(bytearray(blob)))) == outcome(lambda d: d.decompress(blob))
+
+
+@pytest.mark.parametrize("obj", [
+    {"kind": "tensor", "name": "conv.weight", "shape": [32, 16, 3, 3], "params": {"eb": 0.000980035, "weights": [0.128389, -1e-300],
+                                                                              "flag": True, "none": None}},
+    {"kind": "header", "metadata": {"caf\u00e9 \u2603": "line\nbreak \"quoted\"", "": ""}, "big": 2 ** 70, "tiny": 5e-324},
+    {"kind": "end", "tensors": 0, "nested": [[[]], {}, [{"a": [1.5, -0.0]}]]},
+])
+def test_frame_json_is_what_json_dumps_gives(obj):
+    # (the frame encoder is json's C encoder built once: the same text, byte for byte)
+    assert container._frame_json(obj) == json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def test_frame_json_refuses_what_json_dumps_refuses_and_a_refusal_leaves_no_trace():
+    for bad in ({"eb": float("nan")}, {"eb": [float("-inf")]}, {"x": object()}):
+        with pytest.raises((ValueError, TypeError)):
+            container._frame_json(bad)
+    # A list that failed mid-way encodes once fixed: no stale circular-reference marker.
+    inner = [1.0, object()]
+    with pytest.raises(TypeError):
+        container._frame_json({"x": inner})
+    inner.pop()
+    assert container._frame_json({"x": inner}) == '{"x":[1.0]}'
