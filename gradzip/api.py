@@ -356,17 +356,17 @@ def _bundle_member_reports(record: dict, payload_bytes: int, originals: dict | N
     """Reports for a bundle's members; each is charged its share of the payload by original
     size. Errors are measured only where both the originals and the reconstructions are known."""
     reports = {}
-    total = max(sum(element_count(shape) * numpy_dtype(dtype).itemsize for _, _, dtype, shape, _ in record["members"]), 1)
-    for _, name, dtype, shape, eb in record["members"]:
-        original_bytes = element_count(shape) * numpy_dtype(dtype).itemsize
-        figures = None
-        if with_errors and originals is not None and recons is not None and dtype in LOSSY_DTYPES:
-            figures = measure(originals[name], recons[name], dtype, eb)
+    members = record["members"]
+    sizes = [element_count(shape) * numpy_dtype(dtype).itemsize for _, _, dtype, shape, _ in members]
+    total = max(sum(sizes), 1)
+    exact_coder = "zstd" if record["params"]["zstd"] else "raw"
+    measured = with_errors and originals is not None and recons is not None
+    for (_, name, dtype, shape, eb), original_bytes in zip(members, sizes):
+        figures = measure(originals[name], recons[name], dtype, eb) if measured and dtype in LOSSY_DTYPES else None
         quantized = eb > 0
         reports[name] = TensorReport(
             name=name, shape=tuple(shape), dtype=dtype, method="quantized" if quantized else "lossless",
-            predictor="none" if quantized else "-",
-            coder="rans" if quantized else ("zstd" if record["params"]["zstd"] else "raw"), eb=eb,
+            predictor="none" if quantized else "-", coder="rans" if quantized else exact_coder, eb=eb,
             original_bytes=original_bytes, compressed_bytes=round(payload_bytes * original_bytes / total), escaped=0,
             ideal_code_bits=0.0, max_abs_error=figures.max_abs_error if figures else None,
             sum_squared_error=figures.sum_squared_error if figures else None,
