@@ -578,6 +578,14 @@ def _record_report(record: dict, payload_bytes: int) -> TensorReport:
         raise CorruptStreamError(f"tensor {record.get('name', '?')!r}: malformed record") from None
 
 
+def _well_typed(tensor: TensorReport) -> bool:
+    """Whether a report read off a record has the types a writer gives its fields (a decoder
+    refuses others; describe_stream does not decode)."""
+    strings = (tensor.name, tensor.dtype, tensor.method, tensor.predictor, tensor.coder)
+    return (all(isinstance(value, str) for value in strings) and isinstance(tensor.eb, float) and tensor.eb >= 0
+            and type(tensor.escaped) is int and all(type(size) is int for size in tensor.shape))
+
+
 def describe_stream(source: BinaryIO, available: int | None = None) -> RoundReport:
     """Per-tensor sizes of a stream, read from its records without decoding (no state needed)."""
     reader = StreamReader(source, available)
@@ -591,6 +599,9 @@ def describe_stream(source: BinaryIO, available: int | None = None) -> RoundRepo
                 raise CorruptStreamError("small-tensor bundle: malformed record") from None
         else:
             report.tensors.append(_record_report(record, len(payload)))
+    for tensor in report.tensors:  # (nothing is decoded here: the fields shown are checked instead)
+        if not _well_typed(tensor):
+            raise CorruptStreamError(f"tensor {tensor.name!r}: malformed record")
     reader.expect_end_of_input()
     report.stream_bytes = reader.bytes_read
     return report

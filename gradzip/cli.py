@@ -18,6 +18,7 @@ one_malloc_arena()
 
 import click  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 # Wide enough for the summary tables when stderr is a log file rather than a terminal.
@@ -446,7 +447,7 @@ def _print_round_table(verb: str, rows, show_errors: bool = True) -> None:
         table.add_column("max abs error", justify="right")
         table.add_column("PSNR", justify="right")
     for label, _out, report in rows:
-        cells = [Path(label).name, str(report.round), _fmt_bytes(report.original_bytes), _fmt_bytes(report.compressed_bytes),
+        cells = [escape(Path(label).name), str(report.round), _fmt_bytes(report.original_bytes), _fmt_bytes(report.compressed_bytes),
                  f"{report.ratio:.2f}x", f"{report.bits_per_value:.2f}"]
         if show_errors:
             cells += [f"{report.max_abs_error:.3g}", _fmt_psnr(report.psnr)]
@@ -455,7 +456,8 @@ def _print_round_table(verb: str, rows, show_errors: bool = True) -> None:
 
 
 def _print_stats_table(label, report, rows, total, with_errors: bool) -> None:
-    table = Table(title=f"{label}: round {report.round}", title_justify="left")
+    # (every string from the stream or a path is escaped: a tensor named "a[/]b" is rich markup)
+    table = Table(title=escape(f"{label}: round {report.round}"), title_justify="left")
     columns = ["tensor", "shape", "dtype", "method", "eb", "bits/value", "ratio"]
     if with_errors:
         columns += ["max abs error", "PSNR", "NRMSE", "within bound"]
@@ -464,7 +466,7 @@ def _print_stats_table(label, report, rows, total, with_errors: bool) -> None:
     for row in rows:
         predictor = f"{row['predictor']}/{row['variant']}" if row["variant"] else row["predictor"]
         method = row["method"] if row["method"] == "lossless" else f"{predictor}+{row['coder']}"
-        cells = [row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"], method,
+        cells = [escape(row["name"]), "x".join(map(str, row["shape"])) or "scalar", escape(row["dtype"]), escape(method),
                  f"{row['eb']:.3g}" if row["eb"] else "exact", f"{row['bits_per_value']:.2f}",
                  f"{row['ratio']:.2f}x" if row["ratio"] else "-"]
         if with_errors:

@@ -1429,8 +1429,8 @@ def _split_sections(declared, payload) -> dict[str, memoryview]:
 def _decode_quantized(params, sections, dtype, shape, n, config, previous, threads=1, fold: _Fold | None = None):
     """(the tensor, None), or where fold is given and the record fits the fused decoder
     (_fused_decode_fits), (the tensor, its reconstruction's XXH64) with fold's state filled."""
-    eb = float(params["eb"])
-    if not (eb > 0 and math.isfinite(eb)):
+    eb = params["eb"]
+    if not (isinstance(eb, float) and eb > 0 and math.isfinite(eb)):  # (a JSON number: never a string)
         raise CorruptStreamError("bad error bound")
     predictor = params["predictor"]
     prediction = _NO_PREDICTION
@@ -1458,7 +1458,7 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
     elif predictor == "ema":
         if not _has_history(previous, shape, dtype):
             raise CorruptStreamError("stream uses a prediction but the state has no history for this tensor")
-        mean, std = float(params["mean"]), float(params["std"])
+        mean, std = _magnitude_statistics(params)
         if params["signs"] != "kernel" or "contexts" in params:
             raise CorruptStreamError("bad shift signs")
         prediction = _Prediction(previous.ema, mean, std, _decoded_signs(params, sections, shape, previous.sign))
@@ -1556,6 +1556,14 @@ def _decoded_low_rank(params, sections, shape, threads) -> Factors:
     return Factors(codes[: rank * rows].reshape(rank, rows), codes[rank * rows :].reshape(rank, cols), step)
 
 
+def _magnitude_statistics(params) -> tuple[float, float]:
+    """A record's EMA mean and std, which the encoder writes as finite JSON numbers (floats)."""
+    mean, std = params["mean"], params["std"]
+    if not (isinstance(mean, float) and isinstance(std, float) and math.isfinite(mean) and math.isfinite(std)):
+        raise CorruptStreamError("bad magnitude statistics")
+    return mean, std
+
+
 def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1):
     """(contexts, n_contexts, sign_oriented) of a `context` record, as the encoder built them."""
     source = params["contexts"]
@@ -1568,7 +1576,7 @@ def _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads=1
         return np.zeros(n, np.uint8), 1, orient
     # (scale_contexts writes every element of a tensor of this shape; magnitude_contexts as many as the EMA has)
     contexts = np.zeros(n, np.uint8) if source == "ema" else np.empty(n, np.uint8)
-    mean, std = (float(params["mean"]), float(params["std"])) if source in ("ema", "scale_ema") else (0.0, 0.0)
+    mean, std = _magnitude_statistics(params) if source in ("ema", "scale_ema") else (0.0, 0.0)
     if source == "ema":
         magnitude_contexts(previous.ema, mean, std, eb, contexts)
     else:

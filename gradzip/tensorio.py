@@ -35,6 +35,7 @@ FORMATS = ("safetensors", "npy", "npz")  # written by decompress
 READ_FORMATS = FORMATS + ("pt",)  # .pt/.pth state dicts are read (with torch) but written as safetensors
 NPY_TENSOR_NAME = "array"  # the single tensor of an .npy file
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+SAFETENSORS_METADATA_KEY = "__metadata__"  # the header entry that holds the file's metadata, not a tensor
 
 
 def element_count(shape) -> int:
@@ -165,7 +166,7 @@ def _read_safetensors(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str
     if not isinstance(header, dict):
         raise InputError("safetensors header is not a JSON object")
     body = memoryview(data)[8 + header_len :]
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop(SAFETENSORS_METADATA_KEY, None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError("safetensors metadata must map strings to strings")
     # safetensors orders the byte buffer, not the header; keep the header's order of names.
@@ -225,10 +226,20 @@ def write_tensors(tensors: dict[str, np.ndarray], fmt: str, metadata: dict[str, 
         (array,) = tensors.values()
         np.save(buffer, _plain(array), allow_pickle=False)
     elif fmt == "npz":
-        np.savez(buffer, **{name: _plain(array) for name, array in tensors.items()})
+        _write_npz(buffer, tensors)
     else:
         raise InputError(f"unknown output format {fmt!r}")
     return buffer.getvalue()
+
+
+def _write_npz(out, tensors: dict[str, np.ndarray]) -> None:
+    """np.savez's archive (one stored member NAME.npy a tensor), written member by member:
+    savez takes the names as keyword arguments, so a tensor named `file` broke it and one
+    named `allow_pickle` was taken as its option and left out."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in tensors.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, _plain(array), allow_pickle=False)
 
 
 def _plain(array: np.ndarray) -> np.ndarray:
@@ -238,9 +249,12 @@ def _plain(array: np.ndarray) -> np.ndarray:
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    if SAFETENSORS_METADATA_KEY in tensors:  # (its entry would be read back as the file's metadata)
+        raise InputError(f"a tensor named {SAFETENSORS_METADATA_KEY!r} cannot be written as safetensors, which keeps "
+                         "its metadata under that name: write npz (--format npz)")
     header: dict = {}
     if metadata:
-        header["__metadata__"] = metadata
+        header[SAFETENSORS_METADATA_KEY] = metadata
     offset = 0
     blobs = []
     for name, array in tensors.items():

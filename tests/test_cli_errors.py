@@ -380,3 +380,99 @@ def test_safetensors_files_the_format_forbids_are_refused(gz, ws, case):
     text = json.dumps(header).encode()
     (ws / "odd.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(body))
     fails_cleanly(gz, ws, "compress", "odd.safetensors", "-s", "fresh.state", "-o", "odd.grz")
+
+
+# ----------------------------------------------------------------------------- names and fields from a stream
+
+
+def _npz_bytes(tensors: dict) -> bytes:
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:  # (np.savez cannot take these names: see tensorio._write_npz)
+        for name, array in tensors.items():
+            with archive.open(name + ".npy", "w") as member:
+                np.lib.format.write_array(member, array)
+    return out.getvalue()
+
+
+def test_stats_shows_tensor_names_that_look_like_rich_markup_as_they_are(gz, tmp_path):
+    """Tensor names (and file names) are shown literally: "a[/]b" used to end stats in a
+    rich MarkupError traceback, and "x[red]y" lost its brackets."""
+    rng = np.random.default_rng(5)
+    names = ["a[/]b", "x[red]y", "conv[0].weight"]
+    tensors = {name: rng.normal(size=(48, 48)).astype(np.float32) for name in names}
+    (tmp_path / "r[1].npz").write_bytes(_npz_bytes(tensors))
+    (tmp_path / "out").mkdir()
+    gz.assert_cli_ok(gz.run("compress", "r[1].npz", "-s", "c.state", "-o", "out", cwd=tmp_path))
+    stream = tmp_path / "out" / "r[1].npz.grz"
+    wide = {"COLUMNS": "200"}
+    result = gz.run("stats", stream, cwd=tmp_path, env=wide)
+    gz.assert_cli_ok(result)
+    shown = "".join((result.stdout.decode() + result.stderr).split())  # (rich wraps a long title)
+    for name in names + ["r[1].npz.grz"]:
+        assert name in shown, (name, shown)
+    result = gz.run("stats", stream, "--original", "r[1].npz", cwd=tmp_path, env=wide)
+    gz.assert_cli_ok(result)
+    assert all(name in result.stdout.decode() + result.stderr for name in names)
+
+
+@pytest.mark.parametrize("name", ["file", "allow_pickle", "__metadata__"])
+def test_npz_tensor_names_that_numpy_or_safetensors_reserve_round_trip_through_npz(gz, tmp_path, name):
+    """np.savez takes member names as keyword arguments: a tensor named `file` used to end
+    decompress in a traceback, one named `allow_pickle` was silently left out."""
+    rng = np.random.default_rng(6)
+    tensors = {name: rng.normal(size=(40, 40)).astype(np.float32), "w": rng.normal(size=(8,)).astype(np.float32)}
+    (tmp_path / "r.npz").write_bytes(_npz_bytes(tensors))
+    gz.assert_cli_ok(gz.run("compress", "r.npz", "-s", "c.state", "-o", "r.npz.grz", "-q", cwd=tmp_path))
+    gz.assert_cli_ok(gz.run("decompress", "r.npz.grz", "-s", "d.state", "-o", "back.npz", "-q", cwd=tmp_path))
+    back, fmt, _ = read_tensors((tmp_path / "back.npz").read_bytes())
+    assert fmt == "npz" and list(back) == list(tensors)
+    for key, original in tensors.items():
+        gz.assert_within_bound(original, back[key], 1e-3, "rel", key)
+
+
+def test_a_tensor_named_like_safetensors_metadata_is_refused_as_safetensors_output(gz, tmp_path):
+    """Its entry would be read back as the file's metadata: the file was unreadable (and real
+    metadata overwritten). The error names the way out, and nothing is written."""
+    rng = np.random.default_rng(7)
+    (tmp_path / "r.npz").write_bytes(_npz_bytes({"__metadata__": rng.normal(size=(40, 40)).astype(np.float32)}))
+    gz.assert_cli_ok(gz.run("compress", "r.npz", "-s", "c.state", "-o", "r.npz.grz", "-q", cwd=tmp_path))
+    before = gz.tree_snapshot(tmp_path)
+    gz.assert_cli_error(gz.run("decompress", "r.npz.grz", "-s", "d.state", "-o", "r.safetensors", "--format", "safetensors",
+                               cwd=tmp_path), "__metadata__", "npz")
+    after = gz.tree_snapshot(tmp_path)
+    assert {k for k in after if not k.endswith(".lock")} == {k for k in before if not k.endswith(".lock")}
+
+
+@pytest.mark.parametrize("field, value", [("eb", "0.001"), ("mean", "0.5"), ("std", "1"), ("eb", True), ("mean", float("nan"))])
+def test_a_record_whose_numbers_are_not_json_numbers_is_refused(gz, tmp_path, monkeypatch, field, value):
+    """The decoder read eb, mean and std with float(), so "0.001" as a JSON string decoded
+    (and then ended `stats` in a traceback). They are the floats the encoder writes, or the
+    stream is corrupt, for decompress and for stats alike."""
+    from gradzip import CorruptStreamError, Decompressor, container
+    from gradzip.container import join_stream, split_stream
+
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(48, 48)).astype(np.float32)
+    rounds = [{"w": (base + 0.1 * rng.normal(size=base.shape)).astype(np.float32)} for _ in range(4)]
+    c = Compressor(1e-3, "rel", search_every=1)
+    blobs = [c.compress(r) for r in rounds]
+    d = Decompressor()
+    for blob in blobs[:-1]:
+        d.decompress(blob)
+    header, records, trailer = split_stream(blobs[-1])
+    params = records[0][0]["params"]
+    if field != "eb":  # (written by `ema` and EMA-context records: this one made one of those)
+        params.update(predictor="ema", signs="kernel", mean=0.5, std=1.0)
+    params[field] = value
+    # (a writer that lets NaN through, as JSON's NaN token, which json's reader accepts)
+    monkeypatch.setattr(container, "_frame_json", json.JSONEncoder(separators=(",", ":")).encode)
+    bad = join_stream(header, records, trailer)
+    state = d.state
+    with pytest.raises(CorruptStreamError, match="error bound" if field == "eb" else "magnitude statistics"):
+        d.decompress(bad)
+    assert d.state is state
+    (tmp_path / "bad.grz").write_bytes(bad)
+    if field == "eb":  # (stats without --original reads eb off the record; mean and std it does not show)
+        gz.assert_cli_error(gz.run("stats", "bad.grz", cwd=tmp_path), "bad.grz")
