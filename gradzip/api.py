@@ -24,7 +24,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from . import __version__
-from .codec import DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor
+from .codec import (DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor,
+                    encode_bundle, encode_tensor, stream_key)
 from .container import BufferReader, StreamReader, StreamWriter
 from .errors import CorruptStreamError, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
@@ -298,8 +299,9 @@ class Compressor:
             else:
                 large.append((position, name, array))
         reports = {}
+        key = stream_key(before.round, header["state_digest"], input_digest)  # (each record's check binds it)
         if small:
-            bundle = encode_bundle(small, self.config)
+            bundle = encode_bundle(small, self.config, key, 0)
             writer.record(bundle.record, bundle.payload)
             originals = {name: array for _, name, array in small}
             member_reports = _bundle_member_reports(bundle.record, len(bundle.payload), originals, bundle.recons,
@@ -311,13 +313,16 @@ class Compressor:
 
         round_elements = sum(array.size for _, _, array in large)
 
+        first_index = 1 if small else 0  # (the records' places in the stream: the bundle's first)
+
         def encode(item):
-            _, name, array = item
+            index, (_, name, array) = item
             return encode_tensor(name, array, self.config, before.tensors.get(name), self.report_ideal_bits,
                                  kernel_threads(array.size, round_elements, self.threads), self.low_rank,
-                                 self.search_every)
+                                 self.search_every, key, index)
 
-        with ordered_map(encode, large, self.threads, lambda item: item[2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
+        with ordered_map(encode, list(enumerate(large, first_index)), self.threads,
+                         lambda item: item[1][2].size >= THREADED_MIN_ELEMENTS) as encoded_tensors:
             for (position, name, array), encoded in zip(large, encoded_tensors):
                 writer.record(encoded.record, encoded.payload)
                 if encoded.state is not None:
@@ -461,6 +466,7 @@ class Decompressor:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise CorruptStreamError("header metadata is not a map of strings")
         check_state(self.state, stream_round, stream_digest)
+        key = stream_key(self.state.round, stream_digest, input_digest)  # (the round as the state holds it)
         new_tensors = dict(self.state.tensors)
         arrays: dict[str, np.ndarray] = {}
         bundle_positions: dict[int, str] = {}
@@ -476,10 +482,10 @@ class Decompressor:
             claimed.add(name)
 
         def tensor_records():
-            for record, payload in reader.records():
+            for index, (record, payload) in enumerate(reader.records()):
                 records.append((record, len(payload)))
                 if record.get("method") == "bundle":
-                    for position, name, array in decode_bundle(record, payload):
+                    for position, name, array in decode_bundle(record, payload, key, index):
                         claim(name)
                         if position in bundle_positions:
                             raise CorruptStreamError("two bundle members at one position")
@@ -487,16 +493,16 @@ class Decompressor:
                         arrays[name] = array
                     continue
                 claim(record.get("name"))
-                yield record, payload
+                yield record, payload, index
 
         # The records arrive one by one, so the round's size is the state's (the same model's
         # last round; none on a first round, whose tensors then each take every thread).
         round_elements = sum(tensor.ema.size for tensor in self.state.tensors.values())
 
         def decode(item):
-            record, payload = item
+            record, payload, index = item
             threads = kernel_threads(_record_elements(record), round_elements, self.threads)
-            return record, decode_tensor(record, payload, config, self.state.tensors.get(record["name"]), threads)
+            return record, decode_tensor(record, payload, config, self.state.tensors.get(record["name"]), threads, key, index)
 
         with ordered_map(decode, tensor_records(), self.threads,
                          lambda item: _record_elements(item[0]) >= THREADED_MIN_ELEMENTS) as decoded_tensors:

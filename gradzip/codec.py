@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 import sys
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,7 @@ import numpy as np
 
 from . import lossless
 from .checksum import xxh64
+from .container import compact_json_encoder
 from .entropy import huffman, rans
 from .errors import CorruptStreamError, InputError
 from .fused_decode import decode_and_fold
@@ -73,6 +75,7 @@ _SCALE_FIT_ELEMENTS = 1 << 18
 # (refitted): on the bench corpus 4 compressed 10 rounds 1.28x faster (geometric mean) for
 # 0.07% more bytes, 1.21x with the check against no prediction; see docs/design.md.
 DEFAULT_SEARCH_EVERY = 4
+NO_STREAM_KEY = 0  # the stream key (stream_key) of a record coded on its own, outside a stream
 LOW_RANK_KINDS = ("linear", "values")  # a low-rank part added to a linear prediction, or the whole prediction
 # Tensors above _SAMPLED_ABOVE elements choose their candidate on about SAMPLE_ELEMENTS.
 # From 2^17 on (was 2^18): a 3.2M-parameter transformer's layers of 196K-262K elements
@@ -337,15 +340,22 @@ class _Quantized:
 
 def encode_tensor(name: str, array: np.ndarray, config: CodecConfig, previous: TensorState | None,
                   measure_ideal: bool = False, threads: int = 1, low_rank: bool = True,
-                  search_every: int = DEFAULT_SEARCH_EVERY) -> Encoded:
+                  search_every: int = DEFAULT_SEARCH_EVERY, key: int = NO_STREAM_KEY, index: int = 0) -> Encoded:
     """Encode one tensor of one round against its previous state.
 
     measure_ideal: also compute the codes' ideal length under the coder's model (for reports).
     threads: for a large tensor's rANS segments and element ranges (the bytes do not depend on it).
     low_rank: whether a large layer may try a low-rank part. search_every: how often the
     encoder tries every candidate (1: every round) rather than the last round's recipe. Both
-    are an encoder's choices, for speed: decoding needs no setting.
+    are an encoder's choices, for speed: decoding needs no setting. key, index: the stream's
+    key and the record's place in it, which its recon_check binds (record_check).
     """
+    encoded = _encode_tensor(name, array, config, previous, measure_ideal, threads, low_rank, search_every)
+    encoded.record["recon_check"] = record_check(key, index, _tensor_layout(encoded.record), encoded.recon_hash)
+    return encoded
+
+
+def _encode_tensor(name, array, config, previous, measure_ideal, threads, low_rank, search_every) -> Encoded:
     dtype = dtype_name(array)
     shape = tuple(int(s) for s in array.shape)
     if not carries_state(dtype, shape, config):
@@ -397,14 +407,40 @@ def _encoded(name, dtype, shape, method, params, sections, recon, ideal_code_bit
     if recon_hash is None:
         recon_hash = _recon_hash(recon, dtype)
     record = {"name": name, "dtype": dtype, "shape": list(shape), "method": method, "params": params,
-              "sections": [[section, len(data)] for section, data in sections],
-              "recon_check": recon_hash & _RECON_CHECK_MASK}
+              "sections": [[section, len(data)] for section, data in sections]}  # (encode_tensor adds recon_check)
     return Encoded(record, payload, recon, None, ideal_code_bits, recon_hash)
 
 
-# A record carries the low 32 bits of its reconstruction's XXH64: as strong a check as the
-# CRC-32 it replaced, and 64 bits would add about 5 bytes of JSON to every record.
-_RECON_CHECK_MASK = 0xFFFFFFFF
+# A record's check is 32 bits (record_check): 64 would add about 5 bytes of JSON to every record.
+_layout_json = compact_json_encoder()
+
+
+def stream_key(round_index: int, state_digest: str, input_digest: str) -> int:
+    """What a stream's record checks start from: the CRC-32 of its header's round, state
+    digest and input digest, so a record copied from another round's or client's stream
+    fails its check."""
+    return zlib.crc32(_layout_json([round_index, state_digest, input_digest]).encode())
+
+
+def record_check(key: int, index: int, layout: list, recon_hash: int) -> int:
+    """A record's recon_check (format 12): the CRC-32, started from the stream's key, of the
+    reconstruction's XXH64 (8 bytes, little-endian) and then the compact JSON of [index,
+    *layout]. index is the record's place among the stream's records; layout is [name,
+    dtype, shape] for a tensor record and [[position, name, dtype, shape] of each member]
+    for a bundle. So the check binds what the decoder rebuilds (the bytes, and what they are
+    named, typed, shaped as and where they go) to this record of this stream: an encoder and
+    decoder that disagree on any of it, or a record spliced in from elsewhere, fail it.
+    (CRC-32 rather than XXH64 here: 0.3 against 3 us a call on these few bytes, and as good
+    a check of 32 bits for an accident; the 64-bit hash of the bytes is its input.)"""
+    return zlib.crc32(_layout_json([index, *layout]).encode(), zlib.crc32(recon_hash.to_bytes(8, "little"), key))
+
+
+def _tensor_layout(record: dict) -> list:
+    return [record["name"], record["dtype"], record["shape"]]
+
+
+def _bundle_layout(members: list) -> list:
+    return [[member[:4] for member in members]]  # (not the bounds: what they change, the bytes show)
 
 
 def _recon_hash(recon: np.ndarray, dtype: str) -> int:
@@ -1163,14 +1199,23 @@ class EncodedBundle:
     record: dict
     payload: bytes
     recons: dict[str, np.ndarray]  # what the decoder will return per member
+    recon_hash: int = 0  # XXH64 of the members' reconstructed bytes, back to back in member order
 
 
-def encode_bundle(members: list[tuple[int, str, np.ndarray]], config: CodecConfig) -> EncodedBundle:
+def encode_bundle(members: list[tuple[int, str, np.ndarray]], config: CodecConfig, key: int = NO_STREAM_KEY,
+                  index: int = 0) -> EncodedBundle:
     """One record for the small tensors of a round; members are (position, name, array).
 
     Float members are quantized at their own bound without prediction (they carry no state)
     and their codes share one rANS stream; the rest, and float members that would escape any
-    element, are stored exactly. If quantizing does not beat the exact bytes, all are exact."""
+    element, are stored exactly. If quantizing does not beat the exact bytes, all are exact.
+    key, index: as encode_tensor's."""
+    bundle = _smaller_bundle(members, config)
+    bundle.record["recon_check"] = record_check(key, index, _bundle_layout(bundle.record["members"]), bundle.recon_hash)
+    return bundle
+
+
+def _smaller_bundle(members, config) -> EncodedBundle:
     dtypes = [dtype_name(array) for _, _, array in members]
     quantized = _bundle_members_quantized(members, dtypes, config)
     if any(q is not None for q in quantized):
@@ -1270,23 +1315,24 @@ def _bundle(members, dtypes, quantized) -> EncodedBundle:
     sections = _padded(sections, len(raw) + n_coded)
     # Members are small: one join and one hash beat a hash update per member.
     ordered = [recons[name] for _, name, _ in members]
-    recon_check = xxh64(_joined_little_endian(ordered, dtypes))
+    recon_hash = xxh64(_joined_little_endian(ordered, dtypes))
     record = {"method": "bundle", "members": entries, "params": {"zstd": use_zstd, "raw_bytes": len(raw), "coded": n_coded},
-              "sections": [[section, len(data)] for section, data in sections], "recon_check": recon_check & _RECON_CHECK_MASK}
-    return EncodedBundle(record, b"".join(data for _, data in sections), recons)
+              "sections": [[section, len(data)] for section, data in sections]}  # (encode_bundle adds recon_check)
+    return EncodedBundle(record, b"".join(data for _, data in sections), recons, recon_hash)
 
 
-def decode_bundle(record: dict, payload: bytes) -> list[tuple[int, str, np.ndarray]]:
-    """The (position, name, array) members of a bundle record. Raises CorruptStreamError."""
+def decode_bundle(record: dict, payload: bytes, key: int = NO_STREAM_KEY, index: int = 0) -> list[tuple[int, str, np.ndarray]]:
+    """The (position, name, array) members of a bundle record (key, index: its stream's key
+    and its place in the stream, which its recon_check binds). Raises CorruptStreamError."""
     try:
-        return _decode_bundle(record, payload)
+        return _decode_bundle(record, payload, key, index)
     except CorruptStreamError as exc:
         raise CorruptStreamError(f"small-tensor bundle: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
         raise CorruptStreamError(f"small-tensor bundle: malformed record ({type(exc).__name__}: {exc})") from None
 
 
-def _decode_bundle(record, payload):
+def _decode_bundle(record, payload, key, index):
     layout, run_ends, run_ebs = [], [], []
     raw_total = coded_total = 0
     all_float32 = True  # every member coded and F32: the reconstruction's bytes are values_float32's
@@ -1344,7 +1390,7 @@ def _decode_bundle(record, payload):
         recon_bytes = values_float32
     else:
         recon_bytes = _joined_little_endian([array for _, _, array in members], [dtype for _, _, dtype, *_ in layout])
-    if xxh64(recon_bytes) & _RECON_CHECK_MASK != record["recon_check"]:
+    if record_check(key, index, _bundle_layout(record["members"]), xxh64(recon_bytes)) != record["recon_check"]:
         raise CorruptStreamError("reconstruction checksum mismatch")
     return members
 
@@ -1352,9 +1398,11 @@ def _decode_bundle(record, payload):
 # ---------------------------------------------------------------- decoding
 
 
-def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: TensorState | None, threads: int = 1):
+def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: TensorState | None, threads: int = 1,
+                  key: int = NO_STREAM_KEY, index: int = 0):
     """Rebuild one tensor: (array, state after this round or None); threads for the rANS
-    segments of a large tensor. Raises CorruptStreamError."""
+    segments of a large tensor; key, index: its stream's key and its record's place in the
+    stream, which its recon_check binds (record_check). Raises CorruptStreamError."""
     name = record.get("name", "?")
     try:
         array, state, recon_hash = _decode(record, payload, config, previous, threads)
@@ -1362,7 +1410,7 @@ def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: T
         raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
         raise CorruptStreamError(f"tensor {name!r}: malformed record ({type(exc).__name__}: {exc})") from None
-    if recon_hash & _RECON_CHECK_MASK != record["recon_check"]:
+    if record_check(key, index, _tensor_layout(record), recon_hash) != record["recon_check"]:
         raise CorruptStreamError(f"tensor {name!r}: reconstruction checksum mismatch (encoder and decoder disagree)")
     return array, state
 

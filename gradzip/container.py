@@ -27,7 +27,7 @@ import zstandard
 from .errors import CorruptStreamError, InputError
 
 MAGIC = b"\x89GRZ\r\n\x1a\n"  # PNG-style: catches text-mode mangling and truncation at byte 1
-FORMAT_VERSION = 11  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values. 9: two rANS states from 2048 codes. 10: scale contexts add a conv kernel position's level (its taps' levels behind the columns'). 11: the elements of an all-zero row, column or tap get a scale context of their own (bucket 64)
+FORMAT_VERSION = 12  # 2: the bundle quantizes small float tensors; rank-1 scale contexts. 3: fitted scale contexts, shift along previous signs, XXH64 reconstruction checksums. 4: the linear predictor replaces that shift; frames share one zstd stream. 5: low-rank part of the linear prediction. 6: two rANS states for 4096-16383 codes. 7: state digests chained over the rounds, one-pass magnitude statistics. 8: an F16/BF16 tensor's escaped values as deltas from the decoder's narrowed values. 9: two rANS states from 2048 codes. 10: scale contexts add a conv kernel position's level (its taps' levels behind the columns'). 11: the elements of an all-zero row, column or tap get a scale context of their own (bucket 64). 12: a record's recon_check also binds its place, name, dtype and shape (a bundle's members) to its stream
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # a frame's JSON, compressed or not; real ones are a few hundred bytes
 # Compressed bytes per decompression step: a zstd block can inflate 4 bytes to 128 KiB, so a
 # step adds at most 8 MiB before the size check (a frame is a few hundred bytes: one step).
@@ -109,7 +109,7 @@ _FRAME_CHUNK = 4096
 MAX_PAYLOAD_BYTES = 1 << 40
 
 
-def _compact_json_encoder():
+def compact_json_encoder():
     """Compact JSON without NaN: JSONEncoder's C encoder built once (its encode builds one
     on every call, 5 of a small record's 9 us), with the same options, so the same text. It
     keeps no circular-reference markers, which a failed call could leave behind to fail a
@@ -125,7 +125,7 @@ def _compact_json_encoder():
 
 # One encoder and decoder for every frame: json.dumps builds an encoder per call when given
 # options, and json.loads of bytes first guesses their encoding (frames are ASCII).
-_frame_json = _compact_json_encoder()
+_frame_json = compact_json_encoder()
 # (json's scanner itself: decode's two whitespace matches cost more than a small frame's
 # parse; a frame is one JSON value and nothing else, so the scan must end at the frame's end)
 _frame_scan = json.JSONDecoder().scan_once

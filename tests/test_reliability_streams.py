@@ -536,3 +536,75 @@ def test_frame_json_refuses_what_json_dumps_refuses_and_a_refusal_leaves_no_trac
         container._frame_json({"x": inner})
     inner.pop()
     assert container._frame_json({"x": inner}) == '{"x":[1.0]}'
+
+
+# Format 12: a record's check binds its layout and place, and its stream (codec.record_check).
+
+def _layout_round(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.normal(size=(16, 8, 3, 3)).astype(np.float32),
+            "bn.weight": rng.normal(size=16).astype(np.float32), "bn.bias": rng.normal(size=16).astype(np.float32),
+            "fc.weight": rng.normal(size=(10, 32)).astype(np.float32),
+            "bn.num_batches_tracked": np.array(123456789 + seed, np.int64),
+            "token_counts": rng.integers(0, 1000, size=2048).astype(np.int64),
+            "head.weight": rng.normal(size=(40, 40)).astype(np.float32)}
+
+
+def _members(records) -> dict:
+    return {member[1]: member for member in records[0][0]["members"]}
+
+
+def _swap(records, i, j):
+    records[i], records[j] = records[j], records[i]
+
+
+LAYOUT_EDITS = {
+    "bundle members' names swapped": lambda r: (_members(r)["bn.weight"].__setitem__(1, "bn.bias"),
+                                                _members(r)["bn.bias"].__setitem__(1, "bn.weight")),
+    "bundle member reshaped": lambda r: _members(r)["fc.weight"].__setitem__(3, [32, 10]),
+    "exact bundle member read as another dtype": lambda r: _members(r)["bn.num_batches_tracked"].__setitem__(2, "F64"),
+    "bundle members' positions swapped": lambda r: (_members(r)["bn.weight"].__setitem__(0, 2),
+                                                    _members(r)["bn.bias"].__setitem__(0, 1)),
+    "lossless record read as another dtype and shape": lambda r: [rec.update(dtype="I32", shape=[64, 64])
+                                                                  for rec, _ in r if rec.get("name") == "token_counts"],
+    "lossless record renamed": lambda r: [rec.update(name="other") for rec, _ in r if rec.get("name") == "token_counts"],
+    "two records in each other's place": lambda r: _swap(r, 1, 2),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(LAYOUT_EDITS))
+def test_a_record_rewritten_to_another_layout_or_place_is_refused(edit):
+    """Stateless tensors (the bundle's members, large non-float tensors) are in no state
+    digest: before format 12 these rewrites, checksums recomputed, decoded without an error
+    into tensors other than the compressor's reconstruction."""
+    c = Compressor(1e-3, "rel")
+    before = c.state
+    header, records, trailer = split_stream(c.compress(_layout_round(0)))
+    assert records[0][0]["method"] == "bundle" and len(records) >= 3
+    LAYOUT_EDITS[edit](records)
+    d = Decompressor(before)
+    with pytest.raises(CorruptStreamError, match="checksum mismatch"):
+        d.decompress(join_stream(header, records, trailer))
+    assert d.state is before
+
+
+def test_a_record_from_another_round_or_client_is_refused():
+    """A record spliced in from another stream, checksums recomputed, fails its check: the
+    check is keyed by its stream's round, state digest and input digest."""
+    c = Compressor(1e-3, "rel")
+    first = c.compress(_layout_round(0))
+    state_after_first = c.state
+    second = c.compress(_layout_round(1))
+    other_client = Compressor(1e-3, "rel").compress(_layout_round(2))  # (round 0 of another client)
+    header, records, trailer = split_stream(second)
+    Decompressor(state_after_first).decompress(join_stream(header, records, trailer))  # (rebuilt as it was: decodes)
+    stale = split_stream(first)[1][0]  # round 0's bundle (its biases and counters)
+    with pytest.raises(CorruptStreamError, match="small-tensor bundle: reconstruction checksum mismatch"):
+        Decompressor(state_after_first).decompress(join_stream(header, [stale] + records[1:], trailer))
+    header0, records0, trailer0 = split_stream(first)
+    foreign = split_stream(other_client)[1]
+    name = "token_counts"
+    swapped = [next(r for r in foreign if r[0].get("name") == name) if rec.get("name") == name else (rec, payload)
+               for rec, payload in records0]
+    with pytest.raises(CorruptStreamError, match=f"tensor '{name}': reconstruction checksum mismatch"):
+        Decompressor().decompress(join_stream(header0, swapped, trailer0))
