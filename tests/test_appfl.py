@@ -167,6 +167,34 @@ def test_state_dir_survives_process_restarts(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.state")) == ["appfl-client-site-a.state", "appfl-server-site-a.state"]
 
 
+@pytest.mark.parametrize("with_state_dir", [False, True])
+def test_a_refused_model_leaves_the_client_states_as_they_were(tmp_path, with_state_dir):
+    """A model refused after some of its parts were coded (here a later entry that is not a
+    JSON value) advanced those parts' client states: every later round then failed on the
+    server. Now the states, and their files, change only when the whole call succeeds."""
+    config = {**CONFIG, "client_key": "site-a", **({"state_dir": str(tmp_path)} if with_state_dir else {})}
+    client, server = GradzipCompressor(config), GradzipCompressor(CONFIG)
+    generator = torch.Generator().manual_seed(0)
+
+    def nested(step):
+        return {"enc": {"w": torch.randn(64, 64, generator=generator)}, "dec": {"w": torch.randn(48, 48, generator=generator)},
+                "step": step}
+
+    server.decompress_model(client.compress_model(nested(0)))
+    files = {p.name: p.read_bytes() for p in tmp_path.glob("*.state")}
+    states = dict(client._client_states)
+    bad = nested(1)
+    bad["step"] = float("nan")  # (not a JSON value: refused after both parts are coded)
+    with pytest.raises(InputError, match="step"):
+        client.compress_model(bad)
+    assert client._client_states == states
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.state")} == files
+    for step in (1, 2):
+        params = nested(step)
+        got = server.decompress_model(client.compress_model(params))
+        check_within_bound(params["enc"], got["enc"])
+
+
 # ------------------------------------------------------------------ against the real appfl package
 
 

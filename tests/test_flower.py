@@ -110,8 +110,8 @@ def initial_arrays(seed=0) -> ArrayRecord:
 class Client:
     """A ClientApp whose 'training' adds a seeded pseudo-gradient step; it keeps what it sent."""
 
-    def __init__(self, node: int, mod: GradzipMod | None):
-        self.node = node
+    def __init__(self, node: int, mod: GradzipMod | None, key: str = "arrays"):
+        self.node, self.key = node, key  # (key: the ArrayRecord's, FedAvg's arrayrecord_key)
         self.sent: dict[int, dict[str, np.ndarray]] = {}
         self.app = ClientApp(mods=[mod] if mod is not None else [])
         self.app.train()(self.train)
@@ -121,7 +121,7 @@ class Client:
         rnd = int(msg.content["config"]["server-round"])
         rng = np.random.default_rng(1000 * self.node + rnd)
         out = {}
-        for name, array in msg.content["arrays"].items():
+        for name, array in msg.content[self.key].items():
             value = array.numpy()
             if value.dtype.kind == "f":
                 direction = np.sign(np.sin(np.arange(value.size) + self.node)).reshape(value.shape)
@@ -130,7 +130,7 @@ class Client:
                 value = np.asarray(value + 1)
             out[name] = np.asarray(value)
         self.sent[rnd] = out
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}),
+        content = RecordDict({self.key: ArrayRecord({k: Array(v) for k, v in out.items()}),
                               "metrics": MetricRecord({"num-examples": 10 + self.node})})
         return Message(content, reply_to=msg)
 
@@ -147,15 +147,15 @@ class RecordingFedAvg(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
-        self.seen[server_round] = {m.metadata.src_node_id: {k: a.numpy() for k, a in m.content["arrays"].items()}
+        self.seen[server_round] = {m.metadata.src_node_id: {k: a.numpy() for k, a in m.content[self.arrayrecord_key].items()}
                                    for m in replies if not m.has_error()}
         return super().aggregate_train(server_round, replies)
 
 
-def federation(nodes=(11, 22), mod_factory=lambda: GradzipMod(1e-3), drop=None, **fedavg):
-    clients = {node: Client(node, mod_factory()) for node in nodes}
+def federation(nodes=(11, 22), mod_factory=lambda: GradzipMod(1e-3), drop=None, key="arrays", **fedavg):
+    clients = {node: Client(node, mod_factory(), key) for node in nodes}
     grid = LoopbackGrid({node: c.app for node, c in clients.items()}, drop=drop)
-    inner = RecordingFedAvg(min_train_nodes=len(nodes), min_available_nodes=len(nodes), **fedavg)
+    inner = RecordingFedAvg(min_train_nodes=len(nodes), min_available_nodes=len(nodes), arrayrecord_key=key, **fedavg)
     return clients, grid, inner
 
 
@@ -395,6 +395,24 @@ def test_state_dirs_persist_across_restarts(tmp_path):
     run(restarted, grid, 1, arrays)
     assert [s.reset for s in restarted.history] == [False, False]
     assert restarted.state_for(11, "arrays").round == 3
+
+
+@pytest.mark.parametrize("key", ["global model", "w/eights%20ä"])
+def test_state_dirs_persist_across_restarts_whatever_the_record_key(tmp_path, key):
+    """The server reads each state's key back from its file's name on a restart: a key
+    whose characters the names replaced by "_" came back as another key, and every client
+    reset (and the server kept announcing the phantom key)."""
+    client_dir, server_dir = tmp_path / "clients", tmp_path / "server"
+    clients, grid, inner = federation(mod_factory=lambda: GradzipMod(1e-3, state_dir=client_dir), key=key)
+    arrays = initial_arrays()
+    run(GradzipStrategy(inner, state_dir=server_dir), grid, 2, arrays)
+    grid.contexts = {node: Context(run_id=2, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                     for node in grid.contexts}
+    restarted = GradzipStrategy(inner, state_dir=server_dir)
+    run(restarted, grid, 1, arrays)
+    assert [s.reset for s in restarted.history] == [False, False]
+    assert {k for _, k in restarted._states} == {key}
+    assert restarted.state_for(11, key).round == 3
 
 
 def test_partial_participation_keeps_states_in_step():

@@ -99,7 +99,10 @@ class GradzipCompressor(_Base):
 
     def compress_model(self, model: Any, batched: bool = False) -> bytes:
         """Compress one round of a client's model (state dict, nested dict, or a batch)."""
-        parts: list[tuple[dict, bytes]] = []
+        # Each part's new state is kept aside until the whole call has succeeded: a refusal
+        # after some parts (an entry that is not JSON, say) must leave the client's states as
+        # they were, or its later rounds would not match the server's.
+        parts: list[tuple[dict, bytes, PredictorState]] = []
         if batched and isinstance(model, (list, tuple)):
             layout = {"layout": "batch-list", "items": [self._describe(m, f"/{i}", parts) for i, m in enumerate(model)]}
         elif batched and isinstance(model, Mapping):
@@ -107,11 +110,13 @@ class GradzipCompressor(_Base):
                       "items": [self._describe(m, f"/{k}", parts) for k, m in model.items()]}
         else:
             layout = {"layout": "single", "item": self._describe(model, "", parts)}
-        self._force_reset = False
-        header = {"client": self.client_key, "parts": [info for info, _ in parts], **layout}
+        header = {"client": self.client_key, "parts": [info for info, _, _ in parts], **layout}
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        self.last_stats = {"parts": len(parts), "bytes": len(header_bytes) + sum(len(b) for _, b in parts) + 16}
-        return MAGIC + struct.pack("<II", VERSION, len(header_bytes)) + header_bytes + b"".join(b for _, b in parts)
+        for info, _, state in parts:
+            self._save_client_state(info["key"], state)
+        self._force_reset = False
+        self.last_stats = {"parts": len(parts), "bytes": len(header_bytes) + sum(len(b) for _, b, _ in parts) + 16}
+        return MAGIC + struct.pack("<II", VERSION, len(header_bytes)) + header_bytes + b"".join(b for _, b, _ in parts)
 
     def _describe(self, model: Any, suffix: str, parts: list) -> dict:
         """Layout of one model; its tensors become one .grz part (or one per nested dict)."""
@@ -140,8 +145,7 @@ class GradzipCompressor(_Base):
         # APPFL's param_cutoff means "sent exactly", as with its SZ compressors: keep that meaning.
         compressor = make_compressor(self.error_bound, self.mode, self.param_cutoff, state, exact_small=True)
         blob = compressor.compress(arrays, metadata={META_CLIENT: stream_key, META_RESET: "1" if reset else "0"})
-        self._save_client_state(stream_key, compressor.state)
-        parts.append(({"key": stream_key, "bytes": len(blob), "torch": torch_names}, blob))
+        parts.append(({"key": stream_key, "bytes": len(blob), "torch": torch_names}, blob, compressor.state))
         return len(parts) - 1
 
     def reset(self) -> None:

@@ -42,7 +42,7 @@ A client that is simply not sampled for a round keeps its state: neither side ad
 """
 from __future__ import annotations
 
-import re
+import urllib.parse
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -71,6 +71,14 @@ __all__ = ["GradzipMod", "GradzipStrategy", "ReplyStats", "warm_up", "CONFIG_KEY
 WIRE_VERSION = 1
 CONFIG_KEY = "gradzip"  # ConfigRecord: in train replies (codec data) and train instructions (state ack)
 STATE_KEY = "gradzip.state"  # ConfigRecord in the client's Context.state: predictor state per ArrayRecord key
+
+
+def _file_name_of(key: str) -> str:
+    """An ArrayRecord key as part of a state file's name: percent-encoded, so that the
+    server reads the key back from the name on a restart (keys of letters, digits and
+    "-_.~" keep their names). Replacing other characters by "_" lost it: a key "global
+    model" came back as "global_model", which no client sends, and its clients reset."""
+    return urllib.parse.quote(key, safe="")
 STYPE_GRZ = "gradzip/grz"  # Array.stype of a gradzip-compressed tensor
 STYPE_SZ3 = "gradzip/sz3"  # Array.stype of an SZ3-compressed tensor (baseline)
 _STYPES = {"gradzip": STYPE_GRZ, "sz3": STYPE_SZ3}
@@ -121,8 +129,9 @@ class GradzipMod:
     min_elements
         Float arrays with at most this many elements pass through uncompressed.
     state_dir
-        Keep the predictor state in files `node-<id>-<record>.state` here instead of in the
-        node's Context.state (e.g. to survive a SuperNode restart).
+        Keep the predictor state in files `node-<id>-<record key>.state` here (the key
+        percent-encoded) instead of in the node's Context.state (e.g. to survive a SuperNode
+        restart).
     message_types
         Which replies to compress (default: train replies only).
     **options
@@ -243,8 +252,7 @@ class GradzipMod:
     # ------------------------------------------------------------------ client state
 
     def _state_path(self, context: Context, key: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-        return self.state_dir / f"node-{context.node_id}-{safe}.state"
+        return self.state_dir / f"node-{context.node_id}-{_file_name_of(key)}.state"
 
     def _load_state(self, context: Context, key: str) -> PredictorState:
         if self.state_dir is not None:
@@ -319,8 +327,7 @@ class GradzipStrategy(Strategy):
     # ------------------------------------------------------------------ state per node
 
     def _state_path(self, node_id: int, key: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-        return self.state_dir / f"server-node-{node_id}-{safe}.state"
+        return self.state_dir / f"server-node-{node_id}-{_file_name_of(key)}.state"
 
     def state_for(self, node_id: int, key: str) -> PredictorState:
         """The predictor state the server holds for a node's ArrayRecord `key`."""
@@ -355,7 +362,7 @@ class GradzipStrategy(Strategy):
             node_id = message.metadata.dst_node_id
             if self.state_dir is not None:  # load what is on disk before announcing it
                 for path in self.state_dir.glob(f"server-node-{node_id}-*.state"):
-                    key = path.name[len(f"server-node-{node_id}-"):-len(".state")]
+                    key = urllib.parse.unquote(path.name[len(f"server-node-{node_id}-"):-len(".state")])
                     self.state_for(node_id, key)
             # Strategies often share one RecordDict between all messages: give each its own.
             content = RecordDict(dict(message.content.items()))
