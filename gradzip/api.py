@@ -27,7 +27,7 @@ from . import __version__
 from .codec import (DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor,
                     encode_bundle, encode_tensor, stream_key)
 from .container import BufferReader, StreamReader, StreamWriter
-from .errors import CorruptStreamError, InputError, StateMismatchError
+from .errors import CorruptStreamError, GradzipWarning, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
 from .metrics import measure, psnr
 from .parallel import available_cpus
@@ -36,10 +36,6 @@ from .predict.sign import DEFAULT_TAU
 from .checksum import fingerprint
 from .state import PredictorState, TensorState, load_state, save_state
 from .tensorio import READ_FORMATS, dtype_name, element_count, numpy_dtype
-
-
-class GradzipWarning(UserWarning):
-    """Something changed that gradzip handled, but the user should know (e.g. a reshaped tensor)."""
 
 
 @dataclass

@@ -6,12 +6,24 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from .allocator import one_malloc_arena
-from .blas import one_blas_thread
+
+def _interrupted_while_starting(signum, frame) -> None:
+    # (Ctrl-C while the imports below run, before any command has started: nothing to undo)
+    sys.stderr.write("gradzip: interrupted\n")
+    os._exit(130)
+
+
+# Only where this process is the command (a program that imports this module keeps its own handler).
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "gradzip":
+    signal.signal(signal.SIGINT, _interrupted_while_starting)  # main() restores Python's handler
+
+from .allocator import one_malloc_arena  # noqa: E402
+from .blas import one_blas_thread  # noqa: E402
 
 one_blas_thread()  # before anything loads numpy
 one_malloc_arena()
@@ -33,10 +45,19 @@ class CliError(click.ClickException):
         click.echo(f"gradzip: error: {self.message}", err=True)
 
 
+# What Ctrl-C leaves, for the commands that write outputs and save the state after each one
+# (the output first, so that a crash between the two leaves the state of the round before).
+INTERRUPTED_WRITING = ("interrupted; the inputs before the one in progress are done (outputs written, state saved); "
+                       "that one's round is not in the state (rerun from it; --force if its output was written)")
+
+
 @contextlib.contextmanager
-def user_errors():
-    """Turn gradzip's own errors, OS errors and Ctrl-C into one line and a non-zero exit."""
-    from .errors import GradzipError
+def user_errors(interrupted: str = "interrupted"):
+    """Turn gradzip's own errors, OS errors and Ctrl-C into one line and a non-zero exit;
+    `interrupted`: what to say after Ctrl-C. Of the warnings raised meanwhile, gradzip's own
+    are shown, one line each (a library's, such as torch's deprecation notices while it loads
+    a .pt file, would turn a one-line error into several)."""
+    from .errors import GradzipError, GradzipWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -53,11 +74,12 @@ def user_errors():
             where = f"{exc.filename}: " if exc.filename else ""
             raise CliError(f"{where}{exc.strerror or exc}") from None
         except KeyboardInterrupt:
-            click.echo("gradzip: interrupted; the state and earlier outputs are unchanged", err=True)
+            click.echo(f"gradzip: {interrupted}", err=True)
             sys.exit(130)
         finally:
             for warning in caught:
-                click.echo(f"gradzip: warning: {warning.message}", err=True)
+                if issubclass(warning.category, GradzipWarning):
+                    click.echo(f"gradzip: warning: {warning.message}", err=True)
 
 
 def _progress(enabled: bool):
@@ -83,6 +105,7 @@ class _Group(click.Group):
     """Usage errors, like every other error, as one line on stderr."""
 
     def main(self, args=None, prog_name=None, **extra):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is user_errors' to report
         try:
             result = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
@@ -244,7 +267,7 @@ state_option = click.option("-s", "--state", "state_path", required=True, type=c
 def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, expected_round, allow_repeat, exact_small,
              no_low_rank, search_every, threads, quiet, json_path):
     """Compress one client's rounds, in order, to .grz streams."""
-    with user_errors():
+    with user_errors(INTERRUPTED_WRITING):
         from .api import Compressor
         from .predict.magnitude import DEFAULT_BETA
         from .predict.sign import DEFAULT_TAU
@@ -297,7 +320,7 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary table.")
 def decompress(inputs, state_path, output, out_format, force, threads, quiet):
     """Decompress .grz streams, in round order, back to tensor files."""
-    with user_errors():
+    with user_errors(INTERRUPTED_WRITING):
         from .api import Decompressor
         from .state import load_state, locked, save_state
         from .tensorio import write_tensors
@@ -393,7 +416,8 @@ def stats(stream, original, state_path, as_json):
         rows = [_tensor_json(t, figures.get(t.name)) for t in report.tensors]
         total = _totals_json(report, figures)
         if as_json:
-            click.echo(json.dumps({"stream": label, "round": report.round, "tensors": rows, "total": total}, indent=2))
+            _write_all(sys.stdout.buffer, (json.dumps({"stream": label, "round": report.round, "tensors": rows, "total": total},
+                                                      indent=2) + "\n").encode())
         else:
             _print_stats_table(label, report, rows, total, bool(figures))
 
@@ -491,8 +515,8 @@ def _emit_json(json_path, payload) -> None:
     if json_path is None:
         return
     text = json.dumps(payload, indent=2)
-    if json_path == STDIO:
-        click.echo(text)
+    if json_path == STDIO:  # (every byte or an error: a reader that stops early is not a success)
+        _write_all(sys.stdout.buffer, (text + "\n").encode())
     else:
         from .state import atomic_write
 

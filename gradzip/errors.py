@@ -15,3 +15,7 @@ class StateMismatchError(GradzipError):
 
 class InputError(GradzipError):
     """A user input (file, tensor, option) cannot be used."""
+
+
+class GradzipWarning(UserWarning):
+    """Something changed that gradzip handled, but the user should know (e.g. a reshaped tensor)."""

@@ -172,11 +172,34 @@ def test_cli_user_errors(two_rounds, tmp_path):
                           ([*two_rounds, "--bandwidth", "fast"], "bad bandwidth"),
                           ([*two_rounds, "-e", "2"], "below 1"),
                           ([str(tmp_path / "missing.safetensors")], "no such file"),
-                          ([*two_rounds, "--plot", str(tmp_path / "x.jpg")], "PNG")]:
+                          ([*two_rounds, "--plot", str(tmp_path / "x.jpg")], "PNG"),
+                          ([*two_rounds, "--json", two_rounds[1]], "refusing to overwrite an input"),
+                          ([*two_rounds, "--plot", str(tmp_path / "no" / "where.png")], "directory does not exist"),
+                          ([*two_rounds, "--json", str(tmp_path)], "is a directory")]:
+        before = [Path(p).read_bytes() for p in two_rounds]
         result = _invoke(args)
         assert result.exit_code != 0
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+        assert [Path(p).read_bytes() for p in two_rounds] == before
+
+
+def test_report_paths_are_checked_before_the_bench_runs(two_rounds, tmp_path, monkeypatch):
+    """A report that cannot be written is refused up front, not after minutes of timing."""
+    ran = []
+    monkeypatch.setattr(bench_runner, "run_bench", lambda *a, **k: ran.append(1))
+    result = _invoke([*two_rounds, "--json", str(tmp_path / "missing" / "b.json")])
+    assert result.exit_code != 0 and "directory does not exist" in result.stderr
+    assert ran == []
+
+
+def test_a_round_equal_to_the_one_before_is_benched_like_any_other(two_rounds):
+    """(a frozen layer's update repeats exactly): gradzip's compressor refuses a repeated
+    input by default, which ended the whole bench with an option it does not have."""
+    result = _invoke([two_rounds[0], two_rounds[0], "--methods", "gradzip,zstd", "--repeats", "1", "--json", "-", "-q"])
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout)["results"][0]["methods"]["gradzip"]
+    assert figures["over_bound"] == 0 and figures["ratio"] > 1
 
 
 # ---------------------------------------------------------------- honest figures
@@ -399,7 +422,7 @@ def test_a_memory_pass_that_fails_in_its_process_is_a_bench_error(tmp_path):
     job = tmp_path / "job.pickle"
     job.write_bytes(b"not a pickle")
     method = bench_methods.resolve(("zstd",))[0]
-    with pytest.raises(BenchError, match=r"^zstd: the memory pass failed in its own process: .*UnpicklingError"):
+    with pytest.raises(BenchError, match=r"^method 'zstd': the memory pass failed in its own process: .*UnpicklingError"):
         bench_runner._memory_in_fresh_process(method, str(job), "rss", 1e-3)
 
 
@@ -455,3 +478,14 @@ def test_the_blas_is_held_to_one_thread_over_the_whole_run(monkeypatch):
                                                    memory=False))
         assert max(blas_threads()) == 2  # released after the run
     assert entered == [1] and seen and all(counts and set(counts) == {1} for counts in seen)
+
+
+def test_a_later_round_with_a_new_dtype_is_warmed_up_too():
+    """The warm-up covered the first two rounds only: a tensor first seen as F64 in round 3
+    charged its kernels' loading to whichever method was timed first on that round."""
+    rounds = synthetic_rounds(4)
+    rounds[2] = Round("round 2, F64", {**rounds[2].tensors, "extra": np.ones(2000, np.float64)})
+    bounds = [tensor_bounds(r.tensors, "rel", 1e-3) for r in rounds]
+    warmups = bench_runner._warmups(rounds, bounds)
+    assert [[r.label for r in warm] for warm, _ in warmups] == [[rounds[0].label, rounds[1].label], [rounds[2].label] * 3]
+    assert [len(b) for _, b in warmups] == [2, 3]

@@ -476,3 +476,57 @@ def test_a_record_whose_numbers_are_not_json_numbers_is_refused(gz, tmp_path, mo
     (tmp_path / "bad.grz").write_bytes(bad)
     if field == "eb":  # (stats without --original reads eb off the record; mean and std it does not show)
         gz.assert_cli_error(gz.run("stats", "bad.grz", cwd=tmp_path), "bad.grz")
+
+
+# ----------------------------------------------------------------------------- what the user reads
+
+
+def test_only_gradzips_own_warnings_reach_the_user(capsys):
+    """A library's warnings (torch's deprecation notices while it loads a .pt file) made a
+    one-line error three lines."""
+    import warnings
+
+    from gradzip import GradzipWarning, InputError
+    from gradzip.cli import CliError, user_errors
+
+    with pytest.raises(CliError) as info:
+        with user_errors():
+            warnings.warn("a library's notice", DeprecationWarning)
+            warnings.warn("tensor 'w' changed shape", GradzipWarning)
+            raise InputError("bad input")
+    info.value.show()
+    assert capsys.readouterr().err.splitlines() == ["gradzip: warning: tensor 'w' changed shape", "gradzip: error: bad input"]
+
+
+def test_ctrl_c_while_writing_says_what_was_kept(capsys):
+    """compress and decompress save the state after each output: after Ctrl-C the inputs
+    before the one in progress are done (the message said the state was unchanged)."""
+    from gradzip.cli import INTERRUPTED_WRITING, user_errors
+
+    with pytest.raises(SystemExit) as info:
+        with user_errors(INTERRUPTED_WRITING):
+            raise KeyboardInterrupt
+    assert info.value.code == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("gradzip: interrupted;") and "state saved" in line and "unchanged" not in line
+
+
+@pytest.mark.parametrize("command", ["stats", "compress"])
+def test_json_to_a_reader_that_stops_early_is_an_error(gz, tmp_path, command):
+    """JSON on stdout goes through the same checked write as the streams: when the reader
+    took 10 bytes of a long report and closed its end, these exited 0 with the rest lost
+    (the write to the pipe came back short, and nothing checked it)."""
+    import subprocess
+
+    rng = np.random.default_rng(9)
+    many = {f"layer{i:03d}.weight": rng.normal(size=(4, 4)).astype(np.float32) for i in range(600)}  # a long report
+    gz.write_safetensors(tmp_path / "r.safetensors", many)
+    gz.assert_cli_ok(gz.run("compress", "r.safetensors", "-s", "c.state", "-o", "r.grz", "-q", cwd=tmp_path))
+    args = (["stats", "r.grz", "--json"] if command == "stats"
+            else ["compress", "r.safetensors", "-s", "d.state", "-o", "x.grz", "--json", "-", "-q"])
+    proc = subprocess.Popen(gz.command() + args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=300)
+    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("gradzip: error:"), (proc.returncode, stderr)

@@ -136,8 +136,10 @@ class GradzipSession(Session):
 
         self._settings = dict(error_bound=error_bound, mode=mode, magnitude_prediction=magnitude, sign_prediction=sign)
         self._threads = threads
-        # Error figures are the bench's own job, for every method alike.
-        self.compressor = Compressor(**self._settings, **_supported(Compressor, threads=threads, report_errors=False))
+        # Error figures are the bench's own job, for every method alike. A round equal to the
+        # one before (a frozen layer's zero update, say) is a round like any other here.
+        self.compressor = Compressor(**self._settings, **_supported(Compressor, threads=threads, report_errors=False,
+                                                                    allow_repeat=True))
         self.decompressor = Decompressor(**_supported(Decompressor, threads=threads))
 
     def compress(self, tensors, bounds) -> Packed:

@@ -14,7 +14,8 @@ Figures per method and bound (JSON-ready dict, see `run_bench`):
 - sizes: compressed bytes, ratio and bits per value, total and per round;
 - speed: compress and decompress MB/s (10**6 bytes of original data per second), the minimum
   over `repeats` runs of each round, the methods' runs alternating (see `_run_methods`), after
-  a warm-up on the first two rounds with a throwaway session per method; the warm-up's extra
+  a warm-up on the first two rounds (and on any later round that brings a new dtype) with a
+  throwaway session per method; the warm-up's extra
   time over the steady state (numba compilation or cache loading, imports, first-call set-up)
   is reported separately as `warmup_overhead_seconds`;
   the fastest process CPU times are kept too (steadier than wall time on a busy machine);
@@ -256,7 +257,7 @@ def _memory_in_fresh_process(method: Method, job_path: str, probe: str, error_bo
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise BenchError(f"{method.name}: the memory pass failed in its own process: {last}")
+        raise BenchError(f"method {method.name!r}: the memory pass failed in its own process: {last}")
     return int(lines[-1])
 
 
@@ -304,6 +305,21 @@ class _RoundFigures:
     errors: _Errors = field(default_factory=_Errors)
 
 
+def _warmups(rounds: list[Round], bounds: list[dict[str, float]]) -> list[tuple[list, list]]:
+    """(rounds, bounds) of each warm-up session: the first two rounds, then three copies of
+    each later round with a dtype no round before it had."""
+    def dtypes(r):
+        return {str(a.dtype) for a in r.tensors.values()}
+
+    warmups = [(rounds[:2], bounds[:2])]
+    seen = set().union(*(dtypes(r) for r in rounds[:2]))
+    for r, b in zip(rounds[2:], bounds[2:]):
+        if not dtypes(r) <= seen:
+            warmups.append(([r] * 3, [b] * 3))
+            seen |= dtypes(r)
+    return warmups
+
+
 def _check_bounds(method: Method, packed: Packed, bounds: dict[str, float], round_label: str) -> None:
     for name, used in packed.used_bounds.items():
         if used != 0.0 and used != bounds.get(name):
@@ -325,13 +341,16 @@ class _MethodRun:
 
         self.session = session
         # Warm-up, at every bound (a new bound can reach code not compiled yet): a throwaway
-        # session over the first two rounds (prediction needs a second round).
-        throwaway = session()
+        # session over the first two rounds (prediction needs a second round), and one over
+        # three copies of each later round that brings a dtype the rounds before did not
+        # (else the method timed first on it paid for loading or compiling its kernels).
         t0 = time.perf_counter()
-        for r, b in zip(rounds[:2], bounds[:2]):
-            throwaway.decompress(throwaway.compress(r.tensors, b))
+        for warm_rounds, warm_bounds in _warmups(rounds, bounds):
+            throwaway = session()
+            for r, b in zip(warm_rounds, warm_bounds):
+                throwaway.decompress(throwaway.compress(r.tensors, b))
+            del throwaway
         self.warmup_seconds = time.perf_counter() - t0
-        del throwaway
         self.s = session()
         self.per_round: list[_RoundFigures] = []
         self.tensor_bytes: dict[str, list[int]] = {}
@@ -600,18 +619,22 @@ def _relative_to(results: dict, reference: str) -> None:
                                               if ref and r["payload_bytes"] and ref["payload_bytes"] else None)
 
 
-def write_json(result: dict, path) -> None:
+def json_text(result: dict) -> str:
+    """The bench's figures as JSON text (what write_json writes), ending in a newline."""
     import json
     import re
 
     text = json.dumps(result, indent=1, allow_nan=False)
     # one line per list of numbers (per-round and per-tensor series), so the file stays readable
-    text = re.sub(r"\[\s+([-0-9.eE+,\s]*?|null[,\snul]*?)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-    if str(path) == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        Path(path).write_text(text + "\n")
+    return re.sub(r"\[\s+([-0-9.eE+,\s]*?|null[,\snul]*?)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
-__all__ = ["BenchConfig", "BenchError", "Round", "load_rounds", "tensor_bounds", "run_bench", "write_json", "compare",
+def write_json(result: dict, path) -> None:
+    """json_text to a file, replaced atomically (a reader never sees half of it)."""
+    from ..state import atomic_write
+
+    atomic_write(Path(path), json_text(result).encode())
+
+
+__all__ = ["BenchConfig", "BenchError", "Round", "load_rounds", "tensor_bounds", "run_bench", "json_text", "write_json", "compare",
            "METHODS", "SCHEMA"]
