@@ -189,9 +189,9 @@ def _names_a_directory(output: str) -> bool:
     return output.endswith(("/", os.sep)) or Path(output).is_dir()
 
 
-def _check_outputs(inputs, outputs, force: bool, state_path: str) -> None:
+def _check_outputs(inputs, outputs, force: bool, state_path: str | None) -> None:
     resolved_inputs = {Path(p).resolve() for p in inputs if p != STDIO}
-    state = Path(state_path).resolve()
+    state = Path(state_path).resolve() if state_path is not None else None
     seen = set()
     for path in outputs:
         if path == STDIO:

@@ -324,7 +324,7 @@ class Encoded:
     recon: np.ndarray  # what the decoder will return, in the tensor's dtype and shape
     state: TensorState | None  # the tensor's state after this round (None if it carries none)
     ideal_code_bits: float  # ideal length of the codes under the coder's model (0 if not coded)
-    recon_hash: int = 0  # the XXH64 of recon's bytes as stored (the record checks its low 32 bits)
+    recon_hash: int = 0  # the XXH64 of recon's bytes as stored (the record's check is made from it: record_check)
 
 
 @dataclass
@@ -1199,7 +1199,7 @@ class EncodedBundle:
     record: dict
     payload: bytes
     recons: dict[str, np.ndarray]  # what the decoder will return per member
-    recon_hash: int = 0  # XXH64 of the members' reconstructed bytes, back to back in member order
+    recon_hash: int  # XXH64 of the members' reconstructed bytes, back to back in member order
 
 
 def encode_bundle(members: list[tuple[int, str, np.ndarray]], config: CodecConfig, key: int = NO_STREAM_KEY,

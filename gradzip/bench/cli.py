@@ -34,7 +34,7 @@ def _split(values) -> list[str]:
 def bench(inputs, error_bounds, mode, method_names, bandwidths, repeats, no_memory, json_path, plot_path, quiet):
     """Compare gradzip with SZ3, ZFP, QSGD and zstd on one client's rounds (INPUTs in round order),
     every method at the same per-tensor absolute bound."""
-    from ..cli import STDIO, CliError, _read_input, _write_all, console, user_errors
+    from ..cli import STDIO, CliError, _check_outputs, _read_input, _write_all, console, user_errors
 
     with user_errors():
         from .commtime import parse_bandwidths
@@ -56,7 +56,12 @@ def bench(inputs, error_bounds, mode, method_names, bandwidths, repeats, no_memo
             raise CliError("bench reads files, not stdin")
         if plot_path and not plot_path.lower().endswith(".png"):
             raise CliError(f"{plot_path}: --plot writes a PNG; name it *.png")
-        _check_report_paths(inputs, [p for p in (json_path, plot_path) if p and p != STDIO], CliError)
+        # Before the minutes of timing: never an input, a directory or twice; a rerun's report is replaced.
+        reports = [p for p in (json_path, plot_path) if p and p != STDIO]
+        _check_outputs(inputs, reports, True, None)
+        for path in reports:
+            if not Path(path).resolve().parent.is_dir():
+                raise CliError(f"{path}: its directory does not exist")
         rounds = []
         for path in inputs:
             tensors, _fmt, _meta = read_tensors(_read_input(path), path)
@@ -79,22 +84,6 @@ def bench(inputs, error_bounds, mode, method_names, bandwidths, repeats, no_memo
                 raise CliError("--plot needs matplotlib (pip install 'gradzip[bench]')") from None
         if not quiet:
             print_tables(result, console)
-
-
-def _check_report_paths(inputs, paths, error) -> None:
-    """Before the bench runs (it takes minutes): the report files may not be an input, a
-    directory or in a missing directory. An existing report file is replaced (a rerun's)."""
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    for path in paths:
-        target = Path(path)
-        if target.resolve() in resolved_inputs:
-            raise error(f"{path}: refusing to overwrite an input")
-        if target.is_dir():
-            raise error(f"{path}: is a directory")
-        if not target.resolve().parent.is_dir():
-            raise error(f"{path}: its directory does not exist")
-    if len({Path(p).resolve() for p in paths}) < len(paths):
-        raise error(f"{paths[0]}: --json and --plot name the same file")
 
 
 class _null:
