@@ -123,7 +123,7 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gradzip")
 def main() -> None:
-    """Error-bounded lossy compression of per-round gradient dumps (safetensors, npy, npz)."""
+    """Error-bounded lossy compression of per-round gradient dumps (safetensors, npy, npz; .pt read)."""
 
 
 def _read_input(path: str) -> bytes:

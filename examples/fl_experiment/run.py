@@ -467,13 +467,16 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data split, init, training order)")
     parser.add_argument("--configs", default="all", help="comma-separated, e.g. uncompressed,gradzip-rel-0.001")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results go (default: results/ beside this script; results/smoke/ with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="2 clients, 2 rounds, gradzip rel 1e-3 only")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--verbose", action="store_true", help="show Flower's logs")
     parser.add_argument("--analyze-only", action="store_true",
                         help="rebuild results.json/.md/.png from the raw results saved in OUT/raw")
     args = parser.parse_args(argv)
+    if args.out is None:  # (a smoke run must not overwrite the published results, nor mix its raw runs into them)
+        args.out = HERE / "results" / "smoke" if args.smoke else HERE / "results"
     if args.smoke:
         args.clients, args.rounds = 2, 2
         if args.configs == "all":
