@@ -33,6 +33,7 @@ import numpy as np
 
 from .checksum import fingerprint, xxh64
 from .errors import GradzipError, InputError
+from .floats import LOSSY_DTYPES
 from .tensorio import element_count
 
 STATE_MAGIC = b"GRZSTATE"
@@ -256,26 +257,31 @@ class PredictorState:
         try:
             header = json.loads(body[fixed : fixed + header_len])
             arrays = memoryview(body)[fixed + header_len :]
-            state = cls(round=int(header["round"]), last_input_digest=str(header["last_input_digest"]))
+            if not isinstance(header["last_input_digest"], str):
+                raise ValueError("bad input digest")
+            state = cls(round=_count(header["round"]), last_input_digest=header["last_input_digest"])
             end = 0
             for entry in header["tensors"]:
-                n, offset = int(entry["elements"]), int(entry["offset"])
-                if n < 0 or offset != end or offset + _BYTES_PER_ELEMENT * n > len(arrays):
+                n, offset = _count(entry["elements"]), _count(entry["offset"])
+                if offset != end or offset + _BYTES_PER_ELEMENT * n > len(arrays):
                     raise ValueError("array outside the file")
                 end = offset + _BYTES_PER_ELEMENT * n
                 ema = np.frombuffer(arrays[offset : offset + 4 * n], "<f4").astype(np.float32)
                 sign = np.frombuffer(arrays[offset + 4 * n : offset + 5 * n], np.int8).copy()
                 last = np.frombuffer(arrays[offset + 5 * n : offset + 9 * n], "<f4").astype(np.float32)
                 second_last = np.frombuffer(arrays[offset + 9 * n : offset + 13 * n], "<f4").astype(np.float32)
-                shape = tuple(int(s) for s in entry["shape"])
+                shape = tuple(_count(s) for s in entry["shape"])
                 if element_count(shape) != n:
                     raise ValueError("shape does not match the array size")
+                name, dtype = entry["name"], entry["dtype"]
+                if not isinstance(name, str) or name in state.tensors or dtype not in LOSSY_DTYPES:  # (codec.carries_state)
+                    raise ValueError("bad or repeated tensor name, or a dtype that carries no state")
                 recipe = entry["recipe"]
                 if recipe is not None and not _is_recipe(recipe, version):
                     raise ValueError("bad recipe")
                 chain = _stored_digest(entry["digest"]) if version >= 6 else None
-                state.tensors[str(entry["name"])] = TensorState(shape, str(entry["dtype"]), int(entry["rounds"]), ema,
-                                                               sign, last, second_last, recipe, chain)
+                state.tensors[name] = TensorState(shape, dtype, _count(entry["rounds"]), ema, sign, last, second_last,
+                                                  recipe, chain)
             if end != len(arrays):
                 raise ValueError("bytes after the last array")
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
@@ -287,6 +293,14 @@ class PredictorState:
             if fingerprint([state._head(5), *tensor_digests]) != checksum:
                 raise GradzipError(f"{source}: state file is corrupted (checksum mismatch)")
         return state
+
+
+def _count(value) -> int:
+    """A count, size or offset as a writer stores it: an int (not a bool, float or string,
+    which int() would have taken) from 0 below 2**63 (the digests pack rounds as u64)."""
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise ValueError("bad count")
+    return value
 
 
 def _stored_digest(text) -> bytes:
@@ -334,10 +348,12 @@ def save_state(state: PredictorState, path: str | os.PathLike) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace path with data so that readers see either the old or the new file, never a mix."""
-    directory = path.parent if str(path.parent) else Path(".")
+    """Replace path with data so that readers see either the old or the new file, never a mix.
+    A symlink is written through (its target replaced), not replaced by a file of its own:
+    a state kept behind a link went on holding the old round while the link held the new."""
+    target = Path(os.path.realpath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror})") from None
     try:
@@ -346,7 +362,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -365,8 +381,9 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike, wait: bool = False):
-    """Hold an exclusive lock on `<state>.lock` so two processes never advance one state."""
-    lock_path = Path(str(path) + ".lock")
+    """Hold an exclusive lock on `<state>.lock` so two processes never advance one state
+    (the state's real path's: two links to one state take one lock)."""
+    lock_path = Path(os.path.realpath(path) + ".lock")
     if not lock_path.parent.is_dir():  # (not made: -o makes its directory, a state's is named by the user)
         raise InputError(f"{path}: the state's directory {lock_path.parent} does not exist")
     try:

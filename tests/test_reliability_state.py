@@ -346,3 +346,71 @@ def test_the_state_file_header_is_the_json_of_its_entries():
     assert b'"recipe":["linear","rows",null,1]' in state._head()
     other.recipe = ["linear", "rows", None, True]
     assert b'"recipe":["linear","rows",null,true]' in state._head()
+
+
+# ----------------------------------------------------------------------------- header fields and links
+
+
+def _with_header(state_bytes: bytes, edit) -> bytes:
+    """The state file with edit(header) applied and its checksum recomputed (a consistent file)."""
+    import json
+    import struct
+
+    from gradzip.checksum import xxh64
+    from gradzip.state import STATE_MAGIC
+
+    fixed = len(STATE_MAGIC) + 12
+    version, header_len = struct.unpack_from("<IQ", state_bytes, len(STATE_MAGIC))
+    header = json.loads(state_bytes[fixed: fixed + header_len])
+    edit(header)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = STATE_MAGIC + struct.pack("<IQ", version, len(text)) + text + state_bytes[fixed + header_len: -8]
+    return body + xxh64(body).to_bytes(8, "little")
+
+
+def _first(header) -> dict:
+    return header["tensors"][0]
+
+
+STATE_HEADER_EDITS = {
+    "a tensor's rounds below 0": lambda h: _first(h).update(rounds=-5),
+    "a tensor's rounds beyond u64": lambda h: _first(h).update(rounds=2 ** 70),
+    "a tensor's rounds as a float": lambda h: _first(h).update(rounds=2.7),
+    "the round as a string": lambda h: h.update(round="2"),
+    "the round below 0": lambda h: h.update(round=-1),
+    "a shape holding a bool": lambda h: _first(h).update(shape=[*_first(h)["shape"], True]),  # (int(True) keeps the size)
+    "a negative shape": lambda h: _first(h).update(shape=[-s if i < 2 else s for i, s in enumerate(_first(h)["shape"])]),
+    "a dtype that carries no state": lambda h: _first(h).update(dtype="X99"),
+    "a name that is not a string": lambda h: _first(h).update(name=7),
+    "a name twice": lambda h: h["tensors"][1].update(name=_first(h)["name"]),
+    "an input digest that is not a string": lambda h: h.update(last_input_digest=None),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(STATE_HEADER_EDITS))
+def test_a_state_header_field_a_writer_never_writes_is_refused(sequence, edit):
+    """Fields were taken with int() and str(): a tensor's rounds of -5 loaded, then ended the
+    next compression in a struct.error traceback; a name given twice lost a tensor; a shape
+    [n, true] became (n, 1). Each is now a malformed state file, whatever its checksum."""
+    _, _, states = sequence
+    assert len(PredictorState.from_bytes(states[2]).tensors) >= 2
+    with pytest.raises(GradzipError, match="malformed"):
+        PredictorState.from_bytes(_with_header(states[2], STATE_HEADER_EDITS[edit]))
+    assert PredictorState.from_bytes(_with_header(states[2], lambda h: None)).to_bytes() == states[2]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_state_behind_a_symlink_is_written_through_it_and_locked_as_its_target(sequence, tmp_path):
+    """atomic_write replaced the link with a file of its own (the real state stayed at the
+    old round), and the link and its target took two different locks."""
+    _, _, states = sequence
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "c.state", tmp_path / "c.state"
+    target.write_bytes(states[1])
+    link.symlink_to(target)
+    save_state(PredictorState.from_bytes(states[2]), link)
+    assert link.is_symlink() and target.read_bytes() == states[2]
+    with locked(link):
+        with pytest.raises(GradzipError, match="in use"):
+            with locked(target):
+                pass
