@@ -56,15 +56,22 @@ def is_torch_file(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------- tensors <-> numpy
 
 
-def tensor_to_numpy(tensor: "_torch.Tensor") -> np.ndarray:
-    """A detached CPU copy as numpy; bfloat16 becomes gradzip's BF16 (raw uint16 bits)."""
+def tensor_to_numpy(tensor: "_torch.Tensor", name: str = "tensor") -> np.ndarray:
+    """A detached CPU copy as numpy; bfloat16 becomes gradzip's BF16 (raw uint16 bits).
+    InputError (naming `name`) for a tensor numpy cannot hold: sparse, nested, on the meta
+    device, or of an unsupported dtype."""
     torch = _torch()
+    if tensor.layout != torch.strided or getattr(tensor, "is_nested", False):
+        layout = "nested" if getattr(tensor, "is_nested", False) else tensor.layout
+        raise InputError(f"tensor {name!r} is {layout}: only dense tensors can be compressed (.to_dense() it)")
+    if tensor.device.type == "meta":
+        raise InputError(f"tensor {name!r} is on the meta device: it has no data")
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         bits = tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
         return as_bfloat16(bits).reshape(tuple(tensor.shape))  # as_bfloat16 makes 0-d arrays 1-d
     if tensor.is_complex() or tensor.dtype in _unsupported_dtypes(torch):
-        raise InputError(f"tensor dtype {tensor.dtype} is not supported")
+        raise InputError(f"tensor {name!r}: dtype {tensor.dtype} is not supported")
     return np.array(tensor.numpy(), copy=True, order="C")
 
 
@@ -73,13 +80,16 @@ def _unsupported_dtypes(torch) -> tuple:
     return tuple(getattr(torch, n) for n in names if hasattr(torch, n))
 
 
-def numpy_to_tensor(array: np.ndarray) -> "_torch.Tensor":
-    """A torch tensor owning a copy of `array`; gradzip BF16 arrays become torch.bfloat16."""
+def numpy_to_tensor(array: np.ndarray, name: str = "array") -> "_torch.Tensor":
+    """A torch tensor owning a copy of `array` (in native byte order); gradzip BF16 arrays
+    become torch.bfloat16. InputError for an array torch cannot hold (strings, objects)."""
     torch = _torch()
     if is_bfloat16(array):
         bits = np.array(array.view(np.uint16).view(np.int16), copy=True, order="C")
         return torch.from_numpy(bits).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array, copy=True, order="C"))
+    if array.dtype.kind not in "biufc":
+        raise InputError(f"{name!r}: a {array.dtype} array has no torch dtype")
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), copy=True, order="C"))
 
 
 def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -89,13 +99,15 @@ def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for name, value in state_dict.items():
         if not _is_tensor(value):
             raise InputError(f"state_dict entry {name!r} is a {type(value).__name__}, not a tensor")
-        out[str(name)] = tensor_to_numpy(value)
+        if str(name) in out:  # (1 and "1": one name once converted)
+            raise InputError(f"state_dict entry name {str(name)!r} occurs twice")
+        out[str(name)] = tensor_to_numpy(value, str(name))
     return out
 
 
 def numpy_to_state_dict(arrays: Mapping[str, np.ndarray]) -> "OrderedDict[str, _torch.Tensor]":
     """{name: numpy array} as a state_dict of torch tensors (load it with model.load_state_dict)."""
-    return OrderedDict((name, numpy_to_tensor(np.asarray(array))) for name, array in arrays.items())
+    return OrderedDict((name, numpy_to_tensor(np.asarray(array), name)) for name, array in arrays.items())
 
 
 def _is_tensor(value) -> bool:
@@ -142,12 +154,20 @@ def model_update(local: Any, global_: Any, *, floats_only: bool = False) -> dict
             update[name] = np.asarray(value ^ base)
         else:
             update[name] = np.asarray(value - base).astype(value.dtype)
+    missing = [name for name in global_arrays if name not in local_arrays]
+    if missing:
+        raise InputError(f"tensor {missing[0]!r} is in the global model but not in the local one")
     return update
 
 
 def apply_update(global_: Any, update: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """global + update (the inverse of model_update), as numpy arrays in global's order."""
     global_arrays = _arrays(global_)
+    unknown = [name for name in update if name not in global_arrays]
+    if unknown:  # (a DDP "module." prefix, say: silently ignoring it returned the model unchanged)
+        raise InputError(f"update tensor {unknown[0]!r} is not in the model")
+    if not all(isinstance(delta, np.ndarray) for delta in update.values()):
+        raise InputError("the update's values must be numpy arrays (model_update's, or a decompressed round)")
     out = {}
     for name, base in global_arrays.items():
         if name not in update:
@@ -239,11 +259,7 @@ def _flatten(obj, prefix: str, out: dict, source: str) -> None:
         name = prefix or "tensor"
         if name in out:
             raise InputError(f"{source}: tensor name {name!r} occurs twice after flattening")
-        if obj.layout != _torch().strided:
-            raise InputError(f"tensor {name!r} is {obj.layout}: only dense tensors can be compressed (.to_dense() it)")
-        if obj.device.type == "meta":
-            raise InputError(f"tensor {name!r} is on the meta device: it has no data")
-        out[name] = tensor_to_numpy(obj)
+        out[name] = tensor_to_numpy(obj, name)  # (which refuses sparse, nested and meta tensors)
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
             _flatten(value, f"{prefix}.{key}" if prefix else str(key), out, source)

@@ -1,6 +1,7 @@
 """gradzip.torch: state_dict <-> numpy (bfloat16 included), model updates, .pt/.pth loading."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -180,3 +181,49 @@ def test_sparse_and_meta_tensors_are_refused_in_one_line(tmp_path, kind):
         load_state_dict_file(path)
     with pytest.raises(InputError, match="sparse|meta"):
         read_tensors(path.read_bytes(), str(path))
+
+
+# ---------------------------------------------------------------- inputs the helpers refuse in one clear error
+
+
+def test_an_update_for_tensors_the_model_lacks_is_refused():
+    """apply_update ignored update entries the model does not have (a DDP "module." prefix):
+    the model came back unchanged, without a word. model_update dropped global tensors the
+    local model lacks, though it refused the reverse."""
+    base = {"w": np.ones(4, np.float32)}
+    with pytest.raises(InputError, match="module.w"):
+        apply_update(base, {"module.w": np.ones(4, np.float32)})
+    with pytest.raises(InputError, match="numpy arrays"):
+        apply_update(base, {"w": torch.ones(4)})
+    with pytest.raises(InputError, match="'b' is in the global model but not in the local one"):
+        model_update({"w": torch.ones(4)}, {"w": torch.zeros(4), "b": torch.zeros(2)})
+    assert np.array_equal(apply_update(base, {"w": np.full(4, 2, np.float32)})["w"], np.full(4, 3, np.float32))
+
+
+def test_names_that_collide_once_made_strings_are_refused():
+    with pytest.raises(InputError, match="occurs twice"):
+        state_dict_to_numpy({1: torch.ones(2), "1": torch.zeros(2)})
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("make", ["sparse", "meta", "nested"])
+def test_tensors_numpy_cannot_hold_are_one_input_error(make):
+    """The sparse and meta checks lived only in the .pt reader: state_dict_to_numpy and
+    model_update raised torch's TypeError or NotImplementedError, and a nested tensor got
+    through the .pt reader to a RuntimeError."""
+    tensor = {"sparse": lambda: torch.ones(3, 3).to_sparse(), "meta": lambda: torch.ones(3, device="meta"),
+              "nested": lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}[make]()
+    with pytest.raises(InputError, match="'a'"):
+        state_dict_to_numpy({"a": tensor})
+    if make != "meta":  # (torch.save of a meta tensor is its own matter)
+        buffer = io.BytesIO()
+        torch.save({"a": tensor}, buffer)
+        with pytest.raises(InputError, match="'a'"):
+            load_state_dict_bytes(buffer.getvalue())
+
+
+def test_numpy_to_state_dict_takes_any_byte_order_and_refuses_what_torch_cannot_hold():
+    big = np.arange(4, dtype=">f4")
+    assert torch.equal(numpy_to_state_dict({"a": big})["a"], torch.arange(4, dtype=torch.float32))
+    with pytest.raises(InputError, match="'s'"):
+        numpy_to_state_dict({"s": np.array(["x", "y"])})
