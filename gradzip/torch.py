@@ -61,8 +61,9 @@ def tensor_to_numpy(tensor: "_torch.Tensor", name: str = "tensor") -> np.ndarray
     InputError (naming `name`) for a tensor numpy cannot hold: sparse, nested, on the meta
     device, or of an unsupported dtype."""
     torch = _torch()
-    if tensor.layout != torch.strided or getattr(tensor, "is_nested", False):
-        layout = "nested" if getattr(tensor, "is_nested", False) else tensor.layout
+    nested = getattr(tensor, "is_nested", False)
+    if nested or tensor.layout != torch.strided:
+        layout = "nested" if nested else tensor.layout
         raise InputError(f"tensor {name!r} is {layout}: only dense tensors can be compressed (.to_dense() it)")
     if tensor.device.type == "meta":
         raise InputError(f"tensor {name!r} is on the meta device: it has no data")
@@ -135,6 +136,9 @@ def model_update(local: Any, global_: Any, *, floats_only: bool = False) -> dict
     num_batches_tracked) give their exact difference, unless `floats_only` drops them.
     """
     local_arrays, global_arrays = _arrays(local), _arrays(global_)
+    missing = [name for name in global_arrays if name not in local_arrays]
+    if missing:  # (checked before any difference is computed, as the reverse is in the loop)
+        raise InputError(f"tensor {missing[0]!r} is in the global model but not in the local one")
     update = {}
     for name, value in local_arrays.items():
         if name not in global_arrays:
@@ -154,9 +158,6 @@ def model_update(local: Any, global_: Any, *, floats_only: bool = False) -> dict
             update[name] = np.asarray(value ^ base)
         else:
             update[name] = np.asarray(value - base).astype(value.dtype)
-    missing = [name for name in global_arrays if name not in local_arrays]
-    if missing:
-        raise InputError(f"tensor {missing[0]!r} is in the global model but not in the local one")
     return update
 
 
