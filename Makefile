@@ -4,16 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO := build/demo
 # torch==2.13.0 is the CPU build; an unpinned torch pulls a multi-GB CUDA build.
-EXTRAS ?= test,bench,flower,torch
+EXTRAS ?= test,bench,flower,torch,appfl
+# APPFL itself without its dependencies (they pull a CUDA torch): the `appfl` extra holds
+# what its compressor module needs, so tests/test_appfl.py runs against the real package.
+APPFL ?= appfl==1.12.*
 
 .PHONY: install demo test bench corpus sample-data clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps "$(APPFL)"
 	touch $@
 
 demo: install

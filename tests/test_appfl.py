@@ -167,6 +167,21 @@ def test_state_dir_survives_process_restarts(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.state")) == ["appfl-client-site-a.state", "appfl-server-site-a.state"]
 
 
+def test_client_keys_that_differ_only_in_special_characters_keep_their_own_state_files(tmp_path):
+    # "site 1", "site_1" and "site/1" once shared one file ("_" for every special character):
+    # each restarted client and the server then predicted from whichever client saved last.
+    keys = ["site 1", "site_1", "site/1"]
+    nets = [model() for _ in keys]
+    for step in range(3):  # new instances each round: every state comes from disk
+        server = GradzipCompressor({**CONFIG, "state_dir": str(tmp_path)})
+        for i, (key, net) in enumerate(zip(keys, nets)):
+            params = local_round(net, 10 * i + step)
+            client = GradzipCompressor({**CONFIG, "client_key": key, "state_dir": str(tmp_path)})
+            check_within_bound(params, server.decompress_model(client.compress_model(params), net))
+    assert len(list(tmp_path.glob("appfl-server-*.state"))) == len(keys)
+    assert len(list(tmp_path.glob("appfl-client-*.state"))) == len(keys)
+
+
 @pytest.mark.parametrize("with_state_dir", [False, True])
 def test_a_refused_model_leaves_the_client_states_as_they_were(tmp_path, with_state_dir):
     """A model refused after some of its parts were coded (here a later entry that is not a

@@ -5,13 +5,15 @@
   that ships one array per tensor can carry each tensor's bytes in its own array;
 - the SZ3 baseline codec (through the optional `pysz` package), at the same per-tensor absolute
   bound gradzip uses;
-- a digest of a set of arrays, so both ends can check they diffed against the same model.
+- a digest of a set of arrays, so both ends can check they diffed against the same model;
+- a state key as part of a state file's name.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import math
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -30,6 +32,15 @@ MODES = ("rel", "abs")
 # Stream metadata keys the adapters write into each round's .grz header.
 META_RESET = "gradzip.reset"  # "1": the client dropped its predictor state before this round
 META_CLIENT = "gradzip.client"  # the client key (APPFL) or node id (Flower)
+
+
+def state_file_name(key: str) -> str:
+    """A state key as part of a state file's name: percent-encoded, so that two keys never
+    share a file and a server can read the key back from the name on a restart (keys of
+    letters, digits and "-_.~" keep their names). Replacing other characters by "_" made
+    "site 1" and "site_1" one file, and a Flower key "global model" came back as
+    "global_model", which no client sends."""
+    return urllib.parse.quote(key, safe="")
 
 
 def fresh_digest() -> str:

@@ -45,7 +45,7 @@ from ..api import Decompressor
 from ..codec import MIN_LOSSY_ELEMENTS
 from ..errors import CorruptStreamError, GradzipError, InputError
 from ..state import PredictorState, load_state, save_state
-from ._common import META_CLIENT, META_RESET, check_settings, make_compressor, stream_header
+from ._common import META_CLIENT, META_RESET, check_settings, make_compressor, state_file_name, stream_header
 
 try:  # APPFL's base class when APPFL is importable (its compressor package needs zstd, blosc, torch)
     from appfl.compressor.base_compressor import BaseCompressor as _Base
@@ -154,8 +154,7 @@ class GradzipCompressor(_Base):
         self._force_reset = True
 
     def _state_path(self, side: str, key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-        return self.state_dir / f"appfl-{side}-{safe}.state"
+        return self.state_dir / f"appfl-{side}-{state_file_name(key)}.state"
 
     def _load_client_state(self, key: str) -> PredictorState:
         if key not in self._client_states and self.state_dir is not None:

@@ -55,7 +55,8 @@ from ..codec import MIN_LOSSY_ELEMENTS
 from ..errors import GradzipError
 from ..state import PredictorState, load_state, locked, save_state
 from ._common import (META_CLIENT, META_RESET, arrays_digest, check_settings, fresh_digest, join_stream,
-                      lossy_eligible, make_compressor, split_stream, stream_header, sz3_decode, sz3_encode, warm_up)
+                      lossy_eligible, make_compressor, split_stream, state_file_name, stream_header, sz3_decode,
+                      sz3_encode, warm_up)
 
 try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -71,14 +72,6 @@ __all__ = ["GradzipMod", "GradzipStrategy", "ReplyStats", "warm_up", "CONFIG_KEY
 WIRE_VERSION = 1
 CONFIG_KEY = "gradzip"  # ConfigRecord: in train replies (codec data) and train instructions (state ack)
 STATE_KEY = "gradzip.state"  # ConfigRecord in the client's Context.state: predictor state per ArrayRecord key
-
-
-def _file_name_of(key: str) -> str:
-    """An ArrayRecord key as part of a state file's name: percent-encoded, so that the
-    server reads the key back from the name on a restart (keys of letters, digits and
-    "-_.~" keep their names). Replacing other characters by "_" lost it: a key "global
-    model" came back as "global_model", which no client sends, and its clients reset."""
-    return urllib.parse.quote(key, safe="")
 STYPE_GRZ = "gradzip/grz"  # Array.stype of a gradzip-compressed tensor
 STYPE_SZ3 = "gradzip/sz3"  # Array.stype of an SZ3-compressed tensor (baseline)
 _STYPES = {"gradzip": STYPE_GRZ, "sz3": STYPE_SZ3}
@@ -252,7 +245,7 @@ class GradzipMod:
     # ------------------------------------------------------------------ client state
 
     def _state_path(self, context: Context, key: str) -> Path:
-        return self.state_dir / f"node-{context.node_id}-{_file_name_of(key)}.state"
+        return self.state_dir / f"node-{context.node_id}-{state_file_name(key)}.state"
 
     def _load_state(self, context: Context, key: str) -> PredictorState:
         if self.state_dir is not None:
@@ -327,7 +320,7 @@ class GradzipStrategy(Strategy):
     # ------------------------------------------------------------------ state per node
 
     def _state_path(self, node_id: int, key: str) -> Path:
-        return self.state_dir / f"server-node-{node_id}-{_file_name_of(key)}.state"
+        return self.state_dir / f"server-node-{node_id}-{state_file_name(key)}.state"
 
     def state_for(self, node_id: int, key: str) -> PredictorState:
         """The predictor state the server holds for a node's ArrayRecord `key`."""
