@@ -2,9 +2,10 @@
 
 q = round((x - p) / (2 eb)), x' = p + 2 eb q. An element is *escaped* (stored exactly) when
 |q| would reach RADIUS, when x or the residual is not finite, when x is -0.0 (so signed zeros
-survive), or when x', after the cast back to the tensor's dtype, is further than eb from x (an F16 or
-BF16 element that escapes only there keeps its code, and the stream stores its value as a
-difference from the decoder's narrowed x'). Encoder and decoder both reconstruct with
+survive), or when x', after the cast back to the tensor's dtype, may be further than eb from x
+(`within`: a float64 difference of exactly eb counts as further; an F16 or BF16 element that
+escapes only there keeps its code, and the stream stores its value as a difference from the
+decoder's narrowed x'). Encoder and decoder both reconstruct with
 `_reconstruct`, so they agree bit for bit (no fastmath anywhere here).
 """
 from __future__ import annotations
@@ -46,6 +47,17 @@ def offset_at(offset, i, offset_scale):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def within(x, r, bound):
+    """Whether |x - r| <= bound holds exactly, for float64 x and r and a bound > 0; False for
+    a non-finite difference, and also where the rounded difference lands exactly on bound.
+    x - r rounds where the two lie far apart in exponent (-1e-20 - 0.5 gives -0.5), so a
+    difference just above bound can round onto it; rounding is monotone, so one that rounds
+    below bound is within it. Only such ties cost: the element escapes (is stored exactly).
+    Deciding ties with the subtraction's exact remainder (TwoSum) made quantizing 1.6x slower."""
+    return abs(x - r) < bound
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _code_and_recon(x, p, bound, two_eb, recon_type):
     """(code, reconstruction, True) for x against prediction p, or (0, any, False) when x
     must be escaped: when the reconstruction is further than bound from x, or x is not
@@ -56,7 +68,7 @@ def _code_and_recon(x, p, bound, two_eb, recon_type):
     representable = (abs(scaled) < RADIUS - 1) & not_negative_zero
     q = math.floor(scaled + 0.5) if representable else 0.0
     r = recon_type(_reconstruct(p, two_eb, q))
-    ok = representable & (abs(x - np.float64(r)) <= bound)
+    ok = representable & within(x, np.float64(r), bound)
     return (np.int32(q) if ok else np.int32(0)), r, ok
 
 
@@ -284,7 +296,7 @@ def _recheck_loop(values, eb, recon, escaped, deltas, float16):
             continue
         rebuilt = narrowed_bits(bits[i], float16)
         bits[i] = widened_bits(rebuilt, float16)
-        if abs(np.float64(values[i]) - np.float64(recon[i])) <= eb:
+        if within(np.float64(values[i]), np.float64(recon[i]), eb):
             continue
         escaped[i] = True
         recon[i] = values[i]

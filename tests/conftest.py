@@ -4,7 +4,8 @@ Helpers are handed out as (session-scoped) fixtures rather than imported, so tha
 do not depend on how pytest puts tests/ on sys.path.
 
 The bound checker is deliberately independent of gradzip: it widens values itself (bfloat16
-from its bit pattern), computes the per-tensor absolute bound itself, and compares in float64.
+from its bit pattern), computes the per-tensor absolute bound itself, and compares in float64
+(exactly, with fractions, where the float64 error lands on the bound).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,6 +111,12 @@ def assert_within_bound(original: np.ndarray, recon: np.ndarray, eb: float, mode
     bad = np.flatnonzero(~(error <= limit))
     assert bad.size == 0, (f"{name}: {bad.size} of {error.size} elements exceed the bound {bound!r} ({mode} {eb!r}); "
                            f"worst error {float(error.max())!r}")
+    # x - y rounds where the two lie far apart in exponent: an error that lands exactly on the
+    # limit is checked again in exact arithmetic.
+    on_limit = np.flatnonzero(error == limit)
+    finite_x, finite_y = x[~nonfinite], y[~nonfinite]
+    over = [i for i in on_limit if abs(Fraction(float(finite_x[i])) - Fraction(float(finite_y[i]))) > Fraction(float(limit))]
+    assert not over, f"{name}: {len(over)} elements exceed the bound {bound!r} in exact arithmetic (first at {over[0]})"
 
 
 def assert_bit_exact(original: np.ndarray, recon: np.ndarray, name: str = "tensor") -> None:

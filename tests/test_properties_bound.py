@@ -123,3 +123,50 @@ def test_integer_and_bool_tensors_are_bit_exact(gz, dtype, shape, seed, bound):
     tensor = (rng.random(shape) < 0.5) if info is None else rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     out = Decompressor().decompress(Compressor(eb, mode).compress({"t": np.asarray(tensor)}))
     gz.assert_bit_exact(np.asarray(tensor), out["t"], dtype)
+
+
+def test_the_bound_check_never_passes_a_difference_that_rounds_onto_the_bound():
+    # x - r in float64 rounds where x and r lie far apart in exponent: |-1e-20 - 0.5| rounds
+    # to 0.5, so a check in float64 let an error of 0.5 + 1e-20 through a bound of 0.5.
+    from fractions import Fraction
+
+    from gradzip.quantize import within
+
+    rng = np.random.default_rng(7)
+    pairs = [(-1e-20, 0.5, 0.5), (1e-20, 0.5, 0.5), (1e-20, -0.5, 0.5), (0.5 + 2.0**-53, 0.0, 0.5), (0.5, 0.0, 0.5),
+             (-0.5, 0.0, 0.5), (1.0, 0.5, 0.5), (1e-300, -1.0, 1.0), (-1e-300, -1.0, 1.0)]
+    for _ in range(2000):
+        r = float(rng.choice([-1, 1]) * 2.0 ** rng.integers(-30, 30))
+        x = float(rng.choice([-1, 1]) * rng.random() * 2.0 ** rng.integers(-200, 5))
+        pairs += [(x, r, abs(x - r)), (x, r, float(np.nextafter(abs(x - r), 0.0))), (x, r, float(np.nextafter(abs(x - r), 1.0)))]
+    ties = 0
+    for x, r, bound in pairs:
+        if bound > 0:
+            exactly_within = abs(Fraction(x) - Fraction(r)) <= Fraction(bound)
+            assert exactly_within or not within(x, r, bound), (x, r, bound)  # never lets an error through
+            if abs(x - r) != bound:  # a tie in float64 escapes; elsewhere the answer is the exact one
+                assert within(x, r, bound) == exactly_within, (x, r, bound)
+            ties += abs(x - r) == bound and not exactly_within
+    assert ties > 100  # the pairs do reach the case that matters
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_an_element_far_below_its_prediction_stays_within_the_bound_exactly(gz, dtype):
+    # Round 1 predicts 0.5 (the linear prediction repeats round 0; tau 1 keeps the EMA shift
+    # out) for a value of -1e-20: its reconstruction 0.5 misses the bound 0.5 by 1e-20.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    first = np.round(rng.standard_normal(4096) * 100)
+    first[:2] = 0.5
+    second = first.copy()
+    second[0], second[1] = -1e-20, -0.5
+    state, decompressor = None, Decompressor()
+    for values, eb in ((first, 0.25), (second, 0.5)):
+        tensor = as_dtype(values, dtype, gz)
+        compressor = Compressor(eb, "abs", threads=1, state=state, tau=1.0)
+        out = decompressor.decompress(compressor.compress({"w": tensor}))["w"]
+        state = compressor.state
+        x, y = gz.to_float64(tensor)[0], gz.to_float64(out)[0]
+        assert abs(Fraction(float(x)) - Fraction(float(y))) <= Fraction(eb), (dtype, float(x), float(y))
+        gz.assert_within_bound(tensor, out, eb, "abs")
