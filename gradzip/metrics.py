@@ -55,6 +55,29 @@ def measure(original: np.ndarray, recon: np.ndarray, dtype: str, eb: float) -> E
     return ErrorFigures(max_error if count else 0.0, sse, count, value_range, within)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def exceeds(a, b, bound):
+    """Whether |a - b| > bound in exact arithmetic (True where it is NaN): a - b rounds where
+    a and b lie far apart in exponent, so a float64 difference equal to bound is decided by
+    the subtraction's exact remainder (TwoSum: a - b == d + remainder)."""
+    d = a - b
+    magnitude = abs(d)
+    if magnitude != bound:
+        return not magnitude < bound
+    from_a = d - a
+    remainder = (a - (d - from_a)) + (-b - from_a)
+    return remainder != 0.0 and (remainder < 0.0) == (d < 0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def count_exceeding(x, y, bound):
+    """How many of x's elements are further than bound from y's, exactly (float64 arrays)."""
+    count = 0
+    for i in range(x.size):
+        count += exceeds(x[i], y[i], bound)
+    return count
+
+
 @numba.njit(cache=True, nogil=True)
 def _compare(x, y, x_bits, y_bits, eb):
     """One pass: max |x - y|, sum of squares, finite count, min, max, and the bound check."""
@@ -73,7 +96,7 @@ def _compare(x, y, x_bits, y_bits, eb):
             continue
         b = np.float64(y[i])
         error = abs(a - b)
-        if not error <= eb:
+        if exceeds(a, b, eb):
             within = False
         if error > max_error or error != error:
             max_error = error

@@ -170,3 +170,15 @@ def test_an_element_far_below_its_prediction_stays_within_the_bound_exactly(gz, 
         x, y = gz.to_float64(tensor)[0], gz.to_float64(out)[0]
         assert abs(Fraction(float(x)) - Fraction(float(y))) <= Fraction(eb), (dtype, float(x), float(y))
         gz.assert_within_bound(tensor, out, eb, "abs")
+
+
+def test_the_reports_count_an_error_that_rounds_onto_the_bound():
+    # `stats --original`, the compress report and the bench check the bound too: in float64
+    # |-1e-20 - 0.5| is 0.5, so they once reported that element within a bound of 0.5.
+    from gradzip.bench.runner import compare
+    from gradzip.metrics import measure
+
+    x, y = np.array([-1e-20, 0.5, 1.0, 0.3]), np.array([0.5, 0.0, 0.5, 0.3])
+    assert compare(x, y, 0.5).over_bound == 1
+    assert not measure(x, y, "F64", 0.5).within_bound
+    assert measure(x[1:], y[1:], "F64", 0.5).within_bound and compare(x[1:], y[1:], 0.5).over_bound == 0

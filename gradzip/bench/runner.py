@@ -143,6 +143,7 @@ class _Errors:
 def compare(original: np.ndarray, recon: np.ndarray, eb: float) -> _Errors:
     """Errors of one reconstructed tensor against the bound eb (non-finite values must match bit for bit)."""
     from ..floats import LOSSY_DTYPES, widen
+    from ..metrics import count_exceeding
     from ..tensorio import dtype_name
 
     dtype = dtype_name(original)
@@ -168,7 +169,7 @@ def compare(original: np.ndarray, recon: np.ndarray, eb: float) -> _Errors:
     value_range = float(x.max() - x.min()) if x.size else 0.0
     return _Errors(max_abs_error=max_error, max_error_over_eb=(max_error / eb) if eb > 0 else (math.inf if max_error else 0.0),
                    sse=float(np.dot(error, error)) if np.isfinite(max_error) else math.inf, count=int(x.size),
-                   value_range=value_range, over_bound=int(np.count_nonzero(error > eb)) + nonfinite_wrong)
+                   value_range=value_range, over_bound=int(count_exceeding(x, y, eb)) + nonfinite_wrong)
 
 
 class _PeakMemory:
