@@ -24,8 +24,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 
 from . import __version__
-from .codec import (DEFAULT_SEARCH_EVERY, MIN_LOSSY_ELEMENTS, CodecConfig, bundled, carries_state, decode_bundle, decode_tensor,
-                    encode_bundle, encode_tensor, stream_key)
+from .codec import (DEFAULT_SEARCH_EVERY, MAX_ELEMENTS_PER_PAYLOAD_BYTE, MIN_LOSSY_ELEMENTS, CodecConfig, bundled,
+                    carries_state, decode_bundle, decode_tensor, encode_bundle, encode_tensor, stream_key)
 from .container import BufferReader, StreamReader, StreamWriter
 from .errors import CorruptStreamError, GradzipWarning, InputError, StateMismatchError
 from .floats import LOSSY_DTYPES
@@ -564,19 +564,29 @@ def check_state(state: PredictorState, stream_round, stream_digest) -> None:
     raise StateMismatchError(f"{expected}, but the {found}: {hint}")
 
 
+def _plausible_shape(shape, payload_bytes: int) -> bool:
+    """Whether a record's shape could be what it says, by the decoder's rules: counts that
+    are ints from 0, and at most MAX_ELEMENTS_PER_PAYLOAD_BYTE elements a payload byte (a
+    shape of 10**200 or Infinity once overflowed `stats`, which decodes nothing)."""
+    return (all(type(size) is int and size >= 0 for size in shape)
+            and element_count(shape) <= (payload_bytes + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE)
+
+
 def _record_report(record: dict, payload_bytes: int) -> TensorReport:
     """Sizes and settings of one tensor as its record states them."""
     try:
         params = record["params"]
         dtype = record["dtype"]
         shape = tuple(record["shape"])
+        if not _plausible_shape(shape, payload_bytes):
+            raise ValueError("implausible shape")
         n = element_count(shape)
         return TensorReport(
             name=record["name"], shape=shape, dtype=dtype, method=record["method"],
             predictor=params.get("predictor", "-"), coder=params.get("coder", "zstd"), eb=params.get("eb", 0.0),
             original_bytes=n * numpy_dtype(dtype).itemsize, compressed_bytes=payload_bytes,
             escaped=params.get("escaped", 0), ideal_code_bits=0.0, variant=_variant(params))
-    except (KeyError, TypeError, ValueError, AttributeError, InputError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, InputError):
         raise CorruptStreamError(f"tensor {record.get('name', '?')!r}: malformed record") from None
 
 
@@ -596,8 +606,12 @@ def describe_stream(source: BinaryIO, available: int | None = None) -> RoundRepo
     for record, payload in reader.records():
         if record.get("method") == "bundle":
             try:
+                shapes = [member[3] for member in record["members"]]
+                if not (all(_plausible_shape(shape, len(payload)) for shape in shapes)
+                        and _plausible_shape([sum(element_count(shape) for shape in shapes)], len(payload))):
+                    raise ValueError("implausible shapes")
                 report.tensors += _bundle_member_reports(record, len(payload)).values()
-            except (KeyError, TypeError, ValueError, InputError):
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError):
                 raise CorruptStreamError("small-tensor bundle: malformed record") from None
         else:
             report.tensors.append(_record_report(record, len(payload)))

@@ -297,7 +297,7 @@ def recipe_of(record: dict) -> list | None:
         return None
     params = record["params"]
     rank = params.get("rank")
-    rank = rank if isinstance(rank, int) else None  # (an int in any record the decoder accepts)
+    rank = rank if type(rank) is int else None  # (1..MAX_RANK in any record the decoder accepts)
     if params["predictor"] == "low_rank":
         return ["none", None, "values", rank]
     variant = _variant(params)  # (a string in any record the decoder accepts that reads it)
@@ -1410,7 +1410,7 @@ def decode_tensor(record: dict, payload: bytes, config: CodecConfig, previous: T
         raise CorruptStreamError(f"tensor {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError) as exc:
         raise CorruptStreamError(f"tensor {name!r}: malformed record ({type(exc).__name__}: {exc})") from None
-    if record_check(key, index, _tensor_layout(record), recon_hash) != record["recon_check"]:
+    if record_check(key, index, _tensor_layout(record), recon_hash) != record.get("recon_check"):
         raise CorruptStreamError(f"tensor {name!r}: reconstruction checksum mismatch (encoder and decoder disagree)")
     return array, state
 
@@ -1520,6 +1520,9 @@ def _decode_quantized(params, sections, dtype, shape, n, config, previous, threa
         contexts, n_contexts, orient = _decoded_contexts(params, sections, shape, dtype, n, eb, previous, threads)
     elif predictor != "none":
         raise CorruptStreamError(f"unknown predictor {predictor!r}")
+    if predictor in ("none", "ema", "context") and ("rank" in params or "rank_step" in params):
+        # (the rank would go into the new state's recipe, which the next load refuses: bricked)
+        raise CorruptStreamError(f"a low-rank part on a {predictor!r} record")
 
     escape_index, escape_values, escape_deltas = _decoded_escapes(params, sections, dtype, n)
     shared = fold is not None and fold.fits(n) and compute_dtype(dtype) == np.float32

@@ -30,7 +30,8 @@ def decompress(data: bytes, expected_size: int) -> bytes:
     if not hasattr(_per_thread, "decompressor"):
         _per_thread.decompressor = zstandard.ZstdDecompressor()
     try:
-        out = _per_thread.decompressor.decompress(data, max_output_size=expected_size)
+        # (bytes after the frame are refused: they would ride along unchecked by any decoder)
+        out = _per_thread.decompressor.decompress(data, max_output_size=expected_size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CorruptStreamError(f"bad zstd frame ({exc})") from None
     if len(out) != expected_size:

@@ -259,7 +259,7 @@ class PredictorState:
             arrays = memoryview(body)[fixed + header_len :]
             if not isinstance(header["last_input_digest"], str):
                 raise ValueError("bad input digest")
-            state = cls(round=_count(header["round"]), last_input_digest=header["last_input_digest"])
+            state = cls(round=_count(header["round"], _ROUND_LIMIT), last_input_digest=header["last_input_digest"])
             end = 0
             for entry in header["tensors"]:
                 n, offset = _count(entry["elements"]), _count(entry["offset"])
@@ -280,8 +280,8 @@ class PredictorState:
                 if recipe is not None and not _is_recipe(recipe, version):
                     raise ValueError("bad recipe")
                 chain = _stored_digest(entry["digest"]) if version >= 6 else None
-                state.tensors[name] = TensorState(shape, dtype, _count(entry["rounds"]), ema, sign, last, second_last,
-                                                  recipe, chain)
+                rounds = _count(entry["rounds"], _ROUND_LIMIT)
+                state.tensors[name] = TensorState(shape, dtype, rounds, ema, sign, last, second_last, recipe, chain)
             if end != len(arrays):
                 raise ValueError("bytes after the last array")
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
@@ -295,12 +295,17 @@ class PredictorState:
         return state
 
 
-def _count(value) -> int:
+def _count(value, limit: int = 1 << 63) -> int:
     """A count, size or offset as a writer stores it: an int (not a bool, float or string,
-    which int() would have taken) from 0 below 2**63 (the digests pack rounds as u64)."""
-    if type(value) is not int or not 0 <= value < 1 << 63:
+    which int() would have taken) from 0 below limit (the digests pack rounds as u64)."""
+    if type(value) is not int or not 0 <= value < limit:
         raise ValueError("bad count")
     return value
+
+
+# A round counter must have room to advance: one at 2**63 - 1 was loaded, and the next
+# round saved 2**63, which no load accepts (the state was lost).
+_ROUND_LIMIT = (1 << 63) - 1
 
 
 def _stored_digest(text) -> bytes:

@@ -8,6 +8,7 @@ import pytest
 import zstandard
 
 import gradzip
+from gradzip.api import describe_stream
 from gradzip.container import FORMAT_VERSION, MAGIC, _frame_compressor, _varint, join_stream, split_stream
 from gradzip.tensorio import as_bfloat16
 
@@ -418,3 +419,62 @@ def test_a_small_f64_tensor_beyond_float32s_range_decodes_without_a_warning(recw
     out = gradzip.Decompressor().decompress(gradzip.Compressor(1e-3).compress({"b": values}))
     assert np.abs(out["b"] - values).max() <= 1e-3 * (values.max() - values.min())
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+# ---- from the decoder fuzzing of 2026-11-29 (every test failed before its fix) ----
+
+def _lossless_and_quantized_stream():
+    rng = np.random.default_rng(11)
+    tensors = {"w": rng.normal(size=(64, 64)).astype(np.float32), "steps": rng.integers(0, 9, 5000).astype(np.int32),
+               "b": rng.normal(size=16).astype(np.float32)}
+    return gradzip.Compressor(1e-2, threads=1).compress(tensors)
+
+
+def test_a_record_without_its_reconstruction_check_is_a_corrupt_stream():
+    header, records, trailer = split_stream(_lossless_and_quantized_stream())
+    record = next(r for r, _ in records if r.get("name") == "w")
+    del record["recon_check"]  # was a KeyError traceback, which a Flower server did not catch
+    with pytest.raises(gradzip.CorruptStreamError, match="checksum"):
+        gradzip.Decompressor().decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("where", ["record", "bundle member"])
+@pytest.mark.parametrize("shape", [[10**200, 10**200], [64, 10**400], [True, 4]])
+def test_stats_refuses_shapes_no_payload_could_hold(where, shape):
+    header, records, trailer = split_stream(_lossless_and_quantized_stream())
+    if where == "record":
+        next(r for r, _ in records if r.get("name") == "w")["shape"] = shape
+    else:
+        next(r for r, _ in records if r["method"] == "bundle")["members"][0][3] = shape
+    with pytest.raises(gradzip.CorruptStreamError, match="malformed"):  # was an OverflowError traceback
+        describe_stream(io.BytesIO(join_stream(header, records, trailer)))
+
+
+def test_bytes_after_a_sections_zstd_frame_are_a_corrupt_stream():
+    header, records, trailer = split_stream(_lossless_and_quantized_stream())
+    index = next(i for i, (r, _) in enumerate(records) if r.get("name") == "steps")
+    record, payload = records[index]
+    assert record["method"] == "lossless" and record["sections"] == [["data", len(payload)]]
+    record["sections"][0][1] += 4
+    records[index] = (record, bytes(payload) + b"junk")  # decoded before, the junk unread and unchecked
+    with pytest.raises(gradzip.CorruptStreamError, match="unused data"):
+        gradzip.Decompressor().decompress(join_stream(header, records, trailer))
+
+
+@pytest.mark.parametrize("rank", [True, 0, 10**6, 3])
+def test_a_rank_on_a_record_without_a_low_rank_part_is_a_corrupt_stream(rank):
+    # It went into the receiver's new state, whose next load refused it: the state was lost.
+    header, records, trailer = split_stream(_lossless_and_quantized_stream())
+    record = next(r for r, _ in records if r.get("name") == "w")
+    assert record["params"]["predictor"] == "none"
+    record["params"]["rank"] = rank
+    with pytest.raises(gradzip.CorruptStreamError, match="low-rank part"):
+        gradzip.Decompressor().decompress(join_stream(header, records, trailer))
+
+
+def test_a_state_whose_round_counter_cannot_advance_is_refused_on_load():
+    from gradzip.state import PredictorState
+
+    with pytest.raises(gradzip.GradzipError, match="malformed"):  # its next save was unloadable
+        PredictorState.from_bytes(PredictorState(round=(1 << 63) - 1).to_bytes())
+    assert PredictorState.from_bytes(PredictorState(round=(1 << 63) - 2).to_bytes()).round == (1 << 63) - 2
