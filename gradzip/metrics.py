@@ -8,6 +8,7 @@ import numba
 import numpy as np
 
 from .floats import LOSSY_DTYPES, widen
+from .quantize import exceeds
 
 
 @dataclass
@@ -53,20 +54,6 @@ def measure(original: np.ndarray, recon: np.ndarray, dtype: str, eb: float) -> E
     max_error, sse, count, lo, hi, within = _compare(x, y, x.view(bits), y.view(bits), eb)
     value_range = hi - lo if count else 0.0
     return ErrorFigures(max_error if count else 0.0, sse, count, value_range, within)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def exceeds(a, b, bound):
-    """Whether |a - b| > bound in exact arithmetic (True where it is NaN): a - b rounds where
-    a and b lie far apart in exponent, so a float64 difference equal to bound is decided by
-    the subtraction's exact remainder (TwoSum: a - b == d + remainder)."""
-    d = a - b
-    magnitude = abs(d)
-    if magnitude != bound:
-        return not magnitude < bound
-    from_a = d - a
-    remainder = (a - (d - from_a)) + (-b - from_a)
-    return remainder != 0.0 and (remainder < 0.0) == (d < 0.0)
 
 
 @numba.njit(cache=True, nogil=True)
