@@ -208,6 +208,48 @@ def _check_outputs(inputs, outputs, force: bool, state_path: str | None) -> None
             raise CliError(f"{path}: is a directory")
         if Path(path).exists() and not force:
             raise CliError(f"{path}: already exists (use --force to overwrite)")
+        if Path(path).exists() and not Path(path).is_file():
+            raise CliError(f"{path}: not a regular file, so not replaced")
+
+
+def _refuse_renumbering(outputs, state_round: int, state_path: str) -> None:
+    """With --force, an output that already holds a stream of a round this state has passed
+    means the same rounds are being compressed again: they would become new rounds (round 0's
+    file rewritten as round 4, say), which no receiver's state can decode. Refused unless
+    --round confirms it; a clean redo starts from a fresh state."""
+    from .container import StreamReader
+    from .errors import GradzipError
+
+    for path in outputs:
+        if path == STDIO or not Path(path).is_file():
+            continue
+        try:
+            with open(path, "rb") as f:
+                held = StreamReader(f).header().get("round")
+        except (OSError, GradzipError):
+            continue  # not a readable stream: nothing to renumber
+        if isinstance(held, int) and held < state_round:
+            raise CliError(f"{path}: holds round {held}, which {state_path} has passed (it is at round {state_round}): "
+                           f"compressing again would write its input as round {state_round}, which no receiver can "
+                           f"decode in that place. Start from a fresh state to redo the rounds, or pass --round "
+                           f"{state_round} if this really is a new round")
+
+
+def _check_inputs(inputs, json_path=None) -> None:
+    """Every input readable and a --json report's directory there, before the first round:
+    a typo in the third input, or a report in a missing directory, once surfaced only after
+    the earlier rounds were written and the state had advanced past them."""
+    for path in inputs:
+        if path == STDIO:
+            continue
+        if Path(path).is_dir():
+            raise CliError(f"{path}: is a directory")
+        if not Path(path).exists():
+            raise CliError(f"{path}: no such file")
+        if not os.access(path, os.R_OK):
+            raise CliError(f"{path}: permission denied")
+    if json_path not in (None, STDIO) and not Path(json_path).resolve().parent.is_dir():
+        raise CliError(f"{json_path}: its directory does not exist")
 
 
 def _write_output(path: str, data: bytes) -> None:
@@ -279,6 +321,7 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
             raise CliError("--json - and -o - would both write to stdout")
         # (--json is an output like -o's: never an input or the state, an existing file only with --force)
         _check_outputs(inputs, outputs + ([json_path] if json_path not in (None, STDIO) else []), force, state_path)
+        _check_inputs(inputs, json_path)
         _check_stdout(outputs)
         rows = []
         with locked(state_path):
@@ -290,6 +333,8 @@ def compress(inputs, state_path, error_bound, mode, output, beta, tau, force, ex
             if expected_round is not None and expected_round != compressor.state.round:
                 raise CliError(f"{state_path}: the state expects round {compressor.state.round} next, not round "
                                f"{expected_round} ({'a round was skipped' if expected_round > compressor.state.round else 'that round was already compressed'})")
+            if force and expected_round is None:
+                _refuse_renumbering(outputs, compressor.state.round, state_path)
             with _progress(_show_progress(quiet)) as progress:
                 files = progress.add_task(_files_description("encode"), total=len(inputs))
                 for path, out_path in zip(inputs, outputs):
@@ -327,6 +372,7 @@ def decompress(inputs, state_path, output, out_format, force, threads, quiet):
 
         outputs = _output_paths(inputs, output, lambda p: _decompressed_name(p, out_format))
         _check_outputs(inputs, outputs, force, state_path)
+        _check_inputs(inputs)
         _check_stdout(outputs)
         rows = []
         with locked(state_path):
@@ -406,7 +452,7 @@ def stats(stream, original, state_path, as_json):
                 raise CliError(f"{label}: errors against --original after the first round need the state this "
                                "stream was encoded against: pass it with -s (stats only reads it)") from None
             report = decoded.report
-            if list(tensors) != list(decoded.tensors):
+            if set(tensors) != set(decoded.tensors):  # (by name: a re-saved file may order them otherwise)
                 raise CliError(f"{original}: its tensors do not match the stream's")
             for t in report.tensors:
                 figures[t.name] = measure(tensors[t.name], decoded.tensors[t.name], t.dtype, t.eb)

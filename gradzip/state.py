@@ -24,6 +24,7 @@ import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -358,11 +359,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     a state kept behind a link went on holding the old round while the link held the new."""
     target = Path(os.path.realpath(path))
     try:
+        existing = os.stat(target)
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror})") from None
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        # (a rename would put a file in place of a device or FIFO: /dev/null, for one)
+        raise InputError(f"{path}: not a regular file, so not replaced")
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise InputError(f"{path}: cannot write ({exc.strerror})") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
+        # mkstemp creates 0600: a new file gets ordinary permissions, a replaced one keeps its
+        # own (a state chmod 600, which holds reconstructed updates, became 644 every round)
+        os.fchmod(fd, stat.S_IMODE(existing.st_mode) if existing is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -148,7 +148,11 @@ def _read_npz(data: bytes) -> dict[str, np.ndarray]:
         if len(set(members)) != len(members):
             duplicate = next(name for name in members if members.count(name) > 1)
             raise InputError(f"member {duplicate!r} occurs twice in the archive")
-        for name in archive.files:
+        names = archive.files  # (numpy drops ".npy": members "a.npy" and "a" are both "a")
+        if len(set(names)) != len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise InputError(f"two members are both named {duplicate!r} (with and without .npy)")
+        for name in names:
             array = archive[name]
             if not isinstance(array, np.ndarray):  # (numpy gives the bytes of a member that is not a .npy array)
                 raise InputError(f"member {name!r} is not a .npy array")

@@ -489,3 +489,22 @@ def test_a_later_round_with_a_new_dtype_is_warmed_up_too():
     warmups = bench_runner._warmups(rounds, bounds)
     assert [[r.label for r in warm] for warm, _ in warmups] == [[rounds[0].label, rounds[1].label], [rounds[2].label] * 3]
     assert [len(b) for _, b in warmups] == [2, 3]
+
+
+def test_compare_refuses_a_reconstruction_of_another_dtype():
+    # A float32 result for an F64 tensor, or 2.7 for an int 2 (cast to int it read 2), passed.
+    from gradzip.bench.runner import BenchError, compare
+
+    with pytest.raises(BenchError, match="dtype"):
+        compare(np.array([1.0, 2.0]), np.array([1.0, 2.0], np.float32), 0.1)
+    with pytest.raises(BenchError, match="dtype"):
+        compare(np.array([2, 3], np.int32), np.array([2.7, 3.0]), 0.1)
+    assert compare(np.array([2, 3], np.int32), np.array([2, 4], np.int32), 0.1).over_bound == 1
+
+
+def test_results_name_the_code_that_ran():
+    from gradzip.bench.runner import environment
+
+    env = environment()
+    assert set(env) >= {"git_commit", "git_dirty", "started_utc"}
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40

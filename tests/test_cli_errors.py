@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -530,3 +531,61 @@ def test_json_to_a_reader_that_stops_early_is_an_error(gz, tmp_path, command):
     _, stderr = proc.communicate(timeout=300)
     lines = [line for line in stderr.decode().splitlines() if line.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("gradzip: error:"), (proc.returncode, stderr)
+
+
+# ---- from the user-level review of 2026-11-29 (each failed before its fix) ----
+
+def test_a_missing_later_input_is_refused_before_any_round_is_written(gz, ws):
+    # It used to surface after the earlier rounds were written and the state had advanced.
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "r1.safetensors", "typo.safetensors", "-s", "fresh.state",
+                  "-o", "out/", fragments=("typo.safetensors", "no such file"))
+
+
+def test_a_json_report_in_a_missing_directory_is_refused_before_any_round(gz, ws):
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "-s", "fresh.state", "-o", "r0.grz", "--json", "nodir/r.json",
+                  fragments=("nodir/r.json", "directory"))
+
+
+def test_force_refuses_to_renumber_rounds_the_state_has_passed(gz, ws):
+    # Re-running a batch with -f wrote round 0's file as round 2: no receiver could decode it.
+    gz.assert_cli_ok(gz.run("compress", "r0.safetensors", "r1.safetensors", "-s", "fresh.state", "-o", "out/", "-q", cwd=ws))
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "r1.safetensors", "-s", "fresh.state", "-o", "out/", "-f",
+                  fragments=("holds round 0", "fresh state"))
+    gz.assert_cli_ok(gz.run("compress", "r0.safetensors", "-s", "fresh.state", "-o", "out/r0.safetensors.grz", "-f", "-q",
+                            "--round", "2", "--allow-repeat", cwd=ws))  # --round confirms a new round
+
+
+def test_a_fifo_or_device_is_not_replaced_by_an_output(gz, ws):
+    os.mkfifo(ws / "pipe")
+    fails_cleanly(gz, ws, "compress", "r0.safetensors", "-s", "fresh.state", "-o", "pipe", "-f",
+                  fragments=("pipe", "not a regular file"))
+    assert stat.S_ISFIFO(os.stat(ws / "pipe").st_mode)
+
+
+def test_a_replaced_state_keeps_its_permissions(gz, ws):
+    gz.assert_cli_ok(gz.run("compress", "r0.safetensors", "-s", "fresh.state", "-o", "r0.grz", "-q", cwd=ws))
+    os.chmod(ws / "fresh.state", 0o600)
+    gz.assert_cli_ok(gz.run("compress", "r1.safetensors", "-s", "fresh.state", "-o", "r1.grz", "-q", cwd=ws))
+    assert stat.S_IMODE(os.stat(ws / "fresh.state").st_mode) == 0o600
+
+
+def test_stats_matches_an_original_saved_in_another_order(gz, ws):
+    from gradzip.tensorio import write_tensors
+
+    tensors, _, _ = read_tensors((ws / "r0.safetensors").read_bytes())
+    reordered = dict(reversed(list(tensors.items())))  # (safetensors' own writer sorts the names)
+    (ws / "reordered.safetensors").write_bytes(write_tensors(reordered, "safetensors"))
+    assert list(read_tensors((ws / "reordered.safetensors").read_bytes())[0]) == list(reordered) != list(tensors)
+    gz.assert_cli_ok(gz.run("stats", "r0.safetensors.grz", "--original", "reordered.safetensors", cwd=ws))
+
+
+def test_npz_members_that_numpy_names_alike_are_refused(gz, ws):
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(ws / "dup.npz", "w") as archive:
+        for name, value in (("a.npy", 1.0), ("a", 0.0)):
+            buffer = io.BytesIO()
+            np.save(buffer, np.full(2000, value, np.float32))
+            archive.writestr(name, buffer.getvalue())
+    fails_cleanly(gz, ws, "compress", "dup.npz", "-s", "fresh.state", "-o", "dup.grz", fragments=("'a'",))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
@@ -259,43 +260,43 @@ class PerTensorSession(Session):
         raise NotImplementedError
 
     def compress(self, tensors, bounds) -> Packed:
+        # Only the baseline's own work inside the timed call: no copy of a tensor that goes to
+        # the lossy coder (building every tensor's raw bytes first cost SZ3 about 20% of a
+        # small CNN's round, charged to SZ3; review of 2026-11-29).
         from ..floats import LOSSY_DTYPES, original_bits, widen
         from ..tensorio import dtype_name
 
         bounds = self.coding_bounds(tensors, bounds)
         items = {}
         sizes = dict.fromkeys(tensors, 0)  # in the round's order
-        used = {}
+        used = dict.fromkeys(tensors, 0.0)
         small = []
         for index, (name, array) in enumerate(tensors.items()):
             dtype = dtype_name(array)
             eb = float(bounds.get(name, 0.0))
-            shape = tuple(array.shape)
-            used[name] = 0.0
-            raw = original_bits(array, dtype).tobytes() if dtype in LOSSY_DTYPES else _le_bytes(array)
-            if self.lossy and dtype in LOSSY_DTYPES and array.size and eb > 0 and np.isfinite(eb):
-                values = widen(array, dtype).reshape(shape)
-                data = self.encode(np.ascontiguousarray(values), eb, index)
-                if array.size > self.lossy_limit or len(data) < len(raw):
-                    items[name] = ("lossy", data, dtype, shape)
+            if self.lossy and dtype in LOSSY_DTYPES and array.size and eb > 0 and math.isfinite(eb):
+                data = self.encode(widen(array, dtype).reshape(array.shape), eb, index)
+                if array.size > self.lossy_limit or len(data) < array.nbytes:
+                    items[name] = ("lossy", data, dtype, array.shape)
                     used[name] = eb
                     sizes[name] = len(data)
                     continue
+            raw = original_bits(array, dtype) if dtype in LOSSY_DTYPES else _le_bytes(array)
             if array.size <= self.lossy_limit:
-                small.append((name, raw, dtype, shape, array.dtype))
+                small.append((name, raw, dtype, array.shape, array.dtype))
             else:
                 data = self._zstd.compress(raw)
-                items[name] = ("zstd", data, dtype, shape, array.dtype)
+                items[name] = ("zstd", data, dtype, array.shape, array.dtype)
                 sizes[name] = len(data)
         bundle = b""
         if small:  # like gradzip: one zstd frame for all small tensors, or raw if zstd does not help
             raw = b"".join(member[1] for member in small)
             packed = self._zstd.compress(raw)
             bundle = packed if len(packed) < len(raw) else raw
-            members = [(name, len(member_raw), dtype, shape, np_dtype) for name, member_raw, dtype, shape, np_dtype in small]
+            members = [(name, member_raw.nbytes, dtype, shape, np_dtype) for name, member_raw, dtype, shape, np_dtype in small]
             items[_BUNDLE] = (len(packed) < len(raw), bundle, members)
             for name, member_raw, *_ in small:
-                sizes[name] = round(len(bundle) * len(member_raw) / max(len(raw), 1))  # its share, as gradzip reports it
+                sizes[name] = round(len(bundle) * member_raw.nbytes / max(len(raw), 1))  # its share, as gradzip reports it
         self.round += 1
         payload = len(bundle) + sum(len(item[1]) for key, item in items.items() if key != _BUNDLE)
         return Packed(items, payload, sizes, used, payload_bytes=payload)
@@ -307,7 +308,7 @@ class PerTensorSession(Session):
         for name, item in packed.data.items():
             if name == _BUNDLE:
                 compressed, data, members = item
-                raw = self._unzstd.decompress(data) if compressed else data
+                raw = memoryview(self._unzstd.decompress(data) if compressed else data)
                 offset = 0
                 for member, length, dtype, shape, np_dtype in members:
                     out[member] = _from_raw(raw[offset:offset + length], dtype, shape, np_dtype)
@@ -315,7 +316,7 @@ class PerTensorSession(Session):
             elif item[0] == "lossy":
                 _, data, dtype, shape = item
                 values = self.decode(data, compute_dtype(dtype), shape)
-                out[name] = narrow(values.reshape(-1), dtype).reshape(shape)
+                out[name] = narrow(values.reshape(-1), dtype).reshape(shape) if dtype in ("F16", "BF16") else values.reshape(shape)
             else:
                 _, data, dtype, shape, np_dtype = item
                 out[name] = _from_raw(self._unzstd.decompress(data), dtype, shape, np_dtype)
@@ -331,18 +332,21 @@ class PerTensorSession(Session):
 _BUNDLE = "\0bundle"  # key of the small-tensor bundle in a per-tensor session's round (not a tensor name)
 
 
-def _from_raw(raw: bytes, dtype: str, shape, np_dtype) -> np.ndarray:
-    from ..tensorio import as_bfloat16
-
+def _from_raw(raw, dtype: str, shape, np_dtype) -> np.ndarray:
+    """A tensor read off its stored bytes: a view where they are already native (as gradzip's
+    decoder returns read-only arrays; a copy per tensor was charged to the baselines)."""
     if dtype == "BF16":
+        from ..tensorio import as_bfloat16
+
         return as_bfloat16(np.frombuffer(raw, "<u2")).reshape(shape)
     le = np_dtype.newbyteorder("<") if np_dtype.itemsize > 1 else np_dtype
-    return np.frombuffer(raw, le).astype(np_dtype).reshape(shape)
+    return np.frombuffer(raw, le).astype(np_dtype, copy=False).reshape(shape)
 
 
-def _le_bytes(array: np.ndarray) -> bytes:
+def _le_bytes(array: np.ndarray) -> np.ndarray:
+    """A tensor's flat values, little-endian (a view where they already are)."""
     flat = np.ascontiguousarray(array).reshape(-1)
-    return flat.astype(flat.dtype.newbyteorder("<"), copy=False).tobytes()
+    return flat.astype(flat.dtype.newbyteorder("<"), copy=False)
 
 
 def at_most_4d(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -373,10 +377,18 @@ class SZ3Session(PerTensorSession):
         return sz3_decompress(data, dtype, self._shape(shape))
 
 
-def sz3_compress(values: np.ndarray, eb: float, *, nopred: bool = False) -> bytes:
-    """pysz.sz.compress at ABS eb, default algorithm unless nopred (what SZ3 itself gives)."""
+@functools.lru_cache(maxsize=1)
+def _pysz():
+    """pysz's names, imported once: an import statement per tensor cost SZ3 a few percent of
+    a small model's round."""
     from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
 
+    return sz, szAlgorithm, szConfig, szErrorBoundMode
+
+
+def sz3_compress(values: np.ndarray, eb: float, *, nopred: bool = False) -> bytes:
+    """pysz.sz.compress at ABS eb, default algorithm unless nopred (what SZ3 itself gives)."""
+    sz, szAlgorithm, szConfig, szErrorBoundMode = _pysz()
     conf = szConfig(values.shape)
     conf.errorBoundMode = szErrorBoundMode.ABS
     conf.absErrorBound = eb
@@ -387,9 +399,7 @@ def sz3_compress(values: np.ndarray, eb: float, *, nopred: bool = False) -> byte
 
 
 def sz3_decompress(data: bytes, dtype, shape) -> np.ndarray:
-    from pysz import sz
-
-    values, _conf = sz.decompress(np.frombuffer(data, np.uint8), dtype, shape)
+    values, _conf = _pysz()[0].decompress(np.frombuffer(data, np.uint8), dtype, shape)
     return values
 
 
@@ -465,11 +475,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "gradzip as shipped on every core: tensors, rANS segments and a large layer's two low-rank fits on "
            "gradzip's threads, numpy's BLAS on one (the other gradzip rows use one thread); same bytes",
            (), _gradzip(True, True, threads=None)),
-    Method("gradzip-nopred", "gradzip no prediction", "gradzip", True, "ablation: magnitude and sign prediction off (quantizer + entropy coder only)",
+    Method("gradzip-nopred", "gradzip no prediction", "gradzip", True, "ablation: every cross-round prediction off (the EMA magnitude and sign predictors and the linear one); this round's own scale contexts and low-rank parts stay",
            (), _gradzip(False, False)),
-    Method("gradzip-mag", "gradzip magnitude only", "gradzip", True, "ablation: cross-round magnitude predictor only, sign predictor off",
+    Method("gradzip-mag", "gradzip magnitude only", "gradzip", True, "ablation: cross-round magnitude predictor only (sign predictor and the linear prediction, which needs both, off)",
            (), _gradzip(True, False)),
-    Method("gradzip-sign", "gradzip sign only", "gradzip", True, "ablation: sign predictor only, magnitude predictor off",
+    Method("gradzip-sign", "gradzip sign only", "gradzip", True, "ablation: sign predictor only (magnitude predictor and the linear prediction, which needs both, off)",
            (), _gradzip(False, True)),
     Method("sz3", "SZ3", "sz3", True, "SZ3 (pysz), default algorithm, the tensor's own shape (leading dims merged beyond 4-D)",
            ("pysz",), _per_tensor(SZ3Session)),
@@ -482,7 +492,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("qsgd", f"QSGD s={QSGD_LEVELS}", "qsgd", False,
            f"QSGD, s={QSGD_LEVELS} levels of the max-norm, stochastic rounding, levels rANS-coded; NOT error-bounded",
            (), _per_tensor(QSGDSession)),
-    Method("zstd", "zstd (lossless)", "lossless", True, "zstd (gradzip's level) on the raw bytes of the round, one frame",
+    Method("zstd", "zstd (lossless)", "lossless", True, "zstd (gradzip's level) on the raw bytes: a frame per large tensor, the small ones in one frame",
            ("zstandard",), _per_tensor(ZstdSession)),
 ]}
 

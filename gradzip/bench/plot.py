@@ -110,7 +110,8 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
         ax.set_title(f"communication time per round, {tag}: compress + send + decompress")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         if first:  # name the fastest method at each bandwidth
-            bounded = [m for m in methods if entry["methods"][m]["error_bounded"]] or methods
+            # single-threaded methods only, as the baselines are (the time model assumes one thread)
+            bounded = [m for m in methods if entry["methods"][m]["error_bounded"] and m != "gradzip-mt"] or methods
             for g in range(len(bandwidths)):
                 best = min(bounded, key=lambda m: entry["methods"][m]["comm_time"][g]["total_seconds"])
                 c = entry["methods"][best]["comm_time"][g]

@@ -149,9 +149,11 @@ def compare(original: np.ndarray, recon: np.ndarray, eb: float) -> _Errors:
     dtype = dtype_name(original)
     if recon.shape != original.shape:
         raise BenchError(f"reconstruction has shape {recon.shape}, expected {original.shape}")
+    if recon.dtype != original.dtype:  # (a float32 result for an F64 input, 2.7 for an int 2: not the tensor)
+        raise BenchError(f"reconstruction has dtype {recon.dtype}, expected {original.dtype}")
     if dtype not in LOSSY_DTYPES:
         a = np.ascontiguousarray(original).reshape(-1)
-        b = np.ascontiguousarray(recon).astype(original.dtype).reshape(-1)
+        b = np.ascontiguousarray(recon).reshape(-1)
         wrong = int(np.count_nonzero(a != b))
         return _Errors(max_abs_error=math.inf if wrong else 0.0, over_bound=wrong)
     x = widen(original, dtype).astype(np.float64)
@@ -528,8 +530,24 @@ def environment() -> dict:
         load = list(os.getloadavg())
     except OSError:
         load = None
-    return {"gradzip": __version__, "versions": versions, "platform": platform.platform(), "load_average": load,
+    return {"gradzip": __version__, **_source_revision(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions, "platform": platform.platform(), "load_average": load,
             "machine": platform.machine(), "cpu_count": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS}
+
+
+def _source_revision() -> dict:
+    """The git commit of the code that ran, and whether its tree had changes (None outside a
+    checkout): so a committed result can be traced to its code."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "gradzip"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    if commit.returncode or status.returncode:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
 def run_bench(rounds: list[Round], config: BenchConfig, *, progress: Callable[[str], None] | None = None) -> dict:
