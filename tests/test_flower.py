@@ -429,3 +429,39 @@ def test_partial_participation_keeps_states_in_step():
     assert sum(counts.values()) == 6
     assert all(strategy.state_for(n, "arrays").round == c for n, c in counts.items())
 
+
+
+def _drop_head(info):
+    del info["arrays/head"]
+
+
+def _tail_of_another_type(info):
+    info["arrays/tail"] = "x"
+
+
+def _another_wire_version(info):
+    info["version"] = 99
+
+
+def _unknown_codec(info):
+    info["codec"] = "zfp"
+
+
+@pytest.mark.parametrize("tamper, message", [(_drop_head, "KeyError"), (_tail_of_another_type, "TypeError"),
+                                             (_another_wire_version, "wire version 99"), (_unknown_codec, "unknown codec")])
+def test_a_malformed_gradzip_record_is_an_error_reply_not_a_server_crash(tamper, message):
+    # A KeyError or TypeError from a missing or mistyped field ended the whole ServerApp run.
+    _, grid, inner = federation()
+    strategy = GradzipStrategy(inner)
+    pull = grid.pull_messages
+
+    def tampered(ids):
+        replies = pull(ids)
+        for reply in replies:
+            if CONFIG_KEY in reply.content:
+                tamper(reply.content[CONFIG_KEY])
+        return replies
+
+    grid.pull_messages = tampered
+    run(strategy, grid, 2)
+    assert strategy.history and all(message in h.failed for h in strategy.history)

@@ -390,21 +390,27 @@ class GradzipStrategy(Strategy):
             raw = sum(len(a.data) for r in content.array_records.values() for a in r.values())
             self.history.append(ReplyStats(server_round, node_id, "none", raw, raw))
             return reply
-        stats = ReplyStats(server_round, node_id, str(info.get("codec", "?")), int(info.get("raw-bytes", 0)),
-                           int(info.get("wire-bytes", 0)), float(info.get("compress-seconds", 0.0)),
-                           compress_wall_seconds=float(info.get("compress-wall-seconds", 0.0)))
+        stats = ReplyStats(server_round, node_id, str(info.get("codec", "?")), _number(info, "raw-bytes", int),
+                           _number(info, "wire-bytes", int), _number(info, "compress-seconds", float),
+                           compress_wall_seconds=_number(info, "compress-wall-seconds", float))
         untouched = sum(len(a.data) for r in content.array_records.values() for a in r.values()
                         if a.stype not in (STYPE_GRZ, STYPE_SZ3))
         stats.raw_bytes += untouched
         stats.wire_bytes += untouched
         start, start_wall = time.process_time(), time.perf_counter()
         try:
+            if info.get("version") != WIRE_VERSION:
+                raise GradzipError(f"the reply's gradzip record is of wire version {info.get('version')!r}, this server "
+                                   f"reads {WIRE_VERSION}: client and server run different gradzip versions")
             new_content = RecordDict()
             for key, record in content.items():
                 if key == CONFIG_KEY:
                     continue
                 if isinstance(record, ArrayRecord) and f"{key}/names" in info:
-                    record, reset = self._decode_record(node_id, key, record, info)
+                    try:
+                        record, reset = self._decode_record(node_id, key, record, info)
+                    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of another type
+                        raise GradzipError(f"record {key!r}: malformed gradzip fields ({type(exc).__name__}: {exc})") from None
                     stats.reset |= reset
                 new_content[key] = record
         except GradzipError as exc:
@@ -424,6 +430,8 @@ class GradzipStrategy(Strategy):
 
     def _decode_record(self, node_id: int, key: str, record: ArrayRecord, info: ConfigRecord):
         codec = info.get("codec")
+        if codec not in _STYPES:
+            raise GradzipError(f"reply uses unknown codec {codec!r}")
         names = list(info[f"{key}/names"])
         delta_names = set(info.get(f"{key}/delta", []))
         for name in names:
@@ -482,3 +490,10 @@ class GradzipStrategy(Strategy):
     def stats_by_round(self) -> list[dict]:
         """history as plain dicts (e.g. for JSON)."""
         return [asdict(s) for s in self.history]
+
+
+def _number(info: ConfigRecord, key: str, kind):
+    """A reply's reported figure, or 0 where it is missing or not a number (statistics only:
+    a malformed one must not stop the server before the decoding reports what is wrong)."""
+    value = info.get(key, 0)
+    return kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else kind(0)
