@@ -203,7 +203,7 @@ def _checked_state(state) -> PredictorState:
     if state is None:
         return PredictorState()
     if not isinstance(state, PredictorState):
-        raise InputError(f"state must be a PredictorState (gradzip.load_state), not a {type(state).__name__}")
+        raise InputError(f"state must be a PredictorState (gradzip.state.load_state), not a {type(state).__name__}")
     return state
 
 
@@ -339,7 +339,9 @@ class Compressor:
         save_state(self.state, path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        self.state = load_state(path)
+        """Replace the state with a saved one; a missing file is an error (a typo silently
+        started round 0 over)."""
+        self.state = load_state(path, create=False)
 
 
 def _warn_if_reset(name, previous: TensorState | None, array, config) -> None:
@@ -530,7 +532,9 @@ class Decompressor:
         save_state(self.state, path)
 
     def load_state(self, path: str | os.PathLike) -> None:
-        self.state = load_state(path)
+        """Replace the state with a saved one; a missing file is an error (a typo silently
+        started round 0 over)."""
+        self.state = load_state(path, create=False)
 
 
 def _in_round_order(bundle_positions: dict[int, str], stream_order: list[str], arrays: dict) -> dict[str, np.ndarray]:

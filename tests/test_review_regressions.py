@@ -478,3 +478,10 @@ def test_a_state_whose_round_counter_cannot_advance_is_refused_on_load():
     with pytest.raises(gradzip.GradzipError, match="malformed"):  # its next save was unloadable
         PredictorState.from_bytes(PredictorState(round=(1 << 63) - 1).to_bytes())
     assert PredictorState.from_bytes(PredictorState(round=(1 << 63) - 2).to_bytes()).round == (1 << 63) - 2
+
+
+def test_loading_a_missing_state_file_is_an_error(tmp_path):
+    # Compressor/Decompressor.load_state of a typo'd path silently started from round 0.
+    for codec in (gradzip.Compressor(), gradzip.Decompressor()):
+        with pytest.raises(gradzip.InputError, match="not found"):
+            codec.load_state(tmp_path / "typo.state")
