@@ -127,8 +127,9 @@ def read_tensors(data: bytes, source: str = "input") -> tuple[dict[str, np.ndarr
             from .torch import load_state_dict_bytes  # needs torch; says so clearly without it
 
             return load_state_dict_bytes(data, source), fmt, {}
-    except InputError as exc:
-        raise InputError(f"{source}: {exc}") from None
+    except InputError as exc:  # (the .pt reader names the source itself)
+        message = str(exc)
+        raise InputError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None
     except (ValueError, OSError, zipfile.BadZipFile, KeyError, EOFError, struct.error, UnicodeDecodeError) as exc:
         raise InputError(f"{source}: not a valid {fmt} file ({exc})") from None
     raise InputError(f"{source}: not a safetensors, .npy, .npz or PyTorch (.pt/.pth) file")

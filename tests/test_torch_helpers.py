@@ -145,6 +145,9 @@ def test_load_refuses_arbitrary_pickles_and_non_tensors(tmp_path, capsys):
     torch.save({"w": torch.ones(2), "step": 5}, numbers)
     with pytest.raises(InputError, match="'step' is a int, not a tensor"):
         load_state_dict_file(numbers)
+    with pytest.raises(InputError) as refused:  # the file named once, not twice
+        read_tensors(numbers.read_bytes(), "numbers.pt")
+    assert str(refused.value).count("numbers.pt") == 1
     with pytest.raises(InputError, match="not found"):
         load_state_dict_file(tmp_path / "missing.pt")
     with pytest.raises(InputError):
