@@ -67,8 +67,9 @@ def exceeds(x, r, bound):
 def _code_and_recon(x, p, bound, two_eb, recon_type):
     """(code, reconstruction, True, False) for x against prediction p, or (0, any, False, tie)
     when x must be escaped: when the reconstruction may be further than bound from x (tie:
-    its float64 difference is bound exactly), or x is not representable. Branch-free (selects, not jumps), so the loops around it vectorize:
-    1.5x faster on a 768 x 3072 layer. abs(scaled) < ... is False for NaN and Inf."""
+    its float64 difference is bound exactly), or x is not representable. Branch-free
+    (selects, not jumps), so the loops around it vectorize: 1.5x faster on a 768 x 3072
+    layer. abs(scaled) < ... is False for NaN and Inf."""
     scaled = (x - p) / two_eb
     not_negative_zero = (x != 0.0) | (math.copysign(1.0, x) > 0.0)
     representable = (abs(scaled) < RADIUS - 1) & not_negative_zero
