@@ -611,9 +611,10 @@ def describe_stream(source: BinaryIO, available: int | None = None) -> RoundRepo
         if record.get("method") == "bundle":
             try:
                 shapes = [member[3] for member in record["members"]]
-                if not (all(_plausible_shape(shape, len(payload)) for shape in shapes)
-                        and _plausible_shape([sum(element_count(shape) for shape in shapes)], len(payload))):
-                    raise ValueError("implausible shapes")
+                if not all(_plausible_shape(shape, len(payload)) for shape in shapes):
+                    raise ValueError("implausible shape")
+                if sum(element_count(shape) for shape in shapes) > (len(payload) + 1) * MAX_ELEMENTS_PER_PAYLOAD_BYTE:
+                    raise ValueError("members too large for the payload")  # (the decoder's limit on them all)
                 report.tensors += _bundle_member_reports(record, len(payload)).values()
             except (KeyError, TypeError, ValueError, IndexError, OverflowError, InputError):
                 raise CorruptStreamError("small-tensor bundle: malformed record") from None

@@ -261,8 +261,8 @@ class PerTensorSession(Session):
 
     def compress(self, tensors, bounds) -> Packed:
         # Only the baseline's own work inside the timed call: no copy of a tensor that goes to
-        # the lossy coder (building every tensor's raw bytes first cost SZ3 about 20% of a
-        # small CNN's round, charged to SZ3; review of 2026-11-29).
+        # the lossy coder (building every tensor's raw bytes first, with pysz imported per
+        # tensor, cost SZ3 5-10% of its timed call; review of 2026-11-29).
         from ..floats import LOSSY_DTYPES, original_bits, widen
         from ..tensorio import dtype_name
 
@@ -316,7 +316,7 @@ class PerTensorSession(Session):
             elif item[0] == "lossy":
                 _, data, dtype, shape = item
                 values = self.decode(data, compute_dtype(dtype), shape)
-                out[name] = narrow(values.reshape(-1), dtype).reshape(shape) if dtype in ("F16", "BF16") else values.reshape(shape)
+                out[name] = narrow(values.reshape(-1), dtype).reshape(shape)
             else:
                 _, data, dtype, shape, np_dtype = item
                 out[name] = _from_raw(self._unzstd.decompress(data), dtype, shape, np_dtype)
